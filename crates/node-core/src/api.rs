@@ -1,0 +1,457 @@
+//! The HTTP API: Marathon's `/v2/apps`, `/v2/tasks`, `/v2/deployments`, and dcnet's `/v1`
+//! state and node routes. Every error is JSON `{"message", "details"}` with a 4xx code that
+//! says whose fault it is; a refused request changes nothing.
+
+use std::sync::Arc;
+
+use axum::Json;
+use axum::Router;
+use axum::body::{Body, Bytes};
+use axum::extract::{Path, Query, State};
+use axum::http::{Method, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use futures::StreamExt;
+use serde::Deserialize;
+use serde_json::{Value, json};
+use tokio::sync::watch;
+
+use crate::keys::{self, SharedStore};
+use crate::model::{
+    App, AppId, Deployment, DeploymentId, DeploymentKind, DeploymentStatus, Invalid, Parsed, Task,
+    now_rfc3339, parse_app, parse_app_update,
+};
+use crate::state::ClusterState;
+use crate::store::{Op, Precondition, StoreError};
+
+#[derive(Clone)]
+pub(crate) struct Api {
+    pub(crate) store: SharedStore,
+    pub(crate) state: watch::Receiver<Arc<ClusterState>>,
+}
+
+/// An error as Marathon writes it: `{"message": .., "details": [..]}`.
+#[derive(Debug)]
+pub struct ApiError {
+    pub status: StatusCode,
+    pub message: String,
+    pub details: Value,
+}
+
+impl ApiError {
+    pub fn new(status: StatusCode, message: impl Into<String>) -> Self {
+        Self {
+            status,
+            message: message.into(),
+            details: json!([]),
+        }
+    }
+
+    fn not_found(id: &str) -> Self {
+        Self::new(StatusCode::NOT_FOUND, format!("App '{id}' does not exist"))
+    }
+}
+
+impl From<Invalid> for ApiError {
+    fn from(e: Invalid) -> Self {
+        match e {
+            Invalid::Syntax(msg) => {
+                ApiError::new(StatusCode::BAD_REQUEST, format!("Invalid JSON: {msg}"))
+            }
+            Invalid::Fields(fields) => ApiError {
+                status: StatusCode::UNPROCESSABLE_ENTITY,
+                message: Invalid::Fields(fields.clone()).to_string(),
+                details: serde_json::to_value(fields).unwrap_or_default(),
+            },
+        }
+    }
+}
+
+impl From<keys::UpdateError> for ApiError {
+    fn from(e: keys::UpdateError) -> Self {
+        ApiError::new(StatusCode::SERVICE_UNAVAILABLE, format!("store: {e}"))
+    }
+}
+
+impl From<StoreError> for ApiError {
+    fn from(e: StoreError) -> Self {
+        match e {
+            StoreError::Conflict { .. } => ApiError::new(
+                StatusCode::CONFLICT,
+                "the app changed while this request was applied; read it again and retry",
+            ),
+            e => ApiError::new(StatusCode::SERVICE_UNAVAILABLE, format!("store: {e}")),
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (
+            self.status,
+            Json(json!({"message": self.message, "details": self.details})),
+        )
+            .into_response()
+    }
+}
+
+type ApiResult<T = Response> = Result<T, ApiError>;
+
+pub(crate) fn router(api: Api) -> Router {
+    Router::new()
+        .route("/ping", get(|| async { "pong\n" }))
+        .route("/v2/apps", get(list_apps).post(create_app))
+        .route(
+            "/v2/apps/{*path}",
+            get(app_get)
+                .put(app_put)
+                .patch(app_put)
+                .delete(app_delete)
+                .post(app_post),
+        )
+        .route("/v2/tasks", get(list_tasks))
+        .route("/v2/deployments", get(list_deployments))
+        .route("/v2/deployments/{id}", get(get_deployment))
+        .route("/v1/nodes", get(list_nodes))
+        .route("/v1/state", get(get_state))
+        .route("/v1/state/watch", get(watch_state))
+        .with_state(api)
+}
+
+// === app views ===
+
+fn app_view(app: &App, state: &ClusterState, with_tasks: bool) -> Value {
+    let mut v = serde_json::to_value(app).unwrap_or_default();
+    let has_checks = !app.health_checks.is_empty();
+    let tasks: Vec<&Arc<Task>> = state.tasks_of(&app.id).collect();
+    let count = |f: &dyn Fn(&Task) -> bool| tasks.iter().filter(|t| f(t)).count();
+    let obj = v.as_object_mut().expect("an app serializes to an object");
+    use crate::model::TaskState as S;
+    obj.insert(
+        "tasksStaged".into(),
+        json!(count(&|t| matches!(t.state, S::Staging | S::Starting))),
+    );
+    obj.insert(
+        "tasksRunning".into(),
+        json!(count(&|t| t.state == S::Running)),
+    );
+    obj.insert(
+        "tasksHealthy".into(),
+        json!(count(&|t| has_checks && t.health.alive == Some(true))),
+    );
+    obj.insert(
+        "tasksUnhealthy".into(),
+        json!(count(&|t| has_checks && t.health.alive == Some(false))),
+    );
+    let deployments: Vec<Value> = state
+        .deployments
+        .values()
+        .filter(|d| d.app_id == app.id && !d.status.is_done())
+        .map(|d| json!({"id": d.id}))
+        .collect();
+    obj.insert("deployments".into(), json!(deployments));
+    if let Some(failure) = state
+        .app_status
+        .get(&app.id)
+        .and_then(|s| s.last_task_failure.clone())
+    {
+        obj.insert("lastTaskFailure".into(), json!(failure));
+    }
+    if with_tasks {
+        obj.insert("tasks".into(), json!(tasks));
+    }
+    v
+}
+
+async fn list_apps(State(api): State<Api>) -> Json<Value> {
+    let state = api.state.borrow().clone();
+    let apps: Vec<Value> = state
+        .apps
+        .values()
+        .map(|a| app_view(a, &state, false))
+        .collect();
+    Json(json!({"apps": apps}))
+}
+
+/// Splits `/v2/apps/{path}` into the app id and an action suffix.
+fn split_path(path: &str, method: &Method) -> ApiResult<(AppId, Option<&'static str>)> {
+    let (id, action) = match (method, path.rsplit_once('/')) {
+        (&Method::POST, Some((id, "restart"))) => (id, Some("restart")),
+        (&Method::GET, Some((id, "tasks"))) => (id, Some("tasks")),
+        _ => (path, None),
+    };
+    let id = AppId::parse(id)
+        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, format!("app id `{id}` {e}")))?;
+    Ok((id, action))
+}
+
+async fn app_get(State(api): State<Api>, Path(path): Path<String>) -> ApiResult {
+    let (id, action) = split_path(&path, &Method::GET)?;
+    let state = api.state.borrow().clone();
+    let app = state
+        .apps
+        .get(&id)
+        .ok_or_else(|| ApiError::not_found(id.as_str()))?;
+    Ok(match action {
+        Some("tasks") => {
+            Json(json!({"tasks": state.tasks_of(&id).collect::<Vec<_>>()})).into_response()
+        }
+        _ => Json(json!({"app": app_view(app, &state, true)})).into_response(),
+    })
+}
+
+fn new_deployment(app: &App, kind: DeploymentKind, previous: Option<App>) -> Deployment {
+    Deployment {
+        id: DeploymentId::generate(),
+        app_id: app.id.clone(),
+        kind,
+        version: app.version.clone(),
+        previous,
+        status: DeploymentStatus::Running,
+        reason: None,
+        started_at: now_rfc3339(),
+        finished_at: None,
+        target_instances: if kind == DeploymentKind::Delete {
+            0
+        } else {
+            app.instances
+        },
+        healthy_new: 0,
+        old_remaining: 0,
+        failed_new: 0,
+    }
+}
+
+/// Ops that mark the app's running deployments superseded by a new one.
+fn supersede(state: &ClusterState, app: &AppId) -> Vec<Op> {
+    state
+        .deployments
+        .values()
+        .filter(|d| &d.app_id == app && !d.status.is_done())
+        .map(|d| {
+            let mut d = (**d).clone();
+            d.status = DeploymentStatus::Superseded;
+            d.finished_at = Some(now_rfc3339());
+            Op::put(
+                keys::deployment(&d.id),
+                keys::to_json(&d),
+                Precondition::Any,
+            )
+        })
+        .collect()
+}
+
+fn stamp(app: &mut App, config_changed: bool) {
+    let now = now_rfc3339();
+    app.version = now.clone();
+    app.version_info.last_scaling_at = now.clone();
+    if config_changed || app.version_info.last_config_change_at.is_empty() {
+        app.version_info.last_config_change_at = now;
+    }
+}
+
+async fn create_app(State(api): State<Api>, body: Bytes) -> ApiResult {
+    let Parsed { mut app, warnings } = parse_app(&body)?;
+    stamp(&mut app, true);
+    let dep = new_deployment(&app, DeploymentKind::Create, None);
+    let state = api.state.borrow().clone();
+    let mut ops = vec![
+        Op::put(
+            keys::app(&app.id),
+            keys::to_json(&app),
+            Precondition::Absent,
+        ),
+        Op::put(
+            keys::deployment(&dep.id),
+            keys::to_json(&dep),
+            Precondition::Absent,
+        ),
+    ];
+    ops.extend(supersede(&state, &app.id));
+    match api.store.txn(ops).await {
+        Ok(_) => {}
+        Err(StoreError::Conflict { key, .. }) if key == keys::app(&app.id) => {
+            return Err(ApiError::new(
+                StatusCode::CONFLICT,
+                format!("An app with id [{}] already exists.", app.id),
+            ));
+        }
+        Err(e) => return Err(e.into()),
+    }
+    let mut view = app_view(&app, &state, false);
+    view["deployments"] = json!([{"id": dep.id}]);
+    view["warnings"] = json!(warnings);
+    Ok((StatusCode::CREATED, Json(view)).into_response())
+}
+
+async fn app_put(State(api): State<Api>, Path(path): Path<String>, body: Bytes) -> ApiResult {
+    let (id, _) = split_path(&path, &Method::PUT)?;
+    let current = keys::get_json::<App>(&*api.store, &keys::app(&id)).await?;
+    let Some((current, rev)) = current else {
+        // Marathon creates the app when PUT names one that does not exist.
+        let mut fields: Value = serde_json::from_slice(&body)
+            .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, format!("Invalid JSON: {e}")))?;
+        if let Some(obj) = fields.as_object_mut() {
+            obj.entry("id").or_insert_with(|| json!(id.as_str()));
+        }
+        return create_app(State(api), Bytes::from(fields.to_string())).await;
+    };
+    let Parsed { mut app, warnings } = parse_app_update(&current, &body)?;
+    let scale_only = current.is_scale_only_change(&app);
+    stamp(&mut app, !scale_only);
+    let kind = if scale_only {
+        DeploymentKind::Scale
+    } else {
+        DeploymentKind::Update
+    };
+    let dep = new_deployment(&app, kind, Some(current));
+    write_change(&api, &app, rev, dep, warnings).await
+}
+
+async fn write_change(
+    api: &Api,
+    app: &App,
+    rev: u64,
+    dep: Deployment,
+    warnings: Vec<String>,
+) -> ApiResult {
+    let state = api.state.borrow().clone();
+    let mut ops = vec![
+        Op::put(
+            keys::app(&app.id),
+            keys::to_json(app),
+            Precondition::Revision(rev),
+        ),
+        Op::put(
+            keys::deployment(&dep.id),
+            keys::to_json(&dep),
+            Precondition::Absent,
+        ),
+    ];
+    ops.extend(supersede(&state, &app.id));
+    api.store.txn(ops).await?;
+    Ok(
+        Json(json!({"version": app.version, "deploymentId": dep.id, "warnings": warnings}))
+            .into_response(),
+    )
+}
+
+async fn app_post(State(api): State<Api>, Path(path): Path<String>) -> ApiResult {
+    let (id, action) = split_path(&path, &Method::POST)?;
+    if action != Some("restart") {
+        return Err(ApiError::new(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "POST works on /v2/apps and /v2/apps/{id}/restart",
+        ));
+    }
+    let (current, rev) = keys::get_json::<App>(&*api.store, &keys::app(&id))
+        .await?
+        .ok_or_else(|| ApiError::not_found(id.as_str()))?;
+    let mut app = current.clone();
+    stamp(&mut app, true);
+    let dep = new_deployment(&app, DeploymentKind::Restart, Some(current));
+    write_change(&api, &app, rev, dep, Vec::new()).await
+}
+
+async fn app_delete(State(api): State<Api>, Path(path): Path<String>) -> ApiResult {
+    let (id, _) = split_path(&path, &Method::DELETE)?;
+    let (current, rev) = keys::get_json::<App>(&*api.store, &keys::app(&id))
+        .await?
+        .ok_or_else(|| ApiError::not_found(id.as_str()))?;
+    let mut gone = current.clone();
+    stamp(&mut gone, true);
+    let dep = new_deployment(&gone, DeploymentKind::Delete, Some(current));
+    let state = api.state.borrow().clone();
+    let mut ops = vec![
+        Op::delete(keys::app(&id), Precondition::Revision(rev)),
+        Op::delete(keys::app_status(&id), Precondition::Any),
+        Op::put(
+            keys::deployment(&dep.id),
+            keys::to_json(&dep),
+            Precondition::Absent,
+        ),
+    ];
+    ops.extend(supersede(&state, &id));
+    api.store.txn(ops).await?;
+    Ok(Json(json!({"version": gone.version, "deploymentId": dep.id})).into_response())
+}
+
+async fn list_tasks(State(api): State<Api>) -> Json<Value> {
+    let state = api.state.borrow().clone();
+    let tasks: Vec<&Arc<Task>> = state.tasks.values().collect();
+    Json(json!({"tasks": tasks}))
+}
+
+#[derive(Deserialize)]
+struct DeploymentQuery {
+    #[serde(default)]
+    all: bool,
+}
+
+async fn list_deployments(State(api): State<Api>, Query(q): Query<DeploymentQuery>) -> Json<Value> {
+    let state = api.state.borrow().clone();
+    let mut deps: Vec<&Arc<Deployment>> = state
+        .deployments
+        .values()
+        .filter(|d| q.all || !d.status.is_done())
+        .collect();
+    deps.sort_by(|a, b| a.started_at.cmp(&b.started_at));
+    Json(json!(deps))
+}
+
+async fn get_deployment(State(api): State<Api>, Path(id): Path<String>) -> ApiResult {
+    let state = api.state.borrow().clone();
+    let dep = state
+        .deployments
+        .get(&DeploymentId(id.clone()))
+        .ok_or_else(|| {
+            ApiError::new(
+                StatusCode::NOT_FOUND,
+                format!("Deployment '{id}' does not exist"),
+            )
+        })?;
+    Ok(Json(json!(dep)).into_response())
+}
+
+async fn list_nodes(State(api): State<Api>) -> Json<Value> {
+    let state = api.state.borrow().clone();
+    let nodes: Vec<Value> = state
+        .nodes
+        .values()
+        .map(|n| {
+            let mut v = serde_json::to_value(n).unwrap_or_default();
+            let tasks = state
+                .tasks
+                .values()
+                .filter(|t| t.node_id == n.id && t.state.is_active());
+            let (mut cpus, mut mem, mut count) = (0.0, 0.0, 0);
+            for t in tasks {
+                cpus += t.resources.cpus;
+                mem += t.resources.mem;
+                count += 1;
+            }
+            v["used"] = json!({"cpus": cpus, "mem": mem, "tasks": count});
+            v["leader"] = json!(state.leader.as_ref() == Some(&n.id));
+            v
+        })
+        .collect();
+    Json(json!({"nodes": nodes}))
+}
+
+async fn get_state(State(api): State<Api>) -> Json<Value> {
+    let state = api.state.borrow().clone();
+    Json(serde_json::to_value(&*state).unwrap_or_default())
+}
+
+/// One JSON line per new snapshot, the current one first; a slow reader skips to the latest.
+async fn watch_state(State(api): State<Api>) -> Response {
+    let stream = tokio_stream::wrappers::WatchStream::new(api.state.clone()).map(|state| {
+        let mut line = serde_json::to_vec(&*state).unwrap_or_default();
+        line.push(b'\n');
+        Ok::<_, std::convert::Infallible>(Bytes::from(line))
+    });
+    Response::builder()
+        .header("content-type", "application/x-ndjson")
+        .body(Body::from_stream(stream))
+        .expect("static headers are valid")
+}

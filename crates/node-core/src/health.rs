@@ -1,0 +1,259 @@
+//! Health probes (TCP, HTTP, COMMAND) and the pure bookkeeping of consecutive results.
+
+use std::net::SocketAddr;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use crate::model::{HealthCheck, HealthProtocol};
+
+/// Where a probe goes and what it may run.
+#[derive(Clone, Debug)]
+pub struct Target {
+    pub addr: Option<SocketAddr>,
+    pub env: Vec<(String, String)>,
+}
+
+/// Runs one probe; `Err` carries a one-line cause for operators.
+pub async fn probe(check: &HealthCheck, target: &Target) -> Result<(), String> {
+    let run = async {
+        match check.protocol {
+            HealthProtocol::TCP => {
+                let addr = target.addr.ok_or("the task has no port for this check")?;
+                TcpStream::connect(addr)
+                    .await
+                    .map(drop)
+                    .map_err(|e| format!("TCP {addr}: {e}"))
+            }
+            HealthProtocol::HTTP => {
+                let addr = target.addr.ok_or("the task has no port for this check")?;
+                http_get(addr, check.path.as_deref().unwrap_or("/")).await
+            }
+            HealthProtocol::COMMAND => {
+                let cmd = check
+                    .command
+                    .as_ref()
+                    .map(|c| c.value.as_str())
+                    .unwrap_or("false");
+                let status = tokio::process::Command::new("/bin/sh")
+                    .arg("-c")
+                    .arg(cmd)
+                    .envs(target.env.iter().map(|(k, v)| (k, v)))
+                    .stdin(std::process::Stdio::null())
+                    .stdout(std::process::Stdio::null())
+                    .stderr(std::process::Stdio::null())
+                    .kill_on_drop(true)
+                    .status()
+                    .await
+                    .map_err(|e| format!("command could not start: {e}"))?;
+                if status.success() {
+                    Ok(())
+                } else {
+                    Err(format!("command {status}"))
+                }
+            }
+        }
+    };
+    match tokio::time::timeout(check.timeout(), run).await {
+        Ok(result) => result,
+        Err(_) => Err(format!("timed out after {}s", check.timeout().as_secs())),
+    }
+}
+
+/// A minimal HTTP/1.1 GET: 2xx and 3xx are healthy, as in Marathon.
+async fn http_get(addr: SocketAddr, path: &str) -> Result<(), String> {
+    let mut stream = TcpStream::connect(addr)
+        .await
+        .map_err(|e| format!("HTTP {addr}: {e}"))?;
+    let request = format!(
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nUser-Agent: dcnet-health\r\nConnection: close\r\n\r\n"
+    );
+    stream
+        .write_all(request.as_bytes())
+        .await
+        .map_err(|e| format!("HTTP {addr}: {e}"))?;
+    let mut head = [0u8; 64];
+    let mut read = 0;
+    while read < 12 {
+        let n = stream
+            .read(&mut head[read..])
+            .await
+            .map_err(|e| format!("HTTP {addr}: {e}"))?;
+        if n == 0 {
+            break;
+        }
+        read += n;
+    }
+    let line = String::from_utf8_lossy(&head[..read]);
+    let status: u16 = line
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| format!("HTTP {addr}{path}: not an HTTP answer"))?;
+    if (200..400).contains(&status) {
+        Ok(())
+    } else {
+        Err(format!("HTTP {addr}{path}: status {status}"))
+    }
+}
+
+/// The state of one check of one task, advanced by each result.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Tracker {
+    pub alive: Option<bool>,
+    pub consecutive_failures: u32,
+    pub ever_succeeded: bool,
+    pub last_cause: Option<String>,
+}
+
+/// What a result means for the task.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Verdict {
+    /// Nothing an operator needs to hear about changed.
+    Unchanged,
+    /// The task's health changed; publish it.
+    Changed,
+    /// Past `maxConsecutiveFailures`: kill and replace the task.
+    Kill { cause: String },
+}
+
+impl Tracker {
+    /// Applies one result. Failures inside the grace period do not count until the task has
+    /// passed once, as in Marathon.
+    pub fn record(
+        &mut self,
+        check: &HealthCheck,
+        result: Result<(), String>,
+        in_grace: bool,
+    ) -> Verdict {
+        let before = (self.alive, self.consecutive_failures);
+        match result {
+            Ok(()) => {
+                self.alive = Some(true);
+                self.consecutive_failures = 0;
+                self.ever_succeeded = true;
+            }
+            Err(cause) => {
+                self.last_cause = Some(cause.clone());
+                if in_grace && !self.ever_succeeded {
+                    return Verdict::Unchanged;
+                }
+                self.alive = Some(false);
+                self.consecutive_failures += 1;
+                if self.consecutive_failures >= check.max_consecutive_failures {
+                    return Verdict::Kill {
+                        cause: format!(
+                            "failed {} consecutive health checks: {cause}",
+                            self.consecutive_failures
+                        ),
+                    };
+                }
+            }
+        }
+        if before == (self.alive, self.consecutive_failures) {
+            Verdict::Unchanged
+        } else {
+            Verdict::Changed
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn check(max: u32) -> HealthCheck {
+        serde_json::from_value(
+            serde_json::json!({"protocol": "TCP", "maxConsecutiveFailures": max}),
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn grace_period_forgives_until_first_success() {
+        let c = check(2);
+        let mut t = Tracker::default();
+        assert_eq!(
+            t.record(&c, Err("refused".into()), true),
+            Verdict::Unchanged
+        );
+        assert_eq!(t.alive, None);
+        assert_eq!(t.record(&c, Ok(()), true), Verdict::Changed);
+        assert_eq!(t.record(&c, Err("refused".into()), true), Verdict::Changed);
+        assert!(matches!(
+            t.record(&c, Err("refused".into()), true),
+            Verdict::Kill { .. }
+        ));
+    }
+
+    #[test]
+    fn success_resets_the_count() {
+        let c = check(3);
+        let mut t = Tracker::default();
+        t.record(&c, Err("x".into()), false);
+        t.record(&c, Err("x".into()), false);
+        assert_eq!(t.consecutive_failures, 2);
+        t.record(&c, Ok(()), false);
+        assert_eq!((t.alive, t.consecutive_failures), (Some(true), 0));
+    }
+
+    #[tokio::test]
+    async fn probes_hit_real_sockets() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = listener.accept().await {
+                let mut buf = [0u8; 512];
+                let n = s.read(&mut buf).await.unwrap_or(0);
+                let req = String::from_utf8_lossy(&buf[..n]);
+                let status = if req.starts_with("GET /ok ") {
+                    "200 OK"
+                } else {
+                    "503 Unavailable"
+                };
+                let _ = s
+                    .write_all(format!("HTTP/1.1 {status}\r\nContent-Length: 0\r\n\r\n").as_bytes())
+                    .await;
+            }
+        });
+        let target = Target {
+            addr: Some(addr),
+            env: vec![],
+        };
+        let http = |path: &str| -> HealthCheck {
+            serde_json::from_value(
+                serde_json::json!({"protocol": "HTTP", "path": path, "timeoutSeconds": 2}),
+            )
+            .unwrap()
+        };
+        assert_eq!(probe(&http("/ok"), &target).await, Ok(()));
+        let err = probe(&http("/bad"), &target).await.unwrap_err();
+        assert!(err.contains("status 503"), "{err}");
+        assert_eq!(probe(&check(1), &target).await, Ok(()));
+        let closed = Target {
+            addr: Some("127.0.0.1:1".parse().unwrap()),
+            env: vec![],
+        };
+        assert!(probe(&check(1), &closed).await.is_err());
+        let cmd: HealthCheck = serde_json::from_value(
+            serde_json::json!({"protocol": "COMMAND", "command": {"value": "test \"$X\" = yes"}}),
+        )
+        .unwrap();
+        let env = Target {
+            addr: None,
+            env: vec![("X".into(), "yes".into())],
+        };
+        assert_eq!(probe(&cmd, &env).await, Ok(()));
+        assert!(
+            probe(
+                &cmd,
+                &Target {
+                    addr: None,
+                    env: vec![]
+                }
+            )
+            .await
+            .is_err()
+        );
+    }
+}

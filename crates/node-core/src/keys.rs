@@ -1,0 +1,115 @@
+//! Store keys (the same in every backend) and typed read-modify-write helpers over them.
+
+use std::sync::Arc;
+
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+use crate::model::{AppId, DeploymentId, NodeId, TaskId};
+use crate::store::{Precondition, Revision, Store, StoreError};
+
+pub const ROOT: &str = "/dcnet/";
+pub const APPS: &str = "/dcnet/apps/";
+pub const APP_STATUS: &str = "/dcnet/appstatus/";
+pub const TASKS: &str = "/dcnet/tasks/";
+pub const NODES: &str = "/dcnet/nodes/";
+pub const DEPLOYMENTS: &str = "/dcnet/deployments/";
+pub const VIPS: &str = "/dcnet/vips/";
+pub const IPAM: &str = "/dcnet/ipam/";
+pub const LEADER: &str = "/dcnet/leader";
+
+pub fn app(id: &AppId) -> String {
+    format!("{APPS}{}", id.key())
+}
+pub fn app_status(id: &AppId) -> String {
+    format!("{APP_STATUS}{}", id.key())
+}
+pub fn task(id: &TaskId) -> String {
+    format!("{TASKS}{id}")
+}
+pub fn node(id: &NodeId) -> String {
+    format!("{NODES}{id}")
+}
+pub fn deployment(id: &DeploymentId) -> String {
+    format!("{DEPLOYMENTS}{id}")
+}
+
+/// Why a typed update did not happen.
+#[derive(Debug, thiserror::Error)]
+pub enum UpdateError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("`{key}` holds a value that does not parse: {error}")]
+    Corrupt {
+        key: String,
+        error: serde_json::Error,
+    },
+}
+
+/// Reads a JSON value and the revision it was written at.
+pub async fn get_json<T: DeserializeOwned>(
+    store: &dyn Store,
+    key: &str,
+) -> Result<Option<(T, Revision)>, UpdateError> {
+    let Some(kv) = store.get(key).await? else {
+        return Ok(None);
+    };
+    let value = serde_json::from_slice(&kv.value).map_err(|error| UpdateError::Corrupt {
+        key: key.to_string(),
+        error,
+    })?;
+    Ok(Some((value, kv.mod_revision)))
+}
+
+pub fn to_json<T: Serialize>(value: &T) -> Vec<u8> {
+    serde_json::to_vec(value).expect("model types always serialize")
+}
+
+/// Read-modify-write with compare-and-swap, retried on conflict. `f` sees the current value
+/// (or `None`) and returns the new one, or `None` to leave the key as it is. Returns what was
+/// written and at which revision.
+pub async fn update<T, F>(
+    store: &dyn Store,
+    key: &str,
+    mut f: F,
+) -> Result<Option<(T, Revision)>, UpdateError>
+where
+    T: Serialize + DeserializeOwned,
+    F: FnMut(Option<T>) -> Option<T>,
+{
+    loop {
+        let current = get_json::<T>(store, key).await?;
+        let when = match &current {
+            Some((_, rev)) => Precondition::Revision(*rev),
+            None => Precondition::Absent,
+        };
+        let Some(next) = f(current.map(|(v, _)| v)) else {
+            return Ok(None);
+        };
+        match store.put(key, to_json(&next), when).await {
+            Ok(rev) => return Ok(Some((next, rev))),
+            Err(StoreError::Conflict { .. }) => continue,
+            Err(e) => return Err(e.into()),
+        }
+    }
+}
+
+/// [`update`] for a value that must exist: a missing key is left missing, and `f` returns
+/// whether it changed anything.
+pub async fn update_existing<T, F>(
+    store: &dyn Store,
+    key: &str,
+    mut f: F,
+) -> Result<Option<(T, Revision)>, UpdateError>
+where
+    T: Serialize + DeserializeOwned,
+    F: FnMut(&mut T) -> bool,
+{
+    update(store, key, |current: Option<T>| {
+        let mut value = current?;
+        f(&mut value).then_some(value)
+    })
+    .await
+}
+
+pub type SharedStore = Arc<dyn Store>;

@@ -1,0 +1,25 @@
+//! node-core: dcnet's task and resource manager.
+//!
+//! Apps are stored, placed on nodes by the scheduler, run by each node's task manager through
+//! a runtime, health checked and replaced; the result is published as an immutable
+//! [`ClusterState`] snapshot on a `tokio::sync::watch`, which is all the DNS, L4LB and overlay
+//! planes ever read.
+#![deny(rust_2018_idioms, clippy::disallowed_methods, clippy::disallowed_types)]
+#![forbid(unsafe_code)]
+
+mod api;
+mod core;
+mod health;
+pub mod keys;
+mod manager;
+mod metrics;
+pub mod model;
+pub mod runtime;
+pub mod scheduler;
+mod state;
+pub mod store;
+
+pub use self::api::ApiError;
+pub use self::core::{Config, NodeCore, StartError};
+pub use self::metrics::Metrics;
+pub use self::state::ClusterState;

@@ -1,0 +1,516 @@
+//! The task manager: on each node, moves the tasks placed there towards what the scheduler
+//! wants (launch, kill), reports how they end, and runs their health checks.
+//!
+//! It is one loop that owns all local bookkeeping. Launches, exits and health results come
+//! back to it as [`Local`] events on a channel, so nothing here is shared or locked.
+
+use std::collections::{BTreeSet, HashMap};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tracing::{Instrument, debug, info, info_span, warn};
+
+use crate::health::{self, Tracker, Verdict};
+use crate::keys::{self, SharedStore};
+use crate::metrics::Metrics;
+use crate::model::{
+    App, Exit, Goal, Health, IpAddress, KillReason, Node, ProcessHandle, Task, TaskId, TaskState,
+    now_rfc3339,
+};
+use crate::runtime::{ExitFuture, LaunchSpec, Runtime};
+use crate::state::ClusterState;
+
+enum Local {
+    Launched {
+        task: TaskId,
+        result: Result<(ProcessHandle, Vec<IpAddress>), String>,
+    },
+    Exited {
+        task: TaskId,
+        exit: Exit,
+    },
+    Health {
+        task: TaskId,
+        health: Health,
+    },
+    Unhealthy {
+        task: TaskId,
+        cause: String,
+    },
+}
+
+#[derive(Default)]
+struct Running {
+    handle: Option<ProcessHandle>,
+    is_killing: bool,
+    health: Option<JoinHandle<()>>,
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        if let Some(h) = self.health.take() {
+            h.abort();
+        }
+    }
+}
+
+pub(crate) struct Manager {
+    store: SharedStore,
+    runtime: Arc<dyn Runtime>,
+    node: Arc<Node>,
+    metrics: Metrics,
+    tasks: HashMap<TaskId, Running>,
+    /// Tasks this node has finished: a snapshot from before the write must not launch them
+    /// again. Pruned once the store has forgotten them.
+    finished: BTreeSet<TaskId>,
+    tx: mpsc::UnboundedSender<Local>,
+    rx: mpsc::UnboundedReceiver<Local>,
+}
+
+impl Manager {
+    pub(crate) fn new(
+        store: SharedStore,
+        runtime: Arc<dyn Runtime>,
+        node: Arc<Node>,
+        metrics: Metrics,
+    ) -> Self {
+        let (tx, rx) = mpsc::unbounded_channel();
+        Self {
+            store,
+            runtime,
+            node,
+            metrics,
+            tasks: HashMap::new(),
+            finished: BTreeSet::new(),
+            tx,
+            rx,
+        }
+    }
+
+    pub(crate) async fn run(
+        mut self,
+        mut state: watch::Receiver<Arc<ClusterState>>,
+        shutdown: CancellationToken,
+    ) {
+        // Wait for the first snapshot that has seen the store (revision > 0 or our node).
+        let first = match state
+            .wait_for(|s| s.nodes.contains_key(&self.node.id))
+            .await
+        {
+            Ok(s) => s.clone(),
+            Err(_) => return,
+        };
+        self.recover(&first).await;
+        loop {
+            let snap = state.borrow_and_update().clone();
+            self.reconcile(&snap).await;
+            tokio::select! {
+                res = state.changed() => if res.is_err() { return },
+                Some(event) = self.rx.recv() => self.handle(event).await,
+                () = shutdown.cancelled() => {
+                    info!(tasks = self.tasks.len(), "task manager stopping; tasks keep running");
+                    return;
+                }
+            }
+        }
+    }
+
+    /// After a restart: adopt what still runs, fail what is gone, remove leftovers.
+    async fn recover(&mut self, state: &ClusterState) {
+        let mine: Vec<Arc<Task>> = state
+            .tasks
+            .values()
+            .filter(|t| t.node_id == self.node.id && t.state.is_active())
+            .cloned()
+            .collect();
+        let mut keep = BTreeSet::new();
+        for task in mine {
+            let Some(handle) = task.process.clone() else {
+                if task.state != TaskState::Staging {
+                    self.finish(
+                        &task.id,
+                        Exit {
+                            code: None,
+                            signal: None,
+                            reason: "the agent restarted while launching it".into(),
+                        },
+                    )
+                    .await;
+                }
+                continue;
+            };
+            match self.runtime.adopt(&task.id, &handle).await {
+                Some(exit) => {
+                    info!(task = %task.id, pid = handle.pid, "re-adopted a running task");
+                    keep.insert(task.id.clone());
+                    let running = Running {
+                        handle: Some(handle),
+                        is_killing: false,
+                        health: None,
+                    };
+                    self.tasks.insert(task.id.clone(), running);
+                    self.watch_exit(task.id.clone(), exit);
+                }
+                None => {
+                    let reason = "its process ended while the agent was down".to_string();
+                    self.finish(
+                        &task.id,
+                        Exit {
+                            code: None,
+                            signal: None,
+                            reason,
+                        },
+                    )
+                    .await;
+                }
+            }
+        }
+        let removed = self.runtime.remove_orphans(&keep).await;
+        if !removed.is_empty() {
+            info!(
+                count = removed.len(),
+                "removed leftovers of tasks the store does not run"
+            );
+        }
+    }
+
+    async fn reconcile(&mut self, state: &ClusterState) {
+        let mut seen = BTreeSet::new();
+        let me = self.node.id.clone();
+        self.finished
+            .retain(|id| state.tasks.get(id).is_some_and(|t| t.state.is_active()));
+        for task in state.tasks.values().filter(|t| t.node_id == me) {
+            if task.state.is_terminal() || self.finished.contains(&task.id) {
+                continue;
+            }
+            seen.insert(task.id.clone());
+            let app = state.apps.get(&task.app_id).cloned();
+            if !self.tasks.contains_key(&task.id) {
+                match (task.state, task.goal) {
+                    (TaskState::Staging, Goal::Run) => match app {
+                        Some(app) => self.launch(task, app),
+                        None => {
+                            self.finish_killed(&task.id, "its app was removed before it started")
+                                .await
+                        }
+                    },
+                    (TaskState::Staging, Goal::Kill) => {
+                        self.finish_killed(&task.id, "killed before it started")
+                            .await;
+                    }
+                    // Known to the store as started but not to us: the exit event is on its way
+                    // or the process was never ours; `recover` handled the restart case.
+                    _ => {}
+                }
+                continue;
+            }
+            let (is_killing, has_health) = {
+                let running = &self.tasks[&task.id];
+                (running.is_killing, running.health.is_some())
+            };
+            if task.goal == Goal::Kill && !is_killing {
+                let running = self.tasks.get_mut(&task.id).expect("checked above");
+                if let Some(handle) = running.handle.clone() {
+                    running.is_killing = true;
+                    if let Some(h) = running.health.take() {
+                        h.abort();
+                    }
+                    let grace = app
+                        .as_ref()
+                        .map_or(Duration::from_secs(3), |a| a.kill_grace_period());
+                    let id = task.id.clone();
+                    let _ = keys::update_existing::<Task, _>(&*self.store, &keys::task(&id), |t| {
+                        let changed = t.state != TaskState::Killing && t.state.is_active();
+                        if changed {
+                            t.state = TaskState::Killing;
+                        }
+                        changed
+                    })
+                    .await;
+                    if let Err(e) = self.runtime.kill(&id, &handle, grace).await {
+                        warn!(task = %id, error = %e, "could not signal the task");
+                    }
+                }
+            } else if task.goal == Goal::Run
+                && task.state == TaskState::Running
+                && !has_health
+                && let Some(app) = app.filter(|a| !a.health_checks.is_empty())
+            {
+                let checker = self.spawn_health(task, app);
+                self.tasks.get_mut(&task.id).expect("checked above").health = Some(checker);
+            }
+        }
+        // A task that vanished from the store while running here is not ours to keep.
+        let gone: Vec<TaskId> = self
+            .tasks
+            .keys()
+            .filter(|id| !seen.contains(*id))
+            .cloned()
+            .collect();
+        for id in gone {
+            let running = self.tasks.get_mut(&id).expect("listed above");
+            if let (Some(handle), false) = (running.handle.clone(), running.is_killing) {
+                running.is_killing = true;
+                warn!(task = %id, "task vanished from the store; stopping it");
+                let _ = self
+                    .runtime
+                    .kill(&id, &handle, Duration::from_secs(3))
+                    .await;
+            }
+        }
+    }
+
+    fn launch(&mut self, task: &Task, app: Arc<App>) {
+        self.tasks.insert(task.id.clone(), Running::default());
+        let spec = LaunchSpec {
+            task: task.id.clone(),
+            app,
+            ports: task.ports.clone(),
+            host: self.node.hostname.clone(),
+            host_ip: self.node.ip,
+        };
+        let runtime = self.runtime.clone();
+        let tx = self.tx.clone();
+        let span = info_span!("launch", task = %task.id);
+        tokio::spawn(
+            async move {
+                let id = spec.task.clone();
+                match runtime.launch(spec).await {
+                    Ok(launched) => {
+                        let _ = tx.send(Local::Launched {
+                            task: id.clone(),
+                            result: Ok((launched.handle, launched.ip_addresses)),
+                        });
+                        let exit = launched.exit.await;
+                        let _ = tx.send(Local::Exited { task: id, exit });
+                    }
+                    Err(e) => {
+                        let _ = tx.send(Local::Launched {
+                            task: id,
+                            result: Err(e.to_string()),
+                        });
+                    }
+                }
+            }
+            .instrument(span),
+        );
+    }
+
+    fn watch_exit(&self, task: TaskId, exit: ExitFuture) {
+        let tx = self.tx.clone();
+        tokio::spawn(async move {
+            let exit = exit.await;
+            let _ = tx.send(Local::Exited { task, exit });
+        });
+    }
+
+    fn spawn_health(&self, task: &Task, app: Arc<App>) -> JoinHandle<()> {
+        let tx = self.tx.clone();
+        let id = task.id.clone();
+        let ip = self.node.ip;
+        let ports = task.ports.clone();
+        let started = tokio::time::Instant::now();
+        let env: Vec<(String, String)> = ports
+            .iter()
+            .enumerate()
+            .map(|(i, p)| (format!("PORT{i}"), p.to_string()))
+            .chain([
+                ("HOST".to_string(), ip.to_string()),
+                ("MESOS_TASK_ID".to_string(), id.to_string()),
+            ])
+            .collect();
+        let span = info_span!("health", task = %id);
+        tokio::spawn(
+            async move {
+                let checks = app.health_checks.clone();
+                let mut trackers = vec![Tracker::default(); checks.len()];
+                let interval = checks
+                    .iter()
+                    .map(|c| c.interval())
+                    .min()
+                    .unwrap_or(Duration::from_secs(60));
+                loop {
+                    let mut changed = false;
+                    for (check, tracker) in checks.iter().zip(trackers.iter_mut()) {
+                        let addr = ports.get(check.port_index).map(|p| SocketAddr::new(ip, *p));
+                        let target = health::Target {
+                            addr,
+                            env: env.clone(),
+                        };
+                        let result = health::probe(check, &target).await;
+                        let in_grace = started.elapsed() < check.grace_period();
+                        match tracker.record(check, result, in_grace) {
+                            Verdict::Unchanged => {}
+                            Verdict::Changed => changed = true,
+                            Verdict::Kill { cause } => {
+                                let _ = tx.send(Local::Unhealthy {
+                                    task: id.clone(),
+                                    cause,
+                                });
+                                return;
+                            }
+                        }
+                    }
+                    if changed {
+                        let health = combined(&trackers);
+                        if tx
+                            .send(Local::Health {
+                                task: id.clone(),
+                                health,
+                            })
+                            .is_err()
+                        {
+                            return;
+                        }
+                    }
+                    tokio::time::sleep(interval).await;
+                }
+            }
+            .instrument(span),
+        )
+    }
+
+    async fn handle(&mut self, event: Local) {
+        match event {
+            Local::Launched {
+                task,
+                result: Ok((handle, ips)),
+            } => {
+                if let Some(running) = self.tasks.get_mut(&task) {
+                    running.handle = Some(handle.clone());
+                }
+                let now = now_rfc3339();
+                let written =
+                    keys::update_existing::<Task, _>(&*self.store, &keys::task(&task), |t| {
+                        t.state = TaskState::Running;
+                        t.process = Some(handle.clone());
+                        t.ip_addresses = ips.clone();
+                        t.started_at = Some(now.clone());
+                        true
+                    })
+                    .await;
+                match written {
+                    Ok(Some((t, _))) => self.metrics.observe_launch(&t),
+                    Ok(None) => {
+                        // Deleted while launching: stop what we started.
+                        let _ = self.runtime.kill(&task, &handle, Duration::ZERO).await;
+                    }
+                    Err(e) => warn!(%task, error = %e, "could not record the launch"),
+                }
+            }
+            Local::Launched {
+                task,
+                result: Err(reason),
+            } => {
+                warn!(%task, %reason, "task failed to launch");
+                self.finish(
+                    &task,
+                    Exit {
+                        code: None,
+                        signal: None,
+                        reason,
+                    },
+                )
+                .await;
+            }
+            Local::Exited { task, exit } => {
+                debug!(%task, reason = %exit.reason, "task process ended");
+                self.runtime.cleanup(&task).await;
+                self.finish(&task, exit).await;
+            }
+            Local::Health { task, health } => {
+                let _ = keys::update_existing::<Task, _>(&*self.store, &keys::task(&task), |t| {
+                    let changed = t.health != health && t.state == TaskState::Running;
+                    t.health = health.clone();
+                    changed
+                })
+                .await;
+            }
+            Local::Unhealthy { task, cause } => {
+                info!(%task, %cause, "killing an unhealthy task");
+                let _ = keys::update_existing::<Task, _>(&*self.store, &keys::task(&task), |t| {
+                    t.goal = Goal::Kill;
+                    t.kill_reason = Some(KillReason::Unhealthy);
+                    t.health.alive = Some(false);
+                    t.health.last_failure_cause = Some(cause.clone());
+                    t.health.last_failure = Some(now_rfc3339());
+                    true
+                })
+                .await;
+            }
+        }
+    }
+
+    async fn finish_killed(&mut self, task: &TaskId, reason: &str) {
+        self.finish(
+            task,
+            Exit {
+                code: None,
+                signal: None,
+                reason: reason.into(),
+            },
+        )
+        .await;
+    }
+
+    /// Records a task's end: KILLED if it was asked to stop, FINISHED on exit code 0, FAILED
+    /// otherwise.
+    async fn finish(&mut self, task: &TaskId, exit: Exit) {
+        self.tasks.remove(task);
+        self.finished.insert(task.clone());
+        let now = now_rfc3339();
+        let result = keys::update_existing::<Task, _>(&*self.store, &keys::task(task), |t| {
+            if t.state.is_terminal() {
+                return false;
+            }
+            t.state = match (t.goal, exit.code) {
+                (Goal::Kill, _) => TaskState::Killed,
+                (Goal::Run, Some(0)) => TaskState::Finished,
+                (Goal::Run, _) => TaskState::Failed,
+            };
+            let mut exit = exit.clone();
+            if t.kill_reason == Some(KillReason::Unhealthy)
+                && let Some(cause) = &t.health.last_failure_cause
+            {
+                exit.reason = format!("killed after failing health checks: {cause}");
+            }
+            t.exit = Some(exit);
+            t.finished_at = Some(now.clone());
+            t.health.alive = None;
+            true
+        })
+        .await;
+        match result {
+            Ok(Some((t, _))) => {
+                info!(task = %t.id, state = %t.state, reason = %t.exit.as_ref().map_or("", |e| e.reason.as_str()), "task ended")
+            }
+            Ok(None) => {}
+            Err(e) => warn!(%task, error = %e, "could not record the task's end"),
+        }
+    }
+}
+
+fn combined(trackers: &[Tracker]) -> Health {
+    let alive = if trackers.iter().any(|t| t.alive == Some(false)) {
+        Some(false)
+    } else if trackers.iter().all(|t| t.alive == Some(true)) {
+        Some(true)
+    } else {
+        None
+    };
+    Health {
+        alive,
+        consecutive_failures: trackers
+            .iter()
+            .map(|t| t.consecutive_failures)
+            .max()
+            .unwrap_or(0),
+        last_failure_cause: trackers.iter().find_map(|t| t.last_cause.clone()),
+        last_success: alive.filter(|a| *a).map(|_| now_rfc3339()),
+        last_failure: (alive == Some(false)).then(now_rfc3339),
+    }
+}

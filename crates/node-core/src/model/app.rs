@@ -1,0 +1,460 @@
+//! Marathon-style app definitions.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::time::Duration;
+
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+/// An app's absolute path, `/group/web`: lower-case segments separated by `/`.
+///
+/// Marathon accepts relative ids and resolves them against the root group; so do we, and the
+/// stored form is always absolute and without a trailing slash.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct AppId(String);
+
+impl AppId {
+    /// Parses and normalizes an id, naming what is wrong with it.
+    pub fn parse(raw: &str) -> Result<Self, String> {
+        let trimmed = raw.trim_matches('/');
+        if trimmed.is_empty() {
+            return Err("must name an app, like /group/web".into());
+        }
+        for segment in trimmed.split('/') {
+            if segment.is_empty() {
+                return Err("must not contain empty path segments (`//`)".into());
+            }
+            if segment == "." || segment == ".." {
+                return Err("must not contain `.` or `..` segments".into());
+            }
+            let valid = segment
+                .chars()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '.');
+            let edges_ok = segment.starts_with(|c: char| c.is_ascii_alphanumeric())
+                && segment.ends_with(|c: char| c.is_ascii_alphanumeric());
+            if !valid || !edges_ok {
+                return Err(format!(
+                    "segment `{segment}` must be lower-case letters, digits, `-` and `.`, starting and ending with a letter or digit"
+                ));
+            }
+        }
+        Ok(Self(format!("/{trimmed}")))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    /// The last segment: `web` for `/group/web`.
+    pub fn name(&self) -> &str {
+        self.0.rsplit('/').next().unwrap_or_default()
+    }
+
+    /// Marathon's task-name form: the segments reversed and joined by dots,
+    /// `web.group` for `/group/web`. Mesos-DNS builds its names from this.
+    pub fn task_name(&self) -> String {
+        let mut segments: Vec<&str> = self.0.trim_start_matches('/').split('/').collect();
+        segments.reverse();
+        segments.join(".")
+    }
+
+    /// The id back from [`AppId::key`]; `_` never occurs in a segment, so the mapping is exact.
+    pub fn from_key(key: &str) -> Option<Self> {
+        Self::parse(&key.replace('_', "/")).ok()
+    }
+
+    /// A form that is safe in a store key, a file name and a cgroup name: `group_web`.
+    pub fn key(&self) -> String {
+        self.0.trim_start_matches('/').replace('/', "_")
+    }
+}
+
+impl fmt::Display for AppId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl Serialize for AppId {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.0)
+    }
+}
+
+impl<'de> Deserialize<'de> for AppId {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let raw = String::deserialize(d)?;
+        AppId::parse(&raw).map_err(serde::de::Error::custom)
+    }
+}
+
+/// A Marathon app definition, as submitted and as stored.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct App {
+    pub id: AppId,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cmd: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub args: Option<Vec<String>>,
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+    #[serde(default = "default_instances")]
+    pub instances: u32,
+    #[serde(default = "default_cpus")]
+    pub cpus: f64,
+    #[serde(default = "default_mem")]
+    pub mem: f64,
+    #[serde(default)]
+    pub disk: f64,
+    #[serde(default)]
+    pub gpus: u32,
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    #[serde(default)]
+    pub constraints: Vec<Constraint>,
+    #[serde(default)]
+    pub port_definitions: Vec<PortDefinition>,
+    #[serde(default = "default_networks")]
+    pub networks: Vec<Network>,
+    #[serde(default)]
+    pub health_checks: Vec<HealthCheck>,
+    #[serde(default)]
+    pub upgrade_strategy: UpgradeStrategy,
+    #[serde(default = "default_backoff_seconds")]
+    pub backoff_seconds: f64,
+    #[serde(default = "default_backoff_factor")]
+    pub backoff_factor: f64,
+    #[serde(default = "default_max_launch_delay_seconds")]
+    pub max_launch_delay_seconds: f64,
+    #[serde(default = "default_kill_grace_period_seconds")]
+    pub task_kill_grace_period_seconds: f64,
+    #[serde(default)]
+    pub dependencies: Vec<AppId>,
+    /// When anything of the app last changed (set by the server, RFC 3339).
+    #[serde(default)]
+    pub version: String,
+    #[serde(default)]
+    pub version_info: VersionInfo,
+}
+
+/// Marathon's split of an app's version: scaling does not replace tasks, a config change does.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct VersionInfo {
+    #[serde(default)]
+    pub last_scaling_at: String,
+    #[serde(default)]
+    pub last_config_change_at: String,
+}
+
+fn default_instances() -> u32 {
+    1
+}
+fn default_cpus() -> f64 {
+    1.0
+}
+fn default_mem() -> f64 {
+    128.0
+}
+fn default_networks() -> Vec<Network> {
+    vec![Network {
+        mode: NetworkMode::Host,
+        name: None,
+    }]
+}
+fn default_backoff_seconds() -> f64 {
+    1.0
+}
+fn default_backoff_factor() -> f64 {
+    1.15
+}
+fn default_max_launch_delay_seconds() -> f64 {
+    300.0
+}
+fn default_kill_grace_period_seconds() -> f64 {
+    3.0
+}
+
+impl App {
+    /// Whether `other` differs from `self` only in fields that need no new tasks
+    /// (instance count and the server-set version fields).
+    pub fn is_scale_only_change(&self, other: &App) -> bool {
+        let mut a = self.clone();
+        let mut b = other.clone();
+        for app in [&mut a, &mut b] {
+            app.instances = 0;
+            app.version.clear();
+            app.version_info = VersionInfo::default();
+        }
+        a == b
+    }
+
+    /// The delay before the `failures`-th consecutive relaunch: `backoffSeconds *
+    /// backoffFactor^(failures-1)`, capped at `maxLaunchDelaySeconds`.
+    pub fn launch_delay(&self, failures: u32) -> Duration {
+        if failures == 0 {
+            return Duration::ZERO;
+        }
+        let exp = i32::try_from(failures - 1).unwrap_or(i32::MAX);
+        let secs = (self.backoff_seconds * self.backoff_factor.powi(exp))
+            .min(self.max_launch_delay_seconds)
+            .max(0.0);
+        Duration::from_secs_f64(secs)
+    }
+
+    pub fn kill_grace_period(&self) -> Duration {
+        Duration::from_secs_f64(self.task_kill_grace_period_seconds.max(0.0))
+    }
+
+    pub fn resources(&self) -> super::Resources {
+        super::Resources {
+            cpus: self.cpus,
+            mem: self.mem,
+            disk: self.disk,
+            gpus: self.gpus,
+            ports: Vec::new(),
+        }
+    }
+}
+
+/// A placement constraint, written as Marathon's array: `["hostname", "UNIQUE"]`,
+/// `["rack", "GROUP_BY", "3"]`, `["hostname", "LIKE", "node-[12]"]`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Constraint {
+    /// `hostname` or the name of a node attribute.
+    pub field: String,
+    pub operator: Operator,
+    pub value: Option<String>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Operator {
+    Unique,
+    Cluster,
+    GroupBy,
+    Like,
+    Unlike,
+    MaxPer,
+}
+
+impl Operator {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Operator::Unique => "UNIQUE",
+            Operator::Cluster => "CLUSTER",
+            Operator::GroupBy => "GROUP_BY",
+            Operator::Like => "LIKE",
+            Operator::Unlike => "UNLIKE",
+            Operator::MaxPer => "MAX_PER",
+        }
+    }
+
+    fn parse(raw: &str) -> Option<Self> {
+        Some(match raw {
+            "UNIQUE" => Operator::Unique,
+            "CLUSTER" => Operator::Cluster,
+            "GROUP_BY" => Operator::GroupBy,
+            "LIKE" => Operator::Like,
+            "UNLIKE" => Operator::Unlike,
+            "MAX_PER" => Operator::MaxPer,
+            _ => return None,
+        })
+    }
+}
+
+impl Constraint {
+    /// Checks the operator's argument: a regex that compiles, a positive count, a value where
+    /// one is required.
+    pub fn check(&self) -> Result<(), String> {
+        if self.field.is_empty() {
+            return Err("the field name must not be empty".into());
+        }
+        match (self.operator, self.value.as_deref()) {
+            (Operator::Unique, _) | (Operator::GroupBy, None) | (Operator::Cluster, _) => Ok(()),
+            (Operator::GroupBy, Some(v)) | (Operator::MaxPer, Some(v)) => match v.parse::<u32>() {
+                Ok(n) if n > 0 => Ok(()),
+                _ => Err(format!(
+                    "{} takes a positive whole number, not `{v}`",
+                    self.operator.as_str()
+                )),
+            },
+            (Operator::Like, Some(v)) | (Operator::Unlike, Some(v)) => {
+                regex_lite::Regex::new(&format!("^(?:{v})$"))
+                    .map(|_| ())
+                    .map_err(|e| format!("`{v}` is not a valid regular expression: {e}"))
+            }
+            (op, None) => Err(format!("{} needs a value", op.as_str())),
+        }
+    }
+}
+
+impl Serialize for Constraint {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let mut parts = vec![self.field.as_str(), self.operator.as_str()];
+        if let Some(v) = &self.value {
+            parts.push(v);
+        }
+        parts.serialize(s)
+    }
+}
+
+impl<'de> Deserialize<'de> for Constraint {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        use serde::de::Error;
+        let parts = Vec::<String>::deserialize(d)?;
+        let (field, op, value) = match parts.as_slice() {
+            [f, o] => (f, o, None),
+            [f, o, v] => (f, o, Some(v.clone())),
+            _ => {
+                return Err(D::Error::custom(
+                    "a constraint is [field, operator] or [field, operator, value]",
+                ));
+            }
+        };
+        let operator = Operator::parse(op).ok_or_else(|| {
+            D::Error::custom(format!(
+                "unknown operator `{op}`; expected UNIQUE, CLUSTER, GROUP_BY, LIKE, UNLIKE or MAX_PER"
+            ))
+        })?;
+        let constraint = Constraint {
+            field: field.clone(),
+            operator,
+            value,
+        };
+        constraint.check().map_err(D::Error::custom)?;
+        Ok(constraint)
+    }
+}
+
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum Protocol {
+    #[default]
+    Tcp,
+    Udp,
+}
+
+impl Protocol {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Protocol::Tcp => "tcp",
+            Protocol::Udp => "udp",
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PortDefinition {
+    /// The service port; 0 lets the node pick. Host ports are always assigned by the node.
+    #[serde(default)]
+    pub port: u16,
+    #[serde(default)]
+    pub protocol: Protocol,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Network {
+    pub mode: NetworkMode,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum NetworkMode {
+    Host,
+    Container,
+    #[serde(rename = "container/bridge")]
+    ContainerBridge,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum HealthProtocol {
+    #[serde(alias = "MESOS_TCP")]
+    TCP,
+    #[serde(alias = "MESOS_HTTP", alias = "HTTPS", alias = "MESOS_HTTPS")]
+    HTTP,
+    COMMAND,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HealthCommand {
+    pub value: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct HealthCheck {
+    pub protocol: HealthProtocol,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path: Option<String>,
+    #[serde(default)]
+    pub port_index: usize,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub command: Option<HealthCommand>,
+    #[serde(default = "default_grace_period")]
+    pub grace_period_seconds: u32,
+    #[serde(default = "default_interval")]
+    pub interval_seconds: u32,
+    #[serde(default = "default_timeout")]
+    pub timeout_seconds: u32,
+    #[serde(default = "default_max_failures")]
+    pub max_consecutive_failures: u32,
+}
+
+fn default_grace_period() -> u32 {
+    300
+}
+fn default_interval() -> u32 {
+    60
+}
+fn default_timeout() -> u32 {
+    20
+}
+fn default_max_failures() -> u32 {
+    3
+}
+
+impl HealthCheck {
+    pub fn grace_period(&self) -> Duration {
+        Duration::from_secs(self.grace_period_seconds.into())
+    }
+    pub fn interval(&self) -> Duration {
+        Duration::from_secs(self.interval_seconds.max(1).into())
+    }
+    pub fn timeout(&self) -> Duration {
+        Duration::from_secs(self.timeout_seconds.max(1).into())
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct UpgradeStrategy {
+    /// The share of `instances` that must stay healthy during a rolling update (0..=1).
+    #[serde(default = "one")]
+    pub minimum_health_capacity: f64,
+    /// The share of `instances` that may run above the target during the update (0..=1).
+    #[serde(default = "one")]
+    pub maximum_over_capacity: f64,
+}
+
+fn one() -> f64 {
+    1.0
+}
+
+impl Default for UpgradeStrategy {
+    fn default() -> Self {
+        Self {
+            minimum_health_capacity: 1.0,
+            maximum_over_capacity: 1.0,
+        }
+    }
+}

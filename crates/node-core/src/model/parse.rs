@@ -1,0 +1,502 @@
+//! Turning a request body into an [`App`]: every error names its field as a JSON pointer
+//! (`/healthChecks/0/portIndex`), and every Marathon field that dcnet does not act on is
+//! reported back as a warning instead of vanishing.
+
+use serde::Serialize;
+use serde_json::{Map, Value};
+
+use super::{App, HealthProtocol, NetworkMode};
+
+/// Fields of an app definition that dcnet reads.
+const SUPPORTED: &[&str] = &[
+    "id",
+    "cmd",
+    "args",
+    "env",
+    "instances",
+    "cpus",
+    "mem",
+    "disk",
+    "gpus",
+    "labels",
+    "constraints",
+    "portDefinitions",
+    "networks",
+    "healthChecks",
+    "upgradeStrategy",
+    "backoffSeconds",
+    "backoffFactor",
+    "maxLaunchDelaySeconds",
+    "taskKillGracePeriodSeconds",
+    "dependencies",
+];
+
+/// Fields of Marathon's app format that dcnet accepts but does not act on.
+const UNSUPPORTED: &[&str] = &[
+    "container",
+    "fetch",
+    "uris",
+    "storeUrls",
+    "user",
+    "executor",
+    "acceptedResourceRoles",
+    "requirePorts",
+    "residency",
+    "secrets",
+    "readinessChecks",
+    "killSelection",
+    "unreachableStrategy",
+    "ipAddress",
+    "ports",
+    "role",
+    "executorResources",
+    "tty",
+    "networkBandwidth",
+];
+
+/// Fields that Marathon reports in its answers; sending them back is harmless.
+const READ_ONLY: &[&str] = &[
+    "version",
+    "versionInfo",
+    "tasksStaged",
+    "tasksRunning",
+    "tasksHealthy",
+    "tasksUnhealthy",
+    "deployments",
+    "tasks",
+    "lastTaskFailure",
+];
+
+/// One field that is wrong, and why.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct FieldError {
+    /// A JSON pointer to the field: `/cpus`, `/healthChecks/0/portIndex`.
+    pub path: String,
+    pub errors: Vec<String>,
+}
+
+/// Why a body is not a valid app.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum Invalid {
+    /// The body is not JSON at all (HTTP 400).
+    #[error("request body is not valid JSON: {0}")]
+    Syntax(String),
+    /// The body is JSON but not a valid app (HTTP 422).
+    #[error("Object is not valid: {}", summary(.0))]
+    Fields(Vec<FieldError>),
+}
+
+fn summary(errors: &[FieldError]) -> String {
+    errors
+        .iter()
+        .map(|e| format!("{}: {}", e.path, e.errors.join(", ")))
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
+/// A valid app and what was ignored on the way.
+#[derive(Clone, Debug)]
+pub struct Parsed {
+    pub app: App,
+    pub warnings: Vec<String>,
+}
+
+/// Parses a full app definition (`POST /v2/apps`).
+pub fn parse_app(body: &[u8]) -> Result<Parsed, Invalid> {
+    let value: Value = serde_json::from_slice(body).map_err(|e| Invalid::Syntax(e.to_string()))?;
+    let Value::Object(fields) = value else {
+        return Err(one("/", "an app definition must be a JSON object"));
+    };
+    from_fields(fields)
+}
+
+/// Parses an update (`PUT /v2/apps/{id}`): the given fields replace those of `current`, the
+/// rest are kept, as Marathon does.
+pub fn parse_app_update(current: &App, body: &[u8]) -> Result<Parsed, Invalid> {
+    let value: Value = serde_json::from_slice(body).map_err(|e| Invalid::Syntax(e.to_string()))?;
+    let Value::Object(update) = value else {
+        return Err(one("/", "an app update must be a JSON object"));
+    };
+    let Ok(Value::Object(mut fields)) = serde_json::to_value(current) else {
+        return Err(one("/", "the stored app could not be read back"));
+    };
+    for key in READ_ONLY {
+        fields.remove(*key);
+    }
+    if let Some(id) = update.get("id")
+        && id.as_str().map(super::AppId::parse) != Some(Ok(current.id.clone()))
+    {
+        return Err(one("/id", "an update cannot change the app's id"));
+    }
+    fields.extend(update);
+    from_fields(fields)
+}
+
+fn one(path: &str, error: &str) -> Invalid {
+    Invalid::Fields(vec![FieldError {
+        path: path.into(),
+        errors: vec![error.into()],
+    }])
+}
+
+fn from_fields(mut fields: Map<String, Value>) -> Result<Parsed, Invalid> {
+    let mut warnings = Vec::new();
+    let mut errors = Vec::new();
+    let keys: Vec<String> = fields.keys().cloned().collect();
+    for key in keys {
+        if SUPPORTED.contains(&key.as_str()) {
+            continue;
+        }
+        fields.remove(&key);
+        if UNSUPPORTED.contains(&key.as_str()) {
+            warnings.push(format!("/{key}: not supported by dcnet; ignored"));
+        } else if READ_ONLY.contains(&key.as_str()) {
+            warnings.push(format!("/{key}: read-only; ignored"));
+        } else {
+            errors.push(FieldError {
+                path: format!("/{key}"),
+                errors: vec!["unknown field".into()],
+            });
+        }
+    }
+    if !fields.contains_key("id") {
+        errors.push(FieldError {
+            path: "/id".into(),
+            errors: vec!["is required".into()],
+        });
+    }
+    if !errors.is_empty() {
+        return Err(Invalid::Fields(errors));
+    }
+    let app: App = serde_path_to_error::deserialize(Value::Object(fields)).map_err(|e| {
+        let path = pointer(&e.path().to_string());
+        let message = e.into_inner().to_string();
+        // serde_json appends " at line L column C", which means nothing for a value.
+        let message = match message.find(" at line ") {
+            Some(at) => message[..at].to_string(),
+            None => message,
+        };
+        Invalid::Fields(vec![FieldError {
+            path,
+            errors: vec![message],
+        }])
+    })?;
+    let errors = validate(&app);
+    if !errors.is_empty() {
+        return Err(Invalid::Fields(errors));
+    }
+    Ok(Parsed { app, warnings })
+}
+
+/// serde_path_to_error's `healthChecks[0].portIndex` as a JSON pointer.
+fn pointer(path: &str) -> String {
+    if path == "." || path.is_empty() {
+        return "/".into();
+    }
+    let mut out = String::new();
+    for part in path.split('.') {
+        let mut rest = part;
+        if let Some(open) = rest.find('[') {
+            out.push('/');
+            out.push_str(&rest[..open]);
+            rest = &rest[open..];
+            for index in rest.split('[').filter(|s| !s.is_empty()) {
+                out.push('/');
+                out.push_str(index.trim_end_matches(']'));
+            }
+        } else {
+            out.push('/');
+            out.push_str(rest);
+        }
+    }
+    out.replace("//", "/")
+}
+
+/// The checks that serde's types cannot express.
+fn validate(app: &App) -> Vec<FieldError> {
+    let mut errors = Vec::new();
+    let mut err = |path: String, msg: String| {
+        errors.push(FieldError {
+            path,
+            errors: vec![msg],
+        })
+    };
+
+    if app.cmd.as_deref().is_none_or(|c| c.trim().is_empty())
+        && app.args.as_ref().is_none_or(Vec::is_empty)
+    {
+        err("/cmd".into(), "an app needs `cmd` or `args`".into());
+    }
+    if app.cmd.is_some() && app.args.is_some() {
+        err(
+            "/args".into(),
+            "give either `cmd` or `args`, not both".into(),
+        );
+    }
+    if !(app.cpus.is_finite() && app.cpus >= 0.001) {
+        err(
+            "/cpus".into(),
+            format!("must be at least 0.001, not {}", app.cpus),
+        );
+    }
+    if !(app.mem.is_finite() && app.mem >= 0.0) {
+        err(
+            "/mem".into(),
+            format!("must be at least 0, not {}", app.mem),
+        );
+    }
+    if !(app.disk.is_finite() && app.disk >= 0.0) {
+        err(
+            "/disk".into(),
+            format!("must be at least 0, not {}", app.disk),
+        );
+    }
+    for key in app.env.keys() {
+        let valid = !key.is_empty()
+            && !key.starts_with(|c: char| c.is_ascii_digit())
+            && key.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+        if !valid {
+            err(
+                format!("/env/{key}"),
+                "must be a valid environment variable name".into(),
+            );
+        }
+    }
+    let mut names = std::collections::BTreeSet::new();
+    for (i, port) in app.port_definitions.iter().enumerate() {
+        if let Some(name) = &port.name
+            && !names.insert(name.clone())
+        {
+            err(
+                format!("/portDefinitions/{i}/name"),
+                format!("`{name}` is used by another port"),
+            );
+        }
+    }
+    for (i, network) in app.networks.iter().enumerate() {
+        if network.mode != NetworkMode::Host {
+            err(
+                format!("/networks/{i}/mode"),
+                "only `host` networking is available until container networking lands".into(),
+            );
+        }
+    }
+    if app.networks.len() > 1 {
+        err("/networks".into(), "give at most one network".into());
+    }
+    for (i, check) in app.health_checks.iter().enumerate() {
+        let at = |f: &str| format!("/healthChecks/{i}/{f}");
+        match check.protocol {
+            HealthProtocol::COMMAND => {
+                if check
+                    .command
+                    .as_ref()
+                    .is_none_or(|c| c.value.trim().is_empty())
+                {
+                    err(
+                        at("command"),
+                        "a COMMAND check needs `command.value`".into(),
+                    );
+                }
+            }
+            HealthProtocol::TCP | HealthProtocol::HTTP => {
+                if check.port_index >= app.port_definitions.len() {
+                    err(
+                        at("portIndex"),
+                        format!(
+                            "is {} but the app has {} port definition(s)",
+                            check.port_index,
+                            app.port_definitions.len()
+                        ),
+                    );
+                }
+            }
+        }
+        if let Some(path) = &check.path
+            && !path.starts_with('/')
+        {
+            err(at("path"), "must start with `/`".into());
+        }
+        if check.max_consecutive_failures == 0 {
+            err(at("maxConsecutiveFailures"), "must be at least 1".into());
+        }
+        if check.timeout_seconds > check.interval_seconds.max(1) {
+            err(
+                at("timeoutSeconds"),
+                "must not be longer than `intervalSeconds`".into(),
+            );
+        }
+    }
+    let strategy = &app.upgrade_strategy;
+    if !(0.0..=1.0).contains(&strategy.minimum_health_capacity) {
+        err(
+            "/upgradeStrategy/minimumHealthCapacity".into(),
+            "must be between 0 and 1".into(),
+        );
+    }
+    if !(0.0..=1.0).contains(&strategy.maximum_over_capacity) {
+        err(
+            "/upgradeStrategy/maximumOverCapacity".into(),
+            "must be between 0 and 1".into(),
+        );
+    }
+    if !(app.backoff_seconds.is_finite() && app.backoff_seconds >= 0.0) {
+        err("/backoffSeconds".into(), "must be at least 0".into());
+    }
+    if !(app.backoff_factor.is_finite() && app.backoff_factor >= 1.0) {
+        err("/backoffFactor".into(), "must be at least 1".into());
+    }
+    if !(app.max_launch_delay_seconds.is_finite() && app.max_launch_delay_seconds >= 0.0) {
+        err("/maxLaunchDelaySeconds".into(), "must be at least 0".into());
+    }
+    if !(app.task_kill_grace_period_seconds.is_finite()
+        && app.task_kill_grace_period_seconds >= 0.0)
+    {
+        err(
+            "/taskKillGracePeriodSeconds".into(),
+            "must be at least 0".into(),
+        );
+    }
+    for (i, dep) in app.dependencies.iter().enumerate() {
+        if *dep == app.id {
+            err(
+                format!("/dependencies/{i}"),
+                "an app cannot depend on itself".into(),
+            );
+        }
+    }
+    errors
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn field_errors(body: &str) -> Vec<FieldError> {
+        match parse_app(body.as_bytes()) {
+            Err(Invalid::Fields(f)) => f,
+            other => panic!("expected field errors, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn minimal_app_gets_marathon_defaults() {
+        let parsed = parse_app(br#"{"id": "prod/web", "cmd": "sleep 100"}"#).unwrap();
+        let app = parsed.app;
+        assert_eq!(app.id.as_str(), "/prod/web");
+        assert_eq!(app.id.task_name(), "web.prod");
+        assert_eq!(app.id.key(), "prod_web");
+        assert_eq!(app.instances, 1);
+        assert_eq!(app.cpus, 1.0);
+        assert_eq!(app.mem, 128.0);
+        assert_eq!(app.upgrade_strategy.minimum_health_capacity, 1.0);
+        assert!(parsed.warnings.is_empty());
+    }
+
+    #[test]
+    fn wrong_type_names_the_nested_field() {
+        let errors = field_errors(
+            r#"{"id": "/a", "cmd": "x", "portDefinitions": [{"port": 0}],
+                "healthChecks": [{"protocol": "TCP", "portIndex": "zero"}]}"#,
+        );
+        assert_eq!(errors[0].path, "/healthChecks/0/portIndex");
+        assert!(errors[0].errors[0].contains("invalid type"), "{errors:?}");
+    }
+
+    #[test]
+    fn semantic_errors_name_every_field() {
+        let errors = field_errors(
+            r#"{"id": "/a", "cmd": "x", "cpus": 0, "mem": -1,
+                "upgradeStrategy": {"minimumHealthCapacity": 2},
+                "healthChecks": [{"protocol": "HTTP", "portIndex": 1}]}"#,
+        );
+        let paths: Vec<&str> = errors.iter().map(|e| e.path.as_str()).collect();
+        assert_eq!(
+            paths,
+            [
+                "/cpus",
+                "/mem",
+                "/healthChecks/0/portIndex",
+                "/upgradeStrategy/minimumHealthCapacity"
+            ]
+        );
+    }
+
+    #[test]
+    fn bad_id_and_constraint_are_named() {
+        let errors = field_errors(r#"{"id": "/Web", "cmd": "x"}"#);
+        assert_eq!(errors[0].path, "/id");
+        let errors = field_errors(
+            r#"{"id": "/w", "cmd": "x", "constraints": [["hostname", "MAX_PER", "x"]]}"#,
+        );
+        assert_eq!(errors[0].path, "/constraints/0");
+        assert!(
+            errors[0].errors[0].contains("positive whole number"),
+            "{errors:?}"
+        );
+        let errors =
+            field_errors(r#"{"id": "/w", "cmd": "x", "constraints": [["rack", "LIKE", "("]]}"#);
+        assert!(
+            errors[0].errors[0].contains("regular expression"),
+            "{errors:?}"
+        );
+    }
+
+    #[test]
+    fn marathon_fields_we_ignore_are_warned_unknown_fields_rejected() {
+        let parsed =
+            parse_app(br#"{"id": "/a", "cmd": "x", "container": {}, "version": "v"}"#).unwrap();
+        assert_eq!(
+            parsed.warnings,
+            [
+                "/container: not supported by dcnet; ignored",
+                "/version: read-only; ignored"
+            ]
+        );
+        let errors = field_errors(r#"{"id": "/a", "cmd": "x", "instancez": 3}"#);
+        assert_eq!(
+            errors,
+            [FieldError {
+                path: "/instancez".into(),
+                errors: vec!["unknown field".into()]
+            }]
+        );
+    }
+
+    #[test]
+    fn syntax_error_is_not_a_field_error() {
+        assert!(matches!(parse_app(b"{\"id\": "), Err(Invalid::Syntax(_))));
+    }
+
+    #[test]
+    fn update_merges_and_keeps_the_id() {
+        let app = parse_app(br#"{"id": "/a", "cmd": "x", "instances": 2, "mem": 64}"#)
+            .unwrap()
+            .app;
+        let updated = parse_app_update(&app, br#"{"instances": 5}"#).unwrap().app;
+        assert_eq!(updated.instances, 5);
+        assert_eq!(updated.mem, 64.0);
+        assert!(app.is_scale_only_change(&updated));
+        let changed = parse_app_update(&app, br#"{"cmd": "y"}"#).unwrap().app;
+        assert!(!app.is_scale_only_change(&changed));
+        assert!(parse_app_update(&app, br#"{"id": "/b"}"#).is_err());
+    }
+
+    #[test]
+    fn container_network_is_refused_for_now() {
+        let errors =
+            field_errors(r#"{"id": "/a", "cmd": "x", "networks": [{"mode": "container"}]}"#);
+        assert_eq!(errors[0].path, "/networks/0/mode");
+    }
+
+    #[test]
+    fn backoff_grows_and_is_capped() {
+        let app = parse_app(
+            br#"{"id": "/a", "cmd": "x", "backoffSeconds": 1, "backoffFactor": 2, "maxLaunchDelaySeconds": 5}"#,
+        )
+        .unwrap()
+        .app;
+        let delays: Vec<u64> = (0..6).map(|n| app.launch_delay(n).as_secs()).collect();
+        assert_eq!(delays, [0, 1, 2, 4, 5, 5]);
+    }
+}

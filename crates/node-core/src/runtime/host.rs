@@ -1,0 +1,343 @@
+//! The host runtime: a task is a process group in the node's own namespaces, in a cgroup of
+//! its own, with its output in a per-task sandbox directory.
+
+use std::collections::BTreeSet;
+use std::fs;
+use std::os::unix::process::ExitStatusExt;
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use nix::sys::signal::{Signal, kill, killpg};
+use nix::unistd::Pid;
+use tracing::{debug, info, warn};
+
+use super::cgroup::{Cgroups, Limits, TaskCgroup};
+use super::{ExitFuture, LaunchSpec, Launched, Runtime, RuntimeError};
+use crate::model::{Exit, IpAddress, ProcessHandle, TaskId};
+
+#[derive(Clone, Debug)]
+pub struct HostConfig {
+    /// Where each task gets its sandbox directory (`<dir>/<task-id>/stdout`, `stderr`).
+    pub sandbox_dir: PathBuf,
+    pub cgroups: Cgroups,
+    /// `PATH` for tasks.
+    pub path_env: String,
+}
+
+/// Runs tasks as plain processes; see the module docs.
+#[derive(Clone, Debug)]
+pub struct HostRuntime {
+    cfg: HostConfig,
+}
+
+/// A shell prologue that moves the process into the task's cgroups before the task's own
+/// command runs, so that nothing the task forks can escape them.
+const JOIN_CGROUPS: &str = r#"for f in $DCNET_CGROUP_PROCS; do echo $$ > "$f" || exit 125; done; unset DCNET_CGROUP_PROCS; exec "$@""#;
+
+impl HostRuntime {
+    pub fn new(cfg: HostConfig) -> Self {
+        Self { cfg }
+    }
+
+    pub fn cgroups(&self) -> &Cgroups {
+        &self.cfg.cgroups
+    }
+
+    fn sandbox(&self, task: &TaskId) -> PathBuf {
+        self.cfg.sandbox_dir.join(task.as_str())
+    }
+
+    fn exit_future(cgroup: TaskCgroup, wait: ExitFuture) -> ExitFuture {
+        Box::pin(async move {
+            let mut exit = wait.await;
+            if cgroup.was_oom_killed() {
+                exit.reason = "OOM".into();
+            }
+            exit
+        })
+    }
+}
+
+/// Environment Marathon gives a task: ports, host, ids, sandbox.
+fn task_env(spec: &LaunchSpec, sandbox: &std::path::Path) -> Vec<(String, String)> {
+    let mut env: Vec<(String, String)> = spec
+        .app
+        .env
+        .iter()
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    for (i, port) in spec.ports.iter().enumerate() {
+        env.push((format!("PORT{i}"), port.to_string()));
+        if let Some(name) = spec
+            .app
+            .port_definitions
+            .get(i)
+            .and_then(|p| p.name.as_deref())
+        {
+            let name: String = name
+                .chars()
+                .map(|c| {
+                    if c.is_ascii_alphanumeric() {
+                        c.to_ascii_uppercase()
+                    } else {
+                        '_'
+                    }
+                })
+                .collect();
+            env.push((format!("PORT_{name}"), port.to_string()));
+        }
+    }
+    if let Some(first) = spec.ports.first() {
+        env.push(("PORT".into(), first.to_string()));
+    }
+    let ports: Vec<String> = spec.ports.iter().map(u16::to_string).collect();
+    env.push(("PORTS".into(), ports.join(",")));
+    env.push(("HOST".into(), spec.host_ip.to_string()));
+    env.push(("MESOS_TASK_ID".into(), spec.task.to_string()));
+    env.push(("MARATHON_APP_ID".into(), spec.app.id.to_string()));
+    env.push(("MARATHON_APP_VERSION".into(), spec.app.version.clone()));
+    env.push(("MESOS_SANDBOX".into(), sandbox.display().to_string()));
+    env
+}
+
+/// Field 22 of `/proc/PID/stat` (start time in ticks) and whether the process is a zombie.
+fn proc_stat(pid: u32) -> Option<(u64, bool)> {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let after_comm = &stat[stat.rfind(')')? + 2..];
+    let fields: Vec<&str> = after_comm.split(' ').collect();
+    let state = *fields.first()?;
+    let start = fields.get(19)?.parse().ok()?;
+    Some((start, state == "Z" || state == "X"))
+}
+
+fn is_alive(handle: &ProcessHandle) -> bool {
+    proc_stat(handle.pid).is_some_and(|(start, dead)| start == handle.start_ticks && !dead)
+}
+
+fn exit_of(status: std::process::ExitStatus) -> Exit {
+    match (status.code(), status.signal()) {
+        (Some(code), _) => Exit {
+            code: Some(code),
+            signal: None,
+            reason: format!("exited with code {code}"),
+        },
+        (None, Some(sig)) => {
+            let name =
+                Signal::try_from(sig).map_or_else(|_| sig.to_string(), |s| s.as_str().to_string());
+            Exit {
+                code: None,
+                signal: Some(sig),
+                reason: format!("killed by {name}"),
+            }
+        }
+        (None, None) => Exit {
+            code: None,
+            signal: None,
+            reason: "ended".into(),
+        },
+    }
+}
+
+fn signal_all(handle: &ProcessHandle, cgroup: &TaskCgroup, signal: Signal) {
+    if is_alive(handle) {
+        let _ = killpg(Pid::from_raw(handle.pid as i32), signal);
+    }
+    // Processes that left the process group are still in the cgroup.
+    for pid in cgroup.pids() {
+        let _ = kill(Pid::from_raw(pid), signal);
+    }
+}
+
+// === impl HostRuntime ===
+
+#[async_trait]
+impl Runtime for HostRuntime {
+    async fn launch(&self, spec: LaunchSpec) -> Result<Launched, RuntimeError> {
+        let sandbox = self.sandbox(&spec.task);
+        let sandbox_err = |error| RuntimeError::Sandbox {
+            path: sandbox.display().to_string(),
+            error,
+        };
+        fs::create_dir_all(&sandbox).map_err(sandbox_err)?;
+        let stdout = fs::File::create(sandbox.join("stdout")).map_err(sandbox_err)?;
+        let stderr = fs::File::create(sandbox.join("stderr")).map_err(sandbox_err)?;
+
+        let limits = Limits {
+            cpus: spec.app.cpus,
+            mem_mib: spec.app.mem,
+        };
+        let cgroup = self
+            .cfg
+            .cgroups
+            .create(spec.task.as_str(), limits)
+            .map_err(RuntimeError::Cgroup)?;
+        let procs: Vec<String> = cgroup
+            .procs_files()
+            .iter()
+            .map(|p| p.display().to_string())
+            .collect();
+
+        let argv: Vec<String> = match (&spec.app.cmd, &spec.app.args) {
+            (Some(cmd), _) => vec!["/bin/sh".into(), "-c".into(), cmd.clone()],
+            (None, Some(args)) => args.clone(),
+            (None, None) => vec!["/bin/false".into()],
+        };
+        let mut command = tokio::process::Command::new("/bin/sh");
+        command
+            .arg("-c")
+            .arg(JOIN_CGROUPS)
+            .arg("dcnet-task")
+            .args(&argv)
+            .env_clear()
+            .env("PATH", &self.cfg.path_env)
+            .env("HOME", &sandbox)
+            .env("DCNET_CGROUP_PROCS", procs.join(" "))
+            .envs(task_env(&spec, &sandbox))
+            .current_dir(&sandbox)
+            .stdin(Stdio::null())
+            .stdout(Stdio::from(stdout))
+            .stderr(Stdio::from(stderr))
+            .process_group(0)
+            .kill_on_drop(false);
+        let mut child = match command.spawn() {
+            Ok(child) => child,
+            Err(e) => {
+                let _ = cgroup.remove();
+                return Err(RuntimeError::Spawn(e));
+            }
+        };
+        let pid = child.id().expect("a child that was just spawned has a pid");
+        let start_ticks = proc_stat(pid).map_or(0, |(start, _)| start);
+        let handle = ProcessHandle { pid, start_ticks };
+        info!(task = %spec.task, pid, "task started");
+        let wait: ExitFuture = Box::pin(async move {
+            match child.wait().await {
+                Ok(status) => exit_of(status),
+                Err(e) => Exit {
+                    code: None,
+                    signal: None,
+                    reason: format!("waiting for the process failed: {e}"),
+                },
+            }
+        });
+        Ok(Launched {
+            handle,
+            exit: Self::exit_future(cgroup, wait),
+            ip_addresses: vec![IpAddress::new(spec.host_ip)],
+        })
+    }
+
+    async fn adopt(&self, task: &TaskId, handle: &ProcessHandle) -> Option<ExitFuture> {
+        if !is_alive(handle) {
+            return None;
+        }
+        debug!(%task, pid = handle.pid, "adopting a running task");
+        let handle = handle.clone();
+        // Not our child any more, so its exit status is not ours to read: poll for its end.
+        let wait: ExitFuture = Box::pin(async move {
+            while is_alive(&handle) {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            Exit {
+                code: None,
+                signal: None,
+                reason: "exited after an agent restart; its exit status is unknown".into(),
+            }
+        });
+        Some(Self::exit_future(
+            self.cfg.cgroups.task(task.as_str()),
+            wait,
+        ))
+    }
+
+    async fn kill(
+        &self,
+        task: &TaskId,
+        handle: &ProcessHandle,
+        grace: Duration,
+    ) -> Result<(), RuntimeError> {
+        let cgroup = self.cfg.cgroups.task(task.as_str());
+        signal_all(handle, &cgroup, Signal::SIGTERM);
+        let handle = handle.clone();
+        let task = task.clone();
+        tokio::spawn(async move {
+            let deadline = tokio::time::Instant::now() + grace;
+            while tokio::time::Instant::now() < deadline {
+                if !is_alive(&handle) && cgroup.pids().is_empty() {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            debug!(%task, "grace period over; sending SIGKILL");
+            signal_all(&handle, &cgroup, Signal::SIGKILL);
+        });
+        Ok(())
+    }
+
+    async fn cleanup(&self, task: &TaskId) {
+        let cgroup = self.cfg.cgroups.task(task.as_str());
+        // Stragglers that outlived the main process (daemonized children) go with the task.
+        for _ in 0..50 {
+            let pids = cgroup.pids();
+            if pids.is_empty() {
+                break;
+            }
+            for pid in pids {
+                let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        if let Err(e) = cgroup.remove() {
+            warn!(%task, error = %e, "could not remove the task's cgroup");
+        }
+    }
+
+    async fn remove_orphans(&self, keep: &BTreeSet<TaskId>) -> Vec<TaskId> {
+        let mut removed = Vec::new();
+        for name in self.cfg.cgroups.list() {
+            let id = TaskId(name);
+            if keep.contains(&id) {
+                continue;
+            }
+            info!(task = %id, "removing a leftover task");
+            self.cleanup(&id).await;
+            removed.push(id);
+        }
+        removed
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn proc_stat_reads_our_own_start_time() {
+        let me = std::process::id();
+        let (start, zombie) = proc_stat(me).expect("our own stat");
+        assert!(start > 0);
+        assert!(!zombie);
+        assert!(is_alive(&ProcessHandle {
+            pid: me,
+            start_ticks: start
+        }));
+        assert!(!is_alive(&ProcessHandle {
+            pid: me,
+            start_ticks: start + 1
+        }));
+    }
+
+    #[test]
+    fn exit_reasons_read_well() {
+        assert_eq!(
+            exit_of(std::process::ExitStatus::from_raw(3 << 8)).reason,
+            "exited with code 3"
+        );
+        assert_eq!(
+            exit_of(std::process::ExitStatus::from_raw(9)).reason,
+            "killed by SIGKILL"
+        );
+    }
+}

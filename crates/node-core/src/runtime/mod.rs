@@ -1,0 +1,78 @@
+//! Runtimes run a task's process. node-core's task manager talks to them only through
+//! [`Runtime`]; this crate ships the host runtime (a process in the node's namespace), and the
+//! container runtime plugs in behind the same trait.
+
+pub mod cgroup;
+mod host;
+
+use std::collections::BTreeSet;
+use std::future::Future;
+use std::net::IpAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+
+use crate::model::{App, Exit, IpAddress, ProcessHandle, TaskId};
+
+pub use self::host::{HostConfig, HostRuntime};
+
+/// Resolves when the task's process has ended, with how it ended.
+pub type ExitFuture = Pin<Box<dyn Future<Output = Exit> + Send>>;
+
+/// What a runtime needs to start one task.
+#[derive(Clone, Debug)]
+pub struct LaunchSpec {
+    pub task: TaskId,
+    pub app: Arc<App>,
+    /// Host ports, one per port definition.
+    pub ports: Vec<u16>,
+    /// The node's hostname and underlay address (`HOST`).
+    pub host: String,
+    pub host_ip: IpAddr,
+}
+
+pub struct Launched {
+    pub handle: ProcessHandle,
+    pub exit: ExitFuture,
+    pub ip_addresses: Vec<IpAddress>,
+}
+
+#[non_exhaustive]
+#[derive(Debug, thiserror::Error)]
+pub enum RuntimeError {
+    #[error("creating the task's cgroup: {0}")]
+    Cgroup(std::io::Error),
+    #[error("preparing the sandbox {path}: {error}")]
+    Sandbox { path: String, error: std::io::Error },
+    #[error("starting the process: {0}")]
+    Spawn(std::io::Error),
+    #[error("signalling the process: {0}")]
+    Signal(nix::Error),
+}
+
+#[async_trait]
+pub trait Runtime: Send + Sync + 'static {
+    /// Starts the task. On error nothing of it is left behind.
+    async fn launch(&self, spec: LaunchSpec) -> Result<Launched, RuntimeError>;
+
+    /// Finds a task's process again after an agent restart; `None` if it is gone.
+    async fn adopt(&self, task: &TaskId, handle: &ProcessHandle) -> Option<ExitFuture>;
+
+    /// Asks the process to stop (SIGTERM), and forces it (SIGKILL) after `grace`. Returns once
+    /// the signals are sent; the exit shows up on the task's [`ExitFuture`].
+    async fn kill(
+        &self,
+        task: &TaskId,
+        handle: &ProcessHandle,
+        grace: Duration,
+    ) -> Result<(), RuntimeError>;
+
+    /// Releases what the task held (cgroups, addresses) once its process has ended.
+    async fn cleanup(&self, task: &TaskId);
+
+    /// Ends and removes whatever the runtime finds of tasks not in `keep` (leftovers of a
+    /// crash); returns their ids.
+    async fn remove_orphans(&self, keep: &BTreeSet<TaskId>) -> Vec<TaskId>;
+}

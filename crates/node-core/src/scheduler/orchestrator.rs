@@ -1,0 +1,669 @@
+//! The orchestrator: on the leader, moves every app towards its definition. Each pass reads
+//! one snapshot, decides with plain functions ([`plan`]) and writes the result with
+//! compare-and-swap; the next snapshot shows what happened, so a pass is always safe to repeat.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use super::place;
+use crate::keys::{self, SharedStore};
+use crate::metrics::Metrics;
+use crate::model::{
+    App, AppId, AppStatus, Deployment, DeploymentKind, DeploymentStatus, Goal, Health, KillReason,
+    NodeId, Resources, Task, TaskFailure, TaskId, TaskState, now_rfc3339, now_unix_ms,
+};
+use crate::state::ClusterState;
+use crate::store::{Precondition, Revision, StoreError};
+
+/// New-version tasks that may fail before a deployment is given up (and rolled back).
+pub const DEPLOYMENT_FAILURE_LIMIT: u32 = 3;
+/// A task without health checks that runs this long resets its app's launch backoff.
+const STABLE_AFTER: Duration = Duration::from_secs(10);
+
+pub(crate) struct Orchestrator {
+    store: SharedStore,
+    metrics: Metrics,
+    /// Our own last write: a snapshot older than it would make us act twice.
+    written: Revision,
+    unplaced: BTreeMap<AppId, String>,
+}
+
+/// What one app needs now.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub(crate) struct Plan {
+    pub launch: u32,
+    pub kill: Vec<(TaskId, KillReason)>,
+}
+
+/// Decides launches and kills for one app from its active tasks. Pure.
+pub(crate) fn plan(app: &App, tasks: &[&Task], may_launch: bool) -> Plan {
+    let has_checks = !app.health_checks.is_empty();
+    let current = &app.version_info.last_config_change_at;
+    let target = app.instances as usize;
+    let live: Vec<&&Task> = tasks
+        .iter()
+        .filter(|t| t.goal == Goal::Run && t.state.is_active())
+        .collect();
+    let (new, old): (Vec<&&Task>, Vec<&&Task>) = live.iter().partition(|t| &t.version == current);
+    let mut out = Plan::default();
+    let serving = |t: &&&Task| t.is_serving(has_checks);
+
+    if old.is_empty() {
+        if new.len() < target && may_launch {
+            out.launch = (target - new.len()) as u32;
+        }
+        if new.len() > target {
+            let mut victims = new.clone();
+            // Keep the best: serving first, then the oldest.
+            victims.sort_by(|a, b| {
+                serving(b)
+                    .cmp(&serving(a))
+                    .then(a.staged_at.cmp(&b.staged_at))
+            });
+            out.kill = victims[target..]
+                .iter()
+                .map(|t| (t.id.clone(), KillReason::Scale))
+                .collect();
+        }
+        return out;
+    }
+
+    // A rolling update: never below `minimumHealthCapacity` serving, never above
+    // `maximumOverCapacity` extra.
+    let strategy = app.upgrade_strategy;
+    let min_serving = (target as f64 * strategy.minimum_health_capacity).ceil() as usize;
+    let mut max_total = target + (target as f64 * strategy.maximum_over_capacity).floor() as usize;
+    if max_total == target && min_serving >= target {
+        // Neither room above nor slack below: allow one extra, or nothing could ever move.
+        max_total += 1;
+    }
+    let total = new.len() + old.len();
+    if new.len() < target && may_launch && total < max_total {
+        out.launch = (target - new.len()).min(max_total - total) as u32;
+    }
+    let serving_new = new.iter().filter(|t| serving(t)).count();
+    let serving_old = old.iter().filter(|t| serving(t)).count();
+    let mut may_kill_serving = (serving_new + serving_old).saturating_sub(min_serving);
+    if serving_new >= target {
+        may_kill_serving = usize::MAX;
+    }
+    // Old tasks that do not serve cost nothing to kill; serving ones only as far as allowed.
+    let mut ordered = old.clone();
+    ordered.sort_by(|a, b| {
+        serving(a)
+            .cmp(&serving(b))
+            .then(b.staged_at.cmp(&a.staged_at))
+    });
+    for t in ordered {
+        if serving(&t) {
+            if may_kill_serving == 0 {
+                break;
+            }
+            may_kill_serving -= 1;
+        }
+        out.kill.push((t.id.clone(), KillReason::Upgrade));
+    }
+    out
+}
+
+impl Orchestrator {
+    pub(crate) fn new(store: SharedStore, metrics: Metrics) -> Self {
+        Self {
+            store,
+            metrics,
+            written: 0,
+            unplaced: BTreeMap::new(),
+        }
+    }
+
+    pub(crate) async fn run(
+        mut self,
+        mut state: watch::Receiver<Arc<ClusterState>>,
+        is_leader: watch::Receiver<bool>,
+        shutdown: CancellationToken,
+    ) {
+        loop {
+            let snap = state.borrow_and_update().clone();
+            if *is_leader.borrow() && snap.revision >= self.written {
+                let started = tokio::time::Instant::now();
+                if let Err(e) = self.pass(&snap).await {
+                    warn!(error = %e, "scheduler pass failed; retrying");
+                }
+                self.metrics.observe_pass(started.elapsed());
+            }
+            tokio::select! {
+                res = state.changed() => if res.is_err() { return },
+                // Backoff delays and stability timers expire without any store change.
+                () = tokio::time::sleep(Duration::from_millis(500)) => {}
+                () = shutdown.cancelled() => return,
+            }
+        }
+    }
+
+    fn wrote(&mut self, rev: Revision) {
+        self.written = self.written.max(rev);
+    }
+
+    /// Records the revision of a typed update, if it wrote.
+    fn wrote_update<T>(
+        &mut self,
+        result: Result<Option<(T, Revision)>, keys::UpdateError>,
+    ) -> Result<bool, keys::UpdateError> {
+        match result? {
+            Some((_, rev)) => {
+                self.wrote(rev);
+                Ok(true)
+            }
+            None => Ok(false),
+        }
+    }
+
+    async fn pass(&mut self, snap: &ClusterState) -> Result<(), keys::UpdateError> {
+        if self.reap(snap).await? {
+            // Failures changed backoff and deployments: decide on the snapshot that shows it.
+            return Ok(());
+        }
+        let now_ms = now_unix_ms();
+        // Tasks whose app is gone.
+        for task in snap.tasks.values() {
+            if task.state.is_active()
+                && task.goal == Goal::Run
+                && !snap.apps.contains_key(&task.app_id)
+            {
+                self.kill(&task.id, KillReason::Delete).await?;
+            }
+        }
+        let nodes: Vec<_> = snap.nodes.values().map(|n| &**n).collect();
+        for app in snap.apps.values() {
+            let tasks: Vec<&Task> = snap.tasks_of(&app.id).map(|t| &**t).collect();
+            let status = snap.app_status.get(&app.id).cloned().unwrap_or_default();
+            self.maybe_reset_backoff(app, &tasks, &status).await?;
+            let may_launch = now_ms >= status.launch_delayed_until_ms && deps_ready(app, snap);
+            let plan = plan(app, &tasks, may_launch);
+            for (id, reason) in &plan.kill {
+                self.kill(id, *reason).await?;
+            }
+            if plan.launch > 0 {
+                let active: Vec<&Task> = snap
+                    .tasks
+                    .values()
+                    .filter(|t| t.state.is_active())
+                    .map(|t| &**t)
+                    .collect();
+                let placed = place(app, plan.launch, &nodes, &active);
+                for placement in &placed.placed {
+                    self.launch(app, &placement.node_id, &placement.ports, snap)
+                        .await?;
+                }
+                match placed.reason {
+                    Some(reason) if self.unplaced.get(&app.id) != Some(&reason) => {
+                        warn!(app = %app.id, unplaced = placed.unplaced, %reason, "instances wait for resources");
+                        self.unplaced.insert(app.id.clone(), reason);
+                    }
+                    Some(_) => {}
+                    None => {
+                        self.unplaced.remove(&app.id);
+                    }
+                }
+            }
+            self.progress(app, &tasks, snap).await?;
+        }
+        // Deletions finish when the last task is gone.
+        for dep in snap.deployments.values().filter(|d| !d.status.is_done()) {
+            if !snap.apps.contains_key(&dep.app_id) {
+                let remaining = snap
+                    .tasks_of(&dep.app_id)
+                    .filter(|t| t.state.is_active())
+                    .count() as u32;
+                let status = if dep.kind == DeploymentKind::Delete {
+                    DeploymentStatus::Succeeded
+                } else {
+                    DeploymentStatus::Superseded
+                };
+                if remaining == 0 {
+                    self.finish_deployment(dep, status, None).await?;
+                } else if dep.old_remaining != remaining {
+                    let result = keys::update_existing::<Deployment, _>(
+                        &*self.store,
+                        &keys::deployment(&dep.id),
+                        |d| {
+                            d.old_remaining = remaining;
+                            true
+                        },
+                    )
+                    .await;
+                    self.wrote_update(result)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Records how tasks ended and removes them from the store; returns whether it did.
+    async fn reap(&mut self, snap: &ClusterState) -> Result<bool, keys::UpdateError> {
+        let mut reaped = false;
+        for task in snap.tasks.values().filter(|t| t.state.is_terminal()) {
+            if task.is_failure() {
+                self.metrics.count_failure(task.state);
+                let app = snap.apps.get(&task.app_id);
+                let message = task
+                    .exit
+                    .as_ref()
+                    .map_or_else(|| task.state.to_string(), |e| e.reason.clone());
+                let failure = TaskFailure {
+                    task_id: task.id.clone(),
+                    state: task.state,
+                    message: message.clone(),
+                    host: task.host.clone(),
+                    timestamp: task.finished_at.clone().unwrap_or_else(now_rfc3339),
+                    version: task.version.clone(),
+                };
+                if let Some(app) = app {
+                    info!(app = %app.id, task = %task.id, %message, "task failed");
+                    let app = app.clone();
+                    let result = keys::update::<AppStatus, _>(
+                        &*self.store,
+                        &keys::app_status(&app.id),
+                        |s| {
+                            let mut s = s.unwrap_or_default();
+                            s.consecutive_failures += 1;
+                            s.total_failures += 1;
+                            let delay = app.launch_delay(s.consecutive_failures);
+                            s.launch_delayed_until_ms = now_unix_ms() + delay.as_millis() as u64;
+                            s.last_task_failure = Some(failure.clone());
+                            Some(s)
+                        },
+                    )
+                    .await;
+                    self.wrote_update(result)?;
+                    if let Some(dep) = snap.deployment_of(&app.id)
+                        && task.version == app.version_info.last_config_change_at
+                    {
+                        let result = keys::update_existing::<Deployment, _>(
+                            &*self.store,
+                            &keys::deployment(&dep.id),
+                            |d| {
+                                d.failed_new += 1;
+                                d.reason = Some(format!("task {} failed: {message}", task.id));
+                                true
+                            },
+                        )
+                        .await;
+                        self.wrote_update(result)?;
+                    }
+                }
+            }
+            let rev = self
+                .store
+                .delete(&keys::task(&task.id), Precondition::Any)
+                .await
+                .map_err(keys::UpdateError::Store)?;
+            self.wrote(rev);
+            reaped = true;
+        }
+        Ok(reaped)
+    }
+
+    async fn maybe_reset_backoff(
+        &mut self,
+        app: &App,
+        tasks: &[&Task],
+        status: &AppStatus,
+    ) -> Result<(), keys::UpdateError> {
+        if status.consecutive_failures == 0 {
+            return Ok(());
+        }
+        let has_checks = !app.health_checks.is_empty();
+        let stable = tasks.iter().any(|t| {
+            t.version == app.version_info.last_config_change_at
+                && t.is_serving(has_checks)
+                && (has_checks
+                    || t.started_at
+                        .as_deref()
+                        .and_then(|s| humantime::parse_rfc3339(s).ok())
+                        .is_some_and(|s| s.elapsed().unwrap_or_default() >= STABLE_AFTER))
+        });
+        if stable {
+            debug!(app = %app.id, "a task runs stably; launch backoff reset");
+            let result = keys::update_existing::<AppStatus, _>(
+                &*self.store,
+                &keys::app_status(&app.id),
+                |s| {
+                    s.consecutive_failures = 0;
+                    s.launch_delayed_until_ms = 0;
+                    true
+                },
+            )
+            .await;
+            self.wrote_update(result)?;
+        }
+        Ok(())
+    }
+
+    async fn kill(&mut self, id: &TaskId, reason: KillReason) -> Result<(), keys::UpdateError> {
+        debug!(task = %id, reason = reason.as_str(), "killing task");
+        let result = keys::update_existing::<Task, _>(&*self.store, &keys::task(id), |t| {
+            let changed = t.goal != Goal::Kill && t.state.is_active();
+            t.goal = Goal::Kill;
+            t.kill_reason.get_or_insert(reason);
+            changed
+        })
+        .await;
+        self.wrote_update(result)?;
+        Ok(())
+    }
+
+    async fn launch(
+        &mut self,
+        app: &App,
+        node: &NodeId,
+        ports: &[u16],
+        snap: &ClusterState,
+    ) -> Result<(), keys::UpdateError> {
+        let Some(node) = snap.nodes.get(node) else {
+            return Ok(());
+        };
+        let id = TaskId::generate(&app.id);
+        let task = Task {
+            id: id.clone(),
+            app_id: app.id.clone(),
+            version: app.version_info.last_config_change_at.clone(),
+            node_id: node.id.clone(),
+            host: node.hostname.clone(),
+            state: TaskState::Staging,
+            goal: Goal::Run,
+            kill_reason: None,
+            health: Health::default(),
+            ports: ports.to_vec(),
+            ip_addresses: Vec::new(),
+            staged_at: now_rfc3339(),
+            started_at: None,
+            finished_at: None,
+            exit: None,
+            process: None,
+            resources: Resources {
+                ports: Vec::new(),
+                ..app.resources()
+            },
+        };
+        debug!(task = %id, node = %node.id, "staging task");
+        match self
+            .store
+            .put(&keys::task(&id), keys::to_json(&task), Precondition::Absent)
+            .await
+        {
+            Ok(rev) => {
+                self.wrote(rev);
+                Ok(())
+            }
+            Err(StoreError::Conflict { .. }) => Ok(()),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Updates the app's running deployment: progress, success, or failure and rollback.
+    async fn progress(
+        &mut self,
+        app: &App,
+        tasks: &[&Task],
+        snap: &ClusterState,
+    ) -> Result<(), keys::UpdateError> {
+        let Some(dep) = snap.deployment_of(&app.id) else {
+            return Ok(());
+        };
+        let has_checks = !app.health_checks.is_empty();
+        let current = &app.version_info.last_config_change_at;
+        let active: Vec<&&Task> = tasks.iter().filter(|t| t.state.is_active()).collect();
+        let healthy_new = active
+            .iter()
+            .filter(|t| &t.version == current && t.is_serving(has_checks))
+            .count() as u32;
+        let new_live = active
+            .iter()
+            .filter(|t| &t.version == current && t.goal == Goal::Run)
+            .count() as u32;
+        let old_remaining = active
+            .iter()
+            .filter(|t| &t.version != current || t.goal == Goal::Kill)
+            .count() as u32;
+        if dep.failed_new >= DEPLOYMENT_FAILURE_LIMIT {
+            return self.fail_deployment(app, dep).await;
+        }
+        if old_remaining == 0 && new_live == app.instances && healthy_new == app.instances {
+            return self
+                .finish_deployment(dep, DeploymentStatus::Succeeded, None)
+                .await;
+        }
+        if dep.healthy_new != healthy_new
+            || dep.old_remaining != old_remaining
+            || dep.target_instances != app.instances
+        {
+            let result = keys::update_existing::<Deployment, _>(
+                &*self.store,
+                &keys::deployment(&dep.id),
+                |d| {
+                    d.healthy_new = healthy_new;
+                    d.old_remaining = old_remaining;
+                    d.target_instances = app.instances;
+                    true
+                },
+            )
+            .await;
+            self.wrote_update(result)?;
+        }
+        Ok(())
+    }
+
+    async fn fail_deployment(
+        &mut self,
+        app: &App,
+        dep: &Deployment,
+    ) -> Result<(), keys::UpdateError> {
+        let last = dep.reason.clone().unwrap_or_default();
+        let reason = match &dep.previous {
+            Some(previous)
+                if matches!(dep.kind, DeploymentKind::Update | DeploymentKind::Restart) =>
+            {
+                let mut restored = previous.clone();
+                restored.version = now_rfc3339();
+                restored.version_info.last_scaling_at = restored.version.clone();
+                let expected = app.version.clone();
+                let result =
+                    keys::update_existing::<App, _>(&*self.store, &keys::app(&app.id), |a| {
+                        // Only roll back what this deployment put there.
+                        if a.version != expected {
+                            return false;
+                        }
+                        *a = restored.clone();
+                        true
+                    })
+                    .await;
+                self.wrote_update(result)?;
+                format!(
+                    "{} tasks of the new version failed (last: {last}); rolled back to the version of {}",
+                    dep.failed_new, previous.version_info.last_config_change_at
+                )
+            }
+            _ => format!(
+                "{} tasks failed (last: {last}); the app keeps retrying with backoff",
+                dep.failed_new
+            ),
+        };
+        warn!(app = %app.id, deployment = %dep.id, %reason, "deployment failed");
+        self.finish_deployment(dep, DeploymentStatus::Failed, Some(reason))
+            .await
+    }
+
+    async fn finish_deployment(
+        &mut self,
+        dep: &Deployment,
+        status: DeploymentStatus,
+        reason: Option<String>,
+    ) -> Result<(), keys::UpdateError> {
+        let result =
+            keys::update_existing::<Deployment, _>(&*self.store, &keys::deployment(&dep.id), |d| {
+                if d.status.is_done() {
+                    return false;
+                }
+                d.status = status;
+                d.finished_at = Some(now_rfc3339());
+                if reason.is_some() {
+                    d.reason = reason.clone();
+                } else if status == DeploymentStatus::Succeeded {
+                    d.reason = None;
+                    d.old_remaining = 0;
+                    d.healthy_new = d.target_instances;
+                }
+                true
+            })
+            .await;
+        if self.wrote_update(result)? {
+            info!(deployment = %dep.id, app = %dep.app_id, status = status.as_str(), "deployment finished");
+        }
+        Ok(())
+    }
+}
+
+/// An app starts only once every app it depends on runs all its instances, serving.
+fn deps_ready(app: &App, snap: &ClusterState) -> bool {
+    app.dependencies.iter().all(|dep| {
+        let Some(dep_app) = snap.apps.get(dep) else {
+            return false;
+        };
+        let has_checks = !dep_app.health_checks.is_empty();
+        let serving = snap
+            .tasks_of(dep)
+            .filter(|t| t.is_serving(has_checks))
+            .count();
+        serving >= dep_app.instances as usize
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{NodeId, parse_app};
+
+    fn app(json: &str, version: &str) -> App {
+        let mut app = parse_app(json.as_bytes()).unwrap().app;
+        app.version_info.last_config_change_at = version.into();
+        app
+    }
+
+    fn task(n: u32, version: &str, state: TaskState, alive: Option<bool>) -> Task {
+        Task {
+            id: TaskId(format!("t{n}")),
+            app_id: AppId::parse("/a").unwrap(),
+            version: version.into(),
+            node_id: NodeId("n".into()),
+            host: "n".into(),
+            state,
+            goal: Goal::Run,
+            kill_reason: None,
+            health: Health {
+                alive,
+                ..Default::default()
+            },
+            ports: vec![],
+            ip_addresses: vec![],
+            staged_at: format!("2026-01-01T00:00:{n:02}Z"),
+            started_at: None,
+            finished_at: None,
+            exit: None,
+            process: None,
+            resources: Resources::default(),
+        }
+    }
+
+    #[test]
+    fn scale_up_and_down() {
+        let a = app(r#"{"id": "/a", "cmd": "x", "instances": 5}"#, "v1");
+        let tasks: Vec<Task> = (0..3)
+            .map(|n| task(n, "v1", TaskState::Running, None))
+            .collect();
+        let refs: Vec<&Task> = tasks.iter().collect();
+        assert_eq!(plan(&a, &refs, true).launch, 2);
+        assert_eq!(plan(&a, &refs, false).launch, 0, "backoff holds launches");
+        let a = app(r#"{"id": "/a", "cmd": "x", "instances": 2}"#, "v1");
+        let mut tasks = tasks;
+        tasks[0].state = TaskState::Staging;
+        let refs: Vec<&Task> = tasks.iter().collect();
+        let p = plan(&a, &refs, true);
+        assert_eq!(
+            p.kill,
+            vec![(TaskId("t0".into()), KillReason::Scale)],
+            "the task not yet running goes first"
+        );
+    }
+
+    #[test]
+    fn rolling_update_keeps_minimum_health_capacity() {
+        let a = app(
+            r#"{"id": "/a", "cmd": "x", "instances": 4, "portDefinitions": [{"port": 0}],
+                "healthChecks": [{"protocol": "TCP"}],
+                "upgradeStrategy": {"minimumHealthCapacity": 0.5, "maximumOverCapacity": 0}}"#,
+            "v2",
+        );
+        let old: Vec<Task> = (0..4)
+            .map(|n| task(n, "v1", TaskState::Running, Some(true)))
+            .collect();
+        let refs: Vec<&Task> = old.iter().collect();
+        let p = plan(&a, &refs, true);
+        // No room above 4, so nothing launches; two of four may go (4 * 0.5 must keep serving).
+        assert_eq!(p.launch, 0);
+        assert_eq!(p.kill.len(), 2);
+
+        // Two new tasks that never become healthy: the remaining two old ones must stay.
+        let mut tasks: Vec<Task> = (0..2)
+            .map(|n| task(n, "v1", TaskState::Running, Some(true)))
+            .collect();
+        tasks.extend((2..4).map(|n| task(n, "v2", TaskState::Running, Some(false))));
+        let refs: Vec<&Task> = tasks.iter().collect();
+        let p = plan(&a, &refs, true);
+        assert!(p.kill.is_empty(), "{p:?}");
+        assert_eq!(p.launch, 0);
+    }
+
+    #[test]
+    fn rolling_update_with_full_capacity_surges_one_at_a_time_at_most() {
+        let a = app(
+            r#"{"id": "/a", "cmd": "x", "instances": 3,
+                "upgradeStrategy": {"minimumHealthCapacity": 1, "maximumOverCapacity": 0}}"#,
+            "v2",
+        );
+        let old: Vec<Task> = (0..3)
+            .map(|n| task(n, "v1", TaskState::Running, None))
+            .collect();
+        let refs: Vec<&Task> = old.iter().collect();
+        let p = plan(&a, &refs, true);
+        assert_eq!((p.launch, p.kill.len()), (1, 0));
+        // Once the new one serves, one old one may go.
+        let mut tasks = old.clone();
+        tasks.push(task(9, "v2", TaskState::Running, None));
+        let refs: Vec<&Task> = tasks.iter().collect();
+        let p = plan(&a, &refs, true);
+        assert_eq!(p.kill.len(), 1);
+    }
+
+    #[test]
+    fn all_new_serving_kills_all_old() {
+        let a = app(r#"{"id": "/a", "cmd": "x", "instances": 2}"#, "v2");
+        let mut tasks: Vec<Task> = (0..2)
+            .map(|n| task(n, "v1", TaskState::Running, None))
+            .collect();
+        tasks.extend((2..4).map(|n| task(n, "v2", TaskState::Running, None)));
+        let refs: Vec<&Task> = tasks.iter().collect();
+        let p = plan(&a, &refs, true);
+        assert_eq!(p.kill.len(), 2);
+        assert!(
+            p.kill
+                .iter()
+                .all(|(id, r)| *r == KillReason::Upgrade && (id.0 == "t0" || id.0 == "t1"))
+        );
+    }
+}

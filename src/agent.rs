@@ -1,0 +1,130 @@
+//! `dcnet agent`: opens the store, starts node-core and serves the HTTP API until SIGTERM or
+//! SIGINT.
+
+use std::sync::Arc;
+
+use anyhow::Context;
+use axum::extract::Request;
+use axum::http::{StatusCode, header};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use dcnet_node_core::runtime::cgroup::{Cgroups, Hierarchies};
+use dcnet_node_core::runtime::{HostConfig, HostRuntime};
+use dcnet_node_core::store::Embedded;
+use dcnet_node_core::{ApiError, NodeCore};
+use prometheus::{Encoder, Registry, TextEncoder};
+use tokio_util::sync::CancellationToken;
+use tracing::{error, info, warn};
+
+use crate::config::AgentConfig;
+
+pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
+    let node = cfg.node()?;
+    let listener = tokio::net::TcpListener::bind(cfg.api.listen)
+        .await
+        .with_context(|| {
+            format!(
+                "binding the API to {}; is another agent running?",
+                cfg.api.listen
+            )
+        })?;
+    std::fs::create_dir_all(&cfg.state_dir)
+        .with_context(|| format!("creating {}", cfg.state_dir.display()))?;
+    let store = Embedded::open(&cfg.state_dir.join("store.redb"))
+        .with_context(|| format!("opening the store in {}", cfg.state_dir.display()))?;
+
+    let hierarchies = Hierarchies::detect().context("reading /proc/self/mountinfo for cgroups")?;
+    let cgroups = Cgroups::new(hierarchies, &cfg.runtime.cgroup_parent);
+    info!(cgroups = %cgroups.describe(), parent = %cfg.runtime.cgroup_parent, "cgroups");
+    let runtime = HostRuntime::new(HostConfig {
+        sandbox_dir: cfg.state_dir.join("sandboxes"),
+        cgroups,
+        path_env: std::env::var("PATH").unwrap_or_else(|_| "/usr/local/bin:/usr/bin:/bin".into()),
+    });
+
+    let registry = Registry::new();
+    let shutdown = CancellationToken::new();
+    let core_cfg = dcnet_node_core::Config {
+        node,
+        leader_ttl: std::time::Duration::from_secs(10),
+    };
+    let core = NodeCore::start(
+        core_cfg,
+        Arc::new(store),
+        Arc::new(runtime),
+        &registry,
+        shutdown.child_token(),
+    )
+    .await
+    .context("starting node-core")?;
+
+    let metrics_registry = registry.clone();
+    let mut app = core.router().route(
+        "/metrics",
+        get(move || {
+            let registry = metrics_registry.clone();
+            async move {
+                let mut buf = Vec::new();
+                let _ = TextEncoder::new().encode(&registry.gather(), &mut buf);
+                ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], buf)
+            }
+        }),
+    );
+    if let Some(token) = cfg.api.token.clone().filter(|t| !t.is_empty()) {
+        let expected: Arc<str> = format!("Bearer {token}").into();
+        app = app.layer(middleware::from_fn(move |req: Request, next: Next| {
+            let expected = expected.clone();
+            async move { require_token(&expected, req, next).await }
+        }));
+    }
+    info!(listen = %cfg.api.listen, "dcnet agent ready");
+
+    let serve_stop = shutdown.clone();
+    let mut server = tokio::spawn(async move {
+        axum::serve(listener, app)
+            .with_graceful_shutdown(serve_stop.cancelled_owned())
+            .await
+    });
+    tokio::select! {
+        () = signal() => info!("starting shutdown"),
+        res = &mut server => error!(?res, "the API server exited early"),
+    }
+    shutdown.cancel();
+    let grace = cfg.shutdown_grace_period;
+    let drained = tokio::time::timeout(grace, async {
+        let _ = server.await;
+        core.stopped().await;
+    })
+    .await;
+    if drained.is_err() {
+        warn!(?grace, "graceful shutdown timed out");
+    }
+    info!("agent stopped; tasks keep running and are adopted on the next start");
+    Ok(())
+}
+
+async fn require_token(expected: &str, req: Request, next: Next) -> Response {
+    let given = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok());
+    if req.uri().path() == "/ping" || given == Some(expected) {
+        return next.run(req).await;
+    }
+    ApiError::new(
+        StatusCode::UNAUTHORIZED,
+        "missing or wrong bearer token (Authorization: Bearer <api.token>)",
+    )
+    .into_response()
+}
+
+async fn signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).expect("installing a SIGTERM handler");
+    let mut int = signal(SignalKind::interrupt()).expect("installing a SIGINT handler");
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+}

@@ -1,0 +1,254 @@
+//! The agent's configuration file (TOML): parsed and checked here, before anything is bound
+//! or started, and turned into each plane's plain `Config`.
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use dcnet_node_core::model::{NodeId, NodeStatus, PortRange, Resources};
+use serde::Deserialize;
+
+/// `dcnet agent --config FILE`.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AgentConfig {
+    /// Where the embedded store and the task sandboxes live.
+    #[serde(default = "default_state_dir")]
+    pub state_dir: PathBuf,
+    /// How long planes get to finish after SIGTERM before the agent exits anyway.
+    #[serde(default = "default_grace", with = "humantime_serde")]
+    pub shutdown_grace_period: Duration,
+    /// This node.
+    #[serde(default)]
+    pub node: NodeSection,
+    /// The HTTP API.
+    #[serde(default)]
+    pub api: ApiSection,
+    /// The task runtime.
+    #[serde(default)]
+    pub runtime: RuntimeSection,
+}
+
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NodeSection {
+    /// The node's id in the cluster; default: the hostname.
+    pub id: Option<String>,
+    /// The hostname tasks see as `HOST` and constraints match; default: the system's.
+    pub hostname: Option<String>,
+    /// The underlay address host-networked tasks are reached at; default 127.0.0.1.
+    pub ip: Option<IpAddr>,
+    /// CPUs offered to tasks; default: all of this machine's.
+    pub cpus: Option<f64>,
+    /// Memory offered to tasks in MiB; default: all of this machine's.
+    pub mem: Option<f64>,
+    /// Disk offered to tasks in MiB; default: 10240.
+    pub disk: Option<f64>,
+    /// GPUs offered to tasks; default 0.
+    #[serde(default)]
+    pub gpus: u32,
+    /// Host port ranges for tasks, like `["31000-32000"]` (the default).
+    pub ports: Option<Vec<String>>,
+    /// Attributes for constraints, like `rack = "r1"`.
+    #[serde(default)]
+    pub attributes: BTreeMap<String, String>,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApiSection {
+    /// Where the HTTP API listens; default 127.0.0.1:8080.
+    #[serde(default = "default_listen")]
+    pub listen: SocketAddr,
+    /// A bearer token clients must send; required when `listen` is not a loopback address.
+    pub token: Option<String>,
+}
+
+impl Default for ApiSection {
+    fn default() -> Self {
+        Self {
+            listen: default_listen(),
+            token: None,
+        }
+    }
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RuntimeSection {
+    /// The cgroup (on every hierarchy) under which each task gets its own.
+    #[serde(default = "default_cgroup_parent")]
+    pub cgroup_parent: String,
+}
+
+impl Default for RuntimeSection {
+    fn default() -> Self {
+        Self {
+            cgroup_parent: default_cgroup_parent(),
+        }
+    }
+}
+
+fn default_state_dir() -> PathBuf {
+    "/var/lib/dcnet".into()
+}
+fn default_grace() -> Duration {
+    Duration::from_secs(10)
+}
+fn default_listen() -> SocketAddr {
+    SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 8080)
+}
+fn default_cgroup_parent() -> String {
+    "dcnet".into()
+}
+
+/// serde for `"10s"`-style durations.
+mod humantime_serde {
+    use std::time::Duration;
+
+    use serde::{Deserialize, Deserializer};
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        let raw = String::deserialize(d)?;
+        humantime::parse_duration(&raw).map_err(serde::de::Error::custom)
+    }
+}
+
+impl AgentConfig {
+    pub fn load(path: &Path) -> anyhow::Result<Self> {
+        let text =
+            std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+        let cfg: AgentConfig =
+            toml::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
+        cfg.validate()
+    }
+
+    /// Refuses what would be unsafe or cannot work, naming the setting.
+    pub fn validate(self) -> anyhow::Result<Self> {
+        if !self.api.listen.ip().is_loopback()
+            && self.api.token.as_deref().is_none_or(str::is_empty)
+        {
+            bail!(
+                "api.listen = {} is not a loopback address: set api.token so that only clients with the token get in",
+                self.api.listen
+            );
+        }
+        let parent = &self.runtime.cgroup_parent;
+        if parent.is_empty() || parent.contains("..") || parent.starts_with('/') {
+            bail!(
+                "runtime.cgroup_parent = {parent:?} must be a relative cgroup name like \"dcnet\""
+            );
+        }
+        for range in self.node.ports.iter().flatten() {
+            parse_range(range)?;
+        }
+        if let Some(cpus) = self.node.cpus
+            && (cpus.is_nan() || cpus <= 0.0)
+        {
+            bail!("node.cpus = {cpus} must be more than 0");
+        }
+        Ok(self)
+    }
+
+    /// This node as node-core registers it, with what was not configured detected.
+    pub fn node(&self) -> anyhow::Result<dcnet_node_core::model::Node> {
+        let hostname = match &self.node.hostname {
+            Some(h) => h.clone(),
+            None => std::fs::read_to_string("/proc/sys/kernel/hostname")
+                .map(|h| h.trim().to_string())
+                .unwrap_or_else(|_| "localhost".into()),
+        };
+        let cpus = self.node.cpus.unwrap_or_else(|| {
+            std::thread::available_parallelism().map_or(1.0, |n| n.get() as f64)
+        });
+        let mem = match self.node.mem {
+            Some(m) => m,
+            None => detect_mem_mib().context("reading /proc/meminfo; set node.mem")?,
+        };
+        let ports = match &self.node.ports {
+            Some(ranges) => ranges
+                .iter()
+                .map(|r| parse_range(r))
+                .collect::<anyhow::Result<_>>()?,
+            None => vec![PortRange {
+                begin: 31000,
+                end: 32000,
+            }],
+        };
+        Ok(dcnet_node_core::model::Node {
+            id: NodeId(self.node.id.clone().unwrap_or_else(|| hostname.clone())),
+            hostname,
+            ip: self.node.ip.unwrap_or(IpAddr::V4(Ipv4Addr::LOCALHOST)),
+            resources: Resources {
+                cpus,
+                mem,
+                disk: self.node.disk.unwrap_or(10240.0),
+                gpus: self.node.gpus,
+                ports,
+            },
+            attributes: self.node.attributes.clone(),
+            status: NodeStatus::Active,
+            registered_at: String::new(),
+        })
+    }
+}
+
+fn parse_range(raw: &str) -> anyhow::Result<PortRange> {
+    let parsed = raw
+        .split_once('-')
+        .and_then(|(a, b)| Some((a.trim().parse().ok()?, b.trim().parse().ok()?)));
+    match parsed {
+        Some((begin, end)) if begin > 0 && begin <= end => Ok(PortRange { begin, end }),
+        _ => bail!("node.ports: `{raw}` is not a port range like \"31000-32000\""),
+    }
+}
+
+fn detect_mem_mib() -> anyhow::Result<f64> {
+    let meminfo = std::fs::read_to_string("/proc/meminfo")?;
+    let kib: f64 = meminfo
+        .lines()
+        .find_map(|l| l.strip_prefix("MemTotal:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .context("no MemTotal line")?;
+    Ok((kib / 1024.0).floor())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_shipped_example_config_loads() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/agent.toml");
+        let cfg = AgentConfig::load(&path).expect("examples/agent.toml is valid");
+        let node = cfg.node().unwrap();
+        assert_eq!(
+            node.resources.ports,
+            [PortRange {
+                begin: 31000,
+                end: 32000
+            }]
+        );
+        assert!(cfg.api.listen.ip().is_loopback());
+    }
+
+    #[test]
+    fn public_listen_needs_a_token() {
+        let cfg: AgentConfig = toml::from_str("[api]\nlisten = \"0.0.0.0:8080\"").unwrap();
+        let err = cfg.validate().unwrap_err().to_string();
+        assert!(err.contains("api.token"), "{err}");
+    }
+
+    #[test]
+    fn unknown_settings_and_bad_ranges_are_named() {
+        let err = toml::from_str::<AgentConfig>("[node]\nportz = []")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("portz"), "{err}");
+        let cfg: AgentConfig = toml::from_str("[node]\nports = [\"9-1\"]").unwrap();
+        assert!(cfg.validate().unwrap_err().to_string().contains("9-1"));
+    }
+}

@@ -1,0 +1,207 @@
+//! `dcnet`: the agent that runs on every node, and the operator's CLI.
+#![deny(rust_2018_idioms, clippy::disallowed_methods, clippy::disallowed_types)]
+#![forbid(unsafe_code)]
+
+mod agent;
+mod cli;
+mod config;
+mod table;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+use tracing_subscriber::EnvFilter;
+use tracing_subscriber::prelude::*;
+
+/// Service networking for container clusters: tasks, DNS, VIPs and an overlay.
+#[derive(Parser)]
+#[command(name = "dcnet", version, about)]
+struct Cli {
+    /// The agent's API.
+    #[arg(
+        long,
+        global = true,
+        env = "DCNET_API",
+        default_value = "http://127.0.0.1:8080"
+    )]
+    api: String,
+    /// Bearer token for an agent that requires one.
+    #[arg(long, global = true, env = "DCNET_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+    /// Print JSON instead of tables.
+    #[arg(long, global = true)]
+    json: bool,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the node agent.
+    Agent {
+        /// The agent's TOML configuration.
+        #[arg(long)]
+        config: PathBuf,
+    },
+    /// Deploy and manage apps.
+    #[command(subcommand)]
+    App(AppCommand),
+    /// List tasks.
+    #[command(subcommand)]
+    Task(TaskCommand),
+    /// List nodes.
+    #[command(subcommand)]
+    Node(NodeCommand),
+    /// List deployments.
+    #[command(subcommand)]
+    Deployment(DeploymentCommand),
+}
+
+#[derive(clap::Args)]
+struct Wait {
+    /// Wait until the deployment finishes, with a progress bar.
+    #[arg(long)]
+    wait: bool,
+    /// Give up waiting after this long.
+    #[arg(long, default_value = "5m", value_parser = humantime::parse_duration)]
+    timeout: Duration,
+}
+
+#[derive(Subcommand)]
+enum AppCommand {
+    /// Create or update an app from a Marathon-style JSON file.
+    Deploy {
+        file: PathBuf,
+        #[command(flatten)]
+        wait: Wait,
+    },
+    /// List apps.
+    List,
+    /// Show one app and its tasks.
+    Show { id: String },
+    /// Change the number of instances.
+    Scale {
+        id: String,
+        instances: u32,
+        #[command(flatten)]
+        wait: Wait,
+    },
+    /// Replace every task, rolling, as the upgrade strategy allows.
+    Restart {
+        id: String,
+        #[command(flatten)]
+        wait: Wait,
+    },
+    /// Stop every task and delete the app.
+    Remove {
+        id: String,
+        #[command(flatten)]
+        wait: Wait,
+    },
+}
+
+#[derive(Subcommand)]
+enum TaskCommand {
+    /// List tasks, of one app or all.
+    List {
+        #[arg(long)]
+        app: Option<String>,
+    },
+}
+
+#[derive(Subcommand)]
+enum NodeCommand {
+    /// List nodes with their resources and use.
+    List,
+}
+
+#[derive(Subcommand)]
+enum DeploymentCommand {
+    /// List running deployments (all recent ones with --all).
+    List {
+        #[arg(long)]
+        all: bool,
+    },
+}
+
+/// BSD sysexits: bad configuration or usage.
+const EX_USAGE: u8 = 64;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Agent { config } => run_agent(&config),
+        command => {
+            let client = cli::Client::new(&cli.api, cli.token);
+            let json = cli.json;
+            let result = match command {
+                Command::App(AppCommand::Deploy { file, wait }) => {
+                    cli::deploy(&client, &file, wait.wait, wait.timeout, json)
+                }
+                Command::App(AppCommand::List) => cli::app_list(&client, json),
+                Command::App(AppCommand::Show { id }) => cli::app_show(&client, &id, json),
+                Command::App(AppCommand::Scale {
+                    id,
+                    instances,
+                    wait,
+                }) => cli::scale(&client, &id, instances, wait.wait, wait.timeout, json),
+                Command::App(AppCommand::Restart { id, wait }) => {
+                    cli::restart(&client, &id, wait.wait, wait.timeout, json)
+                }
+                Command::App(AppCommand::Remove { id, wait }) => {
+                    cli::remove(&client, &id, wait.wait, wait.timeout, json)
+                }
+                Command::Task(TaskCommand::List { app }) => {
+                    cli::task_list(&client, app.as_deref(), json)
+                }
+                Command::Node(NodeCommand::List) => cli::node_list(&client, json),
+                Command::Deployment(DeploymentCommand::List { all }) => {
+                    cli::deployment_list(&client, all, json)
+                }
+                Command::Agent { .. } => unreachable!("handled above"),
+            };
+            match result {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("error: {e:#}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+    }
+}
+
+fn run_agent(config: &std::path::Path) -> ExitCode {
+    let cfg = match config::AgentConfig::load(config) {
+        Ok(cfg) => cfg,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            return ExitCode::from(EX_USAGE);
+        }
+    };
+    // hickory and other libraries log per request at INFO; keep them quiet unless asked.
+    let filter = EnvFilter::builder()
+        .with_default_directive(tracing::Level::INFO.into())
+        .parse_lossy(std::env::var("RUST_LOG").unwrap_or_default());
+    tracing_subscriber::registry()
+        .with(tracing_subscriber::fmt::layer())
+        .with(filter)
+        .init();
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: starting the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(agent::run(cfg)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e:#}");
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,504 @@
+//! node-core with real processes: replacement with backoff, scaling, rolling updates guarded
+//! by health, agent restarts, and refusal of bad input.
+
+use std::collections::BTreeSet;
+use std::io::BufRead;
+use std::time::Duration;
+
+use serde_json::{Value, json};
+
+use crate::support::{Agent, NetNs, is_alive, wait_until};
+
+fn require_root() {
+    assert!(
+        nix::unistd::Uid::effective().is_root(),
+        "the netns tests create namespaces and cgroups: run them as root (make test)"
+    );
+}
+
+fn deploy(agent: &Agent, def: &Value) -> String {
+    let (status, v) = agent
+        .http("POST", "/v2/apps", Some(&def.to_string()))
+        .unwrap();
+    assert_eq!(status, 201, "{v}");
+    v["deployments"][0]["id"].as_str().unwrap().to_string()
+}
+
+fn wait_deployment(agent: &Agent, id: &str, limit: Duration) -> Value {
+    let mut last = Value::Null;
+    let done = wait_until(limit, || {
+        last = agent.get(&format!("/v2/deployments/{id}"));
+        last["status"] != "running"
+    });
+    assert!(done, "deployment {id} still running: {last}");
+    last
+}
+
+fn pid_of(task: &Value) -> u64 {
+    task["process"]["pid"]
+        .as_u64()
+        .expect("a running task has a pid")
+}
+
+#[test]
+fn killed_task_is_replaced_after_backoff_and_the_failure_is_recorded() {
+    require_root();
+    let ns = NetNs::new("kill");
+    ns.enter();
+    let agent = Agent::start(&ns);
+    let dep = deploy(
+        &agent,
+        &json!({"id": "/crash/sleeper", "cmd": "sleep 600", "instances": 1, "cpus": 0.1, "mem": 32,
+                "backoffSeconds": 1, "backoffFactor": 2}),
+    );
+    assert_eq!(
+        wait_deployment(&agent, &dep, Duration::from_secs(30))["status"],
+        "succeeded"
+    );
+    let first = agent.running("/crash/sleeper").remove(0);
+    let pid = pid_of(&first);
+
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+
+    let mut replacement = Value::Null;
+    let replaced = wait_until(Duration::from_secs(30), || {
+        replacement = agent
+            .running("/crash/sleeper")
+            .first()
+            .cloned()
+            .unwrap_or(Value::Null);
+        !replacement.is_null() && replacement["id"] != first["id"]
+    });
+    assert!(
+        replaced,
+        "no replacement task; tasks: {:?}",
+        agent.tasks("/crash/sleeper")
+    );
+    assert!(is_alive(pid_of(&replacement)));
+
+    let app = agent.get("/v2/apps/crash/sleeper")["app"].clone();
+    let failure = &app["lastTaskFailure"];
+    assert_eq!(failure["taskId"], first["id"], "{app}");
+    assert_eq!(failure["state"], "TASK_FAILED");
+    assert!(
+        failure["message"].as_str().unwrap().contains("SIGKILL"),
+        "{failure}"
+    );
+
+    // The backoff was applied: the relaunch was held until the recorded delay had passed.
+    let state = agent.get("/v1/state");
+    let status = &state["appStatus"]["/crash/sleeper"];
+    assert_eq!(status["consecutiveFailures"], 1, "{status}");
+    let delayed_until = status["launchDelayedUntilMs"].as_u64().unwrap();
+    let staged = humantime::parse_rfc3339(replacement["stagedAt"].as_str().unwrap()).unwrap();
+    let staged_ms = staged
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64;
+    assert!(
+        staged_ms >= delayed_until,
+        "relaunched at {staged_ms} before the backoff ended at {delayed_until}"
+    );
+
+    let (ok, out, err) = agent.cli(&["app", "show", "/crash/sleeper"]);
+    assert!(ok, "{err}");
+    assert!(
+        out.contains("lastTaskFailure") && out.contains("SIGKILL"),
+        "{out}"
+    );
+}
+
+#[test]
+fn scaling_three_five_two_converges_with_cgroup_limits() {
+    require_root();
+    let ns = NetNs::new("scale");
+    ns.enter();
+    let agent = Agent::start(&ns);
+    let file = agent.dir.path().join("app.json");
+    std::fs::write(
+        &file,
+        json!({"id": "/scale/web", "cmd": "sleep 600", "instances": 3, "cpus": 0.25, "mem": 48,
+               "portDefinitions": [{"port": 0}]})
+        .to_string(),
+    )
+    .unwrap();
+    let (ok, out, err) = agent.cli(&[
+        "app",
+        "deploy",
+        file.to_str().unwrap(),
+        "--wait",
+        "--timeout",
+        "60s",
+    ]);
+    assert!(ok, "deploy failed: {out}\n{err}");
+    assert!(out.contains("succeeded"), "{out}");
+    assert_eq!(agent.running("/scale/web").len(), 3);
+
+    for n in [5usize, 2] {
+        let (ok, out, err) = agent.cli(&[
+            "app",
+            "scale",
+            "/scale/web",
+            &n.to_string(),
+            "--wait",
+            "--timeout",
+            "60s",
+        ]);
+        assert!(ok, "scale to {n}: {out}\n{err}");
+        let running = agent.running("/scale/web");
+        assert_eq!(running.len(), n, "{running:?}");
+        let all = agent.tasks("/scale/web");
+        assert_eq!(
+            all.len(),
+            n,
+            "killed tasks are gone from the store: {all:?}"
+        );
+        let pids: Vec<u64> = running.iter().map(pid_of).collect();
+        assert!(
+            pids.iter().all(|p| is_alive(*p)),
+            "every running task has a live process"
+        );
+        let ports: BTreeSet<u64> = running
+            .iter()
+            .map(|t| t["ports"][0].as_u64().unwrap())
+            .collect();
+        assert_eq!(ports.len(), n, "host ports are distinct");
+        assert!(ports.iter().all(|p| (31000..32000).contains(p)));
+        // Only the live tasks keep cgroups (on each hierarchy used).
+        let live: BTreeSet<String> = running
+            .iter()
+            .map(|t| t["id"].as_str().unwrap().to_string())
+            .collect();
+        let dirs: BTreeSet<String> = agent
+            .cgroup_dirs()
+            .iter()
+            .map(|d| d.file_name().unwrap().to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(dirs, live, "cgroups of stopped tasks were removed");
+    }
+
+    // Limits are where the controller is: cpu.max / memory.max on v2, CFS quota and
+    // memory.limit_in_bytes on v1 (this machine is hybrid).
+    let task = agent.running("/scale/web").remove(0);
+    let id = task["id"].as_str().unwrap();
+    let v1_cpu = std::path::Path::new("/sys/fs/cgroup/cpu")
+        .join(&agent.cgroup_parent)
+        .join(id);
+    let v2 = std::path::Path::new("/sys/fs/cgroup/unified")
+        .join(&agent.cgroup_parent)
+        .join(id);
+    if v1_cpu.exists() {
+        assert_eq!(
+            std::fs::read_to_string(v1_cpu.join("cpu.cfs_quota_us"))
+                .unwrap()
+                .trim(),
+            "25000"
+        );
+        let mem = std::path::Path::new("/sys/fs/cgroup/memory")
+            .join(&agent.cgroup_parent)
+            .join(id);
+        assert_eq!(
+            std::fs::read_to_string(mem.join("memory.limit_in_bytes"))
+                .unwrap()
+                .trim(),
+            (48u64 << 20).to_string()
+        );
+    } else {
+        assert_eq!(
+            std::fs::read_to_string(v2.join("cpu.max")).unwrap().trim(),
+            "25000 100000"
+        );
+    }
+    let procs = std::fs::read_to_string(if v2.exists() {
+        v2.join("cgroup.procs")
+    } else {
+        v1_cpu.join("cgroup.procs")
+    })
+    .unwrap();
+    assert!(
+        procs.lines().any(|l| l.trim() == pid_of(&task).to_string()),
+        "the task's process is in its cgroup"
+    );
+
+    let (ok, out, err) = agent.cli(&["task", "list"]);
+    assert!(ok, "{err}");
+    let header = out.lines().next().unwrap();
+    assert!(
+        header.starts_with("TASK") && header.contains("STATE"),
+        "{out}"
+    );
+    assert_eq!(
+        out.lines().filter(|l| l.contains("RUNNING")).count(),
+        2,
+        "{out}"
+    );
+}
+
+/// Counts the tasks that serve (running, healthy, not being killed) in one state snapshot.
+fn serving(state: &Value, app: &str) -> usize {
+    state["tasks"]
+        .as_object()
+        .into_iter()
+        .flatten()
+        .filter(|(_, t)| {
+            t["appId"] == app
+                && t["state"] == "TASK_RUNNING"
+                && t["goal"] == "run"
+                && t["health"]["alive"] == true
+        })
+        .count()
+}
+
+#[test]
+fn rolling_update_with_failing_health_check_keeps_capacity_and_fails() {
+    require_root();
+    let ns = NetNs::new("roll");
+    ns.enter();
+    let agent = Agent::start(&ns);
+    let app = "/roll/web";
+    let def = json!({
+        "id": app, "instances": 4, "cpus": 0.1, "mem": 64,
+        "cmd": "exec python3 -m http.server --bind 127.0.0.1 $PORT0",
+        "portDefinitions": [{"port": 0}],
+        "healthChecks": [{"protocol": "HTTP", "path": "/", "gracePeriodSeconds": 5, "intervalSeconds": 1,
+                          "timeoutSeconds": 1, "maxConsecutiveFailures": 2}],
+        "upgradeStrategy": {"minimumHealthCapacity": 0.5, "maximumOverCapacity": 0.25},
+        "backoffSeconds": 0.2, "backoffFactor": 1.1
+    });
+    let dep = deploy(&agent, &def);
+    let done = wait_deployment(&agent, &dep, Duration::from_secs(60));
+    assert_eq!(done["status"], "succeeded", "{done}");
+    let before: BTreeSet<String> = agent
+        .running(app)
+        .iter()
+        .map(|t| t["id"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(before.len(), 4);
+
+    // Watch every snapshot the agent publishes while the update runs.
+    let stream = std::net::TcpStream::connect("127.0.0.1:8080").unwrap();
+    let mut writer = stream.try_clone().unwrap();
+    std::io::Write::write_all(
+        &mut writer,
+        b"GET /v1/state/watch HTTP/1.1\r\nHost: x\r\n\r\n",
+    )
+    .unwrap();
+    let (tx, rx) = std::sync::mpsc::channel::<usize>();
+    let watcher = std::thread::spawn(move || {
+        let reader = std::io::BufReader::new(stream);
+        for line in reader.lines() {
+            let Ok(line) = line else { return };
+            // Chunk-size lines of the chunked encoding are not snapshots (some parse as numbers).
+            if let Ok(state) = serde_json::from_str::<Value>(line.trim())
+                && state.get("tasks").is_some()
+                && tx.send(serving(&state, "/roll/web")).is_err()
+            {
+                return;
+            }
+        }
+    });
+
+    // The new version answers nothing on its port: every new task fails its checks.
+    let (status, v) = agent
+        .http(
+            "PUT",
+            "/v2/apps/roll/web",
+            Some(&json!({"cmd": "exec sleep 600"}).to_string()),
+        )
+        .unwrap();
+    assert_eq!(status, 200, "{v}");
+    let update = v["deploymentId"].as_str().unwrap().to_string();
+    let result = wait_deployment(&agent, &update, Duration::from_secs(120));
+    assert_eq!(result["status"], "failed", "{result}");
+    let reason = result["reason"].as_str().unwrap();
+    assert!(
+        reason.contains("health checks") && reason.contains("rolled back"),
+        "{reason}"
+    );
+
+    // After the rollback the app converges back to four healthy tasks of the old command.
+    let back = wait_until(Duration::from_secs(60), || {
+        let running = agent.running(app);
+        running.len() == 4 && running.iter().all(|t| t["health"]["alive"] == true)
+    });
+    assert!(
+        back,
+        "app did not converge after rollback: {:?}",
+        agent.tasks(app)
+    );
+    let app_now = agent.get("/v2/apps/roll/web")["app"].clone();
+    assert!(
+        app_now["cmd"].as_str().unwrap().contains("http.server"),
+        "{app_now}"
+    );
+    drop(writer.shutdown(std::net::Shutdown::Both));
+    let _ = watcher.join();
+    let counts: Vec<usize> = rx.try_iter().collect();
+    assert!(
+        counts.len() > 10,
+        "the watch saw the update happen: {counts:?}"
+    );
+    let min = *counts.iter().min().unwrap();
+    assert!(
+        min >= 2,
+        "serving tasks dropped to {min}, below minimumHealthCapacity 0.5 x 4: {counts:?}"
+    );
+}
+
+#[test]
+fn agent_restart_keeps_apps_and_adopts_tasks() {
+    require_root();
+    let ns = NetNs::new("restart");
+    ns.enter();
+    let mut agent = Agent::start(&ns);
+    let dep = deploy(
+        &agent,
+        &json!({"id": "/keep/me", "cmd": "sleep 600", "instances": 2, "cpus": 0.1, "mem": 32}),
+    );
+    assert_eq!(
+        wait_deployment(&agent, &dep, Duration::from_secs(30))["status"],
+        "succeeded"
+    );
+    let before: Vec<(String, u64)> = agent
+        .running("/keep/me")
+        .iter()
+        .map(|t| (t["id"].as_str().unwrap().to_string(), pid_of(t)))
+        .collect();
+
+    for signal in [
+        nix::sys::signal::Signal::SIGTERM,
+        nix::sys::signal::Signal::SIGKILL,
+    ] {
+        agent.stop(signal);
+        assert!(
+            before.iter().all(|(_, pid)| is_alive(*pid)),
+            "tasks outlive the agent ({signal})"
+        );
+        agent.restart();
+        let stable = wait_until(Duration::from_secs(15), || {
+            agent.running("/keep/me").len() == 2
+        });
+        assert!(stable, "after {signal}: {:?}", agent.tasks("/keep/me"));
+        std::thread::sleep(Duration::from_secs(2));
+        let after: Vec<(String, u64)> = agent
+            .running("/keep/me")
+            .iter()
+            .map(|t| (t["id"].as_str().unwrap().to_string(), pid_of(t)))
+            .collect();
+        assert_eq!(
+            after, before,
+            "the same tasks with the same processes, adopted after {signal}"
+        );
+        assert!(agent.log().contains("re-adopted a running task"));
+        assert_eq!(agent.get("/v2/apps")["apps"].as_array().unwrap().len(), 1);
+    }
+
+    // An adopted task still gets replaced when it dies.
+    let (id, pid) = before[0].clone();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    let replaced = wait_until(Duration::from_secs(30), || {
+        let running = agent.running("/keep/me");
+        running.len() == 2 && running.iter().all(|t| t["id"] != id.as_str())
+    });
+    assert!(replaced, "{:?}", agent.tasks("/keep/me"));
+}
+
+#[test]
+fn invalid_app_json_is_refused_naming_the_field_and_changes_nothing() {
+    require_root();
+    let ns = NetNs::new("invalid");
+    ns.enter();
+    let agent = Agent::start(&ns);
+    let dep = deploy(
+        &agent,
+        &json!({"id": "/ok/app", "cmd": "sleep 600", "instances": 1, "cpus": 0.1, "mem": 32}),
+    );
+    wait_deployment(&agent, &dep, Duration::from_secs(30));
+    let before = agent.get("/v2/apps");
+
+    let cases = [
+        (json!({"id": "/bad/app", "cmd": "x", "cpus": "lots"}).to_string(), "/cpus"),
+        (json!({"id": "/bad/app", "cmd": "x", "instances": -1}).to_string(), "/instances"),
+        (json!({"id": "/Bad/App", "cmd": "x"}).to_string(), "/id"),
+        (json!({"id": "/bad/app", "cmd": "x", "healthChecks": [{"protocol": "TCP", "portIndex": 2}]}).to_string(), "/healthChecks/0/portIndex"),
+        (json!({"id": "/bad/app", "cmd": "x", "constraints": [["hostname", "SOMETIMES"]]}).to_string(), "/constraints/0"),
+        (json!({"id": "/bad/app", "cmd": "x", "instancess": 2}).to_string(), "/instancess"),
+    ];
+    for (body, path) in cases {
+        let (status, v) = agent.http("POST", "/v2/apps", Some(&body)).unwrap();
+        assert_eq!(status, 422, "{body} -> {v}");
+        assert_eq!(v["details"][0]["path"], path, "{v}");
+        assert!(v["message"].as_str().unwrap().contains(path), "{v}");
+    }
+    let (status, v) = agent.http("POST", "/v2/apps", Some("{\"id\": ")).unwrap();
+    assert_eq!(status, 400, "{v}");
+    assert!(v["message"].as_str().unwrap().contains("JSON"));
+
+    // A bad update of an existing app leaves it exactly as it was.
+    let (status, v) = agent
+        .http("PUT", "/v2/apps/ok/app", Some(r#"{"mem": -5}"#))
+        .unwrap();
+    assert_eq!(status, 422, "{v}");
+    assert_eq!(v["details"][0]["path"], "/mem");
+    let (status, _) = agent
+        .http(
+            "POST",
+            "/v2/apps",
+            Some(&json!({"id": "/ok/app", "cmd": "y"}).to_string()),
+        )
+        .unwrap();
+    assert_eq!(status, 409, "creating an existing app conflicts");
+    let after = agent.get("/v2/apps");
+    assert_eq!(before["apps"][0]["version"], after["apps"][0]["version"]);
+    assert_eq!(after["apps"].as_array().unwrap().len(), 1);
+
+    // Unsupported Marathon fields are warned about, not dropped silently.
+    let (status, v) = agent
+        .http("POST", "/v2/apps", Some(&json!({"id": "/warn/app", "cmd": "sleep 600", "cpus": 0.1, "mem": 32, "container": {"type": "DOCKER"}}).to_string()))
+        .unwrap();
+    assert_eq!(status, 201, "{v}");
+    assert_eq!(
+        v["warnings"][0],
+        "/container: not supported by dcnet; ignored"
+    );
+
+    // The CLI says what is wrong in one line and exits non-zero.
+    let (ok, _, err) = agent.cli(&["app", "show", "/does/not/exist"]);
+    assert!(!ok);
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+    assert!(
+        err.contains("404") && err.contains("/does/not/exist"),
+        "{err}"
+    );
+    let bad = agent.dir.path().join("bad.json");
+    std::fs::write(
+        &bad,
+        json!({"id": "/bad/cli", "cmd": "x", "mem": "much"}).to_string(),
+    )
+    .unwrap();
+    let (ok, _, err) = agent.cli(&["app", "deploy", bad.to_str().unwrap()]);
+    assert!(!ok);
+    assert!(err.contains("422") && err.contains("/mem"), "{err}");
+}
+
+#[test]
+fn agent_refuses_bad_config_with_ex_usage() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("bad.toml");
+    std::fs::write(&cfg, "[api]\nlisten = \"0.0.0.0:8080\"\n").unwrap();
+    let out = std::process::Command::new(crate::support::dcnet())
+        .args(["agent", "--config"])
+        .arg(&cfg)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(64));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("api.token"));
+}

@@ -1,0 +1,339 @@
+//! Test hosts as network namespaces, agents started the way operators start them, and guards
+//! that remove every namespace, process and cgroup they made, also when a test fails.
+
+use std::fs;
+use std::os::fd::AsFd;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Duration;
+
+use serde_json::Value;
+
+static NEXT: AtomicU32 = AtomicU32::new(0);
+
+pub fn dcnet() -> &'static str {
+    env!("CARGO_BIN_EXE_dcnet")
+}
+
+/// The per-run parent of every cgroup these tests create: `dcnet-test-<pid>`.
+pub fn run_parent() -> String {
+    format!("dcnet-test-{}", std::process::id())
+}
+
+fn sh(cmd: &mut Command) -> std::process::Output {
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("running {cmd:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+/// A network namespace with only loopback, removed on drop.
+pub struct NetNs {
+    pub name: String,
+}
+
+impl NetNs {
+    pub fn new(tag: &str) -> Self {
+        let n = NEXT.fetch_add(1, Ordering::SeqCst);
+        let name = format!("dcnet-t{}-{n}-{tag}", std::process::id());
+        sh(Command::new("ip").args(["netns", "add", &name]));
+        let ns = NetNs { name };
+        sh(Command::new("ip").args(["-n", &ns.name, "link", "set", "lo", "up"]));
+        ns
+    }
+
+    pub fn path(&self) -> String {
+        format!("/run/netns/{}", self.name)
+    }
+
+    /// Moves the calling thread into the namespace, so that its sockets (the test's HTTP
+    /// client) reach the agent's loopback. Each test runs on its own thread.
+    pub fn enter(&self) {
+        let file = fs::File::open(self.path()).expect("opening the netns");
+        nix::sched::setns(file.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET)
+            .expect("setns into the test namespace");
+    }
+}
+
+impl Drop for NetNs {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .status();
+    }
+}
+
+/// A `dcnet agent` in a namespace, with its own state dir and cgroup parent.
+pub struct Agent {
+    pub dir: tempfile::TempDir,
+    pub cgroup_parent: String,
+    pub api: String,
+    netns: String,
+    child: Option<Child>,
+}
+
+impl Agent {
+    /// Starts an agent in `ns` and waits until its API answers.
+    pub fn start(ns: &NetNs) -> Self {
+        let dir = tempfile::tempdir().expect("a temp dir");
+        let n = NEXT.fetch_add(1, Ordering::SeqCst);
+        let cgroup_parent = format!("{}/agent-{n}", run_parent());
+        let config = format!(
+            r#"state_dir = "{state}"
+shutdown_grace_period = "5s"
+[node]
+id = "node-1"
+hostname = "node-1"
+ip = "127.0.0.1"
+cpus = 8
+mem = 4096
+ports = ["31000-31999"]
+[api]
+listen = "127.0.0.1:8080"
+[runtime]
+cgroup_parent = "{cgroup_parent}"
+"#,
+            state = dir.path().join("state").display(),
+        );
+        fs::write(dir.path().join("agent.toml"), config).unwrap();
+        let mut agent = Agent {
+            dir,
+            cgroup_parent,
+            api: "http://127.0.0.1:8080".into(),
+            netns: ns.path(),
+            child: None,
+        };
+        agent.spawn();
+        agent
+    }
+
+    fn spawn(&mut self) {
+        let log = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.log_path())
+            .unwrap();
+        let child = Command::new("nsenter")
+            .arg(format!("--net={}", self.netns))
+            .arg(dcnet())
+            .args(["agent", "--config"])
+            .arg(self.dir.path().join("agent.toml"))
+            .env("RUST_LOG", "info,dcnet_node_core=debug")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("starting the agent");
+        self.child = Some(child);
+        let ok = wait_until(Duration::from_secs(20), || {
+            if let Some(Ok(Some(status))) = self.child.as_mut().map(Child::try_wait) {
+                panic!("agent exited with {status}; log:\n{}", self.log());
+            }
+            self.http("GET", "/ping", None).is_ok_and(|(s, _)| s == 200)
+        });
+        assert!(ok, "agent did not answer; log:\n{}", self.log());
+    }
+
+    pub fn log_path(&self) -> PathBuf {
+        self.dir.path().join("agent.log")
+    }
+
+    pub fn log(&self) -> String {
+        fs::read_to_string(self.log_path()).unwrap_or_default()
+    }
+
+    /// Stops the agent with `signal` and waits for it to exit.
+    pub fn stop(&mut self, signal: nix::sys::signal::Signal) {
+        if let Some(mut child) = self.child.take() {
+            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), signal);
+            let _ = child.wait();
+        }
+    }
+
+    pub fn restart(&mut self) {
+        self.stop(nix::sys::signal::Signal::SIGTERM);
+        self.spawn();
+    }
+
+    /// Sends an HTTP request from this thread (which must have entered the namespace).
+    pub fn http(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<&str>,
+    ) -> Result<(u16, Value), String> {
+        let agent: ureq::Agent = ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .timeout_global(Some(Duration::from_secs(10)))
+            .build()
+            .into();
+        let url = format!("{}{path}", self.api);
+        let resp = match method {
+            "GET" => agent.get(&url).call(),
+            "DELETE" => agent.delete(&url).call(),
+            "POST" => agent
+                .post(&url)
+                .content_type("application/json")
+                .send(body.unwrap_or("")),
+            "PUT" => agent
+                .put(&url)
+                .content_type("application/json")
+                .send(body.unwrap_or("")),
+            other => panic!("method {other}"),
+        };
+        let mut resp = resp.map_err(|e| e.to_string())?;
+        let status = resp.status().as_u16();
+        let text = resp
+            .body_mut()
+            .read_to_string()
+            .map_err(|e| e.to_string())?;
+        Ok((
+            status,
+            serde_json::from_str(&text).unwrap_or(Value::String(text)),
+        ))
+    }
+
+    pub fn get(&self, path: &str) -> Value {
+        let (status, v) = self
+            .http("GET", path, None)
+            .unwrap_or_else(|e| panic!("GET {path}: {e}"));
+        assert_eq!(status, 200, "GET {path}: {v}");
+        v
+    }
+
+    /// Runs the CLI against this agent; returns (success, stdout, stderr).
+    pub fn cli(&self, args: &[&str]) -> (bool, String, String) {
+        let out = Command::new("nsenter")
+            .arg(format!("--net={}", self.netns))
+            .arg(dcnet())
+            .args(["--api", &self.api])
+            .args(args)
+            .output()
+            .expect("running the CLI");
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    }
+
+    pub fn tasks(&self, app: &str) -> Vec<Value> {
+        let v = self.get(&format!("/v2/apps/{}/tasks", app.trim_matches('/')));
+        v["tasks"].as_array().cloned().unwrap_or_default()
+    }
+
+    pub fn running(&self, app: &str) -> Vec<Value> {
+        self.tasks(app)
+            .into_iter()
+            .filter(|t| t["state"] == "TASK_RUNNING" && t["goal"] == "run")
+            .collect()
+    }
+
+    /// The task cgroup directories that exist under this agent's parent, on any hierarchy.
+    pub fn cgroup_dirs(&self) -> Vec<PathBuf> {
+        cgroup_roots()
+            .iter()
+            .map(|root| root.join(&self.cgroup_parent))
+            .filter_map(|p| fs::read_dir(p).ok())
+            .flat_map(|entries| entries.flatten().map(|e| e.path()))
+            .filter(|p| p.is_dir())
+            .collect()
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        self.stop(nix::sys::signal::Signal::SIGKILL);
+        remove_cgroup_tree(&self.cgroup_parent);
+        // The last agent of the run takes the run's parent with it.
+        for root in cgroup_roots() {
+            let _ = fs::remove_dir(root.join(run_parent()));
+        }
+        if std::thread::panicking() {
+            eprintln!(
+                "--- agent log ({}) ---\n{}",
+                self.log_path().display(),
+                self.log()
+            );
+        }
+    }
+}
+
+/// The roots of the hierarchies the agent may use (v2, and v1 cpu and memory).
+pub fn cgroup_roots() -> Vec<PathBuf> {
+    [
+        "/sys/fs/cgroup/unified",
+        "/sys/fs/cgroup/cpu",
+        "/sys/fs/cgroup/memory",
+        "/sys/fs/cgroup",
+    ]
+    .iter()
+    .map(PathBuf::from)
+    .filter(|p| p.join("cgroup.procs").exists())
+    .collect()
+}
+
+/// Kills every process in `<root>/<parent>/**` and removes the directories, deepest first.
+pub fn remove_cgroup_tree(parent: &str) {
+    for root in cgroup_roots() {
+        let top = root.join(parent);
+        if top.exists() {
+            remove_dir_tree(&top);
+        }
+    }
+}
+
+fn remove_dir_tree(dir: &Path) {
+    if let Ok(entries) = fs::read_dir(dir) {
+        for e in entries.flatten() {
+            if e.path().is_dir() {
+                remove_dir_tree(&e.path());
+            }
+        }
+    }
+    for _ in 0..100 {
+        let pids = fs::read_to_string(dir.join("cgroup.procs")).unwrap_or_default();
+        let pids: Vec<i32> = pids.lines().filter_map(|l| l.trim().parse().ok()).collect();
+        for pid in &pids {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(*pid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
+        if fs::remove_dir(dir).is_ok() || !dir.exists() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Polls `f` every 100 ms until it holds or `limit` passes.
+pub fn wait_until(limit: Duration, mut f: impl FnMut() -> bool) -> bool {
+    let start = std::time::SystemTime::now();
+    loop {
+        if f() {
+            return true;
+        }
+        if start.elapsed().unwrap_or_default() > limit {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Whether a process with this pid exists and is not a zombie.
+pub fn is_alive(pid: u64) -> bool {
+    fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| {
+            s.rsplit_once(')')
+                .map(|(_, rest)| rest.trim_start().starts_with(['R', 'S', 'D', 'T', 'I']))
+        })
+        .unwrap_or(false)
+}

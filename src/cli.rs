@@ -487,7 +487,11 @@ pub fn node_list(client: &Client, as_json: bool) -> anyhow::Result<()> {
                 n["used"]["cpus"].as_f64().unwrap_or(0.0),
                 s(&n["resources"]["cpus"])
             ),
-            format!("{}/{}", s(&n["used"]["mem"]), s(&n["resources"]["mem"])),
+            format!(
+                "{:.0}/{:.0}",
+                n["used"]["mem"].as_f64().unwrap_or(0.0),
+                n["resources"]["mem"].as_f64().unwrap_or(0.0)
+            ),
             s(&n["used"]["tasks"]),
             ports.join(","),
             attrs.join(","),

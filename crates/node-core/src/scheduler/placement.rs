@@ -1,11 +1,12 @@
 //! Placement: which nodes take an app's new instances. A pure function of the app, the nodes
 //! and the tasks that hold resources now; no clock, no randomness, no I/O.
 //!
-//! Per-node state (free resources, used ports, the app's instance count) is computed once and
-//! updated as instances are placed, so a call costs O(nodes x instances) checks at worst and
-//! never rescans the task list.
+//! Constraints that do not depend on other instances (`LIKE`, `UNLIKE`, `CLUSTER` with a
+//! value, a missing attribute) rule nodes out once, up front. Field values are interned to
+//! small integers and counted per value, so placing one instance is a scan of the remaining
+//! nodes with integer comparisons only: O(nodes) per instance, no allocation in the loop.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap};
 
 use regex_lite::Regex;
 
@@ -30,9 +31,24 @@ pub struct Placements {
 
 const EPSILON: f64 = 1e-9;
 
-/// How good a node is for the next instance; lower is better: the GROUP_BY value's load, the
-/// app's instances on the node, minus free milli-CPUs, the node id.
-type Rank<'a> = (u32, u32, i64, &'a NodeId);
+/// A constraint decided by a node's own value of the field (`None`: the node lacks it).
+type StaticCheck = Box<dyn Fn(Option<&str>) -> bool>;
+
+/// A constraint that counts this app's instances per value of a field.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Counted {
+    Unique,
+    /// `CLUSTER` without a value: every instance on the value the first one took.
+    SameValue,
+    GroupBy,
+    MaxPer(u32),
+}
+
+struct Dynamic {
+    field: usize,
+    kind: Counted,
+    label: String,
+}
 
 struct Candidate<'a> {
     node: &'a Node,
@@ -43,17 +59,11 @@ struct Candidate<'a> {
     used_ports: BTreeSet<u16>,
     /// Instances of this app on the node.
     instances: u32,
+    /// The interned value of each counted field on this node (present: checked up front).
+    values: Vec<usize>,
 }
 
 impl Candidate<'_> {
-    fn field(&self, field: &str) -> Option<&str> {
-        if field == "hostname" {
-            Some(&self.node.hostname)
-        } else {
-            self.node.attributes.get(field).map(String::as_str)
-        }
-    }
-
     fn free_ports(&self, n: usize) -> Option<Vec<u16>> {
         let mut out = Vec::with_capacity(n);
         if n == 0 {
@@ -71,82 +81,127 @@ impl Candidate<'_> {
         }
         None
     }
+
+    fn free_port_count_at_least(&self, n: usize) -> bool {
+        let total: usize = self
+            .node
+            .resources
+            .ports
+            .iter()
+            .map(|r| usize::from(r.end - r.begin) + 1)
+            .sum();
+        let used = self
+            .used_ports
+            .iter()
+            .filter(|p| self.node.resources.ports.iter().any(|r| r.contains(**p)))
+            .count();
+        total.saturating_sub(used) >= n
+    }
 }
 
-enum Rule {
-    Unique {
-        field: String,
-    },
-    Cluster {
-        field: String,
-        value: Option<String>,
-    },
-    GroupBy {
-        field: String,
-    },
-    Like {
-        field: String,
-        re: Regex,
-        keep: bool,
-    },
-    MaxPer {
-        field: String,
-        max: u32,
-    },
-}
-
-impl Rule {
-    fn describe(&self) -> String {
-        match self {
-            Rule::Unique { field } => format!("{field}:UNIQUE"),
-            Rule::Cluster { field, value } => {
-                format!("{field}:CLUSTER:{}", value.as_deref().unwrap_or(""))
-            }
-            Rule::GroupBy { field } => format!("{field}:GROUP_BY"),
-            Rule::Like { field, re, keep } => {
-                format!(
-                    "{field}:{}:{}",
-                    if *keep { "LIKE" } else { "UNLIKE" },
-                    re.as_str()
-                )
-            }
-            Rule::MaxPer { field, max } => format!("{field}:MAX_PER:{max}"),
-        }
+fn field_of<'n>(node: &'n Node, field: &str) -> Option<&'n str> {
+    if field == "hostname" {
+        Some(&node.hostname)
+    } else {
+        node.attributes.get(field).map(String::as_str)
     }
 }
 
 /// Places up to `count` new instances of `app`. `active` are the tasks that hold resources
 /// now, of every app.
 pub fn place(app: &App, count: u32, nodes: &[&Node], active: &[&Task]) -> Placements {
-    let rules: Vec<Rule> = app
-        .constraints
-        .iter()
-        .filter_map(|c| {
-            let field = c.field.clone();
-            Some(match c.operator {
-                Operator::Unique => Rule::Unique { field },
-                Operator::Cluster => Rule::Cluster {
-                    field,
-                    value: c.value.clone(),
-                },
-                Operator::GroupBy => Rule::GroupBy { field },
-                Operator::Like | Operator::Unlike => Rule::Like {
-                    field,
-                    // Checked when the app was accepted; an unparsable one rules nothing out.
-                    re: Regex::new(&format!("^(?:{})$", c.value.as_deref()?)).ok()?,
-                    keep: c.operator == Operator::Like,
-                },
-                Operator::MaxPer => Rule::MaxPer {
-                    field,
-                    max: c.value.as_deref()?.parse().ok()?,
-                },
-            })
-        })
-        .collect();
+    let mut out = Placements::default();
+    let mut first_reason: Option<String> = None;
 
-    let mut candidates: Vec<Candidate<'_>> = nodes
-        .iter()
-        .map(|node| Candidate {
+    // Constraints that need no counting decide once per node.
+    let mut statics: Vec<(String, StaticCheck)> = Vec::new();
+    let mut fields: Vec<String> = Vec::new();
+    let mut dynamics: Vec<Dynamic> = Vec::new();
+    for c in &app.constraints {
+        let label = match &c.value {
+            Some(v) => format!("{}:{}:{v}", c.field, c.operator.as_str()),
+            None => format!("{}:{}", c.field, c.operator.as_str()),
+        };
+        let mut counted = |kind: Counted| {
+            let field = fields
+                .iter()
+                .position(|f| *f == c.field)
+                .unwrap_or_else(|| {
+                    fields.push(c.field.clone());
+                    fields.len() - 1
+                });
+            dynamics.push(Dynamic {
+                field,
+                kind,
+                label: label.clone(),
+            });
+        };
+        match c.operator {
+            Operator::Unique => counted(Counted::Unique),
+            Operator::GroupBy => counted(Counted::GroupBy),
+            Operator::MaxPer => match c.value.as_deref().and_then(|v| v.parse().ok()) {
+                Some(max) => counted(Counted::MaxPer(max)),
+                None => continue,
+            },
+            Operator::Cluster => match c.value.clone() {
+                Some(want) => statics.push((label, Box::new(move |v| v == Some(want.as_str())))),
+                None => counted(Counted::SameValue),
+            },
+            Operator::Like | Operator::Unlike => {
+                // Checked when the app was accepted; an unparsable one rules nothing out.
+                let Some(re) = c
+                    .value
+                    .as_deref()
+                    .and_then(|v| Regex::new(&format!("^(?:{v})$")).ok())
+                else {
+                    continue;
+                };
+                let keep = c.operator == Operator::Like;
+                statics.push((
+                    label,
+                    Box::new(move |v| v.map_or(!keep, |v| re.is_match(v) == keep)),
+                ));
+            }
+        }
+    }
+
+    // Intern the values of counted fields; a node without one cannot take the app.
+    let mut interned: Vec<HashMap<&str, usize>> = vec![HashMap::new(); fields.len()];
+    let mut sorted: Vec<&Node> = nodes.to_vec();
+    sorted.sort_by(|a, b| a.id.cmp(&b.id));
+    let mut candidates: Vec<Candidate<'_>> = Vec::with_capacity(sorted.len());
+    let mut index: HashMap<&NodeId, usize> = HashMap::with_capacity(sorted.len());
+    let mut excluded: HashMap<&NodeId, Vec<usize>> = HashMap::new();
+    'nodes: for node in sorted {
+        let mut values = Vec::with_capacity(fields.len());
+        for (f, field) in fields.iter().enumerate() {
+            let Some(v) = field_of(node, field) else {
+                first_reason
+                    .get_or_insert_with(|| format!("node {} has no attribute `{field}`", node.id));
+                // Its tasks still count for the values of other nodes: none, it has no value.
+                continue 'nodes;
+            };
+            let next = interned[f].len();
+            values.push(*interned[f].entry(v).or_insert(next));
+        }
+        if let Some((label, _)) = statics.iter().find(|(field_label, check)| {
+            let field = field_label.split(':').next().unwrap_or_default();
+            !check(field_of(node, field))
+        }) {
+            first_reason
+                .get_or_insert_with(|| format!("constraint {label} rules out node {}", node.id));
+            // Tasks on an excluded node still count for UNIQUE/MAX_PER/GROUP_BY values.
+            excluded.insert(&node.id, values);
+            continue;
+        }
+        if node.status != NodeStatus::Active {
+            first_reason
+                .get_or_insert_with(|| format!("node {} is {}", node.id, node.status.as_str()));
+            excluded.insert(&node.id, values);
+            continue;
+        }
+        index.insert(&node.id, candidates.len());
+        candidates.push(Candidate {
             node,
             cpus: node.resources.cpus,
             mem: node.resources.mem,
@@ -154,105 +209,79 @@ pub fn place(app: &App, count: u32, nodes: &[&Node], active: &[&Task]) -> Placem
             gpus: node.resources.gpus,
             used_ports: BTreeSet::new(),
             instances: 0,
-        })
-        .collect();
-    let index: HashMap<&NodeId, usize> = candidates
-        .iter()
-        .enumerate()
-        .map(|(i, c)| (&c.node.id, i))
-        .collect();
+            values,
+        });
+    }
+    let mut counts: Vec<Vec<u32>> = interned.iter().map(|m| vec![0; m.len()]).collect();
     for task in active {
-        let Some(&i) = index.get(&task.node_id) else {
-            continue;
+        let values = match index.get(&task.node_id) {
+            Some(&i) => {
+                let c = &mut candidates[i];
+                c.cpus -= task.resources.cpus;
+                c.mem -= task.resources.mem;
+                c.disk -= task.resources.disk;
+                c.gpus = c.gpus.saturating_sub(task.resources.gpus);
+                c.used_ports.extend(task.ports.iter().copied());
+                if task.app_id != app.id {
+                    continue;
+                }
+                c.instances += 1;
+                &c.values
+            }
+            None => match excluded.get(&task.node_id) {
+                Some(values) if task.app_id == app.id => values,
+                _ => continue,
+            },
         };
-        let c = &mut candidates[i];
-        c.cpus -= task.resources.cpus;
-        c.mem -= task.resources.mem;
-        c.disk -= task.resources.disk;
-        c.gpus = c.gpus.saturating_sub(task.resources.gpus);
-        c.used_ports.extend(task.ports.iter().copied());
-        if task.app_id == app.id {
-            c.instances += 1;
+        for (f, v) in values.iter().enumerate() {
+            counts[f][*v] += 1;
         }
     }
-    // Instances of this app per (field, value), for the constraints that count them.
-    let mut per_value: BTreeMap<(String, String), u32> = BTreeMap::new();
-    let counted: BTreeSet<&str> = rules
-        .iter()
-        .filter_map(|r| match r {
-            Rule::Unique { field } | Rule::GroupBy { field } | Rule::MaxPer { field, .. } => {
-                Some(field.as_str())
-            }
-            Rule::Cluster { field, value: None } => Some(field.as_str()),
-            _ => None,
-        })
-        .collect();
-    for c in &candidates {
-        if c.instances == 0 {
-            continue;
-        }
-        for field in &counted {
-            if let Some(v) = c.field(field) {
-                *per_value
-                    .entry((field.to_string(), v.to_string()))
-                    .or_default() += c.instances;
-            }
-        }
-    }
+
     let ports_needed = app.port_definitions.len();
-    let mut out = Placements::default();
     for _ in 0..count {
-        let mut best: Option<(usize, Rank<'_>)> = None;
-        let mut first_reason: Option<String> = None;
+        let mut best: Option<(usize, (u32, u32, i64))> = None;
         for (i, c) in candidates.iter().enumerate() {
-            if c.node.status != NodeStatus::Active {
-                first_reason.get_or_insert_with(|| {
-                    format!("node {} is {}", c.node.id, c.node.status.as_str())
-                });
-                continue;
-            }
             if let Some(why) = lacks(app, c) {
                 first_reason.get_or_insert(why);
                 continue;
             }
-            if let Some(rule) = rules.iter().find(|r| !allows(r, c, &per_value)) {
-                first_reason.get_or_insert_with(|| {
-                    format!(
-                        "constraint {} rules out node {}",
-                        rule.describe(),
-                        c.node.id
-                    )
-                });
+            let mut group_load = 0;
+            let mut allowed = true;
+            for d in &dynamics {
+                let v = c.values[d.field];
+                let n = counts[d.field][v];
+                let ok = match d.kind {
+                    Counted::Unique => n == 0,
+                    Counted::MaxPer(max) => n < max,
+                    Counted::SameValue => n > 0 || counts[d.field].iter().all(|n| *n == 0),
+                    Counted::GroupBy => {
+                        group_load += n;
+                        true
+                    }
+                };
+                if !ok {
+                    first_reason.get_or_insert_with(|| {
+                        format!("constraint {} rules out node {}", d.label, c.node.id)
+                    });
+                    allowed = false;
+                    break;
+                }
+            }
+            if !allowed {
                 continue;
             }
-            if c.free_ports(ports_needed).is_none() {
-                first_reason.get_or_insert_with(|| {
-                    format!("node {} has no {ports_needed} free host ports", c.node.id)
-                });
-                continue;
-            }
-            // GROUP_BY: prefer the value with the fewest instances; then spread; then the most
-            // free CPU; then the node id, so that the same input gives the same answer.
-            let group_load: u32 = rules
-                .iter()
-                .filter_map(|r| match r {
-                    Rule::GroupBy { field } => c.field(field).map(|v| {
-                        per_value
-                            .get(&(field.clone(), v.to_string()))
-                            .copied()
-                            .unwrap_or(0)
-                    }),
-                    _ => None,
-                })
-                .sum();
-            let key = (
-                group_load,
-                c.instances,
-                -((c.cpus * 1000.0) as i64),
-                &c.node.id,
-            );
-            if best.as_ref().is_none_or(|(_, k)| key < *k) {
-                best = Some((i, key));
+            // GROUP_BY: the least used value first; then spread; then the most free CPU; ties
+            // go to the lowest node id (the candidates are sorted by id).
+            let rank = (group_load, c.instances, -((c.cpus * 1000.0) as i64));
+            if best.as_ref().is_none_or(|(_, r)| rank < *r) {
+                if !c.free_port_count_at_least(ports_needed) {
+                    first_reason.get_or_insert_with(|| {
+                        format!("node {} has no {ports_needed} free host ports", c.node.id)
+                    });
+                    continue;
+                }
+                best = Some((i, rank));
             }
         }
         let Some((i, _)) = best else {
@@ -272,12 +301,8 @@ pub fn place(app: &App, count: u32, nodes: &[&Node], active: &[&Task]) -> Placem
         c.gpus -= app.gpus;
         c.used_ports.extend(ports.iter().copied());
         c.instances += 1;
-        for field in &counted {
-            if let Some(v) = c.field(field) {
-                *per_value
-                    .entry((field.to_string(), v.to_string()))
-                    .or_default() += 1;
-            }
+        for (f, v) in c.values.iter().enumerate() {
+            counts[f][*v] += 1;
         }
         out.placed.push(Placement {
             node_id: c.node.id.clone(),
@@ -320,43 +345,11 @@ fn lacks(app: &App, c: &Candidate<'_>) -> Option<String> {
     None
 }
 
-fn allows(rule: &Rule, c: &Candidate<'_>, per_value: &BTreeMap<(String, String), u32>) -> bool {
-    let count = |field: &str, v: &str| {
-        per_value
-            .get(&(field.to_string(), v.to_string()))
-            .copied()
-            .unwrap_or(0)
-    };
-    match rule {
-        Rule::Unique { field } => c.field(field).is_some_and(|v| count(field, v) == 0),
-        Rule::Cluster {
-            field,
-            value: Some(want),
-        } => c.field(field) == Some(want.as_str()),
-        Rule::Cluster { field, value: None } => {
-            let Some(v) = c.field(field) else {
-                return false;
-            };
-            // All instances on one value: the one already used, if any.
-            let used: Vec<&(String, String)> = per_value
-                .iter()
-                .filter(|((f, _), n)| f == field && **n > 0)
-                .map(|(k, _)| k)
-                .collect();
-            used.is_empty() || used.iter().any(|(_, u)| u == v)
-        }
-        Rule::GroupBy { field } => c.field(field).is_some(),
-        Rule::Like { field, re, keep } => match c.field(field) {
-            Some(v) => re.is_match(v) == *keep,
-            None => !keep,
-        },
-        Rule::MaxPer { field, max } => c.field(field).is_some_and(|v| count(field, v) < *max),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::collections::BTreeMap;
+
     use crate::model::{AppId, Goal, Health, PortRange, Resources, TaskId, TaskState, parse_app};
 
     fn node(n: u32, cpus: f64, attrs: &[(&str, &str)]) -> Node {

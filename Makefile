@@ -1,0 +1,41 @@
+# dcnet: `make demo` and `make test` work on a fresh Debian 12 machine as root.
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+# Debian packages the build, the tests and the demo use.
+DEBIAN_PACKAGES := clang cmake protobuf-compiler etcd-server iproute2 dnsutils curl python3 util-linux procps
+# One target dir for every build, test and demo: nothing is built twice.
+export CARGO_TARGET_DIR ?= $(CURDIR)/target
+CARGO ?= cargo
+DCNET := $(CARGO_TARGET_DIR)/debug/dcnet
+
+.PHONY: help deps build test demo bench lint fmt
+
+help:
+	@echo "make demo   - build, run a single-node agent in a throw-away netns, deploy examples/, clean up"
+	@echo "make test   - every test: unit, integration and the netns end-to-end tests (as root)"
+	@echo "make bench  - benchmarks (placement)"
+	@echo "make lint   - cargo fmt --check and clippy -D warnings"
+
+deps:
+	@scripts/install-deps.sh $(DEBIAN_PACKAGES)
+
+build: deps
+	$(CARGO) build --workspace --all-targets
+
+test: build
+	$(CARGO) test --workspace --all-targets
+
+lint:
+	$(CARGO) fmt --all -- --check
+	$(CARGO) clippy --workspace --all-targets -- -D warnings
+
+fmt:
+	$(CARGO) fmt --all
+
+demo: deps
+	$(CARGO) build --bin dcnet
+	DCNET=$(DCNET) scripts/demo.sh
+
+bench: deps
+	$(CARGO) run --release -p dcnet-bench --bin placement

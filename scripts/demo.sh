@@ -1,0 +1,107 @@
+#!/usr/bin/env bash
+# The README's demo: a single-node agent in a throw-away network namespace, the example app
+# deployed with a progress bar, a page fetched from one of its tasks, then everything removed:
+# the namespace, the agent, its tasks, their cgroups and the state dir, also on failure.
+set -euo pipefail
+
+DCNET=${DCNET:-target/debug/dcnet}
+DCNET=$(readlink -f "$DCNET")
+cd "$(dirname "$0")/.."
+
+NS="dcnet-demo-$$"
+CGROUP_PARENT="dcnet-demo-$$"
+WORK=$(mktemp -d /tmp/dcnet-demo.XXXXXX)
+AGENT_PID=
+
+in_ns() { nsenter --net="/run/netns/$NS" "$@"; }
+say() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
+run() {
+    printf '\033[36m$ dcnet %s\033[0m\n' "$*"
+    in_ns "$DCNET" "$@"
+}
+
+cleanup() {
+    set +e
+    if [[ -n "$AGENT_PID" ]] && kill -0 "$AGENT_PID" 2>/dev/null; then
+        kill -TERM "$AGENT_PID"
+        wait "$AGENT_PID" 2>/dev/null
+    fi
+    # Tasks outlive a stopped agent by design; the demo's go with it.
+    for root in /sys/fs/cgroup/unified /sys/fs/cgroup/cpu /sys/fs/cgroup/memory /sys/fs/cgroup; do
+        parent="$root/$CGROUP_PARENT"
+        [[ -d "$parent" ]] || continue
+        for task in "$parent"/*/; do
+            [[ -d "$task" ]] || continue
+            for _ in $(seq 50); do
+                pids=$(cat "$task/cgroup.procs" 2>/dev/null)
+                [[ -z "$pids" ]] && break
+                kill -9 $pids 2>/dev/null
+                sleep 0.05
+            done
+            rmdir "$task"
+        done
+        rmdir "$parent"
+    done
+    ip netns del "$NS" 2>/dev/null
+    left=$(ip netns list | grep -c "^$NS" ; ls -d /sys/fs/cgroup/*/"$CGROUP_PARENT" 2>/dev/null | wc -l)
+    if [[ "$(echo $left | tr -d ' ')" == "00" ]]; then
+        echo "left behind: nothing (namespace, agent, tasks and cgroups are gone)"
+    else
+        echo "warning: something was left behind: $left" >&2
+    fi
+    if [[ -n "${KEEP_LOG:-}" ]]; then
+        echo "agent log kept in $WORK/agent.log"
+    else
+        rm -rf "$WORK"
+    fi
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+say "a throw-away network namespace: $NS"
+ip netns add "$NS"
+ip -n "$NS" link set lo up
+
+cat >"$WORK/agent.toml" <<EOF
+state_dir = "$WORK/state"
+[node]
+id = "demo-node"
+hostname = "demo-node"
+ip = "127.0.0.1"
+[api]
+listen = "127.0.0.1:8080"
+[runtime]
+cgroup_parent = "$CGROUP_PARENT"
+EOF
+
+say "starting the agent (log: $WORK/agent.log)"
+# nsenter execs the agent, so $! is the agent itself.
+nsenter --net="/run/netns/$NS" "$DCNET" agent --config "$WORK/agent.toml" >"$WORK/agent.log" 2>&1 &
+AGENT_PID=$!
+for _ in $(seq 100); do
+    in_ns curl -sf http://127.0.0.1:8080/ping >/dev/null && break
+    if ! kill -0 "$AGENT_PID" 2>/dev/null; then
+        cat "$WORK/agent.log"
+        echo "the agent exited" >&2
+        exit 1
+    fi
+    sleep 0.1
+done
+run node list
+
+say "deploying examples/hello.json: 3 instances of a small HTTP server on host ports"
+run app deploy examples/hello.json --wait --timeout 2m
+run app list
+run task list
+
+say "fetching a page from one of the tasks"
+port=$(in_ns "$DCNET" task list --app /demo/hello --json |
+    python3 -c 'import json,sys; t=[t for t in json.load(sys.stdin)["tasks"] if t["state"]=="TASK_RUNNING"]; print(t[0]["ports"][0])')
+printf '\033[36m$ curl http://127.0.0.1:%s/\033[0m\n' "$port"
+in_ns curl -sS "http://127.0.0.1:$port/" | head -n 4
+
+say "removing the app"
+run app remove /demo/hello --wait --timeout 1m
+run task list
+
+say "cleaning up: agent, namespace, cgroups, state"

@@ -24,7 +24,7 @@ build: deps
 	$(CARGO) build --workspace --all-targets
 
 test: build
-	$(CARGO) test --workspace --all-targets
+	CARGO=$(CARGO) scripts/test.sh
 
 lint:
 	$(CARGO) fmt --all -- --check

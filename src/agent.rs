@@ -9,9 +9,10 @@ use axum::http::{StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
+use dcnet_node_core::ipam::{self, Subnet};
 use dcnet_node_core::runtime::cgroup::{Cgroups, Hierarchies};
-use dcnet_node_core::runtime::{HostConfig, HostRuntime};
-use dcnet_node_core::store::Embedded;
+use dcnet_node_core::runtime::{ContainerConfig, ContainerRuntime, HostConfig, HostRuntime};
+use dcnet_node_core::store::{Embedded, Store};
 use dcnet_node_core::{ApiError, NodeCore};
 use prometheus::{Encoder, Registry, TextEncoder};
 use tokio_util::sync::CancellationToken;
@@ -37,11 +38,35 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
     let hierarchies = Hierarchies::detect().context("reading /proc/self/mountinfo for cgroups")?;
     let cgroups = Cgroups::new(hierarchies, &cfg.runtime.cgroup_parent);
     info!(cgroups = %cgroups.describe(), parent = %cfg.runtime.cgroup_parent, "cgroups");
-    let runtime = HostRuntime::new(HostConfig {
+    let host = HostRuntime::new(HostConfig {
         sandbox_dir: cfg.state_dir.join("sandboxes"),
         cgroups,
         path_env: std::env::var("PATH").unwrap_or_else(|_| "/usr/local/bin:/usr/bin:/bin".into()),
     });
+    let store: Arc<dyn Store> = Arc::new(store);
+    let range: Subnet = cfg.containers.range.parse().map_err(anyhow::Error::msg)?;
+    let subnet = ipam::claim_subnet(&*store, &node.id, range, cfg.containers.node_prefix)
+        .await
+        .context("claiming this node's container subnet")?;
+    let node_ip = match node.ip {
+        std::net::IpAddr::V4(ip) => ip,
+        std::net::IpAddr::V6(_) => anyhow::bail!("node.ip must be IPv4 for now (port mappings)"),
+    };
+    info!(%subnet, gateway = %subnet.gateway(), "container subnet");
+    let runtime = ContainerRuntime::new(
+        ContainerConfig {
+            node: node.id.clone(),
+            node_ip,
+            subnet,
+            bridge: cfg.containers.bridge.clone(),
+            mtu: cfg.containers.mtu,
+            netns_dir: cfg.state_dir.join("netns"),
+            shim: std::env::current_exe().context("finding the dcnet binary for container-exec")?,
+            search: cfg.containers.search.clone(),
+        },
+        host,
+        store.clone(),
+    );
 
     let registry = Registry::new();
     let shutdown = CancellationToken::new();
@@ -51,7 +76,7 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
     };
     let core = NodeCore::start(
         core_cfg,
-        Arc::new(store),
+        store,
         Arc::new(runtime),
         &registry,
         shutdown.child_token(),

@@ -29,6 +29,57 @@ pub struct AgentConfig {
     /// The task runtime.
     #[serde(default)]
     pub runtime: RuntimeSection,
+    /// Container networking for tasks with `"networks": [{"mode": "container"}]`.
+    #[serde(default)]
+    pub containers: ContainersSection,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ContainersSection {
+    /// The range every node's container subnet comes from.
+    #[serde(default = "default_overlay_range")]
+    pub range: String,
+    /// The prefix length of each node's subnet.
+    #[serde(default = "default_node_prefix")]
+    pub node_prefix: u8,
+    /// The bridge that holds the gateway address and the containers' veths.
+    #[serde(default = "default_bridge")]
+    pub bridge: String,
+    /// The MTU of container interfaces (room for WireGuard's overhead).
+    #[serde(default = "default_mtu")]
+    pub mtu: u32,
+    /// resolv.conf `search` domains inside containers.
+    #[serde(default = "default_search")]
+    pub search: Vec<String>,
+}
+
+impl Default for ContainersSection {
+    fn default() -> Self {
+        Self {
+            range: default_overlay_range(),
+            node_prefix: default_node_prefix(),
+            bridge: default_bridge(),
+            mtu: default_mtu(),
+            search: default_search(),
+        }
+    }
+}
+
+fn default_overlay_range() -> String {
+    "10.128.0.0/9".into()
+}
+fn default_node_prefix() -> u8 {
+    24
+}
+fn default_bridge() -> String {
+    "dcnet0".into()
+}
+fn default_mtu() -> u32 {
+    1420
+}
+fn default_search() -> Vec<String> {
+    vec!["thisdcos.directory".into()]
 }
 
 #[derive(Clone, Debug, Default, Deserialize)]
@@ -139,6 +190,30 @@ impl AgentConfig {
         if parent.is_empty() || parent.contains("..") || parent.starts_with('/') {
             bail!(
                 "runtime.cgroup_parent = {parent:?} must be a relative cgroup name like \"dcnet\""
+            );
+        }
+        let range: dcnet_node_core::ipam::Subnet = self
+            .containers
+            .range
+            .parse()
+            .map_err(|e| anyhow::anyhow!("containers.range: {e}"))?;
+        if !(range.prefix..=30).contains(&self.containers.node_prefix) {
+            bail!(
+                "containers.node_prefix = {} must lie between the range's /{} and /30",
+                self.containers.node_prefix,
+                range.prefix
+            );
+        }
+        if self.containers.bridge.is_empty() || self.containers.bridge.len() > 15 {
+            bail!(
+                "containers.bridge = {:?} must be an interface name of 1 to 15 characters",
+                self.containers.bridge
+            );
+        }
+        if !(576..=9000).contains(&self.containers.mtu) {
+            bail!(
+                "containers.mtu = {} must be between 576 and 9000",
+                self.containers.mtu
             );
         }
         for range in self.node.ports.iter().flatten() {

@@ -5,6 +5,7 @@
 mod agent;
 mod cli;
 mod config;
+mod shim;
 mod table;
 
 use std::path::PathBuf;
@@ -57,6 +58,19 @@ enum Command {
     /// List deployments.
     #[command(subcommand)]
     Deployment(DeploymentCommand),
+    /// Enter a container task's namespaces and run its command (used by the agent).
+    #[command(hide = true)]
+    ContainerExec {
+        /// The task's network namespace file.
+        #[arg(long)]
+        netns: PathBuf,
+        /// The task's resolv.conf, bind-mounted over /etc/resolv.conf.
+        #[arg(long)]
+        resolv_conf: PathBuf,
+        /// The command and its arguments.
+        #[arg(last = true, required = true)]
+        argv: Vec<String>,
+    },
 }
 
 #[derive(clap::Args)]
@@ -133,6 +147,15 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Agent { config } => run_agent(&config),
+        Command::ContainerExec {
+            netns,
+            resolv_conf,
+            argv,
+        } => {
+            let e = shim::exec(&netns, &resolv_conf, &argv);
+            eprintln!("dcnet container-exec: {e:#}");
+            ExitCode::from(127)
+        }
         command => {
             let client = cli::Client::new(&cli.api, cli.token);
             let json = cli.json;
@@ -160,7 +183,9 @@ fn main() -> ExitCode {
                 Command::Deployment(DeploymentCommand::List { all }) => {
                     cli::deployment_list(&client, all, json)
                 }
-                Command::Agent { .. } => unreachable!("handled above"),
+                Command::Agent { .. } | Command::ContainerExec { .. } => {
+                    unreachable!("handled above")
+                }
             };
             match result {
                 Ok(()) => ExitCode::SUCCESS,

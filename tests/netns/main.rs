@@ -1,5 +1,6 @@
 //! End-to-end tests: real agents in throw-away network namespaces, real task processes in
 //! cgroups of the test run's own (`dcnet-test-<pid>`). Run as root by `make test`.
 
+mod containers;
 mod node_core;
 mod support;

@@ -467,7 +467,7 @@ fn invalid_app_json_is_refused_naming_the_field_and_changes_nothing() {
     assert_eq!(status, 201, "{v}");
     assert_eq!(
         v["warnings"][0],
-        "/container: not supported by dcnet; ignored"
+        "/container/type: not supported by dcnet; ignored"
     );
 
     // The CLI says what is wrong in one line and exits non-zero.

@@ -52,6 +52,24 @@ impl NetNs {
         format!("/run/netns/{}", self.name)
     }
 
+    /// Adds an interface with `cidr`, up: a node address that is not loopback. (A veth pair
+    /// with both ends here: this kernel has no dummy driver.)
+    pub fn add_node_address(&self, name: &str, cidr: &str) {
+        let peer = format!("{name}p");
+        sh(Command::new("ip").args([
+            "-n", &self.name, "link", "add", name, "type", "veth", "peer", "name", &peer,
+        ]));
+        sh(Command::new("ip").args(["-n", &self.name, "addr", "add", cidr, "dev", name]));
+        sh(Command::new("ip").args(["-n", &self.name, "link", "set", &peer, "up"]));
+        sh(Command::new("ip").args(["-n", &self.name, "link", "set", name, "up"]));
+    }
+
+    /// Runs `ip -n <ns> <args>` and returns its output.
+    pub fn ip(&self, args: &[&str]) -> String {
+        let out = sh(Command::new("ip").args(["-n", &self.name]).args(args));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
     /// Moves the calling thread into the namespace, so that its sockets (the test's HTTP
     /// client) reach the agent's loopback. Each test runs on its own thread.
     pub fn enter(&self) {
@@ -81,6 +99,11 @@ pub struct Agent {
 impl Agent {
     /// Starts an agent in `ns` and waits until its API answers.
     pub fn start(ns: &NetNs) -> Self {
+        Self::start_on(ns, "127.0.0.1")
+    }
+
+    /// Starts an agent whose node address is `node_ip` (an address in `ns`).
+    pub fn start_on(ns: &NetNs, node_ip: &str) -> Self {
         let dir = tempfile::tempdir().expect("a temp dir");
         let n = NEXT.fetch_add(1, Ordering::SeqCst);
         let cgroup_parent = format!("{}/agent-{n}", run_parent());
@@ -90,7 +113,7 @@ shutdown_grace_period = "5s"
 [node]
 id = "node-1"
 hostname = "node-1"
-ip = "127.0.0.1"
+ip = "{node_ip}"
 cpus = 8
 mem = 4096
 ports = ["31000-31999"]
@@ -138,6 +161,20 @@ cgroup_parent = "{cgroup_parent}"
             self.http("GET", "/ping", None).is_ok_and(|(s, _)| s == 200)
         });
         assert!(ok, "agent did not answer; log:\n{}", self.log());
+    }
+
+    /// A container task's network namespace file.
+    pub fn task_netns(&self, task: &str) -> PathBuf {
+        self.dir.path().join("state/netns").join(task)
+    }
+
+    /// Runs a command inside a container task's network namespace.
+    pub fn in_task(&self, task: &str, args: &[&str]) -> std::process::Output {
+        Command::new("nsenter")
+            .arg(format!("--net={}", self.task_netns(task).display()))
+            .args(args)
+            .output()
+            .expect("running nsenter")
     }
 
     pub fn log_path(&self) -> PathBuf {

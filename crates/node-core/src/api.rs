@@ -30,6 +30,19 @@ pub(crate) struct Api {
     pub(crate) state: watch::Receiver<Arc<ClusterState>>,
 }
 
+impl Api {
+    /// Waits (briefly) until the published state includes revision `rev`, so that a client
+    /// that reads right after a write sees it.
+    async fn caught_up(&self, rev: u64) {
+        let mut state = self.state.clone();
+        let _ = tokio::time::timeout(
+            std::time::Duration::from_secs(2),
+            state.wait_for(|s| s.revision >= rev),
+        )
+        .await;
+    }
+}
+
 /// An error as Marathon writes it: `{"message": .., "details": [..]}`.
 #[derive(Debug)]
 pub struct ApiError {
@@ -269,7 +282,7 @@ async fn create_app(State(api): State<Api>, body: Bytes) -> ApiResult {
     ];
     ops.extend(supersede(&state, &app.id));
     match api.store.txn(ops).await {
-        Ok(_) => {}
+        Ok(rev) => api.caught_up(rev).await,
         Err(StoreError::Conflict { key, .. }) if key == keys::app(&app.id) => {
             return Err(ApiError::new(
                 StatusCode::CONFLICT,
@@ -372,7 +385,8 @@ async fn app_delete(State(api): State<Api>, Path(path): Path<String>) -> ApiResu
         ),
     ];
     ops.extend(supersede(&state, &id));
-    api.store.txn(ops).await?;
+    let rev = api.store.txn(ops).await?;
+    api.caught_up(rev).await;
     Ok(Json(json!({"version": gone.version, "deploymentId": dep.id})).into_response())
 }
 

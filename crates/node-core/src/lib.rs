@@ -10,6 +10,7 @@
 mod api;
 mod core;
 mod health;
+pub mod ipam;
 pub mod keys;
 mod manager;
 mod metrics;

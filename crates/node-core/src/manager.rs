@@ -311,8 +311,17 @@ impl Manager {
     fn spawn_health(&self, task: &Task, app: Arc<App>) -> JoinHandle<()> {
         let tx = self.tx.clone();
         let id = task.id.clone();
-        let ip = self.node.ip;
-        let ports = task.ports.clone();
+        // A container is checked at its own address and ports, a host task at the node's.
+        let (ip, ports) = match task.ip_addresses.first() {
+            Some(addr) if app.is_container_network() => (
+                addr.ip_address,
+                app.port_mappings()
+                    .iter()
+                    .map(|m| m.container_port)
+                    .collect(),
+            ),
+            _ => (self.node.ip, task.ports.clone()),
+        };
         let started = tokio::time::Instant::now();
         let env: Vec<(String, String)> = ports
             .iter()

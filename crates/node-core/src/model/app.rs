@@ -131,6 +131,10 @@ pub struct App {
     pub task_kill_grace_period_seconds: f64,
     #[serde(default)]
     pub dependencies: Vec<AppId>,
+    /// Marathon's `container`: dcnet reads its `portMappings` (container networking); other
+    /// fields are reported as ignored.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub container: Option<Container>,
     /// When anything of the app last changed (set by the server, RFC 3339).
     #[serde(default)]
     pub version: String,
@@ -201,6 +205,32 @@ impl App {
             .min(self.max_launch_delay_seconds)
             .max(0.0);
         Duration::from_secs_f64(secs)
+    }
+
+    /// Whether tasks get their own network namespace and address.
+    pub fn is_container_network(&self) -> bool {
+        self.networks.iter().any(|n| n.mode != NetworkMode::Host)
+    }
+
+    /// Port mappings of a container-networked app (empty otherwise).
+    pub fn port_mappings(&self) -> &[PortMapping] {
+        match &self.container {
+            Some(c) if self.is_container_network() => &c.port_mappings,
+            _ => &[],
+        }
+    }
+
+    /// How many host ports each task needs: one per port definition on host networking, one
+    /// per published port mapping on container networking.
+    pub fn host_ports_needed(&self) -> usize {
+        if self.is_container_network() {
+            self.port_mappings()
+                .iter()
+                .filter(|m| m.host_port.is_some())
+                .count()
+        } else {
+            self.port_definitions.len()
+        }
     }
 
     pub fn kill_grace_period(&self) -> Duration {
@@ -352,6 +382,30 @@ pub struct PortDefinition {
     /// The service port; 0 lets the node pick. Host ports are always assigned by the node.
     #[serde(default)]
     pub port: u16,
+    #[serde(default)]
+    pub protocol: Protocol,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+}
+
+/// The part of Marathon's `container` that dcnet acts on.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Container {
+    #[serde(default)]
+    pub port_mappings: Vec<PortMapping>,
+}
+
+/// A container port, optionally published on the node (`hostPort`: 0 = the node assigns one,
+/// absent = not published).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PortMapping {
+    pub container_port: u16,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host_port: Option<u16>,
     #[serde(default)]
     pub protocol: Protocol,
     #[serde(default, skip_serializing_if = "Option::is_none")]

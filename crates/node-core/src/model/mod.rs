@@ -8,8 +8,8 @@ mod parse;
 mod task;
 
 pub use self::app::{
-    App, AppId, Constraint, HealthCheck, HealthCommand, HealthProtocol, Network, NetworkMode,
-    Operator, PortDefinition, Protocol, UpgradeStrategy, VersionInfo,
+    App, AppId, Constraint, Container, HealthCheck, HealthCommand, HealthProtocol, Network,
+    NetworkMode, Operator, PortDefinition, PortMapping, Protocol, UpgradeStrategy, VersionInfo,
 };
 pub use self::parse::{FieldError, Invalid, Parsed, parse_app, parse_app_update};
 pub use self::task::{

@@ -5,7 +5,7 @@
 use serde::Serialize;
 use serde_json::{Map, Value};
 
-use super::{App, HealthProtocol, NetworkMode};
+use super::{App, HealthProtocol};
 
 /// Fields of an app definition that dcnet reads.
 const SUPPORTED: &[&str] = &[
@@ -29,11 +29,11 @@ const SUPPORTED: &[&str] = &[
     "maxLaunchDelaySeconds",
     "taskKillGracePeriodSeconds",
     "dependencies",
+    "container",
 ];
 
 /// Fields of Marathon's app format that dcnet accepts but does not act on.
 const UNSUPPORTED: &[&str] = &[
-    "container",
     "fetch",
     "uris",
     "storeUrls",
@@ -159,6 +159,18 @@ fn from_fields(mut fields: Map<String, Value>) -> Result<Parsed, Invalid> {
             });
         }
     }
+    // Of `container`, dcnet reads `portMappings`; the rest (type, docker, volumes) is reported.
+    if let Some(Value::Object(container)) = fields.get_mut("container") {
+        let keys: Vec<String> = container
+            .keys()
+            .filter(|k| *k != "portMappings")
+            .cloned()
+            .collect();
+        for key in keys {
+            container.remove(&key);
+            warnings.push(format!("/container/{key}: not supported by dcnet; ignored"));
+        }
+    }
     if !fields.contains_key("id") {
         errors.push(FieldError {
             path: "/id".into(),
@@ -273,11 +285,38 @@ fn validate(app: &App) -> Vec<FieldError> {
             );
         }
     }
-    for (i, network) in app.networks.iter().enumerate() {
-        if network.mode != NetworkMode::Host {
+    let mappings = app
+        .container
+        .as_ref()
+        .map(|c| c.port_mappings.as_slice())
+        .unwrap_or_default();
+    if !mappings.is_empty() && !app.is_container_network() {
+        err(
+            "/container/portMappings".into(),
+            "port mappings need `\"networks\": [{\"mode\": \"container\"}]`; host networking uses portDefinitions".into(),
+        );
+    }
+    if app.is_container_network() && !app.port_definitions.is_empty() {
+        err(
+            "/portDefinitions".into(),
+            "a container-networked app declares its ports in container.portMappings".into(),
+        );
+    }
+    for (i, m) in mappings.iter().enumerate() {
+        if m.container_port == 0 {
             err(
-                format!("/networks/{i}/mode"),
-                "only `host` networking is available until container networking lands".into(),
+                format!("/container/portMappings/{i}/containerPort"),
+                "must be a port from 1 to 65535".into(),
+            );
+        }
+        if let Some(host) = m.host_port
+            && host != 0
+        {
+            err(
+                format!("/container/portMappings/{i}/hostPort"),
+                format!(
+                    "fixed host ports ({host}) are not supported; use 0 to have the node assign one"
+                ),
             );
         }
     }
@@ -300,14 +339,15 @@ fn validate(app: &App) -> Vec<FieldError> {
                 }
             }
             HealthProtocol::TCP | HealthProtocol::HTTP => {
-                if check.port_index >= app.port_definitions.len() {
+                let ports = if app.is_container_network() {
+                    mappings.len()
+                } else {
+                    app.port_definitions.len()
+                };
+                if check.port_index >= ports {
                     err(
                         at("portIndex"),
-                        format!(
-                            "is {} but the app has {} port definition(s)",
-                            check.port_index,
-                            app.port_definitions.len()
-                        ),
+                        format!("is {} but the app has {ports} port(s)", check.port_index),
                     );
                 }
             }
@@ -445,11 +485,11 @@ mod tests {
     #[test]
     fn marathon_fields_we_ignore_are_warned_unknown_fields_rejected() {
         let parsed =
-            parse_app(br#"{"id": "/a", "cmd": "x", "container": {}, "version": "v"}"#).unwrap();
+            parse_app(br#"{"id": "/a", "cmd": "x", "fetch": [], "version": "v"}"#).unwrap();
         assert_eq!(
             parsed.warnings,
             [
-                "/container: not supported by dcnet; ignored",
+                "/fetch: not supported by dcnet; ignored",
                 "/version: read-only; ignored"
             ]
         );
@@ -483,10 +523,28 @@ mod tests {
     }
 
     #[test]
-    fn container_network_is_refused_for_now() {
-        let errors =
-            field_errors(r#"{"id": "/a", "cmd": "x", "networks": [{"mode": "container"}]}"#);
-        assert_eq!(errors[0].path, "/networks/0/mode");
+    fn container_networking_takes_port_mappings() {
+        let parsed = parse_app(
+            br#"{"id": "/a", "cmd": "x", "networks": [{"mode": "container"}],
+                 "container": {"type": "MESOS", "portMappings": [
+                     {"containerPort": 80, "hostPort": 0}, {"containerPort": 9000}]}}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            parsed.warnings,
+            ["/container/type: not supported by dcnet; ignored"]
+        );
+        assert_eq!(parsed.app.port_mappings().len(), 2);
+        assert_eq!(parsed.app.host_ports_needed(), 1);
+        let errors = field_errors(
+            r#"{"id": "/a", "cmd": "x", "container": {"portMappings": [{"containerPort": 80}]}}"#,
+        );
+        assert_eq!(errors[0].path, "/container/portMappings");
+        let errors = field_errors(
+            r#"{"id": "/a", "cmd": "x", "networks": [{"mode": "container"}],
+                "container": {"portMappings": [{"containerPort": 80, "hostPort": 8080}]}}"#,
+        );
+        assert_eq!(errors[0].path, "/container/portMappings/0/hostPort");
     }
 
     #[test]

@@ -49,6 +49,92 @@ impl HostRuntime {
         self.cfg.sandbox_dir.join(task.as_str())
     }
 
+    /// Starts the task's command, after `wrapper` (a program and its arguments that end by
+    /// running the rest of the command line, like the container shim), in the task's sandbox
+    /// and cgroup, in a process group of its own.
+    pub(crate) fn start(
+        &self,
+        spec: &LaunchSpec,
+        wrapper: &[String],
+        env: Vec<(String, String)>,
+    ) -> Result<(ProcessHandle, ExitFuture), RuntimeError> {
+        let sandbox = self.sandbox(&spec.task);
+        let sandbox_err = |error| RuntimeError::Sandbox {
+            path: sandbox.display().to_string(),
+            error,
+        };
+        fs::create_dir_all(&sandbox).map_err(sandbox_err)?;
+        let stdout = fs::File::create(sandbox.join("stdout")).map_err(sandbox_err)?;
+        let stderr = fs::File::create(sandbox.join("stderr")).map_err(sandbox_err)?;
+
+        let limits = Limits {
+            cpus: spec.app.cpus,
+            mem_mib: spec.app.mem,
+        };
+        let cgroup = self
+            .cfg
+            .cgroups
+            .create(spec.task.as_str(), limits)
+            .map_err(RuntimeError::Cgroup)?;
+        let procs: Vec<String> = cgroup
+            .procs_files()
+            .iter()
+            .map(|p| p.display().to_string())
+            .collect();
+
+        let argv: Vec<String> = match (&spec.app.cmd, &spec.app.args) {
+            (Some(cmd), _) => vec!["/bin/sh".into(), "-c".into(), cmd.clone()],
+            (None, Some(args)) => args.clone(),
+            (None, None) => vec!["/bin/false".into()],
+        };
+        let mut command = tokio::process::Command::new("/bin/sh");
+        command
+            .arg("-c")
+            .arg(JOIN_CGROUPS)
+            .arg("dcnet-task")
+            .args(wrapper)
+            .args(&argv)
+            .env_clear()
+            .env("PATH", &self.cfg.path_env)
+            .env("HOME", &sandbox)
+            .env("DCNET_CGROUP_PROCS", procs.join(" "))
+            .envs(env)
+            .current_dir(&sandbox)
+            .stdin(Stdio::null())
+            .stdout(Stdio::from(stdout))
+            .stderr(Stdio::from(stderr))
+            .process_group(0)
+            .kill_on_drop(false);
+        let mut child = match command.spawn() {
+            Ok(child) => child,
+            Err(e) => {
+                let _ = cgroup.remove();
+                return Err(RuntimeError::Spawn(e));
+            }
+        };
+        let pid = child.id().expect("a child that was just spawned has a pid");
+        let start_ticks = proc_stat(pid).map_or(0, |(start, _)| start);
+        info!(task = %spec.task, pid, "task started");
+        let wait: ExitFuture = Box::pin(async move {
+            match child.wait().await {
+                Ok(status) => exit_of(status),
+                Err(e) => Exit {
+                    code: None,
+                    signal: None,
+                    reason: format!("waiting for the process failed: {e}"),
+                },
+            }
+        });
+        Ok((
+            ProcessHandle { pid, start_ticks },
+            Self::exit_future(cgroup, wait),
+        ))
+    }
+
+    pub(crate) fn sandbox_of(&self, task: &TaskId) -> PathBuf {
+        self.sandbox(task)
+    }
+
     fn exit_future(cgroup: TaskCgroup, wait: ExitFuture) -> ExitFuture {
         Box::pin(async move {
             let mut exit = wait.await;
@@ -60,22 +146,35 @@ impl HostRuntime {
     }
 }
 
-/// Environment Marathon gives a task: ports, host, ids, sandbox.
-fn task_env(spec: &LaunchSpec, sandbox: &std::path::Path) -> Vec<(String, String)> {
+/// Environment Marathon gives a task: ports (the ones it binds), host, ids, sandbox.
+pub(crate) fn task_env(
+    spec: &LaunchSpec,
+    sandbox: &std::path::Path,
+    ports: &[u16],
+    host: &str,
+) -> Vec<(String, String)> {
     let mut env: Vec<(String, String)> = spec
         .app
         .env
         .iter()
         .map(|(k, v)| (k.clone(), v.clone()))
         .collect();
-    for (i, port) in spec.ports.iter().enumerate() {
-        env.push((format!("PORT{i}"), port.to_string()));
-        if let Some(name) = spec
-            .app
+    let names: Vec<Option<&str>> = if spec.app.is_container_network() {
+        spec.app
+            .port_mappings()
+            .iter()
+            .map(|m| m.name.as_deref())
+            .collect()
+    } else {
+        spec.app
             .port_definitions
-            .get(i)
-            .and_then(|p| p.name.as_deref())
-        {
+            .iter()
+            .map(|p| p.name.as_deref())
+            .collect()
+    };
+    for (i, port) in ports.iter().enumerate() {
+        env.push((format!("PORT{i}"), port.to_string()));
+        if let Some(name) = names.get(i).copied().flatten() {
             let name: String = name
                 .chars()
                 .map(|c| {
@@ -89,12 +188,12 @@ fn task_env(spec: &LaunchSpec, sandbox: &std::path::Path) -> Vec<(String, String
             env.push((format!("PORT_{name}"), port.to_string()));
         }
     }
-    if let Some(first) = spec.ports.first() {
+    if let Some(first) = ports.first() {
         env.push(("PORT".into(), first.to_string()));
     }
-    let ports: Vec<String> = spec.ports.iter().map(u16::to_string).collect();
-    env.push(("PORTS".into(), ports.join(",")));
-    env.push(("HOST".into(), spec.host_ip.to_string()));
+    let list: Vec<String> = ports.iter().map(u16::to_string).collect();
+    env.push(("PORTS".into(), list.join(",")));
+    env.push(("HOST".into(), host.to_string()));
     env.push(("MESOS_TASK_ID".into(), spec.task.to_string()));
     env.push(("MARATHON_APP_ID".into(), spec.app.id.to_string()));
     env.push(("MARATHON_APP_VERSION".into(), spec.app.version.clone()));
@@ -155,76 +254,16 @@ fn signal_all(handle: &ProcessHandle, cgroup: &TaskCgroup, signal: Signal) {
 #[async_trait]
 impl Runtime for HostRuntime {
     async fn launch(&self, spec: LaunchSpec) -> Result<Launched, RuntimeError> {
-        let sandbox = self.sandbox(&spec.task);
-        let sandbox_err = |error| RuntimeError::Sandbox {
-            path: sandbox.display().to_string(),
-            error,
-        };
-        fs::create_dir_all(&sandbox).map_err(sandbox_err)?;
-        let stdout = fs::File::create(sandbox.join("stdout")).map_err(sandbox_err)?;
-        let stderr = fs::File::create(sandbox.join("stderr")).map_err(sandbox_err)?;
-
-        let limits = Limits {
-            cpus: spec.app.cpus,
-            mem_mib: spec.app.mem,
-        };
-        let cgroup = self
-            .cfg
-            .cgroups
-            .create(spec.task.as_str(), limits)
-            .map_err(RuntimeError::Cgroup)?;
-        let procs: Vec<String> = cgroup
-            .procs_files()
-            .iter()
-            .map(|p| p.display().to_string())
-            .collect();
-
-        let argv: Vec<String> = match (&spec.app.cmd, &spec.app.args) {
-            (Some(cmd), _) => vec!["/bin/sh".into(), "-c".into(), cmd.clone()],
-            (None, Some(args)) => args.clone(),
-            (None, None) => vec!["/bin/false".into()],
-        };
-        let mut command = tokio::process::Command::new("/bin/sh");
-        command
-            .arg("-c")
-            .arg(JOIN_CGROUPS)
-            .arg("dcnet-task")
-            .args(&argv)
-            .env_clear()
-            .env("PATH", &self.cfg.path_env)
-            .env("HOME", &sandbox)
-            .env("DCNET_CGROUP_PROCS", procs.join(" "))
-            .envs(task_env(&spec, &sandbox))
-            .current_dir(&sandbox)
-            .stdin(Stdio::null())
-            .stdout(Stdio::from(stdout))
-            .stderr(Stdio::from(stderr))
-            .process_group(0)
-            .kill_on_drop(false);
-        let mut child = match command.spawn() {
-            Ok(child) => child,
-            Err(e) => {
-                let _ = cgroup.remove();
-                return Err(RuntimeError::Spawn(e));
-            }
-        };
-        let pid = child.id().expect("a child that was just spawned has a pid");
-        let start_ticks = proc_stat(pid).map_or(0, |(start, _)| start);
-        let handle = ProcessHandle { pid, start_ticks };
-        info!(task = %spec.task, pid, "task started");
-        let wait: ExitFuture = Box::pin(async move {
-            match child.wait().await {
-                Ok(status) => exit_of(status),
-                Err(e) => Exit {
-                    code: None,
-                    signal: None,
-                    reason: format!("waiting for the process failed: {e}"),
-                },
-            }
-        });
+        let env = task_env(
+            &spec,
+            &self.sandbox(&spec.task),
+            &spec.ports,
+            &spec.host_ip.to_string(),
+        );
+        let (handle, exit) = self.start(&spec, &[], env)?;
         Ok(Launched {
             handle,
-            exit: Self::exit_future(cgroup, wait),
+            exit,
             ip_addresses: vec![IpAddress::new(spec.host_ip)],
         })
     }

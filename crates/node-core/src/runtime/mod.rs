@@ -3,8 +3,9 @@
 //! container runtime plugs in behind the same trait.
 
 pub mod cgroup;
+mod container;
 mod host;
-
+mod netns;
 use std::collections::BTreeSet;
 use std::future::Future;
 use std::net::IpAddr;
@@ -16,6 +17,7 @@ use async_trait::async_trait;
 
 use crate::model::{App, Exit, IpAddress, ProcessHandle, TaskId};
 
+pub use self::container::{ContainerConfig, ContainerRuntime, NatRule, render_nat};
 pub use self::host::{HostConfig, HostRuntime};
 
 /// Resolves when the task's process has ended, with how it ended.
@@ -48,6 +50,8 @@ pub enum RuntimeError {
     Sandbox { path: String, error: std::io::Error },
     #[error("starting the process: {0}")]
     Spawn(std::io::Error),
+    #[error("container network: {0}")]
+    Network(String),
     #[error("signalling the process: {0}")]
     Signal(nix::Error),
 }

@@ -238,7 +238,7 @@ pub fn place(app: &App, count: u32, nodes: &[&Node], active: &[&Task]) -> Placem
         }
     }
 
-    let ports_needed = app.port_definitions.len();
+    let ports_needed = app.host_ports_needed();
     for _ in 0..count {
         let mut best: Option<(usize, (u32, u32, i64))> = None;
         for (i, c) in candidates.iter().enumerate() {

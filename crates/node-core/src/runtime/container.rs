@@ -1,0 +1,440 @@
+//! The container runtime: a task with `"networks": [{"mode": "container"}]` gets its own
+//! network and mount namespaces, an address from the node's /24 (claimed in the store), a veth
+//! pair onto the node's bridge (`dcnet0`, which holds the gateway), a bind-mounted resolv.conf
+//! that points at the node's DNS, its port mappings published with nftables DNAT, and a cgroup
+//! of its own. Host-networked tasks go to the host runtime unchanged.
+//!
+//! A bridge rather than routed /32 veths: containers of one node reach each other at layer 2,
+//! the gateway is one address on one device (where the DNS listens), and the overlay later
+//! routes the node's /24 to the bridge as a whole.
+//!
+//! What a task holds is written to `container.json` in its sandbox before anything is created,
+//! so that clean-up, adoption after an agent restart and orphan removal all find it.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fs;
+use std::net::{IpAddr, Ipv4Addr};
+use std::path::PathBuf;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use serde::{Deserialize, Serialize};
+use tokio::sync::OnceCell;
+use tracing::{debug, info, warn};
+
+use super::host::task_env;
+use super::{ExitFuture, HostRuntime, LaunchSpec, Launched, Runtime, RuntimeError, netns};
+use crate::ipam::{self, Subnet};
+use crate::keys::SharedStore;
+use crate::model::{IpAddress, NodeId, ProcessHandle, Protocol, TaskId};
+
+#[derive(Clone, Debug)]
+pub struct ContainerConfig {
+    pub node: NodeId,
+    /// Where port mappings are published.
+    pub node_ip: Ipv4Addr,
+    /// The node's container subnet; its first address is the gateway and DNS server.
+    pub subnet: Subnet,
+    pub bridge: String,
+    pub mtu: u32,
+    /// Where namespace files are mounted, one per task.
+    pub netns_dir: PathBuf,
+    /// The `dcnet` binary, whose `container-exec` enters the namespaces and runs the task.
+    pub shim: PathBuf,
+    /// resolv.conf `search` domains.
+    pub search: Vec<String>,
+}
+
+/// One published port: node `host_port` to container `container_port`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NatRule {
+    pub host_port: u16,
+    pub protocol: Protocol,
+    pub ip: Ipv4Addr,
+    pub container_port: u16,
+}
+
+/// What a container task holds, in its sandbox.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+struct Held {
+    ip: Ipv4Addr,
+    veth: String,
+    netns: PathBuf,
+    nat: Vec<NatRule>,
+}
+
+pub struct ContainerRuntime {
+    cfg: ContainerConfig,
+    host: HostRuntime,
+    store: SharedStore,
+    netlink: OnceCell<rtnetlink::Handle>,
+    nat: Mutex<BTreeMap<TaskId, Vec<NatRule>>>,
+    /// The ruleset last applied, so that unchanged sets are not written again.
+    applied: tokio::sync::Mutex<Option<String>>,
+}
+
+/// A short stable tag for link names (at most 15 bytes): FNV-1a of the task id.
+fn tag(task: &TaskId) -> String {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in task.as_str().bytes() {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    format!("{:011x}", h & 0xfff_ffff_ffff)
+}
+
+/// The nftables ruleset that publishes `rules` on `node_ip`, replacing the table whole.
+pub fn render_nat(node_ip: Ipv4Addr, rules: &[NatRule]) -> String {
+    let mut out = String::from("table ip dcnet {}\nflush table ip dcnet\ntable ip dcnet {\n");
+    for (chain, hook, priority) in [
+        ("prerouting", "prerouting", "dstnat"),
+        ("output", "output", "-100"),
+    ] {
+        out.push_str(&format!(
+            "  chain {chain} {{\n    type nat hook {hook} priority {priority}; policy accept;\n"
+        ));
+        for r in rules {
+            out.push_str(&format!(
+                "    ip daddr {node_ip} {proto} dport {} dnat to {}:{}\n",
+                r.host_port,
+                r.ip,
+                r.container_port,
+                proto = r.protocol.as_str()
+            ));
+        }
+        out.push_str("  }\n");
+    }
+    out.push_str("}\n");
+    out
+}
+
+impl ContainerRuntime {
+    pub fn new(cfg: ContainerConfig, host: HostRuntime, store: SharedStore) -> Self {
+        Self {
+            cfg,
+            host,
+            store,
+            netlink: OnceCell::new(),
+            nat: Mutex::new(BTreeMap::new()),
+            applied: tokio::sync::Mutex::new(None),
+        }
+    }
+
+    async fn netlink(&self) -> Result<&rtnetlink::Handle, RuntimeError> {
+        self.netlink
+            .get_or_try_init(|| async {
+                let (conn, handle, _) =
+                    rtnetlink::new_connection().map_err(|e| net("netlink socket", e))?;
+                tokio::spawn(conn);
+                Ok(handle)
+            })
+            .await
+    }
+
+    fn held_path(&self, task: &TaskId) -> PathBuf {
+        self.host.sandbox_of(task).join("container.json")
+    }
+
+    fn read_held(&self, task: &TaskId) -> Option<Held> {
+        serde_json::from_slice(&fs::read(self.held_path(task)).ok()?).ok()
+    }
+
+    /// Writes the whole DNAT ruleset for the tasks that have mappings now. One writer at a
+    /// time, computing the set under the same lock, so that a slower writer never puts back an
+    /// older set.
+    async fn apply_nat(&self) {
+        let mut applied = self.applied.lock().await;
+        let rules: Vec<NatRule> = self
+            .nat
+            .lock()
+            .expect("nat lock")
+            .values()
+            .flatten()
+            .cloned()
+            .collect();
+        let ruleset = render_nat(self.cfg.node_ip, &rules);
+        if applied.as_deref() == Some(ruleset.as_str()) || (applied.is_none() && rules.is_empty()) {
+            return;
+        }
+        match run_nft(&ruleset).await {
+            Ok(()) => *applied = Some(ruleset),
+            Err(e) => warn!(error = %e, "could not apply the port mappings with nft"),
+        }
+    }
+
+    async fn setup(&self, spec: &LaunchSpec, held: &Held) -> Result<(), RuntimeError> {
+        let path = held.netns.clone();
+        tokio::task::spawn_blocking(move || netns::create(&path))
+            .await
+            .map_err(|e| net("creating the namespace", e))?
+            .map_err(|e| net("creating the namespace", e))?;
+        let handle = self.netlink().await?.clone();
+        let subnet = self.cfg.subnet;
+        let bridge = netns::ensure_bridge(
+            &handle,
+            &self.cfg.bridge,
+            subnet.gateway(),
+            subnet.prefix,
+            self.cfg.mtu,
+        )
+        .await
+        .map_err(|e| net("setting up the bridge", e))?;
+        // Forwarding in the node's namespace, for published ports and the overlay.
+        let _ = fs::write("/proc/sys/net/ipv4/ip_forward", "1");
+        let peer = format!("dcp{}", tag(&spec.task));
+        netns::add_veth(
+            &handle,
+            &held.veth,
+            &peer,
+            bridge,
+            self.cfg.mtu,
+            &held.netns,
+        )
+        .await
+        .map_err(|e| net("creating the veth pair", e))?;
+        let (ip, prefix, gateway, mtu) = (held.ip, subnet.prefix, subnet.gateway(), self.cfg.mtu);
+        netns::run_in(&held.netns, move |h| {
+            netns::configure_container(h, peer, ip, prefix, gateway, mtu)
+        })
+        .await
+        .map_err(|e| net("configuring eth0 in the container", e))?;
+        Ok(())
+    }
+}
+
+fn net(what: &str, e: impl std::fmt::Display) -> RuntimeError {
+    RuntimeError::Network(format!("{what}: {e}"))
+}
+
+async fn run_nft(ruleset: &str) -> std::io::Result<()> {
+    use tokio::io::AsyncWriteExt;
+    let mut child = tokio::process::Command::new("nft")
+        .args(["-f", "-"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()?;
+    if let Some(mut stdin) = child.stdin.take() {
+        stdin.write_all(ruleset.as_bytes()).await?;
+    }
+    let out = child.wait_with_output().await?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(std::io::Error::other(
+            String::from_utf8_lossy(&out.stderr).trim().to_string(),
+        ))
+    }
+}
+
+#[async_trait]
+impl Runtime for ContainerRuntime {
+    async fn launch(&self, spec: LaunchSpec) -> Result<Launched, RuntimeError> {
+        if !spec.app.is_container_network() {
+            return self.host.launch(spec).await;
+        }
+        let ip = ipam::allocate(&*self.store, self.cfg.subnet, &self.cfg.node, &spec.task)
+            .await
+            .map_err(|e| net("allocating an address", e))?;
+        let mappings = spec.app.port_mappings();
+        let mut host_ports = spec.ports.iter();
+        let nat: Vec<NatRule> = mappings
+            .iter()
+            .filter(|m| m.host_port.is_some())
+            .filter_map(|m| {
+                Some(NatRule {
+                    host_port: *host_ports.next()?,
+                    protocol: m.protocol,
+                    ip,
+                    container_port: m.container_port,
+                })
+            })
+            .collect();
+        let held = Held {
+            ip,
+            veth: format!("dcv{}", tag(&spec.task)),
+            netns: self.cfg.netns_dir.join(spec.task.as_str()),
+            nat: nat.clone(),
+        };
+        let sandbox = self.host.sandbox_of(&spec.task);
+        let prepared = (|| {
+            fs::create_dir_all(&sandbox)?;
+            fs::write(
+                self.held_path(&spec.task),
+                serde_json::to_vec(&held).map_err(std::io::Error::other)?,
+            )?;
+            let resolv = format!(
+                "nameserver {}\nsearch {}\noptions ndots:3 timeout:2\n",
+                self.cfg.subnet.gateway(),
+                self.cfg.search.join(" ")
+            );
+            fs::write(sandbox.join("resolv.conf"), resolv)
+        })();
+        if let Err(error) = prepared {
+            let _ = ipam::release(&*self.store, ip, &spec.task).await;
+            return Err(RuntimeError::Sandbox {
+                path: sandbox.display().to_string(),
+                error,
+            });
+        }
+        if let Err(e) = self.setup(&spec, &held).await {
+            self.cleanup(&spec.task).await;
+            return Err(e);
+        }
+        if !nat.is_empty() {
+            self.nat
+                .lock()
+                .expect("nat lock")
+                .insert(spec.task.clone(), nat);
+            self.apply_nat().await;
+        }
+        let wrapper: Vec<String> = vec![
+            self.cfg.shim.display().to_string(),
+            "container-exec".into(),
+            "--netns".into(),
+            held.netns.display().to_string(),
+            "--resolv-conf".into(),
+            sandbox.join("resolv.conf").display().to_string(),
+            "--".into(),
+        ];
+        let ports: Vec<u16> = mappings.iter().map(|m| m.container_port).collect();
+        let env = task_env(&spec, &sandbox, &ports, &ip.to_string());
+        match self.host.start(&spec, &wrapper, env) {
+            Ok((handle, exit)) => {
+                info!(task = %spec.task, %ip, "container started");
+                Ok(Launched {
+                    handle,
+                    exit,
+                    ip_addresses: vec![IpAddress::new(IpAddr::V4(ip))],
+                })
+            }
+            Err(e) => {
+                self.cleanup(&spec.task).await;
+                Err(e)
+            }
+        }
+    }
+
+    async fn adopt(&self, task: &TaskId, handle: &ProcessHandle) -> Option<ExitFuture> {
+        let exit = self.host.adopt(task, handle).await?;
+        if let Some(held) = self.read_held(task)
+            && !held.nat.is_empty()
+        {
+            self.nat
+                .lock()
+                .expect("nat lock")
+                .insert(task.clone(), held.nat);
+            self.apply_nat().await;
+        }
+        Some(exit)
+    }
+
+    async fn kill(
+        &self,
+        task: &TaskId,
+        handle: &ProcessHandle,
+        grace: Duration,
+    ) -> Result<(), RuntimeError> {
+        self.host.kill(task, handle, grace).await
+    }
+
+    async fn cleanup(&self, task: &TaskId) {
+        self.host.cleanup(task).await;
+        let Some(held) = self.read_held(task) else {
+            return;
+        };
+        if self.nat.lock().expect("nat lock").remove(task).is_some() {
+            self.apply_nat().await;
+        }
+        match self.netlink().await {
+            Ok(handle) => {
+                if let Err(e) = netns::delete_link(handle, &held.veth).await {
+                    warn!(%task, error = %e, "could not delete the veth");
+                }
+            }
+            Err(e) => warn!(%task, error = %e, "no netlink socket"),
+        }
+        let path = held.netns.clone();
+        match tokio::task::spawn_blocking(move || netns::remove(&path)).await {
+            Ok(Ok(())) => {}
+            other => warn!(%task, result = ?other, "could not remove the namespace"),
+        }
+        if let Err(e) = ipam::release(&*self.store, held.ip, task).await {
+            warn!(%task, error = %e, "could not release the address");
+        }
+        let _ = fs::remove_file(self.held_path(task));
+        debug!(%task, ip = %held.ip, "container released");
+    }
+
+    async fn remove_orphans(&self, keep: &BTreeSet<TaskId>) -> Vec<TaskId> {
+        let mut removed = self.host.remove_orphans(keep).await;
+        // Namespaces of tasks that are gone.
+        if let Ok(entries) = fs::read_dir(&self.cfg.netns_dir) {
+            for entry in entries.flatten() {
+                let id = TaskId(entry.file_name().to_string_lossy().into_owned());
+                if !keep.contains(&id) {
+                    info!(task = %id, "removing a leftover container");
+                    self.cleanup(&id).await;
+                    let _ = netns::remove(&entry.path());
+                    if !removed.contains(&id) {
+                        removed.push(id);
+                    }
+                }
+            }
+        }
+        // Veths whose task is not kept (a crash between creating the link and the state file).
+        let kept: BTreeSet<String> = keep.iter().map(|t| format!("dcv{}", tag(t))).collect();
+        if let Ok(handle) = self.netlink().await {
+            for (name, _) in netns::links_with_prefix(handle, "dcv")
+                .await
+                .unwrap_or_default()
+            {
+                if !kept.contains(&name) {
+                    let _ = netns::delete_link(handle, &name).await;
+                }
+            }
+        }
+        // Addresses held for tasks that are not kept.
+        for (ip, task) in ipam::held_by(&*self.store, &self.cfg.node)
+            .await
+            .unwrap_or_default()
+        {
+            if !keep.contains(&task) {
+                let _ = ipam::release(&*self.store, ip, &task).await;
+            }
+        }
+        self.apply_nat().await;
+        removed
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn nat_ruleset_replaces_the_table_whole() {
+        let rules = [NatRule {
+            host_port: 31000,
+            protocol: Protocol::Tcp,
+            ip: Ipv4Addr::new(10, 128, 0, 2),
+            container_port: 80,
+        }];
+        let text = render_nat(Ipv4Addr::new(192, 0, 2, 10), &rules);
+        assert!(text.starts_with("table ip dcnet {}\nflush table ip dcnet\n"));
+        assert_eq!(
+            text.matches("ip daddr 192.0.2.10 tcp dport 31000 dnat to 10.128.0.2:80")
+                .count(),
+            2
+        );
+        assert!(render_nat(Ipv4Addr::LOCALHOST, &[]).contains("chain output"));
+    }
+
+    #[test]
+    fn link_tags_fit_interface_names() {
+        let t = tag(&TaskId("some_app.0123456789abcdef0123456789abcdef".into()));
+        assert_eq!(format!("dcv{t}").len(), 14);
+        assert_ne!(t, tag(&TaskId("other".into())));
+    }
+}

@@ -1,0 +1,48 @@
+//! `dcnet container-exec`: the first process of a container task. It runs single-threaded,
+//! before anything else, so that `setns` and `unshare` apply to the whole process: it joins the
+//! task's network namespace, takes a mount namespace of its own with the task's resolv.conf
+//! bound over /etc/resolv.conf, and then becomes the task's command.
+
+use std::fs::File;
+use std::os::fd::AsFd;
+use std::os::unix::process::CommandExt;
+use std::path::Path;
+
+use anyhow::{Context, anyhow};
+use nix::mount::{MsFlags, mount};
+use nix::sched::{CloneFlags, setns, unshare};
+
+/// Never returns on success: the process becomes `argv`.
+pub fn exec(netns: &Path, resolv_conf: &Path, argv: &[String]) -> anyhow::Error {
+    match enter(netns, resolv_conf) {
+        Ok(()) => {
+            let err = std::process::Command::new(&argv[0]).args(&argv[1..]).exec();
+            anyhow!("running {}: {err}", argv[0])
+        }
+        Err(e) => e,
+    }
+}
+
+fn enter(netns: &Path, resolv_conf: &Path) -> anyhow::Result<()> {
+    let ns = File::open(netns).with_context(|| format!("opening {}", netns.display()))?;
+    setns(ns.as_fd(), CloneFlags::CLONE_NEWNET).context("joining the task's network namespace")?;
+    unshare(CloneFlags::CLONE_NEWNS).context("creating the task's mount namespace")?;
+    // Mounts made here must not propagate back to the node.
+    mount(
+        None::<&str>,
+        "/",
+        None::<&str>,
+        MsFlags::MS_REC | MsFlags::MS_PRIVATE,
+        None::<&str>,
+    )
+    .context("making mounts private")?;
+    mount(
+        Some(resolv_conf),
+        "/etc/resolv.conf",
+        None::<&str>,
+        MsFlags::MS_BIND,
+        None::<&str>,
+    )
+    .context("binding the task's resolv.conf")?;
+    Ok(())
+}

@@ -18,10 +18,20 @@ use prometheus::{Encoder, Registry, TextEncoder};
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
+use dcnet_dns as dns;
+use tokio::net::{TcpListener, UdpSocket};
+
 use crate::config::AgentConfig;
+
+fn fqdn(zone: &str) -> String {
+    let mut z = zone.trim_end_matches('.').to_ascii_lowercase();
+    z.push('.');
+    z
+}
 
 pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
     let node = cfg.node()?;
+    let node_id = node.id.clone();
     let listener = tokio::net::TcpListener::bind(cfg.api.listen)
         .await
         .with_context(|| {
@@ -68,6 +78,49 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         store.clone(),
     );
 
+    runtime
+        .prepare()
+        .await
+        .context("creating the container bridge")?;
+
+    // DNS: bind every address before anything serves, so a clash is an error at start.
+    let mut dns_addrs = cfg.dns.listen.clone();
+    if cfg.dns.listen_gateway {
+        dns_addrs.push(std::net::SocketAddr::new(subnet.gateway().into(), 53));
+    }
+    let mut udp = Vec::new();
+    let mut tcp = Vec::new();
+    for addr in &dns_addrs {
+        udp.push(
+            UdpSocket::bind(addr)
+                .await
+                .with_context(|| format!("binding DNS to udp {addr}"))?,
+        );
+        tcp.push(
+            TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("binding DNS to tcp {addr}"))?,
+        );
+    }
+    let own: Vec<std::net::IpAddr> = dns_addrs.iter().map(|a| a.ip()).collect();
+    let forward = cfg.dns.forward.then(|| {
+        let upstreams = cfg.dns.upstreams.clone().unwrap_or_else(|| {
+            let text = std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default();
+            dns::upstreams_from_resolv_conf(&text, &own)
+        });
+        dns::ForwardConfig {
+            upstreams,
+            zones: cfg
+                .dns
+                .zones
+                .iter()
+                .map(|(z, u)| (fqdn(z), u.clone()))
+                .collect(),
+            timeout: cfg.dns.timeout,
+            cache_size: 10_000,
+        }
+    });
+
     let registry = Registry::new();
     let shutdown = CancellationToken::new();
     let core_cfg = dcnet_node_core::Config {
@@ -84,8 +137,24 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
     .await
     .context("starting node-core")?;
 
+    let dns = dns::Dns::new(
+        dns::Config {
+            records: dns::RecordConfig {
+                domain: cfg.dns.domain.clone(),
+                framework: "marathon".into(),
+                ttl: cfg.dns.ttl,
+                this_node: Some(node_id.clone()),
+            },
+            forward,
+            tcp_timeout: std::time::Duration::from_secs(10),
+        },
+        dns::Metrics::register(&registry).context("registering DNS metrics")?,
+    );
+    let dns_routes = dns.router();
+    let dns_task = tokio::spawn(dns.run(core.state(), udp, tcp, shutdown.child_token()));
+
     let metrics_registry = registry.clone();
-    let mut app = core.router().route(
+    let mut app = core.router().merge(dns_routes).route(
         "/metrics",
         get(move || {
             let registry = metrics_registry.clone();
@@ -119,6 +188,7 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
     let grace = cfg.shutdown_grace_period;
     let drained = tokio::time::timeout(grace, async {
         let _ = server.await;
+        let _ = dns_task.await;
         core.stopped().await;
     })
     .await;

@@ -32,6 +32,68 @@ pub struct AgentConfig {
     /// Container networking for tasks with `"networks": [{"mode": "container"}]`.
     #[serde(default)]
     pub containers: ContainersSection,
+    /// The DNS server.
+    #[serde(default)]
+    pub dns: DnsSection,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DnsSection {
+    /// Where DNS listens (UDP and TCP); the container gateway is added when `listen_gateway`.
+    #[serde(default = "default_dns_listen")]
+    pub listen: Vec<SocketAddr>,
+    /// Also listen on the container gateway, port 53 (what containers' resolv.conf names).
+    #[serde(default = "default_true")]
+    pub listen_gateway: bool,
+    /// TTL of dcnet's records.
+    #[serde(default = "default_dns_ttl")]
+    pub ttl: u32,
+    /// The Mesos-DNS domain.
+    #[serde(default = "default_dns_domain")]
+    pub domain: String,
+    /// Forward other names upstream; off: they are REFUSED.
+    #[serde(default = "default_true")]
+    pub forward: bool,
+    /// Upstream resolvers; default: the nameservers of /etc/resolv.conf.
+    pub upstreams: Option<Vec<SocketAddr>>,
+    /// Upstreams per zone, like `"corp.example" = ["10.0.0.53:53"]`.
+    #[serde(default)]
+    pub zones: BTreeMap<String, Vec<SocketAddr>>,
+    /// How long an upstream gets to answer.
+    #[serde(default = "default_dns_timeout", with = "humantime_serde")]
+    pub timeout: Duration,
+}
+
+impl Default for DnsSection {
+    fn default() -> Self {
+        Self {
+            listen: default_dns_listen(),
+            listen_gateway: true,
+            ttl: default_dns_ttl(),
+            domain: default_dns_domain(),
+            forward: true,
+            upstreams: None,
+            zones: BTreeMap::new(),
+            timeout: default_dns_timeout(),
+        }
+    }
+}
+
+fn default_dns_listen() -> Vec<SocketAddr> {
+    vec![SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 53)]
+}
+fn default_true() -> bool {
+    true
+}
+fn default_dns_ttl() -> u32 {
+    5
+}
+fn default_dns_domain() -> String {
+    "mesos".into()
+}
+fn default_dns_timeout() -> Duration {
+    Duration::from_secs(2)
 }
 
 #[derive(Clone, Debug, Deserialize)]

@@ -58,6 +58,9 @@ enum Command {
     /// List deployments.
     #[command(subcommand)]
     Deployment(DeploymentCommand),
+    /// Inspect DNS: the records served, and lookups against the agent's server.
+    #[command(subcommand)]
+    Dns(DnsCommand),
     /// Enter a container task's namespaces and run its command (used by the agent).
     #[command(hide = true)]
     ContainerExec {
@@ -132,6 +135,22 @@ enum NodeCommand {
 }
 
 #[derive(Subcommand)]
+enum DnsCommand {
+    /// The records the agent serves, all or of one name.
+    Records { name: Option<String> },
+    /// Ask the agent's DNS server, like dig.
+    Lookup {
+        name: String,
+        /// A, AAAA, SRV, PTR, SOA, NS or ANY; an IP address looks up its PTR.
+        #[arg(long = "type", short = 't', default_value = "A")]
+        rtype: String,
+        /// The DNS server.
+        #[arg(long, default_value = "127.0.0.1:53")]
+        server: std::net::SocketAddr,
+    },
+}
+
+#[derive(Subcommand)]
 enum DeploymentCommand {
     /// List running deployments (all recent ones with --all).
     List {
@@ -183,6 +202,14 @@ fn main() -> ExitCode {
                 Command::Deployment(DeploymentCommand::List { all }) => {
                     cli::deployment_list(&client, all, json)
                 }
+                Command::Dns(DnsCommand::Records { name }) => {
+                    cli::dns_records(&client, name.as_deref(), json)
+                }
+                Command::Dns(DnsCommand::Lookup {
+                    name,
+                    rtype,
+                    server,
+                }) => cli::dns_lookup(&name, &rtype, server, json),
                 Command::Agent { .. } | Command::ContainerExec { .. } => {
                     unreachable!("handled above")
                 }

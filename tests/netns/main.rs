@@ -2,5 +2,6 @@
 //! cgroups of the test run's own (`dcnet-test-<pid>`). Run as root by `make test`.
 
 mod containers;
+mod dns;
 mod node_core;
 mod support;

@@ -104,6 +104,11 @@ impl Agent {
 
     /// Starts an agent whose node address is `node_ip` (an address in `ns`).
     pub fn start_on(ns: &NetNs, node_ip: &str) -> Self {
+        Self::start_with(ns, node_ip, "")
+    }
+
+    /// Starts an agent with `extra` appended to its configuration (whole TOML tables).
+    pub fn start_with(ns: &NetNs, node_ip: &str, extra: &str) -> Self {
         let dir = tempfile::tempdir().expect("a temp dir");
         let n = NEXT.fetch_add(1, Ordering::SeqCst);
         let cgroup_parent = format!("{}/agent-{n}", run_parent());
@@ -121,6 +126,7 @@ ports = ["31000-31999"]
 listen = "127.0.0.1:8080"
 [runtime]
 cgroup_parent = "{cgroup_parent}"
+{extra}
 "#,
             state = dir.path().join("state").display(),
         );

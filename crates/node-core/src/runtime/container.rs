@@ -121,6 +121,23 @@ impl ContainerRuntime {
         }
     }
 
+    /// Creates the bridge with the gateway address now, so that services (DNS) can listen on
+    /// the gateway before the first container starts.
+    pub async fn prepare(&self) -> Result<(), RuntimeError> {
+        let handle = self.netlink().await?.clone();
+        let subnet = self.cfg.subnet;
+        netns::ensure_bridge(
+            &handle,
+            &self.cfg.bridge,
+            subnet.gateway(),
+            subnet.prefix,
+            self.cfg.mtu,
+        )
+        .await
+        .map_err(|e| net("setting up the bridge", e))?;
+        Ok(())
+    }
+
     async fn netlink(&self) -> Result<&rtnetlink::Handle, RuntimeError> {
         self.netlink
             .get_or_try_init(|| async {

@@ -1,0 +1,730 @@
+//! Records from a `ClusterState`: a pure function, so that every name form is unit-tested
+//! without a socket, and the server only swaps a finished map in.
+//!
+//! Names follow Mesos-DNS and DC/OS (see ARCHITECTURE.md): only tasks that serve (running, not
+//! being killed, healthy if the app has checks) are in it, and VIP names only once their data
+//! plane says it is ready.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::{IpAddr, Ipv4Addr};
+
+use dcnet_node_core::ClusterState;
+use dcnet_node_core::model::{App, Node, NodeId, Protocol, Task};
+use hickory_proto::rr::rdata::{A, AAAA, NS, PTR, SOA, SRV};
+use hickory_proto::rr::{Name, RData, Record, RecordType};
+
+/// What the records depend on besides the state.
+#[derive(Clone, Debug)]
+pub struct RecordConfig {
+    /// The Mesos-DNS domain, `mesos`.
+    pub domain: String,
+    /// The framework tasks are registered under, `marathon`.
+    pub framework: String,
+    pub ttl: u32,
+    /// The node these records are served from (`thisnode.thisdcos.directory`, NS).
+    pub this_node: Option<NodeId>,
+}
+
+impl Default for RecordConfig {
+    fn default() -> Self {
+        Self {
+            domain: "mesos".into(),
+            framework: "marathon".into(),
+            ttl: 5,
+            this_node: None,
+        }
+    }
+}
+
+/// The record sets of one name.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct RrSets {
+    pub a: Vec<Record>,
+    pub aaaa: Vec<Record>,
+    pub srv: Vec<Record>,
+    pub ptr: Vec<Record>,
+    pub soa: Vec<Record>,
+    pub ns: Vec<Record>,
+    /// Address records of SRV targets, for the additional section.
+    pub additional: Vec<Record>,
+}
+
+impl RrSets {
+    pub fn get(&self, rtype: RecordType) -> Vec<&Record> {
+        match rtype {
+            RecordType::A => self.a.iter().collect(),
+            RecordType::AAAA => self.aaaa.iter().collect(),
+            RecordType::SRV => self.srv.iter().collect(),
+            RecordType::PTR => self.ptr.iter().collect(),
+            RecordType::SOA => self.soa.iter().collect(),
+            RecordType::NS => self.ns.iter().collect(),
+            RecordType::ANY => [
+                &self.a, &self.aaaa, &self.srv, &self.ptr, &self.soa, &self.ns,
+            ]
+            .into_iter()
+            .flatten()
+            .collect(),
+            _ => Vec::new(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.a.is_empty()
+            && self.aaaa.is_empty()
+            && self.srv.is_empty()
+            && self.ptr.is_empty()
+            && self.soa.is_empty()
+            && self.ns.is_empty()
+    }
+
+    fn len(&self) -> usize {
+        self.a.len()
+            + self.aaaa.len()
+            + self.srv.len()
+            + self.ptr.len()
+            + self.soa.len()
+            + self.ns.len()
+    }
+}
+
+/// Every name dcnet answers, by lower-case FQDN (`web-group.marathon.mesos.`).
+#[derive(Clone, Debug, Default)]
+pub struct Zone {
+    pub revision: u64,
+    pub names: HashMap<String, RrSets>,
+    /// The zones dcnet is authoritative for, with their SOA records.
+    pub apexes: Vec<(String, Record)>,
+    pub records: usize,
+}
+
+impl Zone {
+    /// The authoritative zone a name falls in, if any.
+    pub fn apex_of(&self, name: &str) -> Option<&(String, Record)> {
+        self.apexes
+            .iter()
+            .find(|(apex, _)| name == apex || name.ends_with(&format!(".{apex}")))
+    }
+}
+
+/// Mesos-DNS label cleaning: lower case; `-`, `.` and `_` become `-`; anything else outside
+/// `[a-z0-9]` is dropped; at most 63 characters; no `-` at either end.
+pub fn clean_label(raw: &str) -> String {
+    let mut out: String = raw
+        .chars()
+        .filter_map(|c| match c.to_ascii_lowercase() {
+            c @ ('a'..='z' | '0'..='9') => Some(c),
+            '-' | '.' | '_' => Some('-'),
+            _ => None,
+        })
+        .collect();
+    out.truncate(63);
+    out.trim_matches('-').to_string()
+}
+
+/// A named VIP's label: the name without its slashes (`/mygroup/myapp` -> `mygroupmyapp`),
+/// cleaned, as dcos-l4lb does.
+pub fn vip_label(name: &str) -> String {
+    clean_label(&name.replace('/', ""))
+}
+
+fn short_hash(s: &str) -> String {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in s.bytes() {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    // Five base-32 characters, as Mesos-DNS's canonical names carry.
+    const ALPHABET: &[u8] = b"abcdefghijklmnopqrstuvwxyz234567";
+    (0..5)
+        .map(|i| ALPHABET[((h >> (i * 5)) & 31) as usize] as char)
+        .collect()
+}
+
+fn fqdn(name: &str) -> String {
+    let mut n = name.to_ascii_lowercase();
+    if !n.ends_with('.') {
+        n.push('.');
+    }
+    n
+}
+
+struct Builder<'a> {
+    cfg: &'a RecordConfig,
+    names: HashMap<String, RrSets>,
+}
+
+impl Builder<'_> {
+    fn set(&mut self, name: &str) -> &mut RrSets {
+        self.names.entry(fqdn(name)).or_default()
+    }
+
+    fn record(&self, name: &str, rdata: RData) -> Option<Record> {
+        let name = Name::from_ascii(fqdn(name)).ok()?;
+        Some(Record::from_rdata(name, self.cfg.ttl, rdata))
+    }
+
+    fn addr(&mut self, name: &str, ip: IpAddr) {
+        let (rdata, v4) = match ip {
+            IpAddr::V4(v4) => (RData::A(A(v4)), true),
+            IpAddr::V6(v6) => (RData::AAAA(AAAA(v6)), false),
+        };
+        let Some(rec) = self.record(name, rdata) else {
+            return;
+        };
+        let set = self.set(name);
+        let list = if v4 { &mut set.a } else { &mut set.aaaa };
+        if !list.contains(&rec) {
+            list.push(rec);
+        }
+    }
+
+    fn ptr(&mut self, ip: IpAddr, target: &str) {
+        let reverse = Name::from(ip).to_ascii();
+        let Ok(target) = Name::from_ascii(fqdn(target)) else {
+            return;
+        };
+        let Some(rec) = self.record(&reverse, RData::PTR(PTR(target))) else {
+            return;
+        };
+        let set = self.set(&reverse);
+        if !set.ptr.contains(&rec) {
+            set.ptr.push(rec);
+        }
+    }
+
+    fn srv(&mut self, name: &str, port: u16, target: &str, target_ip: IpAddr) {
+        let Ok(target_name) = Name::from_ascii(fqdn(target)) else {
+            return;
+        };
+        let Some(rec) = self.record(name, RData::SRV(SRV::new(0, 1, port, target_name))) else {
+            return;
+        };
+        let extra = match target_ip {
+            IpAddr::V4(v4) => self.record(target, RData::A(A(v4))),
+            IpAddr::V6(v6) => self.record(target, RData::AAAA(AAAA(v6))),
+        };
+        let set = self.set(name);
+        if !set.srv.contains(&rec) {
+            set.srv.push(rec);
+        }
+        if let Some(extra) = extra
+            && !set.additional.contains(&extra)
+        {
+            set.additional.push(extra);
+        }
+    }
+}
+
+/// The address a task is reached at, as Mesos-DNS picks it: its container address if it has
+/// one, else its node's.
+fn task_ip(app: &App, task: &Task, node: &Node) -> IpAddr {
+    match task.ip_addresses.first() {
+        Some(ip) if app.is_container_network() => ip.ip_address,
+        _ => node.ip,
+    }
+}
+
+/// All records of `state`.
+pub fn records_from(state: &ClusterState, cfg: &RecordConfig) -> Zone {
+    let domain = clean_label(&cfg.domain);
+    let fw = clean_label(&cfg.framework);
+    let mut b = Builder {
+        cfg,
+        names: HashMap::new(),
+    };
+
+    // Nodes: the leader, masters and agents.
+    let leader = state.leader.as_ref().and_then(|id| state.nodes.get(id));
+    if let Some(leader) = leader {
+        for name in ["leader", "master", "master0"] {
+            b.addr(&format!("{name}.{domain}"), leader.ip);
+        }
+        b.addr(&format!("{fw}.{domain}"), leader.ip);
+    }
+    for node in state.nodes.values() {
+        b.addr(&format!("slave.{domain}"), node.ip);
+        b.addr(&format!("agent.{domain}"), node.ip);
+        let host = clean_label(&node.hostname);
+        if !host.is_empty() {
+            let agent_name = format!("{host}.agentip.dcos.thisdcos.directory");
+            b.addr(&agent_name, node.ip);
+            b.ptr(node.ip, &agent_name);
+        }
+        if cfg.this_node.as_ref() == Some(&node.id) {
+            b.addr("thisnode.thisdcos.directory", node.ip);
+        }
+    }
+
+    // Tasks that serve.
+    for task in state.tasks.values() {
+        let (Some(app), Some(node)) =
+            (state.apps.get(&task.app_id), state.nodes.get(&task.node_id))
+        else {
+            continue;
+        };
+        if !task.is_serving(!app.health_checks.is_empty()) {
+            continue;
+        }
+        let name = clean_label(&app.id.task_name());
+        if name.is_empty() {
+            continue;
+        }
+        let ip = task_ip(app, task, node);
+        let tail = clean_label(&node.id.0);
+        let canon = clean_label(&format!("{name}-{}-{tail}", short_hash(task.id.as_str())));
+        let container_ip = task
+            .ip_addresses
+            .first()
+            .filter(|_| app.is_container_network())
+            .map(|a| a.ip_address);
+
+        b.addr(&format!("{name}.{fw}.{domain}"), ip);
+        b.addr(&format!("{canon}.{fw}.{domain}"), ip);
+        b.addr(&format!("{name}.{fw}.slave.{domain}"), node.ip);
+        b.addr(&format!("{canon}.{fw}.slave.{domain}"), node.ip);
+        b.addr(&format!("{name}.{fw}.autoip.dcos.thisdcos.directory"), ip);
+        b.addr(
+            &format!("{name}.{fw}.agentip.dcos.thisdcos.directory"),
+            node.ip,
+        );
+        if let Some(cip) = container_ip {
+            b.addr(
+                &format!("{name}.{fw}.containerip.dcos.thisdcos.directory"),
+                cip,
+            );
+            b.ptr(cip, &format!("{canon}.{fw}.{domain}"));
+        }
+
+        // SRV per port: host ports at the node for host networking, container ports at the
+        // container for container networking.
+        let ports: Vec<(u16, Protocol, Option<&str>, bool)> = if app.is_container_network() {
+            app.port_mappings()
+                .iter()
+                .map(|m| (m.container_port, m.protocol, m.name.as_deref(), true))
+                .collect()
+        } else {
+            app.port_definitions
+                .iter()
+                .zip(&task.ports)
+                .map(|(d, p)| (*p, d.protocol, d.name.as_deref(), false))
+                .collect()
+        };
+        for (port, proto, port_name, in_container) in ports {
+            let (target, target_ip) = if in_container {
+                (format!("{canon}.{fw}.{domain}"), ip)
+            } else {
+                (format!("{canon}.{fw}.slave.{domain}"), node.ip)
+            };
+            let proto = proto.as_str();
+            b.srv(
+                &format!("_{name}._{proto}.{fw}.{domain}"),
+                port,
+                &target,
+                target_ip,
+            );
+            if let Some(pn) = port_name.map(clean_label).filter(|p| !p.is_empty()) {
+                b.srv(
+                    &format!("_{pn}._{name}._{proto}.{fw}.{domain}"),
+                    port,
+                    &target,
+                    target_ip,
+                );
+            }
+        }
+    }
+
+    // Named VIPs whose data plane is ready.
+    for (key, value) in state.allocations.iter() {
+        if !key.starts_with("/dcnet/vips/")
+            || value.get("ready").and_then(|r| r.as_bool()) != Some(true)
+        {
+            continue;
+        }
+        let (Some(name), Some(ip)) = (
+            value.get("name").and_then(|n| n.as_str()),
+            value
+                .get("ip")
+                .and_then(|i| i.as_str())
+                .and_then(|i| i.parse::<IpAddr>().ok()),
+        ) else {
+            continue;
+        };
+        let label = vip_label(name);
+        if label.is_empty() {
+            continue;
+        }
+        let long = format!("{label}.{fw}.l4lb.thisdcos.directory");
+        b.addr(&long, ip);
+        b.addr(&format!("{label}.{fw}.l4lb"), ip);
+        b.ptr(ip, &long);
+    }
+
+    // Zone apexes with SOA and NS; every name in a zone makes its ancestors exist (they
+    // answer NODATA, not NXDOMAIN).
+    let serial = u32::try_from(state.revision % u64::from(u32::MAX)).unwrap_or_default();
+    let ns_ip = cfg
+        .this_node
+        .as_ref()
+        .and_then(|id| state.nodes.get(id))
+        .map(|n| n.ip)
+        .unwrap_or(IpAddr::V4(Ipv4Addr::LOCALHOST));
+    let mut apexes = Vec::new();
+    for apex in [
+        fqdn(&domain),
+        "thisdcos.directory.".to_string(),
+        "l4lb.".to_string(),
+    ] {
+        let ns_name = format!("ns.{apex}");
+        let (Ok(mname), Ok(rname)) = (
+            Name::from_ascii(&ns_name),
+            Name::from_ascii(format!("hostmaster.{apex}")),
+        ) else {
+            continue;
+        };
+        let soa = SOA::new(mname.clone(), rname, serial, 60, 30, 86_400, cfg.ttl);
+        let Some(soa_rec) = b.record(&apex, RData::SOA(soa)) else {
+            continue;
+        };
+        let Some(ns_rec) = b.record(&apex, RData::NS(NS(mname))) else {
+            continue;
+        };
+        b.addr(&ns_name, ns_ip);
+        let set = b.set(&apex);
+        set.soa = vec![soa_rec.clone()];
+        set.ns = vec![ns_rec];
+        apexes.push((apex, soa_rec));
+    }
+    let names: Vec<String> = b.names.keys().cloned().collect();
+    for name in names {
+        let Some((apex, _)) = apexes
+            .iter()
+            .find(|(a, _)| name.ends_with(&format!(".{a}")))
+        else {
+            continue;
+        };
+        let mut rest = name.as_str();
+        while let Some((_, parent)) = rest.split_once('.') {
+            if parent.len() <= apex.len() {
+                break;
+            }
+            b.names.entry(parent.to_string()).or_default();
+            rest = parent;
+        }
+    }
+    let records = b.names.values().map(RrSets::len).sum();
+    Zone {
+        revision: state.revision,
+        names: b.names,
+        apexes,
+        records,
+    }
+}
+
+/// The records as text lines (`name type data`), sorted, for `/v1/records` and the CLI.
+pub fn listing(zone: &Zone, filter: Option<&str>) -> BTreeMap<String, Vec<String>> {
+    let filter = filter.map(fqdn);
+    let mut out: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    for (name, sets) in &zone.names {
+        if filter.as_ref().is_some_and(|f| f != name) {
+            continue;
+        }
+        let lines: Vec<String> = sets
+            .get(RecordType::ANY)
+            .iter()
+            .map(|r| format!("{} {}", r.record_type(), r.data))
+            .collect();
+        if !lines.is_empty() {
+            out.insert(name.clone(), lines);
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+    use std::sync::Arc;
+
+    use dcnet_node_core::model::{
+        Goal, Health, IpAddress, NodeStatus, Resources, TaskId, TaskState, parse_app,
+    };
+
+    use super::*;
+
+    fn node(id: &str, ip: &str) -> Node {
+        Node {
+            id: NodeId(id.into()),
+            hostname: id.into(),
+            ip: ip.parse().unwrap(),
+            resources: Resources::default(),
+            attributes: BTreeMap::new(),
+            status: NodeStatus::Active,
+            registered_at: String::new(),
+        }
+    }
+
+    fn task(id: &str, app: &App, node: &str, ports: &[u16], ip: Option<&str>) -> Task {
+        Task {
+            id: TaskId(id.into()),
+            app_id: app.id.clone(),
+            version: app.version_info.last_config_change_at.clone(),
+            node_id: NodeId(node.into()),
+            host: node.into(),
+            state: TaskState::Running,
+            goal: Goal::Run,
+            kill_reason: None,
+            health: Health {
+                alive: Some(true),
+                ..Default::default()
+            },
+            ports: ports.to_vec(),
+            ip_addresses: ip
+                .map(|i| vec![IpAddress::new(i.parse().unwrap())])
+                .unwrap_or_default(),
+            staged_at: String::new(),
+            started_at: None,
+            finished_at: None,
+            exit: None,
+            process: None,
+            resources: Resources::default(),
+        }
+    }
+
+    fn state(
+        apps: Vec<App>,
+        tasks: Vec<Task>,
+        vips: Vec<(&str, serde_json::Value)>,
+    ) -> ClusterState {
+        let nodes = [node("node-1", "192.0.2.1"), node("node-2", "2001:db8::2")];
+        ClusterState {
+            revision: 42,
+            apps: Arc::new(
+                apps.into_iter()
+                    .map(|a| (a.id.clone(), Arc::new(a)))
+                    .collect(),
+            ),
+            tasks: Arc::new(
+                tasks
+                    .into_iter()
+                    .map(|t| (t.id.clone(), Arc::new(t)))
+                    .collect(),
+            ),
+            nodes: Arc::new(
+                nodes
+                    .into_iter()
+                    .map(|n| (n.id.clone(), Arc::new(n)))
+                    .collect(),
+            ),
+            leader: Some(NodeId("node-1".into())),
+            allocations: Arc::new(
+                vips.into_iter()
+                    .map(|(k, v)| (k.to_string(), Arc::new(v)))
+                    .collect(),
+            ),
+            ..Default::default()
+        }
+    }
+
+    fn app(json: &str) -> App {
+        parse_app(json.as_bytes()).unwrap().app
+    }
+
+    fn addrs(zone: &Zone, name: &str) -> Vec<String> {
+        let Some(sets) = zone.names.get(name) else {
+            return vec![];
+        };
+        let mut v: Vec<String> = sets
+            .a
+            .iter()
+            .chain(&sets.aaaa)
+            .map(|r| r.data.to_string())
+            .collect();
+        v.sort();
+        v
+    }
+
+    fn cfg() -> RecordConfig {
+        RecordConfig {
+            this_node: Some(NodeId("node-1".into())),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn labels_are_cleaned_like_mesos_dns() {
+        assert_eq!(clean_label("Web.Group"), "web-group");
+        assert_eq!(clean_label("my_app.v2"), "my-app-v2");
+        assert_eq!(clean_label("-a*b!c-"), "abc");
+        assert_eq!(clean_label(&"x".repeat(80)).len(), 63);
+        assert_eq!(
+            clean_label(&format!("{}-tail", "y".repeat(62))),
+            "y".repeat(62),
+            "no trailing dash after cutting"
+        );
+        assert_eq!(vip_label("/mygroup/myapp"), "mygroupmyapp");
+    }
+
+    #[test]
+    fn every_name_form_of_a_host_task() {
+        let web = app(
+            r#"{"id": "/group/web", "cmd": "x", "portDefinitions": [{"port": 0, "name": "http"}, {"port": 0, "protocol": "udp"}]}"#,
+        );
+        let st = state(
+            vec![web.clone()],
+            vec![task("group_web.1", &web, "node-1", &[31000, 31001], None)],
+            vec![],
+        );
+        let zone = records_from(&st, &cfg());
+        for name in [
+            "web-group.marathon.mesos.",
+            "web-group.marathon.slave.mesos.",
+            "web-group.marathon.autoip.dcos.thisdcos.directory.",
+            "web-group.marathon.agentip.dcos.thisdcos.directory.",
+            "leader.mesos.",
+            "master.mesos.",
+            "master0.mesos.",
+            "marathon.mesos.",
+            "thisnode.thisdcos.directory.",
+        ] {
+            assert_eq!(addrs(&zone, name), ["192.0.2.1"], "{name}");
+        }
+        assert!(
+            !zone
+                .names
+                .contains_key("web-group.marathon.containerip.dcos.thisdcos.directory.")
+        );
+        assert_eq!(addrs(&zone, "slave.mesos."), ["192.0.2.1", "2001:db8::2"]);
+        assert_eq!(
+            addrs(&zone, "agent.mesos."),
+            ["192.0.2.1", "2001:db8::2"],
+            "AAAA for an IPv6 node"
+        );
+        let canon: Vec<&String> = zone
+            .names
+            .keys()
+            .filter(|k| k.starts_with("web-group-") && k.ends_with(".marathon.mesos."))
+            .collect();
+        assert_eq!(canon.len(), 1, "{canon:?}");
+        assert!(canon[0].ends_with("-node-1.marathon.mesos."), "{canon:?}");
+        let srv = &zone.names["_web-group._tcp.marathon.mesos."];
+        assert_eq!(srv.srv.len(), 1);
+        assert!(
+            srv.srv[0].data.to_string().contains("31000"),
+            "{}",
+            srv.srv[0].data
+        );
+        assert_eq!(srv.additional.len(), 1, "the target's address comes along");
+        assert!(
+            zone.names["_web-group._udp.marathon.mesos."].srv[0]
+                .data
+                .to_string()
+                .contains("31001")
+        );
+        assert!(
+            zone.names
+                .contains_key("_http._web-group._tcp.marathon.mesos."),
+            "named port SRV"
+        );
+        // Ancestors exist (NODATA), SOA serial follows the state revision.
+        assert!(zone.names["_tcp.marathon.mesos."].is_empty());
+        let (_, soa) = zone.apex_of("web-group.marathon.mesos.").unwrap();
+        assert!(soa.data.to_string().contains(" 42 "), "{}", soa.data);
+        // Node PTR.
+        assert!(
+            zone.names["1.2.0.192.in-addr.arpa."].ptr[0]
+                .data
+                .to_string()
+                .starts_with("node-1.agentip")
+        );
+    }
+
+    #[test]
+    fn container_tasks_answer_with_their_own_address_and_ptr() {
+        let web = app(
+            r#"{"id": "/web", "cmd": "x", "networks": [{"mode": "container"}],
+                "container": {"portMappings": [{"containerPort": 80, "hostPort": 0}]}}"#,
+        );
+        let st = state(
+            vec![web.clone()],
+            vec![task("web.1", &web, "node-1", &[31000], Some("10.128.0.2"))],
+            vec![],
+        );
+        let zone = records_from(&st, &cfg());
+        assert_eq!(addrs(&zone, "web.marathon.mesos."), ["10.128.0.2"]);
+        assert_eq!(
+            addrs(&zone, "web.marathon.autoip.dcos.thisdcos.directory."),
+            ["10.128.0.2"]
+        );
+        assert_eq!(
+            addrs(&zone, "web.marathon.containerip.dcos.thisdcos.directory."),
+            ["10.128.0.2"]
+        );
+        assert_eq!(
+            addrs(&zone, "web.marathon.agentip.dcos.thisdcos.directory."),
+            ["192.0.2.1"]
+        );
+        assert!(
+            zone.names["_web._tcp.marathon.mesos."].srv[0]
+                .data
+                .to_string()
+                .contains(" 80 ")
+        );
+        let ptr = &zone.names["2.0.128.10.in-addr.arpa."].ptr[0];
+        assert!(ptr.data.to_string().starts_with("web-"), "{}", ptr.data);
+    }
+
+    #[test]
+    fn only_serving_tasks_are_answered() {
+        let web = app(
+            r#"{"id": "/web", "cmd": "x", "portDefinitions": [{"port": 0}], "healthChecks": [{"protocol": "TCP"}]}"#,
+        );
+        let healthy = task("web.1", &web, "node-1", &[31000], None);
+        let mut unhealthy = task("web.2", &web, "node-2", &[31000], None);
+        unhealthy.health.alive = Some(false);
+        let mut unknown = task("web.3", &web, "node-2", &[31001], None);
+        unknown.health.alive = None;
+        let mut killing = task("web.4", &web, "node-2", &[31002], None);
+        killing.goal = Goal::Kill;
+        let mut staging = task("web.5", &web, "node-2", &[31003], None);
+        staging.state = TaskState::Staging;
+        let st = state(
+            vec![web],
+            vec![healthy, unhealthy, unknown, killing, staging],
+            vec![],
+        );
+        let zone = records_from(&st, &cfg());
+        assert_eq!(addrs(&zone, "web.marathon.mesos."), ["192.0.2.1"]);
+        assert_eq!(zone.names["_web._tcp.marathon.mesos."].srv.len(), 1);
+    }
+
+    #[test]
+    fn vips_answer_only_when_their_data_plane_is_ready() {
+        let st = state(
+            vec![],
+            vec![],
+            vec![
+                (
+                    "/dcnet/vips/a",
+                    serde_json::json!({"name": "/mygroup/myapp", "ip": "198.18.0.7", "ready": true}),
+                ),
+                (
+                    "/dcnet/vips/b",
+                    serde_json::json!({"name": "/notyet", "ip": "198.18.0.8", "ready": false}),
+                ),
+            ],
+        );
+        let zone = records_from(&st, &cfg());
+        assert_eq!(
+            addrs(&zone, "mygroupmyapp.marathon.l4lb.thisdcos.directory."),
+            ["198.18.0.7"]
+        );
+        assert_eq!(addrs(&zone, "mygroupmyapp.marathon.l4lb."), ["198.18.0.7"]);
+        assert!(!zone.names.contains_key("notyet.marathon.l4lb."));
+        assert!(
+            zone.names["7.0.18.198.in-addr.arpa."].ptr[0]
+                .data
+                .to_string()
+                .starts_with("mygroupmyapp.marathon.l4lb")
+        );
+    }
+}

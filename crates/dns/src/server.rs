@@ -1,0 +1,187 @@
+//! The request handler behind hickory-server: authoritative answers from the current [`Zone`]
+//! (one atomic load per query, no lock), everything else to the forwarder.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+use hickory_proto::op::{Edns, MessageType, Metadata, OpCode, ResponseCode};
+use hickory_proto::rr::{Record, RecordType};
+use hickory_server::net::runtime::Time;
+use hickory_server::server::{Request, RequestHandler, ResponseHandler, ResponseInfo};
+use hickory_server::zone_handler::MessageResponseBuilder;
+use tokio::time::Instant;
+use tracing::debug;
+
+use crate::forward::Forwarder;
+use crate::metrics::Metrics;
+use crate::records::Zone;
+
+/// EDNS buffer size we advertise and never exceed over UDP.
+const MAX_UDP_PAYLOAD: u16 = 1232;
+
+pub(crate) struct Handler {
+    pub(crate) zone: Arc<ArcSwap<Zone>>,
+    pub(crate) forwarder: Option<Arc<Forwarder>>,
+    pub(crate) metrics: Metrics,
+}
+
+/// Rotates a record set by a per-query offset, so that clients spread over the answers.
+fn rotated(records: Vec<&Record>, offset: usize) -> Vec<&Record> {
+    if records.len() < 2 {
+        return records;
+    }
+    let k = offset % records.len();
+    records[k..].iter().chain(&records[..k]).copied().collect()
+}
+
+#[async_trait::async_trait]
+impl RequestHandler for Handler {
+    async fn handle_request<R: ResponseHandler, T: Time>(
+        &self,
+        request: &Request,
+        mut response: R,
+    ) -> ResponseInfo {
+        let started = Instant::now();
+        let edns = request.edns.as_ref().map(|req| {
+            let mut e = Edns::new();
+            e.set_max_payload(req.max_payload().clamp(512, MAX_UDP_PAYLOAD));
+            e
+        });
+        let mut builder = MessageResponseBuilder::from_message_request(request);
+        if let Some(e) = &edns {
+            builder.edns(e);
+        }
+        let info = match request.request_info() {
+            Ok(info) => info,
+            Err(_) => {
+                let msg = builder.error_msg(&request.metadata, ResponseCode::FormErr);
+                return response
+                    .send_response(msg)
+                    .await
+                    .unwrap_or_else(|_| serve_failed(request));
+            }
+        };
+        if info.metadata.op_code != OpCode::Query
+            || info.metadata.message_type != MessageType::Query
+        {
+            let msg = builder.error_msg(&request.metadata, ResponseCode::NotImp);
+            return response
+                .send_response(msg)
+                .await
+                .unwrap_or_else(|_| serve_failed(request));
+        }
+        let qname = info.query.name().to_string().to_ascii_lowercase();
+        let qtype = info.query.query_type();
+        let zone = self.zone.load();
+        let mut metadata = Metadata::response_from_request(&request.metadata);
+        metadata.recursion_available = self.forwarder.is_some();
+
+        let authoritative = zone
+            .names
+            .get(&qname)
+            .map(|sets| (sets, zone.apex_of(&qname)));
+        let result = match authoritative {
+            Some((sets, apex)) => {
+                metadata.authoritative = true;
+                let answers = rotated(sets.get(qtype), usize::from(request.metadata.id));
+                let additionals: Vec<&Record> = if qtype == RecordType::SRV {
+                    sets.additional.iter().collect()
+                } else {
+                    Vec::new()
+                };
+                let soa: Vec<&Record> = if answers.is_empty() {
+                    apex.map(|(_, s)| s).into_iter().collect()
+                } else {
+                    Vec::new()
+                };
+                self.metrics
+                    .query(zone_label(&qname), qtype, ResponseCode::NoError);
+                let msg = builder.build(metadata, answers, Vec::<&Record>::new(), soa, additionals);
+                response.send_response(msg).await
+            }
+            None => match zone.apex_of(&qname) {
+                Some((_, soa)) => {
+                    metadata.authoritative = true;
+                    metadata.response_code = ResponseCode::NXDomain;
+                    self.metrics
+                        .query(zone_label(&qname), qtype, ResponseCode::NXDomain);
+                    let msg = builder.build(
+                        metadata,
+                        Vec::<&Record>::new(),
+                        Vec::<&Record>::new(),
+                        [soa],
+                        Vec::<&Record>::new(),
+                    );
+                    response.send_response(msg).await
+                }
+                None => {
+                    drop(zone);
+                    match &self.forwarder {
+                        Some(fwd) => {
+                            let answer = fwd.forward(request, &qname, qtype).await;
+                            let mut metadata = Metadata::response_from_request(&request.metadata);
+                            metadata.recursion_available = true;
+                            metadata.response_code = answer.rcode;
+                            metadata.truncation = answer.truncated;
+                            self.metrics.query("forwarded", qtype, answer.rcode);
+                            let msg = builder.build(
+                                metadata,
+                                answer.answers.iter(),
+                                answer.authorities.iter(),
+                                Vec::<&Record>::new(),
+                                answer.additionals.iter(),
+                            );
+                            response.send_response(msg).await
+                        }
+                        None => {
+                            self.metrics.query("other", qtype, ResponseCode::Refused);
+                            let msg = builder.error_msg(&request.metadata, ResponseCode::Refused);
+                            response.send_response(msg).await
+                        }
+                    }
+                }
+            },
+        };
+        self.metrics.latency(started.elapsed());
+        match result {
+            Ok(info) => info,
+            Err(e) => {
+                debug!(error = %e, "could not send a DNS response");
+                serve_failed(request)
+            }
+        }
+    }
+}
+
+fn serve_failed(request: &Request) -> ResponseInfo {
+    let mut metadata = Metadata::response_from_request(&request.metadata);
+    metadata.response_code = ResponseCode::ServFail;
+    hickory_proto::op::Header {
+        metadata,
+        counts: Default::default(),
+    }
+    .into()
+}
+
+/// A bounded label for metrics: which zone a name is in.
+fn zone_label(name: &str) -> &'static str {
+    if name.ends_with(".l4lb.thisdcos.directory.") || name.ends_with(".l4lb.") {
+        "l4lb"
+    } else if name.ends_with("thisdcos.directory.") {
+        "thisdcos.directory"
+    } else if name.ends_with(".in-addr.arpa.") || name.ends_with(".ip6.arpa.") {
+        "reverse"
+    } else {
+        "mesos"
+    }
+}
+
+/// The socket addresses a server listens on, for logs.
+pub(crate) fn describe(addrs: &[SocketAddr]) -> String {
+    addrs
+        .iter()
+        .map(SocketAddr::to_string)
+        .collect::<Vec<_>>()
+        .join(", ")
+}

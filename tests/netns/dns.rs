@@ -1,0 +1,253 @@
+//! DNS on the wire: `dig` against the agent's server inside the test namespace, a loopback
+//! upstream for forwarding, and lookups from inside a container.
+
+use std::net::UdpSocket;
+use std::process::Command;
+use std::time::Duration;
+
+use dcnet_dns::proto::op::{Message, ResponseCode};
+use dcnet_dns::proto::rr::rdata::A;
+use dcnet_dns::proto::rr::{RData, Record};
+use serde_json::{Value, json};
+
+use crate::support::{Agent, NetNs, wait_until};
+
+const NODE_IP: &str = "192.0.2.10";
+
+/// `dig` from this thread (inside the test namespace) against the agent.
+fn dig(args: &[&str]) -> String {
+    let out = Command::new("dig")
+        .args(["@127.0.0.1", "+time=2", "+tries=1"])
+        .args(args)
+        .output()
+        .expect("dig from dnsutils");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn short(args: &[&str]) -> Vec<String> {
+    let mut v: Vec<String> = dig(&[&["+short"], args].concat())
+        .lines()
+        .map(str::to_string)
+        .collect();
+    v.sort();
+    v
+}
+
+/// A one-name upstream on 127.0.0.2:53: `outside.example.` A 203.0.113.7, NXDOMAIN otherwise.
+fn upstream() {
+    let socket = UdpSocket::bind("127.0.0.2:53").expect("binding the test upstream");
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 4096];
+        while let Ok((n, from)) = socket.recv_from(&mut buf) {
+            let Ok(query) = Message::from_vec(&buf[..n]) else {
+                continue;
+            };
+            let mut answer = Message::response(query.metadata.id, query.metadata.op_code);
+            answer.metadata.recursion_available = true;
+            answer.add_queries(query.queries.clone());
+            match query.queries.first() {
+                Some(q) if q.name().to_string() == "outside.example." => {
+                    answer.add_answer(Record::from_rdata(
+                        q.name().clone(),
+                        60,
+                        RData::A(A([203, 0, 113, 7].into())),
+                    ));
+                }
+                _ => answer.metadata.response_code = ResponseCode::NXDomain,
+            }
+            let _ = socket.send_to(&answer.to_vec().unwrap(), from);
+        }
+    });
+}
+
+fn deploy(agent: &Agent, def: &Value) {
+    let (status, v) = agent
+        .http("POST", "/v2/apps", Some(&def.to_string()))
+        .unwrap();
+    assert_eq!(status, 201, "{v}");
+    let dep = v["deployments"][0]["id"].as_str().unwrap().to_string();
+    let mut last = Value::Null;
+    let ok = wait_until(Duration::from_secs(60), || {
+        last = agent.get(&format!("/v2/deployments/{dep}"));
+        last["status"] != "running"
+    });
+    assert!(ok && last["status"] == "succeeded", "{last}");
+}
+
+#[test]
+fn dig_gets_authoritative_answers_srv_nxdomain_nodata_ptr_tc_and_forwarding() {
+    assert!(
+        nix::unistd::Uid::effective().is_root(),
+        "needs root (make test)"
+    );
+    let ns = NetNs::new("dns");
+    ns.add_node_address("node0", &format!("{NODE_IP}/24"));
+    ns.enter();
+    upstream();
+    let agent = Agent::start_with(&ns, NODE_IP, "[dns]\nupstreams = [\"127.0.0.2:53\"]\n");
+    deploy(
+        &agent,
+        &json!({"id": "/group/web", "cmd": "sleep 600", "instances": 2, "cpus": 0.01, "mem": 8,
+                "portDefinitions": [{"port": 0, "name": "http"}]}),
+    );
+
+    // A, case-insensitive, authoritative. Both tasks are on this node: one address, once.
+    assert_eq!(short(&["web-group.marathon.mesos"]), [NODE_IP]);
+    assert_eq!(short(&["WEB-Group.Marathon.MESOS"]), [NODE_IP]);
+    let full = dig(&["web-group.marathon.mesos"]);
+    assert!(full.contains("flags: qr aa"), "{full}");
+    assert_eq!(short(&["leader.mesos"]), [NODE_IP]);
+    assert_eq!(
+        short(&["web-group.marathon.agentip.dcos.thisdcos.directory"]),
+        [NODE_IP]
+    );
+
+    // SRV with the targets' addresses in the additional section.
+    let srv = dig(&["_web-group._tcp.marathon.mesos", "SRV"]);
+    assert!(srv.contains("ANSWER: 2"), "{srv}");
+    assert!(
+        srv.contains("ADDITIONAL SECTION") && srv.contains(NODE_IP),
+        "{srv}"
+    );
+    let ports: Vec<u64> = agent
+        .running("/group/web")
+        .iter()
+        .map(|t| t["ports"][0].as_u64().unwrap())
+        .collect();
+    for port in ports {
+        assert!(srv.contains(&format!(" {port} ")), "port {port} in {srv}");
+    }
+
+    // NXDOMAIN and NODATA, both with the SOA in the authority section.
+    let nx = dig(&["nope.marathon.mesos"]);
+    assert!(
+        nx.contains("status: NXDOMAIN") && nx.contains("AUTHORITY: 1") && nx.contains("SOA"),
+        "{nx}"
+    );
+    let nodata = dig(&["web-group.marathon.mesos", "AAAA"]);
+    assert!(
+        nodata.contains("status: NOERROR")
+            && nodata.contains("ANSWER: 0")
+            && nodata.contains("SOA"),
+        "{nodata}"
+    );
+
+    // PTR for the node address.
+    assert_eq!(
+        short(&["-x", NODE_IP]),
+        ["node-1.agentip.dcos.thisdcos.directory."]
+    );
+
+    // Forwarded to the loopback upstream; unknown names come back NXDOMAIN from it.
+    assert_eq!(short(&["outside.example"]), ["203.0.113.7"]);
+    assert!(dig(&["missing.example"]).contains("status: NXDOMAIN"));
+
+    // Many tasks: too long for 512 bytes of UDP without EDNS, whole over TCP.
+    deploy(
+        &agent,
+        &json!({"id": "/big", "cmd": "sleep 600", "instances": 60, "cpus": 0.01, "mem": 1,
+                "portDefinitions": [{"port": 0}]}),
+    );
+    let udp = dig(&["+noedns", "+ignore", "_big._tcp.marathon.mesos", "SRV"]);
+    assert!(udp.contains(" tc") || udp.contains("tc "), "{udp}");
+    let tcp = dig(&["+tcp", "_big._tcp.marathon.mesos", "SRV"]);
+    assert!(tcp.contains("ANSWER: 60"), "{tcp}");
+
+    // The Mesos-DNS HTTP API and the CLI see the same records.
+    let hosts = agent.get("/v1/hosts/web-group.marathon.mesos");
+    assert_eq!(hosts[0]["ip"], NODE_IP, "{hosts}");
+    let (ok, out, err) = agent.cli(&["dns", "lookup", "web-group.marathon.mesos"]);
+    assert!(
+        ok && out.contains("NoError") || out.contains("NOERROR") || out.contains("No Error"),
+        "{out}{err}"
+    );
+    assert_eq!(out.matches(NODE_IP).count(), 1, "{out}");
+
+    // A killed task disappears from the answers.
+    let task = agent.running("/group/web").remove(0);
+    let pid = task["process"]["pid"].as_i64().unwrap();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    let gone = wait_until(Duration::from_secs(10), || {
+        short(&["_web-group._tcp.marathon.mesos", "SRV"]).len() == 1
+    });
+    assert!(gone, "the dead task is still answered");
+}
+
+#[test]
+fn forwarding_off_refuses_other_names() {
+    assert!(
+        nix::unistd::Uid::effective().is_root(),
+        "needs root (make test)"
+    );
+    let ns = NetNs::new("refuse");
+    ns.enter();
+    let _agent = Agent::start_with(&ns, "127.0.0.1", "[dns]\nforward = false\n");
+    assert!(dig(&["outside.example"]).contains("status: REFUSED"));
+    assert!(dig(&["leader.mesos"]).contains("status: NOERROR"));
+}
+
+#[test]
+fn a_container_resolves_names_through_its_gateway() {
+    assert!(
+        nix::unistd::Uid::effective().is_root(),
+        "needs root (make test)"
+    );
+    let ns = NetNs::new("ctrdns");
+    ns.add_node_address("node0", &format!("{NODE_IP}/24"));
+    ns.enter();
+    let agent = Agent::start_on(&ns, NODE_IP);
+    deploy(
+        &agent,
+        &json!({"id": "/group/web", "cmd": "exec sleep 600", "instances": 2, "cpus": 0.01, "mem": 16,
+                "networks": [{"mode": "container"}]}),
+    );
+    let task = agent.running("/group/web").remove(0);
+    let pid = task["process"]["pid"].as_u64().unwrap().to_string();
+    let ips: Vec<String> = {
+        let mut v: Vec<String> = agent
+            .running("/group/web")
+            .iter()
+            .map(|t| {
+                t["ipAddresses"][0]["ipAddress"]
+                    .as_str()
+                    .unwrap()
+                    .to_string()
+            })
+            .collect();
+        v.sort();
+        v
+    };
+    // Inside the container's own namespaces: its resolv.conf names the gateway.
+    let in_task = |args: &[&str]| {
+        let out = Command::new("nsenter")
+            .args(["--target", &pid, "--net", "--mount"])
+            .args(args)
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    // RUNNING means started; the shim may still be entering the namespaces.
+    let entered = wait_until(Duration::from_secs(5), || {
+        in_task(&["cat", "/etc/resolv.conf"]).contains("10.128.0.1")
+    });
+    assert!(entered, "the container's resolv.conf names the gateway");
+    let dig_out = in_task(&["dig", "+short", "web-group.marathon.mesos"]);
+    let mut got: Vec<String> = dig_out.lines().map(str::to_string).collect();
+    got.sort();
+    assert_eq!(
+        got, ips,
+        "dig inside the container answers the container addresses"
+    );
+    let getent = in_task(&["getent", "hosts", "web-group.marathon.mesos"]);
+    assert!(
+        ips.iter().any(|ip| getent.contains(ip.as_str())),
+        "{getent}"
+    );
+    // The search domain makes the short DC/OS form work.
+    let auto = in_task(&["getent", "hosts", "web-group.marathon.autoip.dcos"]);
+    assert!(ips.iter().any(|ip| auto.contains(ip.as_str())), "{auto}");
+}

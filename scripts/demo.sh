@@ -94,6 +94,14 @@ run app deploy examples/hello.json --wait --timeout 2m
 run app list
 run task list
 
+say "resolving the app's names with dig against the agent's DNS server"
+for query in "hello-demo.marathon.mesos" "_hello-demo._tcp.marathon.mesos SRV"; do
+    printf '\033[36m$ dig @127.0.0.1 +noall +answer %s\033[0m\n' "$query"
+    # shellcheck disable=SC2086
+    in_ns dig @127.0.0.1 +noall +answer $query
+done
+run dns lookup leader.mesos
+
 say "fetching a page from one of the tasks"
 port=$(in_ns "$DCNET" task list --app /demo/hello --json |
     python3 -c 'import json,sys; t=[t for t in json.load(sys.stdin)["tasks"] if t["state"]=="TASK_RUNNING"]; print(t[0]["ports"][0])')

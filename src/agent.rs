@@ -127,6 +127,7 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         node,
         leader_ttl: std::time::Duration::from_secs(10),
     };
+    let store_for_l4lb = store.clone();
     let core = NodeCore::start(
         core_cfg,
         store,
@@ -151,10 +152,21 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         dns::Metrics::register(&registry).context("registering DNS metrics")?,
     );
     let dns_routes = dns.router();
+    let vip_range: Subnet = cfg.l4lb.range.parse().map_err(anyhow::Error::msg)?;
+    dcnet_l4lb::add_anyip_route(vip_range)
+        .await
+        .with_context(|| format!("adding the AnyIP route `local {vip_range} dev lo` for VIPs"))?;
+    let l4lb = dcnet_l4lb::L4lb::new(
+        dcnet_l4lb::Config { range: vip_range },
+        store_for_l4lb,
+        dcnet_l4lb::Metrics::register(&registry).context("registering L4LB metrics")?,
+    );
+    let l4lb_routes = l4lb.router();
+    let l4lb_task = tokio::spawn(l4lb.run(core.state(), shutdown.child_token()));
     let dns_task = tokio::spawn(dns.run(core.state(), udp, tcp, shutdown.child_token()));
 
     let metrics_registry = registry.clone();
-    let mut app = core.router().merge(dns_routes).route(
+    let mut app = core.router().merge(dns_routes).merge(l4lb_routes).route(
         "/metrics",
         get(move || {
             let registry = metrics_registry.clone();
@@ -189,6 +201,7 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
     let drained = tokio::time::timeout(grace, async {
         let _ = server.await;
         let _ = dns_task.await;
+        let _ = l4lb_task.await;
         core.stopped().await;
     })
     .await;

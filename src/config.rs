@@ -35,6 +35,29 @@ pub struct AgentConfig {
     /// The DNS server.
     #[serde(default)]
     pub dns: DnsSection,
+    /// The VIP load balancer.
+    #[serde(default)]
+    pub l4lb: L4lbSection,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct L4lbSection {
+    /// Where named VIPs get their addresses; never routed on the Internet.
+    #[serde(default = "default_vip_range")]
+    pub range: String,
+}
+
+impl Default for L4lbSection {
+    fn default() -> Self {
+        Self {
+            range: default_vip_range(),
+        }
+    }
+}
+
+fn default_vip_range() -> String {
+    "198.18.0.0/15".into()
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -266,6 +289,10 @@ impl AgentConfig {
                 range.prefix
             );
         }
+        self.l4lb
+            .range
+            .parse::<dcnet_node_core::ipam::Subnet>()
+            .map_err(|e| anyhow::anyhow!("l4lb.range: {e}"))?;
         if self.containers.bridge.is_empty() || self.containers.bridge.len() > 15 {
             bail!(
                 "containers.bridge = {:?} must be an interface name of 1 to 15 characters",

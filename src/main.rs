@@ -58,6 +58,9 @@ enum Command {
     /// List deployments.
     #[command(subcommand)]
     Deployment(DeploymentCommand),
+    /// The VIP table: VIPs, their backends and connections.
+    #[command(subcommand)]
+    Vip(VipCommand),
     /// Inspect DNS: the records served, and lookups against the agent's server.
     #[command(subcommand)]
     Dns(DnsCommand),
@@ -135,6 +138,14 @@ enum NodeCommand {
 }
 
 #[derive(Subcommand)]
+enum VipCommand {
+    /// Every VIP this node serves.
+    List,
+    /// One VIP, by address (`198.18.0.1`, `198.18.0.1:80`) or name (`web`), with its backends.
+    Show { name: String },
+}
+
+#[derive(Subcommand)]
 enum DnsCommand {
     /// The records the agent serves, all or of one name.
     Records { name: Option<String> },
@@ -202,6 +213,8 @@ fn main() -> ExitCode {
                 Command::Deployment(DeploymentCommand::List { all }) => {
                     cli::deployment_list(&client, all, json)
                 }
+                Command::Vip(VipCommand::List) => cli::vip_list(&client, json),
+                Command::Vip(VipCommand::Show { name }) => cli::vip_show(&client, &name, json),
                 Command::Dns(DnsCommand::Records { name }) => {
                     cli::dns_records(&client, name.as_deref(), json)
                 }

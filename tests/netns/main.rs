@@ -3,5 +3,6 @@
 
 mod containers;
 mod dns;
+mod l4lb;
 mod node_core;
 mod support;

@@ -1,7 +1,287 @@
-//! The L4 load-balancing plane: VIP allocation, the VIP table derived from the
-//! `ClusterState` snapshot, backend selection and the data planes behind one trait.
+//! The L4 load-balancing plane: VIPs from port labels, addresses for named VIPs (stored with
+//! compare-and-swap so every node uses the same one), the VIP table derived from each
+//! `ClusterState` snapshot, and a data plane that serves it (here the userspace proxy; the
+//! eBPF data plane takes the same table).
 //!
-//! Empty until its own issue fills it; the crate exists so that the workspace has its final
-//! shape and the binary can wire the plane in without moving files around.
+//! A named VIP is marked ready in the store only once the data plane listens on it, and DNS
+//! answers only ready VIPs: a name never resolves to an address nothing serves.
 #![deny(rust_2018_idioms, clippy::disallowed_methods, clippy::disallowed_types)]
 #![forbid(unsafe_code)]
+
+mod metrics;
+mod proxy;
+mod select;
+mod table;
+
+use std::collections::BTreeSet;
+use std::net::{IpAddr, Ipv4Addr};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use axum::Json;
+use axum::Router;
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::routing::get;
+use dcnet_node_core::ClusterState;
+use dcnet_node_core::ipam::Subnet;
+use dcnet_node_core::keys::{self, SharedStore};
+use dcnet_node_core::store::{Precondition, StoreError};
+use futures::TryStreamExt;
+use serde_json::{Value, json};
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+pub use self::metrics::Metrics;
+pub use self::proxy::{Proxy, Registry};
+pub use self::select::{EJECT_FOR, Selector};
+pub use self::table::{
+    Allocation, Backend, Entry, Lb, VIPS, VipKey, VipTable, choose_address, vip_key,
+    vip_table_from, wanted_names,
+};
+
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// Where named VIPs get their addresses.
+    pub range: Subnet,
+}
+
+/// The plane: allocation, the table and the data plane, and the operator's view of them.
+#[derive(Clone)]
+pub struct L4lb {
+    cfg: Config,
+    store: SharedStore,
+    registry: Registry,
+    metrics: Metrics,
+}
+
+impl L4lb {
+    pub fn new(cfg: Config, store: SharedStore, metrics: Metrics) -> Self {
+        Self {
+            cfg,
+            store,
+            registry: Arc::default(),
+            metrics,
+        }
+    }
+
+    /// `/v1/vips` (dcos-l4lb's shape, with per-backend state and connections) and
+    /// `/v1/vips/{name}`.
+    pub fn router(&self) -> Router {
+        Router::new()
+            .route("/v1/vips", get(list_vips))
+            .route("/v1/vips/{*name}", get(show_vip))
+            .with_state(self.registry.clone())
+    }
+
+    /// Follows `state` until `shutdown`: allocates, applies the table, marks VIPs ready.
+    pub async fn run(
+        self,
+        mut state: watch::Receiver<Arc<ClusterState>>,
+        shutdown: CancellationToken,
+    ) {
+        let mut proxy = Proxy::new(
+            self.registry.clone(),
+            self.metrics.clone(),
+            shutdown.clone(),
+        );
+        loop {
+            let snap = state.borrow_and_update().clone();
+            if let Err(e) = self.allocate(&snap).await {
+                warn!(error = %e, "VIP allocation failed; retrying on the next change");
+            }
+            let table = vip_table_from(&snap);
+            let served = proxy.apply(&table).await;
+            self.metrics.vips(served.len());
+            for key in served {
+                let Some(name) = table.get(&key).and_then(|e| e.name.clone()) else {
+                    continue;
+                };
+                let ready = snap
+                    .allocations
+                    .get(&vip_key(&name))
+                    .and_then(|v| v.get("ready").and_then(Value::as_bool))
+                    .unwrap_or(false);
+                if !ready {
+                    let result = keys::update_existing::<Allocation, _>(
+                        &*self.store,
+                        &vip_key(&name),
+                        |a| {
+                            let changed = !a.ready;
+                            a.ready = true;
+                            changed
+                        },
+                    )
+                    .await;
+                    match result {
+                        Ok(Some(_)) => info!(vip = %name, ip = %key.ip, "VIP ready"),
+                        Ok(None) => {}
+                        Err(e) => warn!(vip = %name, error = %e, "could not mark the VIP ready"),
+                    }
+                }
+            }
+            tokio::select! {
+                res = state.changed() => if res.is_err() { return },
+                () = shutdown.cancelled() => return,
+            }
+        }
+    }
+
+    /// Gives every wanted named VIP an address and frees those no app wants any more.
+    async fn allocate(&self, snap: &ClusterState) -> Result<(), StoreError> {
+        let wanted = wanted_names(snap);
+        let current: Vec<(String, Allocation)> = snap
+            .allocations
+            .iter()
+            .filter(|(k, _)| k.starts_with(VIPS))
+            .filter_map(|(k, v)| {
+                serde_json::from_value::<Allocation>((**v).clone())
+                    .ok()
+                    .map(|a| (k.clone(), a))
+            })
+            .collect();
+        let mut taken: BTreeSet<IpAddr> = current.iter().map(|(_, a)| a.ip).collect();
+        for app in snap.apps.values() {
+            for spec in app.vips().0 {
+                if let dcnet_node_core::model::VipTarget::Ip(ip) = spec.target {
+                    taken.insert(ip);
+                }
+            }
+        }
+        for name in &wanted {
+            if current.iter().any(|(_, a)| &a.name == name) {
+                continue;
+            }
+            let Some(ip) = choose_address(name, self.cfg.range, &taken) else {
+                warn!(vip = %name, range = %self.cfg.range, "the VIP range is full");
+                continue;
+            };
+            let alloc = Allocation {
+                name: name.clone(),
+                ip: IpAddr::V4(ip),
+                ready: false,
+            };
+            match self
+                .store
+                .put(&vip_key(name), keys::to_json(&alloc), Precondition::Absent)
+                .await
+            {
+                Ok(_) => {
+                    info!(vip = %name, %ip, "VIP allocated");
+                    taken.insert(IpAddr::V4(ip));
+                }
+                // Another node won the race; its choice arrives with the next snapshot.
+                Err(StoreError::Conflict { .. }) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        for (key, alloc) in current {
+            if !wanted.contains(&alloc.name) {
+                info!(vip = %alloc.name, ip = %alloc.ip, "VIP released");
+                self.store.delete(&key, Precondition::Any).await?;
+            }
+        }
+        Ok(())
+    }
+}
+
+fn vip_json(key: &VipKey, selector: &Selector) -> Value {
+    let name = selector.name.as_deref();
+    let label = match name {
+        Some(n) => format!("{}:{}", n.trim_start_matches('/'), key.port),
+        None => format!("{}:{}", key.ip, key.port),
+    };
+    let backends: Vec<Value> = selector
+        .backends
+        .iter()
+        .map(|b| {
+            json!({
+                "ip": b.backend.addr.ip(), "port": b.backend.addr.port(),
+                "state": b.state(), "weight": b.backend.weight,
+                "active": b.active.load(Ordering::Relaxed), "total": b.total.load(Ordering::Relaxed),
+                "failures": b.failures.load(Ordering::Relaxed),
+                "task": b.backend.task, "node": b.backend.node,
+            })
+        })
+        .collect();
+    let backend: Vec<Value> = selector
+        .backends
+        .iter()
+        .map(|b| json!({"ip": b.backend.addr.ip(), "port": b.backend.addr.port()}))
+        .collect();
+    json!({
+        "vip": label, "name": name, "ip": key.ip, "port": key.port, "protocol": key.protocol.as_str(),
+        "lb": selector.lb, "dataPlane": "userspace", "backend": backend, "backends": backends,
+    })
+}
+
+async fn list_vips(State(registry): State<Registry>) -> Json<Value> {
+    let serving: Vec<(VipKey, Arc<Selector>)> = registry
+        .read()
+        .expect("registry lock")
+        .iter()
+        .map(|(k, s)| (*k, s.load_full()))
+        .collect();
+    let out: Vec<Value> = serving.iter().map(|(k, s)| vip_json(k, s)).collect();
+    Json(json!(out))
+}
+
+/// One VIP by name (`web`, `/web`) or address (`198.18.0.1`, `198.18.0.1:80`).
+async fn show_vip(
+    State(registry): State<Registry>,
+    Path(name): Path<String>,
+) -> Result<Json<Value>, (StatusCode, Json<Value>)> {
+    let serving: Vec<(VipKey, Arc<Selector>)> = registry
+        .read()
+        .expect("registry lock")
+        .iter()
+        .map(|(k, s)| (*k, s.load_full()))
+        .collect();
+    let wanted = name.trim_start_matches('/');
+    let found: Vec<Value> = serving
+        .iter()
+        .filter(|(k, s)| {
+            wanted == k.ip.to_string()
+                || wanted == format!("{}:{}", k.ip, k.port)
+                || s.name.as_deref().map(|n| n.trim_start_matches('/')) == Some(wanted)
+        })
+        .map(|(k, s)| vip_json(k, s))
+        .collect();
+    if found.is_empty() {
+        return Err((
+            StatusCode::NOT_FOUND,
+            Json(json!({"message": format!("VIP '{name}' is not served here"), "details": []})),
+        ));
+    }
+    Ok(Json(json!(found)))
+}
+
+/// Makes every address of `range` local in this namespace (`local <range> dev lo`), so that a
+/// listener can bind any VIP and containers reach it through their gateway.
+pub async fn add_anyip_route(range: Subnet) -> std::io::Result<()> {
+    use rtnetlink::RouteMessageBuilder;
+    use rtnetlink::packet_route::route::{RouteScope, RouteType};
+    let (conn, handle, _) = rtnetlink::new_connection()?;
+    tokio::spawn(conn);
+    let mut links = handle.link().get().match_name("lo".to_string()).execute();
+    let lo = links
+        .try_next()
+        .await
+        .map_err(|e| std::io::Error::other(e.to_string()))?
+        .ok_or_else(|| std::io::Error::other("no loopback device"))?
+        .header
+        .index;
+    let route = RouteMessageBuilder::<Ipv4Addr>::new()
+        .destination_prefix(range.network, range.prefix)
+        .kind(RouteType::Local)
+        .scope(RouteScope::Host)
+        .table_id(255)
+        .output_interface(lo)
+        .build();
+    match handle.route().add(route).execute().await {
+        Ok(()) => Ok(()),
+        Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -17 => Ok(()),
+        Err(e) => Err(std::io::Error::other(e.to_string())),
+    }
+}

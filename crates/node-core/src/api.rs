@@ -254,6 +254,43 @@ fn supersede(state: &ClusterState, app: &AppId) -> Vec<Op> {
         .collect()
 }
 
+/// An IP VIP that another app already uses on the same port and protocol is an error on the
+/// app, never a silent overlap.
+fn check_vip_conflicts(app: &App, state: &ClusterState) -> ApiResult<()> {
+    use crate::model::VipTarget;
+    let mut conflicts = Vec::new();
+    let (mine, _) = app.vips();
+    for spec in mine.iter().filter(|s| matches!(s.target, VipTarget::Ip(_))) {
+        for other in state.apps.values().filter(|o| o.id != app.id) {
+            let clash = other.vips().0.into_iter().find(|o| {
+                o.target == spec.target && o.port == spec.port && o.protocol == spec.protocol
+            });
+            if let Some(o) = clash {
+                let path = if app.is_container_network() {
+                    format!(
+                        "/container/portMappings/{}/labels/{}",
+                        spec.port_index, spec.label
+                    )
+                } else {
+                    format!("/portDefinitions/{}/labels/{}", spec.port_index, spec.label)
+                };
+                conflicts.push(crate::model::FieldError {
+                    path,
+                    errors: vec![format!(
+                        "the VIP is already used by {} ({})",
+                        o.app, o.label
+                    )],
+                });
+            }
+        }
+    }
+    if conflicts.is_empty() {
+        Ok(())
+    } else {
+        Err(Invalid::Fields(conflicts).into())
+    }
+}
+
 fn stamp(app: &mut App, config_changed: bool) {
     let now = now_rfc3339();
     app.version = now.clone();
@@ -265,6 +302,7 @@ fn stamp(app: &mut App, config_changed: bool) {
 
 async fn create_app(State(api): State<Api>, body: Bytes) -> ApiResult {
     let Parsed { mut app, warnings } = parse_app(&body)?;
+    check_vip_conflicts(&app, &api.state.borrow().clone())?;
     stamp(&mut app, true);
     let dep = new_deployment(&app, DeploymentKind::Create, None);
     let state = api.state.borrow().clone();
@@ -310,6 +348,7 @@ async fn app_put(State(api): State<Api>, Path(path): Path<String>, body: Bytes) 
         return create_app(State(api), Bytes::from(fields.to_string())).await;
     };
     let Parsed { mut app, warnings } = parse_app_update(&current, &body)?;
+    check_vip_conflicts(&app, &api.state.borrow().clone())?;
     let scale_only = current.is_scale_only_change(&app);
     stamp(&mut app, !scale_only);
     let kind = if scale_only {

@@ -6,6 +6,7 @@
 mod app;
 mod parse;
 mod task;
+mod vip;
 
 pub use self::app::{
     App, AppId, Constraint, Container, HealthCheck, HealthCommand, HealthProtocol, Network,
@@ -17,6 +18,7 @@ pub use self::task::{
     IpAddress, KillReason, Node, NodeId, NodeStatus, PortRange, ProcessHandle, Resources, Task,
     TaskFailure, TaskId, TaskState,
 };
+pub use self::vip::{VipSpec, VipTarget, parse_vip};
 
 /// The current wall-clock time as RFC 3339 with milliseconds, Marathon's timestamp form.
 pub fn now_rfc3339() -> String {

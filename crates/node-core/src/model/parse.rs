@@ -367,6 +367,9 @@ fn validate(app: &App) -> Vec<FieldError> {
             );
         }
     }
+    for (path, message) in app.vips().1 {
+        err(path, message);
+    }
     let strategy = &app.upgrade_strategy;
     if !(0.0..=1.0).contains(&strategy.minimum_health_capacity) {
         err(

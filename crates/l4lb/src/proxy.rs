@@ -1,0 +1,250 @@
+//! The userspace data plane: a listener per VIP:port, bound straight to the VIP (the node's
+//! AnyIP route `local <range> dev lo` makes every VIP a local address), that splices each TCP
+//! connection to a backend, and for UDP keeps a session per client whose replies leave from
+//! the VIP's own socket, so that clients see them come from the VIP.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use tokio::net::{TcpListener, TcpStream, UdpSocket};
+use tokio::sync::Mutex;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, warn};
+
+use crate::metrics::Metrics;
+use crate::select::Selector;
+use crate::table::{VipKey, VipTable};
+use dcnet_node_core::model::Protocol;
+
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
+const ATTEMPTS: usize = 3;
+/// A UDP session with no traffic this long is closed.
+pub const UDP_IDLE: Duration = Duration::from_secs(30);
+
+/// The selectors of the VIPs being served, for the operator's view.
+pub type Registry = Arc<RwLock<BTreeMap<VipKey, Arc<ArcSwap<Selector>>>>>;
+
+struct Serving {
+    selector: Arc<ArcSwap<Selector>>,
+    stop: CancellationToken,
+}
+
+pub struct Proxy {
+    serving: HashMap<VipKey, Serving>,
+    registry: Registry,
+    metrics: Metrics,
+    shutdown: CancellationToken,
+}
+
+impl Proxy {
+    pub fn new(registry: Registry, metrics: Metrics, shutdown: CancellationToken) -> Self {
+        Self {
+            serving: HashMap::new(),
+            registry,
+            metrics,
+            shutdown,
+        }
+    }
+
+    /// Moves the data plane to `table`: new VIPs get listeners, changed ones a new selector,
+    /// removed ones stop accepting (open connections finish). Returns the VIPs it serves.
+    pub async fn apply(&mut self, table: &VipTable) -> Vec<VipKey> {
+        for (key, entry) in table {
+            if let Some(s) = self.serving.get(key) {
+                let next = Selector::new(entry, Some(&s.selector.load()));
+                s.selector.store(Arc::new(next));
+                continue;
+            }
+            let selector = Arc::new(ArcSwap::from_pointee(Selector::new(entry, None)));
+            let stop = self.shutdown.child_token();
+            let addr = SocketAddr::new(key.ip, key.port);
+            let label = entry.name.clone().unwrap_or_else(|| addr.to_string());
+            let started = match key.protocol {
+                Protocol::Tcp => match TcpListener::bind(addr).await {
+                    Ok(l) => {
+                        tokio::spawn(serve_tcp(
+                            l,
+                            selector.clone(),
+                            stop.clone(),
+                            self.metrics.clone(),
+                            label,
+                        ));
+                        true
+                    }
+                    Err(e) => {
+                        warn!(vip = %key, error = %e, "cannot listen on the VIP");
+                        false
+                    }
+                },
+                Protocol::Udp => match UdpSocket::bind(addr).await {
+                    Ok(s) => {
+                        tokio::spawn(serve_udp(
+                            Arc::new(s),
+                            selector.clone(),
+                            stop.clone(),
+                            self.metrics.clone(),
+                            label,
+                        ));
+                        true
+                    }
+                    Err(e) => {
+                        warn!(vip = %key, error = %e, "cannot listen on the VIP");
+                        false
+                    }
+                },
+            };
+            if started {
+                debug!(vip = %key, "VIP listening");
+                self.registry
+                    .write()
+                    .expect("registry lock")
+                    .insert(*key, selector.clone());
+                self.serving.insert(*key, Serving { selector, stop });
+            }
+        }
+        let gone: Vec<VipKey> = self
+            .serving
+            .keys()
+            .filter(|k| !table.contains_key(k))
+            .copied()
+            .collect();
+        for key in gone {
+            if let Some(s) = self.serving.remove(&key) {
+                s.stop.cancel();
+                self.registry.write().expect("registry lock").remove(&key);
+            }
+        }
+        self.serving.keys().copied().collect()
+    }
+}
+
+async fn serve_tcp(
+    listener: TcpListener,
+    selector: Arc<ArcSwap<Selector>>,
+    stop: CancellationToken,
+    metrics: Metrics,
+    label: String,
+) {
+    loop {
+        let (client, peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(c) => c,
+                Err(e) => {
+                    warn!(error = %e, "accept failed");
+                    continue;
+                }
+            },
+            () = stop.cancelled() => return,
+        };
+        let selector = selector.clone();
+        let metrics = metrics.clone();
+        let label = label.clone();
+        tokio::spawn(async move {
+            let _ = client.set_nodelay(true);
+            let mut tried = Vec::new();
+            for _ in 0..ATTEMPTS {
+                let Some(backend) = selector.load().pick(peer, &tried) else {
+                    break;
+                };
+                let addr = backend.backend.addr;
+                match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(addr)).await {
+                    Ok(Ok(mut upstream)) => {
+                        backend.restore();
+                        let _ = upstream.set_nodelay(true);
+                        backend.active.fetch_add(1, Ordering::Relaxed);
+                        backend.total.fetch_add(1, Ordering::Relaxed);
+                        metrics.connection(&label, "ok");
+                        let mut client = client;
+                        let _ = tokio::io::copy_bidirectional(&mut client, &mut upstream).await;
+                        backend.active.fetch_sub(1, Ordering::Relaxed);
+                        return;
+                    }
+                    Ok(Err(e)) => {
+                        debug!(%addr, error = %e, "backend refused; ejecting it for a while")
+                    }
+                    Err(_) => debug!(%addr, "backend timed out; ejecting it for a while"),
+                }
+                backend.eject();
+                metrics.connection(&label, "backend_failed");
+                tried.push(addr);
+            }
+            metrics.connection(&label, "no_backend");
+        });
+    }
+}
+
+async fn serve_udp(
+    socket: Arc<UdpSocket>,
+    selector: Arc<ArcSwap<Selector>>,
+    stop: CancellationToken,
+    metrics: Metrics,
+    label: String,
+) {
+    let sessions: Arc<Mutex<HashMap<SocketAddr, Arc<UdpSocket>>>> =
+        Arc::new(Mutex::new(HashMap::new()));
+    let mut buf = vec![0u8; 65_535];
+    loop {
+        let (n, client) = tokio::select! {
+            r = socket.recv_from(&mut buf) => match r {
+                Ok(r) => r,
+                Err(_) => continue,
+            },
+            () = stop.cancelled() => return,
+        };
+        let existing = sessions.lock().await.get(&client).cloned();
+        let upstream = match existing {
+            Some(u) => u,
+            None => {
+                let Some(backend) = selector.load().pick(client, &[]) else {
+                    metrics.connection(&label, "no_backend");
+                    continue;
+                };
+                let bind: SocketAddr = if backend.backend.addr.is_ipv4() {
+                    ([0, 0, 0, 0], 0).into()
+                } else {
+                    (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
+                };
+                let Ok(up) = UdpSocket::bind(bind).await else {
+                    continue;
+                };
+                if up.connect(backend.backend.addr).await.is_err() {
+                    backend.eject();
+                    continue;
+                }
+                let up = Arc::new(up);
+                backend.total.fetch_add(1, Ordering::Relaxed);
+                backend.active.fetch_add(1, Ordering::Relaxed);
+                metrics.connection(&label, "ok");
+                sessions.lock().await.insert(client, up.clone());
+                // Replies go back from the VIP's socket; the session ends when idle.
+                let (reply_socket, sessions, reply_up, stop) =
+                    (socket.clone(), sessions.clone(), up.clone(), stop.clone());
+                tokio::spawn(async move {
+                    let mut buf = vec![0u8; 65_535];
+                    loop {
+                        tokio::select! {
+                            r = tokio::time::timeout(UDP_IDLE, reply_up.recv(&mut buf)) => match r {
+                                Ok(Ok(n)) => { let _ = reply_socket.send_to(&buf[..n], client).await; }
+                                Ok(Err(_)) => {
+                                    // ICMP unreachable: the backend is not there.
+                                    backend.eject();
+                                    break;
+                                }
+                                Err(_) => break,
+                            },
+                            () = stop.cancelled() => break,
+                        }
+                    }
+                    backend.active.fetch_sub(1, Ordering::Relaxed);
+                    sessions.lock().await.remove(&client);
+                });
+                up
+            }
+        };
+        let _ = upstream.send(&buf[..n]).await;
+    }
+}

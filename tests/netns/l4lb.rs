@@ -1,0 +1,233 @@
+//! VIPs end to end: a container resolves `web.marathon.l4lb` and connects through the
+//! userspace proxy to healthy backends; a dead backend is ejected; a new one gets traffic; UDP
+//! replies come from the VIP.
+
+use std::collections::BTreeMap;
+use std::net::UdpSocket;
+use std::process::Command;
+use std::time::Duration;
+
+use serde_json::{Value, json};
+
+use crate::support::{Agent, NetNs, wait_until};
+
+const NODE_IP: &str = "192.0.2.10";
+
+fn node(tag: &str) -> (NetNs, Agent) {
+    assert!(
+        nix::unistd::Uid::effective().is_root(),
+        "needs root (make test)"
+    );
+    let ns = NetNs::new(tag);
+    ns.add_node_address("node0", &format!("{NODE_IP}/24"));
+    ns.enter();
+    let agent = Agent::start_on(&ns, NODE_IP);
+    (ns, agent)
+}
+
+fn put_and_wait(agent: &Agent, id: &str, def: &Value) {
+    let (status, v) = agent
+        .http(
+            "PUT",
+            &format!("/v2/apps/{}", id.trim_matches('/')),
+            Some(&def.to_string()),
+        )
+        .unwrap();
+    assert!(status == 200 || status == 201, "{status}: {v}");
+    let dep = v["deploymentId"]
+        .as_str()
+        .or(v["deployments"][0]["id"].as_str())
+        .unwrap()
+        .to_string();
+    let mut last = Value::Null;
+    let done = wait_until(Duration::from_secs(60), || {
+        last = agent.get(&format!("/v2/deployments/{dep}"));
+        last["status"] != "running"
+    });
+    assert!(
+        done && last["status"] == "succeeded",
+        "deployment of {id}: {last}"
+    );
+}
+
+fn web(instances: u32) -> Value {
+    json!({
+        "id": "/web", "instances": instances, "cpus": 0.05, "mem": 64,
+        "cmd": "echo \"$MESOS_TASK_ID\" > index.html && exec python3 -m http.server --bind 0.0.0.0 8080",
+        "networks": [{"mode": "container"}],
+        "container": {"portMappings": [{"containerPort": 8080, "labels": {"VIP_0": "/web:80"}}]},
+        "healthChecks": [{"protocol": "HTTP", "path": "/", "gracePeriodSeconds": 15, "intervalSeconds": 1, "timeoutSeconds": 1}]
+    })
+}
+
+/// Runs `script` with sh inside the client container's network and mount namespaces.
+fn in_client(agent: &Agent, script: &str) -> String {
+    let client = agent.running("/client").remove(0);
+    let pid = client["process"]["pid"].as_u64().unwrap().to_string();
+    let out = Command::new("nsenter")
+        .args(["--target", &pid, "--net", "--mount", "sh", "-c", script])
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Fetches through the VIP `n` times from the client container: backend task id -> count,
+/// and the number of failures.
+fn fetch(agent: &Agent, n: u32) -> (BTreeMap<String, u32>, u32) {
+    let out = in_client(
+        agent,
+        &format!(
+            "for i in $(seq {n}); do curl -sS --max-time 3 http://web.marathon.l4lb:80/ || echo FAIL; done"
+        ),
+    );
+    let mut seen = BTreeMap::new();
+    let mut failed = 0;
+    for line in out.lines() {
+        if line.contains("FAIL") {
+            failed += 1;
+        } else if !line.trim().is_empty() {
+            *seen.entry(line.trim().to_string()).or_insert(0) += 1;
+        }
+    }
+    (seen, failed)
+}
+
+#[test]
+fn a_container_reaches_healthy_backends_through_the_vip() {
+    let (_ns, agent) = node("vip");
+    put_and_wait(&agent, "/web", &web(3));
+    put_and_wait(
+        &agent,
+        "/client",
+        &json!({"id": "/client", "cmd": "exec sleep 600", "cpus": 0.05, "mem": 16, "networks": [{"mode": "container"}]}),
+    );
+    // The name answers only once the data plane listens on the VIP.
+    let resolved = wait_until(Duration::from_secs(10), || {
+        in_client(&agent, "getent hosts web.marathon.l4lb").contains("198.1")
+    });
+    assert!(
+        resolved,
+        "web.marathon.l4lb does not resolve in the container"
+    );
+    let vip = in_client(&agent, "getent hosts web.marathon.l4lb");
+    assert!(
+        vip.split_whitespace().next().unwrap().starts_with("198.1"),
+        "{vip}"
+    );
+
+    let (seen, failed) = fetch(&agent, 300);
+    assert_eq!(failed, 0, "{seen:?}");
+    assert_eq!(seen.values().sum::<u32>(), 300);
+    let backends: Vec<String> = agent
+        .running("/web")
+        .iter()
+        .map(|t| t["id"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(seen.len(), 3, "all three backends answer: {seen:?}");
+    assert!(seen.keys().all(|k| backends.contains(k)));
+
+    // The operator's view: the table with three healthy backends and their connections.
+    let (ok, out, err) = agent.cli(&["vip", "list"]);
+    assert!(ok, "{err}");
+    assert!(
+        out.lines().next().unwrap().starts_with("VIP")
+            && out.contains("web:80")
+            && out.contains("3/3"),
+        "{out}"
+    );
+    let vips = agent.get("/v1/vips");
+    let total: u64 = vips[0]["backends"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| b["total"].as_u64().unwrap())
+        .sum();
+    assert!(total >= 300, "{vips}");
+
+    // Kill one backend: after it is ejected (or gone from the table) no request fails.
+    let victim = agent.running("/web").remove(0);
+    let pid = victim["process"]["pid"].as_i64().unwrap();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    let (seen, failed) = fetch(&agent, 60);
+    assert_eq!(failed, 0, "requests failed after a backend died: {seen:?}");
+    assert!(!seen.contains_key(victim["id"].as_str().unwrap()));
+
+    // Scale up: the new backend gets traffic as soon as it is healthy.
+    let before: Vec<String> = agent
+        .running("/web")
+        .iter()
+        .map(|t| t["id"].as_str().unwrap().to_string())
+        .collect();
+    put_and_wait(&agent, "/web", &json!({"instances": 4}));
+    let new: Vec<String> = agent
+        .running("/web")
+        .iter()
+        .map(|t| t["id"].as_str().unwrap().to_string())
+        .filter(|id| !before.contains(id) && id != victim["id"].as_str().unwrap())
+        .collect();
+    assert!(!new.is_empty());
+    let (seen, failed) = fetch(&agent, 40);
+    assert_eq!(failed, 0);
+    assert!(
+        new.iter().any(|id| seen.contains_key(id)),
+        "a new backend got no traffic: {seen:?} new {new:?}"
+    );
+}
+
+#[test]
+fn a_udp_vip_answers_from_the_vip_address() {
+    let (_ns, agent) = node("udpvip");
+    put_and_wait(
+        &agent,
+        "/echo",
+        &json!({
+            "id": "/echo", "instances": 2, "cpus": 0.05, "mem": 32,
+            "cmd": "exec python3 -c 'import socket\ns=socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\ns.bind((\"0.0.0.0\", 5353))\nwhile True:\n    d, a = s.recvfrom(2048)\n    s.sendto(b\"echo:\" + d, a)'",
+            "networks": [{"mode": "container"}],
+            "container": {"portMappings": [{"containerPort": 5353, "protocol": "udp", "labels": {"VIP_0": "/echo:53"}}]}
+        }),
+    );
+    let mut vip = String::new();
+    let ready = wait_until(Duration::from_secs(10), || {
+        let out = Command::new("dig")
+            .args(["@127.0.0.1", "+short", "echo.marathon.l4lb"])
+            .output()
+            .unwrap();
+        vip = String::from_utf8_lossy(&out.stdout).trim().to_string();
+        !vip.is_empty()
+    });
+    assert!(ready, "the UDP VIP never resolved");
+    // A connected socket only accepts datagrams from the address it connected to: the VIP.
+    let socket = UdpSocket::bind("0.0.0.0:0").unwrap();
+    socket.connect(format!("{vip}:53")).unwrap();
+    socket
+        .set_read_timeout(Some(Duration::from_millis(500)))
+        .unwrap();
+    // RUNNING means started: the first datagrams may reach a backend before it binds.
+    let warm = wait_until(Duration::from_secs(10), || {
+        let _ = socket.send(b"warm-up");
+        let mut buf = [0u8; 64];
+        socket.recv(&mut buf).is_ok()
+    });
+    assert!(warm, "the UDP VIP never answered");
+    let mut drain = [0u8; 64];
+    while socket.recv(&mut drain).is_ok() {}
+    socket
+        .set_read_timeout(Some(Duration::from_secs(3)))
+        .unwrap();
+    for i in 0..5 {
+        let msg = format!("ping {i}");
+        socket.send(msg.as_bytes()).unwrap();
+        let mut buf = [0u8; 64];
+        let (n, from) = {
+            let n = socket.recv(&mut buf).expect("a reply from the VIP");
+            (n, socket.peer_addr().unwrap())
+        };
+        assert_eq!(&buf[..n], format!("echo:{msg}").as_bytes());
+        assert_eq!(from.ip().to_string(), vip);
+    }
+}

@@ -102,13 +102,33 @@ for query in "hello-demo.marathon.mesos" "_hello-demo._tcp.marathon.mesos SRV"; 
 done
 run dns lookup leader.mesos
 
-say "fetching a page from one of the tasks"
+say "fetching a page from one of the tasks on its host port"
 port=$(in_ns "$DCNET" task list --app /demo/hello --json |
     python3 -c 'import json,sys; t=[t for t in json.load(sys.stdin)["tasks"] if t["state"]=="TASK_RUNNING"]; print(t[0]["ports"][0])')
 printf '\033[36m$ curl http://127.0.0.1:%s/\033[0m\n' "$port"
 in_ns curl -sS "http://127.0.0.1:$port/" | head -n 4
 
-say "removing the app"
+say "a container task, with its own network namespace, address and resolv.conf"
+run app deploy examples/client.json --wait --timeout 1m
+client_pid=$(in_ns "$DCNET" task list --app /demo/client --json |
+    python3 -c 'import json,sys; t=[t for t in json.load(sys.stdin)["tasks"] if t["state"]=="TASK_RUNNING"]; print(t[0]["process"]["pid"])')
+in_client() { nsenter --target "$client_pid" --net --mount "$@"; }
+for _ in $(seq 50); do in_client grep -q nameserver /etc/resolv.conf 2>/dev/null && break; sleep 0.1; done
+printf '\033[36m[container]$ cat /etc/resolv.conf\033[0m\n'
+in_client cat /etc/resolv.conf
+
+say "from inside the container: the VIP name resolves, and connections spread over the backends"
+printf '\033[36m[container]$ getent hosts hello.marathon.l4lb\033[0m\n'
+for _ in $(seq 50); do in_client getent hosts hello.marathon.l4lb >/dev/null && break; sleep 0.1; done
+in_client getent hosts hello.marathon.l4lb
+for i in 1 2 3 4 5 6; do
+    printf '\033[36m[container]$ curl http://hello.marathon.l4lb/\033[0m  '
+    in_client curl -sS --max-time 3 http://hello.marathon.l4lb/
+done
+run vip list
+
+say "removing the apps"
+run app remove /demo/client --wait --timeout 1m
 run app remove /demo/hello --wait --timeout 1m
 run task list
 

@@ -14,7 +14,7 @@ DCNET := $(CARGO_TARGET_DIR)/debug/dcnet
 help:
 	@echo "make demo   - build, run a single-node agent in a throw-away netns, deploy examples/, clean up"
 	@echo "make test   - every test: unit, integration and the netns end-to-end tests (as root)"
-	@echo "make bench  - benchmarks (placement)"
+	@echo "make bench  - benchmarks: placement, DNS (vs Knot, NSD), L4LB (vs HAProxy, direct)"
 	@echo "make lint   - cargo fmt --check and clippy -D warnings"
 
 deps:
@@ -39,3 +39,5 @@ demo: deps
 
 bench: deps
 	$(CARGO) run --release -p dcnet-bench --bin placement
+	bench/dns.sh
+	bench/l4lb.sh

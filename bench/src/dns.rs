@@ -1,0 +1,344 @@
+//! DNS benchmark helpers, driven by bench/dns.sh:
+//!
+//! - `dns serve DIR PORT`: a synthetic cluster of 1,250 apps x 3 container tasks (no
+//!   processes), turned into records by the real `records_from` and served by the real DNS
+//!   plane on 127.0.0.1:PORT. Writes the same `mesos.` zone as a master file (for Knot and NSD)
+//!   and a dnsperf query file to DIR, prints `ready <records>`, and serves until killed.
+//! - `dns converge N`: a real node-core (embedded store, state watch) and DNS plane; writes N
+//!   tasks as RUNNING into the store one by one and times how long each takes to answer.
+#![allow(
+    clippy::disallowed_types,
+    reason = "a benchmark measures wall time with std's monotonic clock"
+)]
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, UdpSocket};
+use std::path::Path;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use dcnet_dns::proto::op::{Message, Query, ResponseCode};
+use dcnet_dns::proto::rr::{Name, RecordType};
+use dcnet_node_core::ClusterState;
+use dcnet_node_core::model::{
+    App, Goal, Health, IpAddress, Node, NodeId, NodeStatus, PortRange, Resources, Task, TaskId,
+    TaskState, now_rfc3339, parse_app,
+};
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+const APPS: usize = 1_250;
+const PER_APP: usize = 3;
+
+fn node(id: &str, ip: &str) -> Node {
+    Node {
+        id: NodeId(id.into()),
+        hostname: id.into(),
+        ip: ip.parse().expect("an address"),
+        resources: Resources {
+            cpus: 1e6,
+            mem: 1e9,
+            disk: 1e9,
+            gpus: 0,
+            ports: vec![PortRange {
+                begin: 31000,
+                end: 32000,
+            }],
+        },
+        attributes: BTreeMap::new(),
+        status: NodeStatus::Active,
+        registered_at: String::new(),
+    }
+}
+
+fn app(i: usize, instances: u32, unplaceable: bool) -> App {
+    let constraint = if unplaceable {
+        r#", "constraints": [["hostname", "CLUSTER", "nowhere"]]"#
+    } else {
+        ""
+    };
+    let json = format!(
+        r#"{{"id": "/bench/app-{i}", "cmd": "x", "instances": {instances}, "cpus": 0.01, "mem": 1,
+             "networks": [{{"mode": "container"}}],
+             "container": {{"portMappings": [{{"containerPort": 80, "name": "http"}}]}}{constraint}}}"#
+    );
+    let mut app = parse_app(json.as_bytes()).expect("a valid bench app").app;
+    app.version = now_rfc3339();
+    app.version_info.last_config_change_at = app.version.clone();
+    app
+}
+
+fn task(app: &App, n: usize, node: &str, ip: Ipv4Addr) -> Task {
+    Task {
+        id: TaskId(format!("{}.{n:08}", app.id.key())),
+        app_id: app.id.clone(),
+        version: app.version_info.last_config_change_at.clone(),
+        node_id: NodeId(node.into()),
+        host: node.into(),
+        state: TaskState::Running,
+        goal: Goal::Run,
+        kill_reason: None,
+        health: Health::default(),
+        ports: vec![],
+        ip_addresses: vec![IpAddress::new(IpAddr::V4(ip))],
+        staged_at: now_rfc3339(),
+        started_at: Some(now_rfc3339()),
+        finished_at: None,
+        exit: None,
+        process: None,
+        resources: Resources::default(),
+    }
+}
+
+fn synthetic() -> ClusterState {
+    let n = node("node-1", "192.0.2.1");
+    let mut apps = BTreeMap::new();
+    let mut tasks = BTreeMap::new();
+    for i in 0..APPS {
+        let a = app(i, PER_APP as u32, false);
+        for t in 0..PER_APP {
+            let k = (i * PER_APP + t) as u32;
+            let ip = Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 128, 0, 2)) + k);
+            let task = task(&a, t, "node-1", ip);
+            tasks.insert(task.id.clone(), Arc::new(task));
+        }
+        apps.insert(a.id.clone(), Arc::new(a));
+    }
+    ClusterState {
+        revision: 1,
+        apps: Arc::new(apps),
+        tasks: Arc::new(tasks),
+        nodes: Arc::new([(n.id.clone(), Arc::new(n))].into()),
+        leader: Some(NodeId("node-1".into())),
+        ..Default::default()
+    }
+}
+
+fn dns_config() -> dcnet_dns::Config {
+    dcnet_dns::Config {
+        records: dcnet_dns::RecordConfig {
+            this_node: Some(NodeId("node-1".into())),
+            ..Default::default()
+        },
+        forward: None,
+        tcp_timeout: Duration::from_secs(10),
+    }
+}
+
+async fn serve(dir: &Path, port: u16) -> anyhow::Result<()> {
+    let state = synthetic();
+    let zone = dcnet_dns::records_from(&state, &dns_config().records);
+    // The mesos. zone as a master file, SOA first.
+    let mut file = String::from("$ORIGIN mesos.\n");
+    let soa = zone
+        .names
+        .get("mesos.")
+        .and_then(|s| s.soa.first())
+        .expect("an SOA");
+    writeln!(file, "{} {} IN SOA {}", soa.name, soa.ttl, soa.data)?;
+    let mut queries = Vec::new();
+    let mut records = 0;
+    for (name, sets) in &zone.names {
+        if !name.ends_with("mesos.") {
+            continue;
+        }
+        for r in sets.get(RecordType::ANY) {
+            if r.record_type() == RecordType::SOA {
+                continue;
+            }
+            writeln!(
+                file,
+                "{} {} IN {} {}",
+                r.name,
+                r.ttl,
+                r.record_type(),
+                r.data
+            )?;
+            records += 1;
+        }
+        if !sets.a.is_empty() {
+            queries.push(format!("{name} A"));
+        }
+        if !sets.srv.is_empty() {
+            queries.push(format!("{name} SRV"));
+        }
+    }
+    // One query in ten for a name that does not exist.
+    let existing = queries.len();
+    for i in 0..existing / 9 {
+        queries.push(format!("missing-{i}.marathon.mesos. A"));
+    }
+    std::fs::write(dir.join("mesos.zone"), file)?;
+    std::fs::write(dir.join("queries.txt"), queries.join("\n") + "\n")?;
+
+    let registry = prometheus::Registry::new();
+    let dns = dcnet_dns::Dns::new(dns_config(), dcnet_dns::Metrics::register(&registry)?);
+    let addr = SocketAddr::from(([127, 0, 0, 1], port));
+    let udp = tokio::net::UdpSocket::bind(addr).await?;
+    let tcp = tokio::net::TcpListener::bind(addr).await?;
+    let (_tx, rx) = watch::channel(Arc::new(state));
+    println!("ready {records}");
+    dns.run(rx, vec![udp], vec![tcp], CancellationToken::new())
+        .await;
+    Ok(())
+}
+
+fn ask(socket: &UdpSocket, name: &Name) -> bool {
+    let mut msg = Message::query();
+    msg.add_query(Query::query(name.clone(), RecordType::A));
+    let Ok(bytes) = msg.to_vec() else {
+        return false;
+    };
+    if socket.send(&bytes).is_err() {
+        return false;
+    }
+    let mut buf = [0u8; 4096];
+    match socket.recv(&mut buf) {
+        Ok(n) => Message::from_vec(&buf[..n]).is_ok_and(|m| {
+            m.metadata.response_code == ResponseCode::NoError && !m.answers.is_empty()
+        }),
+        Err(_) => false,
+    }
+}
+
+async fn converge(n: usize) -> anyhow::Result<()> {
+    use dcnet_node_core::keys;
+    use dcnet_node_core::runtime::cgroup::{Cgroups, Hierarchies};
+    use dcnet_node_core::runtime::{HostConfig, HostRuntime};
+    use dcnet_node_core::store::{Embedded, Precondition, Store};
+
+    let dir = tempfile::tempdir()?;
+    let store: Arc<dyn Store> = Arc::new(Embedded::open(&dir.path().join("store.redb"))?);
+    // The tasks live on a second node that no process of this benchmark runs, and their apps
+    // cannot be placed, so nothing but the records follows the writes.
+    let other = node("bench-node-2", "192.0.2.2");
+    store
+        .put(
+            &keys::node(&other.id),
+            keys::to_json(&other),
+            Precondition::Any,
+        )
+        .await?;
+    let apps: Vec<App> = (0..n).map(|i| app(i, 1, true)).collect();
+    for a in &apps {
+        store
+            .put(&keys::app(&a.id), keys::to_json(a), Precondition::Any)
+            .await?;
+    }
+    let shutdown = CancellationToken::new();
+    let registry = prometheus::Registry::new();
+    let runtime = HostRuntime::new(HostConfig {
+        sandbox_dir: dir.path().join("sandboxes"),
+        cgroups: Cgroups::new(Hierarchies::default(), "unused"),
+        path_env: "/usr/bin:/bin".into(),
+    });
+    let core = dcnet_node_core::NodeCore::start(
+        dcnet_node_core::Config {
+            node: node("node-1", "127.0.0.1"),
+            leader_ttl: Duration::from_secs(10),
+        },
+        store.clone(),
+        Arc::new(runtime),
+        &registry,
+        shutdown.clone(),
+    )
+    .await?;
+    let dns = dcnet_dns::Dns::new(dns_config(), dcnet_dns::Metrics::register(&registry)?);
+    let udp = tokio::net::UdpSocket::bind("127.0.0.1:0").await?;
+    let server = udp.local_addr()?;
+    tokio::spawn(dns.run(core.state(), vec![udp], vec![], shutdown.clone()));
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    let mut times = Vec::with_capacity(n);
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<Duration>(1);
+    let store2 = store.clone();
+    let writer = tokio::spawn(async move {
+        let client = UdpSocket::bind("127.0.0.1:0").expect("a client socket");
+        client.connect(server).expect("connect");
+        client
+            .set_read_timeout(Some(Duration::from_millis(200)))
+            .expect("timeout");
+        for (i, a) in apps.iter().enumerate() {
+            let ip = Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 130, 0, 2)) + i as u32);
+            let t = task(a, 0, "bench-node-2", ip);
+            let name = Name::from_ascii(format!("app-{i}-bench.marathon.mesos.")).expect("a name");
+            let started = Instant::now();
+            store2
+                .put(&keys::task(&t.id), keys::to_json(&t), Precondition::Absent)
+                .await
+                .expect("write");
+            let deadline = started + Duration::from_secs(10);
+            let answered = tokio::task::block_in_place(|| {
+                while Instant::now() < deadline {
+                    if ask(&client, &name) {
+                        return true;
+                    }
+                }
+                false
+            });
+            if !answered || tx.send(started.elapsed()).await.is_err() {
+                return;
+            }
+        }
+    });
+    while let Some(t) = rx.recv().await {
+        times.push(t);
+    }
+    let _ = writer.await;
+    shutdown.cancel();
+    if times.len() != n {
+        anyhow::bail!("only {} of {n} tasks answered within 10 s", times.len());
+    }
+    times.sort();
+    let pct = |p: f64| {
+        times[((times.len() as f64 * p) as usize).min(times.len() - 1)].as_secs_f64() * 1000.0
+    };
+    println!(
+        "convergence (task RUNNING in the store -> its name answers), {n} tasks: p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms",
+        pct(0.5),
+        pct(0.99),
+        pct(1.0)
+    );
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().collect();
+    let result = match args.get(1).map(String::as_str) {
+        Some("serve") => {
+            let (Some(dir), Some(port)) = (args.get(2), args.get(3).and_then(|p| p.parse().ok()))
+            else {
+                eprintln!("usage: dns serve DIR PORT");
+                return ExitCode::from(64);
+            };
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(1)
+                .enable_all()
+                .build()
+                .expect("runtime");
+            rt.block_on(serve(Path::new(dir), port))
+        }
+        Some("converge") => {
+            let n = args.get(2).and_then(|n| n.parse().ok()).unwrap_or(1000);
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()
+                .expect("runtime");
+            rt.block_on(converge(n))
+        }
+        _ => {
+            eprintln!("usage: dns serve DIR PORT | dns converge [N]");
+            return ExitCode::from(64);
+        }
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

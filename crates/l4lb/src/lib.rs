@@ -285,3 +285,72 @@ pub async fn add_anyip_route(range: Subnet) -> std::io::Result<()> {
         Err(e) => Err(std::io::Error::other(e.to_string())),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use dcnet_node_core::model::parse_app;
+    use dcnet_node_core::store::{Embedded, Store};
+
+    use super::*;
+
+    fn state_with(allocations: Vec<(String, Value)>) -> ClusterState {
+        let app = parse_app(br#"{"id": "/web", "cmd": "x", "portDefinitions": [{"port": 0, "labels": {"VIP_0": "/web:80"}}]}"#)
+            .unwrap()
+            .app;
+        ClusterState {
+            apps: Arc::new([(app.id.clone(), Arc::new(app))].into()),
+            allocations: Arc::new(
+                allocations
+                    .into_iter()
+                    .map(|(k, v)| (k, Arc::new(v)))
+                    .collect(),
+            ),
+            ..Default::default()
+        }
+    }
+
+    async fn stored(store: &dyn Store) -> Vec<(String, Value)> {
+        let (kvs, _) = store.list(VIPS).await.unwrap();
+        kvs.into_iter()
+            .map(|kv| (kv.key, serde_json::from_slice(&kv.value).unwrap()))
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn allocation_is_stable_across_restarts_and_released_when_unused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.redb");
+        let range: Subnet = "198.18.0.0/15".parse().unwrap();
+        let first = {
+            let store: SharedStore = Arc::new(Embedded::open(&path).unwrap());
+            let reg = prometheus::Registry::new();
+            let lb = L4lb::new(
+                Config { range },
+                store.clone(),
+                Metrics::register(&reg).unwrap(),
+            );
+            lb.allocate(&state_with(vec![])).await.unwrap();
+            let first = stored(&*store).await;
+            assert_eq!(first.len(), 1);
+            assert_eq!(first[0].0, "/dcnet/vips/web");
+            first
+        };
+        // A new agent on the same store sees the allocation and keeps it as it is.
+        let store: SharedStore = Arc::new(Embedded::open(&path).unwrap());
+        let reg = prometheus::Registry::new();
+        let lb = L4lb::new(
+            Config { range },
+            store.clone(),
+            Metrics::register(&reg).unwrap(),
+        );
+        lb.allocate(&state_with(first.clone())).await.unwrap();
+        assert_eq!(stored(&*store).await, first);
+        // No app wants it any more: released.
+        let mut empty = state_with(first);
+        empty.apps = Arc::default();
+        lb.allocate(&empty).await.unwrap();
+        assert!(stored(&*store).await.is_empty());
+    }
+}

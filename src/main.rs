@@ -73,6 +73,9 @@ enum Command {
         /// The task's resolv.conf, bind-mounted over /etc/resolv.conf.
         #[arg(long)]
         resolv_conf: PathBuf,
+        /// Created once the namespaces are entered, just before the command runs.
+        #[arg(long)]
+        ready_file: Option<PathBuf>,
         /// The command and its arguments.
         #[arg(last = true, required = true)]
         argv: Vec<String>,
@@ -180,9 +183,10 @@ fn main() -> ExitCode {
         Command::ContainerExec {
             netns,
             resolv_conf,
+            ready_file,
             argv,
         } => {
-            let e = shim::exec(&netns, &resolv_conf, &argv);
+            let e = shim::exec(&netns, &resolv_conf, ready_file.as_deref(), &argv);
             eprintln!("dcnet container-exec: {e:#}");
             ExitCode::from(127)
         }

@@ -13,9 +13,20 @@ use nix::mount::{MsFlags, mount};
 use nix::sched::{CloneFlags, setns, unshare};
 
 /// Never returns on success: the process becomes `argv`.
-pub fn exec(netns: &Path, resolv_conf: &Path, argv: &[String]) -> anyhow::Error {
+pub fn exec(
+    netns: &Path,
+    resolv_conf: &Path,
+    ready_file: Option<&Path>,
+    argv: &[String],
+) -> anyhow::Error {
     match enter(netns, resolv_conf) {
         Ok(()) => {
+            // The agent reports the task RUNNING once this exists: its network is in place.
+            if let Some(ready) = ready_file
+                && let Err(e) = std::fs::write(ready, b"")
+            {
+                return anyhow!("writing {}: {e}", ready.display());
+            }
             let err = std::process::Command::new(&argv[0]).args(&argv[1..]).exec();
             anyhow!("running {}: {err}", argv[0])
         }

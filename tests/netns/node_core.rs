@@ -138,6 +138,11 @@ fn scaling_three_five_two_converges_with_cgroup_limits() {
     assert!(out.contains("succeeded"), "{out}");
     assert_eq!(agent.running("/scale/web").len(), 3);
 
+    let originals: BTreeSet<String> = agent
+        .running("/scale/web")
+        .iter()
+        .map(|t| t["id"].as_str().unwrap().to_string())
+        .collect();
     for n in [5usize, 2] {
         let (ok, out, err) = agent.cli(&[
             "app",
@@ -151,6 +156,21 @@ fn scaling_three_five_two_converges_with_cgroup_limits() {
         assert!(ok, "scale to {n}: {out}\n{err}");
         let running = agent.running("/scale/web");
         assert_eq!(running.len(), n, "{running:?}");
+        let ids: BTreeSet<String> = running
+            .iter()
+            .map(|t| t["id"].as_str().unwrap().to_string())
+            .collect();
+        if n == 5 {
+            assert!(
+                originals.is_subset(&ids),
+                "scaling up replaced running tasks: {originals:?} {ids:?}"
+            );
+        } else {
+            assert!(
+                ids.is_subset(&originals),
+                "scaling down keeps the oldest tasks: {ids:?}"
+            );
+        }
         let all = agent.tasks("/scale/web");
         assert_eq!(
             all.len(),

@@ -35,11 +35,20 @@ impl Api {
     /// that reads right after a write sees it.
     async fn caught_up(&self, rev: u64) {
         let mut state = self.state.clone();
-        let _ = tokio::time::timeout(
+        let waited = tokio::time::timeout(
             std::time::Duration::from_secs(2),
             state.wait_for(|s| s.revision >= rev),
         )
         .await;
+        let caught_up = matches!(waited, Ok(Ok(_)));
+        if !caught_up {
+            let seen = self.state.borrow().revision;
+            tracing::warn!(
+                rev,
+                seen,
+                "the published state did not catch up with a write in 2 s"
+            );
+        }
     }
 }
 
@@ -350,6 +359,9 @@ async fn app_put(State(api): State<Api>, Path(path): Path<String>, body: Bytes) 
     let Parsed { mut app, warnings } = parse_app_update(&current, &body)?;
     check_vip_conflicts(&app, &api.state.borrow().clone())?;
     let scale_only = current.is_scale_only_change(&app);
+    // The update was parsed without the read-only version fields: a scale keeps the config
+    // version its tasks run, so none of them is replaced.
+    app.version_info = current.version_info.clone();
     stamp(&mut app, !scale_only);
     let kind = if scale_only {
         DeploymentKind::Scale
@@ -381,7 +393,8 @@ async fn write_change(
         ),
     ];
     ops.extend(supersede(&state, &app.id));
-    api.store.txn(ops).await?;
+    let rev = api.store.txn(ops).await?;
+    api.caught_up(rev).await;
     Ok(
         Json(json!({"version": app.version, "deploymentId": dep.id, "warnings": warnings}))
             .into_response(),
@@ -458,6 +471,7 @@ async fn get_deployment(State(api): State<Api>, Path(id): Path<String>) -> ApiRe
         .deployments
         .get(&DeploymentId(id.clone()))
         .ok_or_else(|| {
+            tracing::warn!(%id, revision = state.revision, deployments = state.deployments.len(), "deployment not found");
             ApiError::new(
                 StatusCode::NOT_FOUND,
                 format!("Deployment '{id}' does not exist"),

@@ -163,12 +163,14 @@ async fn follow(
         let Some(first) = first else {
             return Err(StoreError::Backend("the store closed the watch".into()));
         };
-        // Fold everything that is already queued into one snapshot.
+        // Fold every whole transaction that is already queued into one snapshot: a snapshot
+        // never shows half a transaction, so its revision means all of that write is in it.
         let mut next = Some(first);
-        while let Some(ev) = next {
-            let ev = ev?;
-            state.revision = state.revision.max(ev.revision());
-            state.apply(&ev);
+        while let Some(batch) = next {
+            for ev in batch? {
+                state.revision = state.revision.max(ev.revision());
+                state.apply(&ev);
+            }
             next = events.try_recv().ok();
         }
         tx.send_replace(Arc::new(state.clone()));

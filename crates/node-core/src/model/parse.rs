@@ -561,3 +561,23 @@ mod tests {
         assert_eq!(delays, [0, 1, 2, 4, 5, 5]);
     }
 }
+
+#[cfg(test)]
+mod scale_tests {
+    use super::*;
+
+    #[test]
+    fn scaling_a_container_app_is_scale_only() {
+        let body = br#"{"id": "/web", "instances": 3, "cpus": 0.05, "mem": 64, "cmd": "x",
+            "networks": [{"mode": "container"}],
+            "container": {"portMappings": [{"containerPort": 8080, "labels": {"VIP_0": "/web:80"}}]},
+            "healthChecks": [{"protocol": "HTTP", "path": "/", "gracePeriodSeconds": 15, "intervalSeconds": 1, "timeoutSeconds": 1}]}"#;
+        let app = parse_app(body).unwrap().app;
+        let scaled = parse_app_update(&app, br#"{"instances": 4}"#).unwrap().app;
+        assert_eq!(scaled.instances, 4);
+        let mut a = app.clone();
+        a.instances = 4;
+        assert_eq!(a, scaled);
+        assert!(app.is_scale_only_change(&scaled));
+    }
+}

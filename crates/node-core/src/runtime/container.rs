@@ -313,12 +313,24 @@ impl Runtime for ContainerRuntime {
             held.netns.display().to_string(),
             "--resolv-conf".into(),
             sandbox.join("resolv.conf").display().to_string(),
+            "--ready-file".into(),
+            sandbox.join("entered").display().to_string(),
             "--".into(),
         ];
+        let _ = fs::remove_file(sandbox.join("entered"));
         let ports: Vec<u16> = mappings.iter().map(|m| m.container_port).collect();
         let env = task_env(&spec, &sandbox, &ports, &ip.to_string());
         match self.host.start(&spec, &wrapper, env) {
             Ok((handle, exit)) => {
+                // RUNNING means inside its namespaces: wait (briefly) for the shim to say so.
+                let entered = sandbox.join("entered");
+                let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+                while !entered.exists() && tokio::time::Instant::now() < deadline {
+                    tokio::time::sleep(Duration::from_millis(2)).await;
+                }
+                if !entered.exists() {
+                    warn!(task = %spec.task, "the container did not report entering its namespaces in 5 s");
+                }
                 info!(task = %spec.task, %ip, "container started");
                 Ok(Launched {
                     handle,

@@ -214,6 +214,14 @@ pub(crate) async fn add_veth(
         .map_err(netlink_io)
 }
 
+/// A MAC derived from the container's address (locally administered, 02:42 + the four octets):
+/// when an address is handed out again, the node's neighbour entry for it is still right, so a
+/// new container is reachable at once instead of after the stale entry times out.
+pub(crate) fn mac_for(ip: Ipv4Addr) -> [u8; 6] {
+    let [a, b, c, d] = ip.octets();
+    [0x02, 0x42, a, b, c, d]
+}
+
 /// Inside the container: `peer` becomes `eth0` with `ip`, loopback up, default route via the
 /// gateway.
 pub(crate) async fn configure_container(
@@ -241,6 +249,7 @@ pub(crate) async fn configure_container(
         .set(
             LinkUnspec::new_with_index(index)
                 .name("eth0".to_string())
+                .address(mac_for(ip).to_vec())
                 .mtu(mtu)
                 .up()
                 .build(),

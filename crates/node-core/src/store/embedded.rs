@@ -62,7 +62,7 @@ struct Lease {
 
 struct Watcher {
     prefix: String,
-    tx: mpsc::Sender<Result<Event, StoreError>>,
+    tx: mpsc::Sender<Result<Vec<Event>, StoreError>>,
 }
 
 fn backend<E: std::fmt::Display>(e: E) -> StoreError {
@@ -457,16 +457,18 @@ impl Inner {
             let log = read.open_table(LOG).map_err(backend)?;
             for entry in log.range(from..=shared.revision).map_err(backend)? {
                 let (rev, bytes) = entry.map_err(backend)?;
-                history.extend(
-                    decode_events(rev.value(), bytes.value())?
-                        .into_iter()
-                        .filter(|e| e.key().starts_with(prefix)),
-                );
+                let batch: Vec<Event> = decode_events(rev.value(), bytes.value())?
+                    .into_iter()
+                    .filter(|e| e.key().starts_with(prefix))
+                    .collect();
+                if !batch.is_empty() {
+                    history.push(batch);
+                }
             }
         }
         let (tx, rx) = mpsc::channel(WATCH_BUFFER + history.len());
-        for ev in history {
-            tx.try_send(Ok(ev))
+        for batch in history {
+            tx.try_send(Ok(batch))
                 .expect("the channel was sized for the history");
         }
         shared.watchers.push(Watcher {
@@ -546,19 +548,24 @@ impl Inner {
 /// whose receiver is gone is dropped.
 fn fan_out(watchers: &mut Vec<Watcher>, events: &[Event]) {
     watchers.retain(|w| {
-        for ev in events.iter().filter(|e| e.key().starts_with(&w.prefix)) {
-            match w.tx.try_send(Ok(ev.clone())) {
-                Ok(()) => {}
-                Err(mpsc::error::TrySendError::Full(_)) => {
-                    // Its receiver ends with an error or, if even that does not fit, closes:
-                    // either way it lists again instead of missing an event.
-                    let _ = w.tx.try_send(Err(StoreError::WatchLagged));
-                    return false;
-                }
-                Err(mpsc::error::TrySendError::Closed(_)) => return false,
-            }
+        let batch: Vec<Event> = events
+            .iter()
+            .filter(|e| e.key().starts_with(&w.prefix))
+            .cloned()
+            .collect();
+        if batch.is_empty() {
+            return !w.tx.is_closed();
         }
-        true
+        match w.tx.try_send(Ok(batch)) {
+            Ok(()) => true,
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                // Its receiver ends with an error or, if even that does not fit, closes:
+                // either way it lists again instead of missing an event.
+                let _ = w.tx.try_send(Err(StoreError::WatchLagged));
+                false
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => false,
+        }
     });
 }
 
@@ -609,12 +616,32 @@ mod tests {
         Embedded::open(&dir.path().join("s.redb")).unwrap()
     }
 
+    /// The next revision's only event (the tests write one key per transaction).
     async fn next(rx: &mut WatchStream) -> Event {
-        tokio::time::timeout(Duration::from_secs(5), rx.recv())
+        let mut batch = tokio::time::timeout(Duration::from_secs(5), rx.recv())
             .await
             .expect("an event in time")
             .unwrap()
-            .unwrap()
+            .unwrap();
+        assert_eq!(batch.len(), 1, "{batch:?}");
+        batch.remove(0)
+    }
+
+    #[tokio::test]
+    async fn a_transaction_arrives_whole() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = open(&dir);
+        let mut rx = s.watch("/", 1).await.unwrap();
+        s.txn(vec![
+            Op::put("/a", b"1".to_vec(), Precondition::Any),
+            Op::put("/b", b"2".to_vec(), Precondition::Any),
+            Op::put("/other-prefix-no", b"3".to_vec(), Precondition::Any),
+        ])
+        .await
+        .unwrap();
+        let batch = rx.recv().await.unwrap().unwrap();
+        assert_eq!(batch.len(), 3);
+        assert!(batch.iter().all(|e| e.revision() == 1));
     }
 
     #[tokio::test]

@@ -123,9 +123,10 @@ pub enum StoreError {
     Backend(String),
 }
 
-/// The events a watch delivers, in revision order. The stream ends with an `Err` (and then
-/// closes) if the watch cannot go on; it never skips an event silently.
-pub type WatchStream = tokio::sync::mpsc::Receiver<Result<Event, StoreError>>;
+/// What a watch delivers: one item per revision, holding all of that transaction's events under
+/// the prefix (a consumer never sees half a transaction), in revision order. The stream ends
+/// with an `Err` (and then closes) if the watch cannot go on; it never skips an event silently.
+pub type WatchStream = tokio::sync::mpsc::Receiver<Result<Vec<Event>, StoreError>>;
 
 #[async_trait]
 pub trait Store: Send + Sync + 'static {

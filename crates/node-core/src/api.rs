@@ -471,7 +471,7 @@ async fn get_deployment(State(api): State<Api>, Path(id): Path<String>) -> ApiRe
         .deployments
         .get(&DeploymentId(id.clone()))
         .ok_or_else(|| {
-            tracing::warn!(%id, revision = state.revision, deployments = state.deployments.len(), "deployment not found");
+            tracing::debug!(%id, revision = state.revision, "deployment not found");
             ApiError::new(
                 StatusCode::NOT_FOUND,
                 format!("Deployment '{id}' does not exist"),

@@ -99,6 +99,17 @@ fn app_path(id: &str) -> String {
     format!("/v2/apps/{}", id.trim_matches('/'))
 }
 
+/// GETs `path`; with `--json` prints it whole and returns `None`, else hands it back for a
+/// table.
+fn get_for_table(client: &Client, path: &str, as_json: bool) -> anyhow::Result<Option<Value>> {
+    let v = client.call("GET", path, None)?;
+    if as_json {
+        print_json(&v);
+        return Ok(None);
+    }
+    Ok(Some(v))
+}
+
 fn print_json(v: &Value) {
     println!("{}", serde_json::to_string_pretty(v).unwrap_or_default());
 }
@@ -240,11 +251,9 @@ pub fn wait_for(
 }
 
 pub fn app_list(client: &Client, as_json: bool) -> anyhow::Result<()> {
-    let v = client.call("GET", "/v2/apps", None)?;
-    if as_json {
-        print_json(&v);
+    let Some(v) = get_for_table(client, "/v2/apps", as_json)? else {
         return Ok(());
-    }
+    };
     let mut t = Table::new([
         "ID",
         "INSTANCES",
@@ -283,11 +292,9 @@ pub fn app_list(client: &Client, as_json: bool) -> anyhow::Result<()> {
 }
 
 pub fn app_show(client: &Client, id: &str, as_json: bool) -> anyhow::Result<()> {
-    let v = client.call("GET", &app_path(id), None)?;
-    if as_json {
-        print_json(&v);
+    let Some(v) = get_for_table(client, &app_path(id), as_json)? else {
         return Ok(());
-    }
+    };
     let app = &v["app"];
     let mut t = Table::new(["FIELD", "VALUE"]);
     for key in [
@@ -442,11 +449,9 @@ fn print_tasks(tasks: &[Value]) {
 }
 
 pub fn node_list(client: &Client, as_json: bool) -> anyhow::Result<()> {
-    let v = client.call("GET", "/v1/nodes", None)?;
-    if as_json {
-        print_json(&v);
+    let Some(v) = get_for_table(client, "/v1/nodes", as_json)? else {
         return Ok(());
-    }
+    };
     let mut t = Table::new([
         "NODE",
         "HOSTNAME",
@@ -546,11 +551,9 @@ pub fn dns_records(client: &Client, name: Option<&str>, as_json: bool) -> anyhow
         Some(n) => format!("/v1/records?name={n}"),
         None => "/v1/records".to_string(),
     };
-    let v = client.call("GET", &path, None)?;
-    if as_json {
-        print_json(&v);
+    let Some(v) = get_for_table(client, &path, as_json)? else {
         return Ok(());
-    }
+    };
     let mut t = Table::new(["NAME", "TYPE", "DATA"]);
     for (name, lines) in v["records"].as_object().into_iter().flatten() {
         for line in lines.as_array().into_iter().flatten() {
@@ -665,11 +668,9 @@ fn vip_rows(vips: &[Value], t: &mut Table) {
 }
 
 pub fn vip_list(client: &Client, as_json: bool) -> anyhow::Result<()> {
-    let v = client.call("GET", "/v1/vips", None)?;
-    if as_json {
-        print_json(&v);
+    let Some(v) = get_for_table(client, "/v1/vips", as_json)? else {
         return Ok(());
-    }
+    };
     let mut t = Table::new([
         "VIP",
         "NAME",

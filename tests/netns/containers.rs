@@ -39,32 +39,6 @@ fn web(id: &str, instances: u32) -> Value {
     })
 }
 
-fn put_and_wait(agent: &Agent, id: &str, def: &Value) -> Value {
-    let (status, v) = agent
-        .http(
-            "PUT",
-            &format!("/v2/apps/{}", id.trim_matches('/')),
-            Some(&def.to_string()),
-        )
-        .unwrap();
-    assert!(status == 200 || status == 201, "{status}: {v}");
-    let dep = v["deploymentId"]
-        .as_str()
-        .or(v["deployments"][0]["id"].as_str())
-        .unwrap()
-        .to_string();
-    let mut last = Value::Null;
-    let done = wait_until(Duration::from_secs(60), || {
-        last = agent.get(&format!("/v2/deployments/{dep}"));
-        last["status"] != "running"
-    });
-    assert!(
-        done && last["status"] == "succeeded",
-        "deployment of {id}: {last}"
-    );
-    last
-}
-
 /// `GET /` over plain TCP from this thread (which is in the node's namespace).
 fn http_get(addr: &str) -> Result<String, String> {
     let mut s = TcpStream::connect_timeout(&addr.parse().unwrap(), Duration::from_secs(3))
@@ -94,7 +68,7 @@ fn containers_get_distinct_addresses_and_reach_each_other_and_the_node() {
             let _ = conn.write_all(b"node service\n");
         }
     });
-    put_and_wait(&agent, "/ctr/web", &web("/ctr/web", 2));
+    agent.put_and_wait("/ctr/web", &web("/ctr/web", 2));
     let tasks = agent.running("/ctr/web");
     assert_eq!(tasks.len(), 2);
     let ips: BTreeSet<String> = tasks.iter().map(ip_of).collect();
@@ -177,7 +151,7 @@ fn containers_get_distinct_addresses_and_reach_each_other_and_the_node() {
     );
 
     // ... and stops when the task ends.
-    put_and_wait(&agent, "/ctr/web", &json!({"instances": 0}));
+    agent.put_and_wait("/ctr/web", &json!({"instances": 0}));
     assert!(
         http_get(&format!("{NODE_IP}:{host_port}")).is_err(),
         "the mapping is gone with its task"
@@ -252,14 +226,14 @@ fn fifty_start_stop_cycles_leave_nothing_behind() {
     let mut def = web("/cyc/web", 1);
     def["healthChecks"] = json!([]);
     def["cmd"] = json!("exec sleep 600");
-    put_and_wait(&agent, "/cyc/web", &def);
+    agent.put_and_wait("/cyc/web", &def);
     let mut seen = BTreeSet::new();
     for _ in 0..50 {
-        put_and_wait(&agent, "/cyc/web", &json!({"instances": 0}));
-        put_and_wait(&agent, "/cyc/web", &json!({"instances": 1}));
+        agent.put_and_wait("/cyc/web", &json!({"instances": 0}));
+        agent.put_and_wait("/cyc/web", &json!({"instances": 1}));
         seen.insert(ip_of(&agent.running("/cyc/web")[0]));
     }
-    put_and_wait(&agent, "/cyc/web", &json!({"instances": 0}));
+    agent.put_and_wait("/cyc/web", &json!({"instances": 0}));
     let left = leftovers(&ns, &agent);
     assert!(left.is_empty(), "left behind after 50 cycles: {left:?}");
     assert!(seen.len() <= 2, "released addresses are reused: {seen:?}");
@@ -268,7 +242,7 @@ fn fifty_start_stop_cycles_leave_nothing_behind() {
 #[test]
 fn killing_the_agent_leaves_no_duplicate_and_no_orphan() {
     let (ns, mut agent) = node("crash");
-    put_and_wait(&agent, "/crash/web", &web("/crash/web", 2));
+    agent.put_and_wait("/crash/web", &web("/crash/web", 2));
     let before: BTreeSet<(String, u64)> = agent
         .running("/crash/web")
         .iter()

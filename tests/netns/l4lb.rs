@@ -25,31 +25,6 @@ fn node(tag: &str) -> (NetNs, Agent) {
     (ns, agent)
 }
 
-fn put_and_wait(agent: &Agent, id: &str, def: &Value) {
-    let (status, v) = agent
-        .http(
-            "PUT",
-            &format!("/v2/apps/{}", id.trim_matches('/')),
-            Some(&def.to_string()),
-        )
-        .unwrap();
-    assert!(status == 200 || status == 201, "{status}: {v}");
-    let dep = v["deploymentId"]
-        .as_str()
-        .or(v["deployments"][0]["id"].as_str())
-        .unwrap()
-        .to_string();
-    let mut last = Value::Null;
-    let done = wait_until(Duration::from_secs(60), || {
-        last = agent.get(&format!("/v2/deployments/{dep}"));
-        last["status"] != "running"
-    });
-    assert!(
-        done && last["status"] == "succeeded",
-        "deployment of {id}: {last}"
-    );
-}
-
 fn web(instances: u32) -> Value {
     json!({
         "id": "/web", "instances": instances, "cpus": 0.05, "mem": 64,
@@ -95,9 +70,8 @@ fn fetch(agent: &Agent, n: u32) -> (BTreeMap<String, u32>, u32) {
 #[test]
 fn a_container_reaches_healthy_backends_through_the_vip() {
     let (_ns, agent) = node("vip");
-    put_and_wait(&agent, "/web", &web(3));
-    put_and_wait(
-        &agent,
+    agent.put_and_wait("/web", &web(3));
+    agent.put_and_wait(
         "/client",
         &json!({"id": "/client", "cmd": "exec sleep 600", "cpus": 0.05, "mem": 16, "networks": [{"mode": "container"}]}),
     );
@@ -162,7 +136,7 @@ fn a_container_reaches_healthy_backends_through_the_vip() {
         .iter()
         .map(|t| t["id"].as_str().unwrap().to_string())
         .collect();
-    put_and_wait(&agent, "/web", &json!({"instances": 4}));
+    agent.put_and_wait("/web", &json!({"instances": 4}));
     let new: Vec<String> = agent
         .running("/web")
         .iter()
@@ -181,8 +155,7 @@ fn a_container_reaches_healthy_backends_through_the_vip() {
 #[test]
 fn a_udp_vip_answers_from_the_vip_address() {
     let (_ns, agent) = node("udpvip");
-    put_and_wait(
-        &agent,
+    agent.put_and_wait(
         "/echo",
         &json!({
             "id": "/echo", "instances": 2, "cpus": 0.05, "mem": 32,

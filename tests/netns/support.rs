@@ -242,6 +242,27 @@ cgroup_parent = "{cgroup_parent}"
         ))
     }
 
+    /// Creates or updates an app with PUT and waits until its deployment succeeded.
+    pub fn put_and_wait(&self, id: &str, def: &Value) {
+        let path = format!("/v2/apps/{}", id.trim_matches('/'));
+        let (status, v) = self.http("PUT", &path, Some(&def.to_string())).unwrap();
+        assert!(status == 200 || status == 201, "{status}: {v}");
+        let dep = v["deploymentId"]
+            .as_str()
+            .or(v["deployments"][0]["id"].as_str())
+            .unwrap()
+            .to_string();
+        let mut last = Value::Null;
+        let done = wait_until(Duration::from_secs(60), || {
+            last = self.get(&format!("/v2/deployments/{dep}"));
+            last["status"] != "running"
+        });
+        assert!(
+            done && last["status"] == "succeeded",
+            "deployment of {id}: {last}"
+        );
+    }
+
     pub fn get(&self, path: &str) -> Value {
         let (status, v) = self
             .http("GET", path, None)

@@ -71,7 +71,8 @@ impl RequestHandler for Handler {
                 .await
                 .unwrap_or_else(|_| serve_failed(request));
         }
-        let qname = info.query.name().to_string().to_ascii_lowercase();
+        // A LowerName prints lower-case already.
+        let qname = info.query.name().to_string();
         let qtype = info.query.query_type();
         let zone = self.zone.load();
         let mut metadata = Metadata::response_from_request(&request.metadata);

@@ -100,9 +100,13 @@ pub struct Zone {
 impl Zone {
     /// The authoritative zone a name falls in, if any.
     pub fn apex_of(&self, name: &str) -> Option<&(String, Record)> {
-        self.apexes
-            .iter()
-            .find(|(apex, _)| name == apex || name.ends_with(&format!(".{apex}")))
+        // On the query path: no allocation.
+        self.apexes.iter().find(|(apex, _)| {
+            name == apex
+                || (name.len() > apex.len()
+                    && name.ends_with(apex.as_str())
+                    && name.as_bytes()[name.len() - apex.len() - 1] == b'.')
+        })
     }
 }
 

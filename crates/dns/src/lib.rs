@@ -12,6 +12,7 @@ mod http;
 mod metrics;
 mod records;
 mod server;
+mod udp;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -37,6 +38,23 @@ pub struct Config {
     pub forward: Option<ForwardConfig>,
     /// How long an idle TCP client may hold a connection.
     pub tcp_timeout: std::time::Duration,
+}
+
+/// hickory-server wants to own its handler; both paths share one.
+struct SharedHandler(Arc<server::Handler>);
+
+#[async_trait::async_trait]
+impl hickory_server::server::RequestHandler for SharedHandler {
+    async fn handle_request<
+        R: hickory_server::server::ResponseHandler,
+        T: hickory_server::net::runtime::Time,
+    >(
+        &self,
+        request: &hickory_server::server::Request,
+        response: R,
+    ) -> hickory_server::server::ResponseInfo {
+        self.0.handle_request::<R, T>(request, response).await
+    }
 }
 
 /// The DNS plane: the zone it serves and what it needs to serve it.
@@ -79,10 +97,16 @@ impl Dns {
                 .map(|f| Arc::new(forward::Forwarder::new(f, self.metrics.clone()))),
             metrics: self.metrics.clone(),
         };
-        let mut server = hickory_server::Server::new(handler);
+        let handler = Arc::new(handler);
+        // UDP on our own loop (see udp.rs); TCP through hickory-server.
         for socket in udp {
-            server.register_socket(socket);
+            tokio::spawn(udp::serve(
+                Arc::new(socket),
+                handler.clone(),
+                shutdown.clone(),
+            ));
         }
+        let mut server = hickory_server::Server::new(SharedHandler(handler));
         for listener in tcp {
             server.register_listener(listener, self.cfg.tcp_timeout, 64);
         }

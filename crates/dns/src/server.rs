@@ -26,6 +26,21 @@ pub(crate) struct Handler {
     pub(crate) metrics: Metrics,
 }
 
+impl Handler {
+    /// Whether the answer comes from the zone (or is an error) rather than from upstream.
+    pub(crate) fn answers_locally(&self, request: &Request) -> bool {
+        let Ok(info) = request.request_info() else {
+            return true;
+        };
+        if self.forwarder.is_none() {
+            return true;
+        }
+        let qname = info.query.name().to_string();
+        let zone = self.zone.load();
+        zone.names.contains_key(&qname) || zone.apex_of(&qname).is_some()
+    }
+}
+
 /// Rotates a record set by a per-query offset, so that clients spread over the answers.
 fn rotated(records: Vec<&Record>, offset: usize) -> Vec<&Record> {
     if records.len() < 2 {

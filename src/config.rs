@@ -2,7 +2,7 @@
 //! or started, and turned into each plane's plain `Config`.
 
 use std::collections::BTreeMap;
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -174,8 +174,11 @@ pub struct NodeSection {
     pub id: Option<String>,
     /// The hostname tasks see as `HOST` and constraints match; default: the system's.
     pub hostname: Option<String>,
-    /// The underlay address host-networked tasks are reached at; default 127.0.0.1.
+    /// The underlay IPv4 address host-networked tasks are reached at; default 127.0.0.1.
     pub ip: Option<IpAddr>,
+    /// The node's IPv6 underlay address, on a dual-stack node: its names and its host tasks'
+    /// names answer AAAA with it beside the A of `ip`; default none.
+    pub ip6: Option<Ipv6Addr>,
     /// CPUs offered to tasks; default: all of this machine's.
     pub cpus: Option<f64>,
     /// Memory offered to tasks in MiB; default: all of this machine's.
@@ -305,6 +308,11 @@ impl AgentConfig {
                 self.containers.mtu
             );
         }
+        if let Some(IpAddr::V6(ip)) = self.node.ip {
+            bail!(
+                "node.ip = {ip} must be an IPv4 address (port mappings publish on it); give a dual-stack node's IPv6 address as node.ip6"
+            );
+        }
         for range in self.node.ports.iter().flatten() {
             parse_range(range)?;
         }
@@ -345,6 +353,7 @@ impl AgentConfig {
             id: NodeId(self.node.id.clone().unwrap_or_else(|| hostname.clone())),
             hostname,
             ip: self.node.ip.unwrap_or(IpAddr::V4(Ipv4Addr::LOCALHOST)),
+            ip6: self.node.ip6,
             resources: Resources {
                 cpus,
                 mem,
@@ -414,5 +423,15 @@ mod tests {
         assert!(err.contains("portz"), "{err}");
         let cfg: AgentConfig = toml::from_str("[node]\nports = [\"9-1\"]").unwrap();
         assert!(cfg.validate().unwrap_err().to_string().contains("9-1"));
+        let cfg: AgentConfig = toml::from_str("[node]\nip = \"2001:db8::1\"").unwrap();
+        let err = cfg.validate().unwrap_err().to_string();
+        assert!(err.contains("node.ip") && err.contains("node.ip6"), "{err}");
+        let cfg: AgentConfig =
+            toml::from_str("[node]\nip = \"192.0.2.1\"\nip6 = \"2001:db8::1\"").unwrap();
+        let node = cfg.validate().unwrap().node().unwrap();
+        assert_eq!(
+            node.addresses().map(|a| a.to_string()).collect::<Vec<_>>(),
+            ["192.0.2.1", "2001:db8::1"]
+        );
     }
 }

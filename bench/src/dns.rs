@@ -37,6 +37,7 @@ fn node(id: &str, ip: &str) -> Node {
         id: NodeId(id.into()),
         hostname: id.into(),
         ip: ip.parse().expect("an address"),
+        ip6: None,
         resources: Resources {
             cpus: 1e6,
             mem: 1e9,

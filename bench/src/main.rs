@@ -26,6 +26,7 @@ fn nodes() -> Vec<Node> {
             id: NodeId(format!("node-{i:04}")),
             hostname: format!("node-{i:04}"),
             ip: "127.0.0.1".parse().expect("an address"),
+            ip6: None,
             resources: Resources {
                 cpus: 32.0,
                 mem: 128.0 * 1024.0,

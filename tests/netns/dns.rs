@@ -13,6 +13,7 @@ use serde_json::{Value, json};
 use crate::support::{Agent, NetNs, wait_until};
 
 const NODE_IP: &str = "192.0.2.10";
+const NODE_IP6: &str = "2001:db8::10";
 
 /// `dig` from this thread (inside the test namespace) against the agent.
 fn dig(args: &[&str]) -> String {
@@ -33,9 +34,9 @@ fn short(args: &[&str]) -> Vec<String> {
     v
 }
 
-/// A one-name upstream on 127.0.0.2:53: `outside.example.` A 203.0.113.7, NXDOMAIN otherwise.
-fn upstream() {
-    let socket = UdpSocket::bind("127.0.0.2:53").expect("binding the test upstream");
+/// A one-name upstream on `addr`: `name` A `ip`, NXDOMAIN for every other name.
+fn upstream(addr: &str, name: &'static str, ip: [u8; 4]) {
+    let socket = UdpSocket::bind(addr).expect("binding a test upstream");
     std::thread::spawn(move || {
         let mut buf = [0u8; 4096];
         while let Ok((n, from)) = socket.recv_from(&mut buf) {
@@ -46,11 +47,11 @@ fn upstream() {
             answer.metadata.recursion_available = true;
             answer.add_queries(query.queries.clone());
             match query.queries.first() {
-                Some(q) if q.name().to_string() == "outside.example." => {
+                Some(q) if q.name().to_string() == name => {
                     answer.add_answer(Record::from_rdata(
                         q.name().clone(),
                         60,
-                        RData::A(A([203, 0, 113, 7].into())),
+                        RData::A(A(ip.into())),
                     ));
                 }
                 _ => answer.metadata.response_code = ResponseCode::NXDomain,
@@ -83,8 +84,29 @@ fn dig_gets_authoritative_answers_srv_nxdomain_nodata_ptr_tc_and_forwarding() {
     let ns = NetNs::new("dns");
     ns.add_node_address("node0", &format!("{NODE_IP}/24"));
     ns.enter();
-    upstream();
-    let agent = Agent::start_with(&ns, NODE_IP, "[dns]\nupstreams = [\"127.0.0.2:53\"]\n");
+    ns.ip(&[
+        "addr",
+        "add",
+        &format!("{NODE_IP6}/64"),
+        "dev",
+        "node0",
+        "nodad",
+    ]);
+    upstream("127.0.0.2:53", "outside.example.", [203, 0, 113, 7]);
+    upstream("127.0.0.3:53", "db.corp.example.", [203, 0, 113, 8]);
+    // An upstream that takes every query and never answers.
+    let silent = UdpSocket::bind("127.0.0.4:53").unwrap();
+    let agent = Agent::start_with_node(
+        &ns,
+        NODE_IP,
+        &format!("ip6 = \"{NODE_IP6}\""),
+        r#"[dns]
+listen = ["127.0.0.1:53", "[::1]:53"]
+upstreams = ["127.0.0.2:53"]
+timeout = "500ms"
+zones = { "corp.example" = ["127.0.0.3:53"], "silent.example" = ["127.0.0.4:53"] }
+"#,
+    );
     deploy(
         &agent,
         &json!({"id": "/group/web", "cmd": "sleep 600", "instances": 2, "cpus": 0.01, "mem": 8,
@@ -124,7 +146,7 @@ fn dig_gets_authoritative_answers_srv_nxdomain_nodata_ptr_tc_and_forwarding() {
         nx.contains("status: NXDOMAIN") && nx.contains("AUTHORITY: 1") && nx.contains("SOA"),
         "{nx}"
     );
-    let nodata = dig(&["web-group.marathon.mesos", "AAAA"]);
+    let nodata = dig(&["web-group.marathon.mesos", "TXT"]);
     assert!(
         nodata.contains("status: NOERROR")
             && nodata.contains("ANSWER: 0")
@@ -138,9 +160,39 @@ fn dig_gets_authoritative_answers_srv_nxdomain_nodata_ptr_tc_and_forwarding() {
         ["node-1.agentip.dcos.thisdcos.directory."]
     );
 
+    // A dual-stack node: AAAA beside A for its host tasks and itself, PTR for its IPv6
+    // address, and the server answers over IPv6 too.
+    assert_eq!(short(&["web-group.marathon.mesos", "AAAA"]), [NODE_IP6]);
+    assert_eq!(short(&["leader.mesos", "AAAA"]), [NODE_IP6]);
+    assert_eq!(
+        short(&["-x", NODE_IP6]),
+        ["node-1.agentip.dcos.thisdcos.directory."]
+    );
+    let over_v6 = Command::new("dig")
+        .args([
+            "@::1",
+            "+short",
+            "+time=2",
+            "+tries=1",
+            "web-group.marathon.mesos",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&over_v6.stdout).trim(), NODE_IP);
+    let srv6 = dig(&["_web-group._tcp.marathon.mesos", "SRV"]);
+    assert!(
+        srv6.contains(NODE_IP6),
+        "AAAA in the additional section: {srv6}"
+    );
+
     // Forwarded to the loopback upstream; unknown names come back NXDOMAIN from it.
     assert_eq!(short(&["outside.example"]), ["203.0.113.7"]);
     assert!(dig(&["missing.example"]).contains("status: NXDOMAIN"));
+    // A zone with its own forwarder; a silent upstream is SERVFAIL after dns.timeout.
+    assert_eq!(short(&["db.corp.example"]), ["203.0.113.8"]);
+    assert!(dig(&["outside.corp.example"]).contains("status: NXDOMAIN"));
+    assert!(dig(&["www.silent.example"]).contains("status: SERVFAIL"));
+    drop(silent);
 
     // Many tasks: too long for 512 bytes of UDP without EDNS, whole over TCP.
     deploy(
@@ -152,6 +204,30 @@ fn dig_gets_authoritative_answers_srv_nxdomain_nodata_ptr_tc_and_forwarding() {
     assert!(udp.contains(" tc") || udp.contains("tc "), "{udp}");
     let tcp = dig(&["+tcp", "_big._tcp.marathon.mesos", "SRV"]);
     assert!(tcp.contains("ANSWER: 60"), "{tcp}");
+    // The client's EDNS buffer size is honoured up to 1232 bytes, so that no UDP answer is
+    // ever fragmented: a larger buffer gets 1232 and TC, TCP gets the rest.
+    let size = |bufsize: u32| -> usize {
+        let out = dig(&[
+            &format!("+bufsize={bufsize}"),
+            "+ignore",
+            "_big._tcp.marathon.mesos",
+            "SRV",
+        ]);
+        assert!(out.contains(" tc"), "{out}");
+        out.split("MSG SIZE  rcvd: ")
+            .nth(1)
+            .and_then(|r| r.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no message size in {out}"))
+    };
+    let (small, large) = (size(800), size(8192));
+    assert!(
+        (512..=800).contains(&small),
+        "bufsize 800 got {small} bytes"
+    );
+    assert!(
+        (800..=1232).contains(&large),
+        "bufsize 8192 got {large} bytes"
+    );
 
     // The Mesos-DNS HTTP API and the CLI see the same records.
     let hosts = agent.get("/v1/hosts/web-group.marathon.mesos");

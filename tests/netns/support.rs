@@ -109,6 +109,12 @@ impl Agent {
 
     /// Starts an agent with `extra` appended to its configuration (whole TOML tables).
     pub fn start_with(ns: &NetNs, node_ip: &str, extra: &str) -> Self {
+        Self::start_with_node(ns, node_ip, "", extra)
+    }
+
+    /// Starts an agent with `node_extra` added to its `[node]` table and `extra` appended to
+    /// its configuration (whole TOML tables).
+    pub fn start_with_node(ns: &NetNs, node_ip: &str, node_extra: &str, extra: &str) -> Self {
         let dir = tempfile::tempdir().expect("a temp dir");
         let n = NEXT.fetch_add(1, Ordering::SeqCst);
         let cgroup_parent = format!("{}/agent-{n}", run_parent());
@@ -122,6 +128,7 @@ ip = "{node_ip}"
 cpus = 8
 mem = 4096
 ports = ["31000-31999"]
+{node_extra}
 [api]
 listen = "127.0.0.1:8080"
 [runtime]

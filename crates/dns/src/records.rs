@@ -196,35 +196,39 @@ impl Builder<'_> {
         }
     }
 
-    fn srv(&mut self, name: &str, port: u16, target: &str, target_ip: IpAddr) {
+    /// An SRV record, with the target's addresses for the additional section.
+    fn srv(&mut self, name: &str, port: u16, target: &str, target_ips: &[IpAddr]) {
         let Ok(target_name) = Name::from_ascii(fqdn(target)) else {
             return;
         };
         let Some(rec) = self.record(name, RData::SRV(SRV::new(0, 1, port, target_name))) else {
             return;
         };
-        let extra = match target_ip {
-            IpAddr::V4(v4) => self.record(target, RData::A(A(v4))),
-            IpAddr::V6(v6) => self.record(target, RData::AAAA(AAAA(v6))),
-        };
+        let extras: Vec<Record> = target_ips
+            .iter()
+            .filter_map(|ip| match *ip {
+                IpAddr::V4(v4) => self.record(target, RData::A(A(v4))),
+                IpAddr::V6(v6) => self.record(target, RData::AAAA(AAAA(v6))),
+            })
+            .collect();
         let set = self.set(name);
         if !set.srv.contains(&rec) {
             set.srv.push(rec);
         }
-        if let Some(extra) = extra
-            && !set.additional.contains(&extra)
-        {
-            set.additional.push(extra);
+        for extra in extras {
+            if !set.additional.contains(&extra) {
+                set.additional.push(extra);
+            }
         }
     }
 }
 
-/// The address a task is reached at, as Mesos-DNS picks it: its container address if it has
-/// one, else its node's.
-fn task_ip(app: &App, task: &Task, node: &Node) -> IpAddr {
+/// The addresses a task is reached at, as Mesos-DNS picks them: its container address if it
+/// has one, else its node's (both of a dual-stack node's).
+fn task_ips(app: &App, task: &Task, node: &Node) -> Vec<IpAddr> {
     match task.ip_addresses.first() {
-        Some(ip) if app.is_container_network() => ip.ip_address,
-        _ => node.ip,
+        Some(ip) if app.is_container_network() => vec![ip.ip_address],
+        _ => node.addresses().collect(),
     }
 }
 
@@ -240,22 +244,26 @@ pub fn records_from(state: &ClusterState, cfg: &RecordConfig) -> Zone {
     // Nodes: the leader, masters and agents.
     let leader = state.leader.as_ref().and_then(|id| state.nodes.get(id));
     if let Some(leader) = leader {
-        for name in ["leader", "master", "master0"] {
-            b.addr(&format!("{name}.{domain}"), leader.ip);
+        for ip in leader.addresses() {
+            for name in ["leader", "master", "master0", fw.as_str()] {
+                b.addr(&format!("{name}.{domain}"), ip);
+            }
         }
-        b.addr(&format!("{fw}.{domain}"), leader.ip);
     }
     for node in state.nodes.values() {
-        b.addr(&format!("slave.{domain}"), node.ip);
-        b.addr(&format!("agent.{domain}"), node.ip);
         let host = clean_label(&node.hostname);
-        if !host.is_empty() {
-            let agent_name = format!("{host}.agentip.dcos.thisdcos.directory");
-            b.addr(&agent_name, node.ip);
-            b.ptr(node.ip, &agent_name);
-        }
-        if cfg.this_node.as_ref() == Some(&node.id) {
-            b.addr("thisnode.thisdcos.directory", node.ip);
+        let is_this = cfg.this_node.as_ref() == Some(&node.id);
+        for ip in node.addresses() {
+            b.addr(&format!("slave.{domain}"), ip);
+            b.addr(&format!("agent.{domain}"), ip);
+            if !host.is_empty() {
+                let agent_name = format!("{host}.agentip.dcos.thisdcos.directory");
+                b.addr(&agent_name, ip);
+                b.ptr(ip, &agent_name);
+            }
+            if is_this {
+                b.addr("thisnode.thisdcos.directory", ip);
+            }
         }
     }
 
@@ -273,7 +281,7 @@ pub fn records_from(state: &ClusterState, cfg: &RecordConfig) -> Zone {
         if name.is_empty() {
             continue;
         }
-        let ip = task_ip(app, task, node);
+        let ips = task_ips(app, task, node);
         let tail = clean_label(&node.id.0);
         let canon = clean_label(&format!("{name}-{}-{tail}", short_hash(task.id.as_str())));
         let container_ip = task
@@ -282,15 +290,16 @@ pub fn records_from(state: &ClusterState, cfg: &RecordConfig) -> Zone {
             .filter(|_| app.is_container_network())
             .map(|a| a.ip_address);
 
-        b.addr(&format!("{name}.{fw}.{domain}"), ip);
-        b.addr(&format!("{canon}.{fw}.{domain}"), ip);
-        b.addr(&format!("{name}.{fw}.slave.{domain}"), node.ip);
-        b.addr(&format!("{canon}.{fw}.slave.{domain}"), node.ip);
-        b.addr(&format!("{name}.{fw}.autoip.dcos.thisdcos.directory"), ip);
-        b.addr(
-            &format!("{name}.{fw}.agentip.dcos.thisdcos.directory"),
-            node.ip,
-        );
+        for &ip in &ips {
+            b.addr(&format!("{name}.{fw}.{domain}"), ip);
+            b.addr(&format!("{canon}.{fw}.{domain}"), ip);
+            b.addr(&format!("{name}.{fw}.autoip.dcos.thisdcos.directory"), ip);
+        }
+        for ip in node.addresses() {
+            b.addr(&format!("{name}.{fw}.slave.{domain}"), ip);
+            b.addr(&format!("{canon}.{fw}.slave.{domain}"), ip);
+            b.addr(&format!("{name}.{fw}.agentip.dcos.thisdcos.directory"), ip);
+        }
         if let Some(cip) = container_ip {
             b.addr(
                 &format!("{name}.{fw}.containerip.dcos.thisdcos.directory"),
@@ -314,24 +323,27 @@ pub fn records_from(state: &ClusterState, cfg: &RecordConfig) -> Zone {
                 .collect()
         };
         for (port, proto, port_name, in_container) in ports {
-            let (target, target_ip) = if in_container {
-                (format!("{canon}.{fw}.{domain}"), ip)
+            let (target, target_ips) = if in_container {
+                (format!("{canon}.{fw}.{domain}"), ips.clone())
             } else {
-                (format!("{canon}.{fw}.slave.{domain}"), node.ip)
+                (
+                    format!("{canon}.{fw}.slave.{domain}"),
+                    node.addresses().collect(),
+                )
             };
             let proto = proto.as_str();
             b.srv(
                 &format!("_{name}._{proto}.{fw}.{domain}"),
                 port,
                 &target,
-                target_ip,
+                &target_ips,
             );
             if let Some(pn) = port_name.map(clean_label).filter(|p| !p.is_empty()) {
                 b.srv(
                     &format!("_{pn}._{name}._{proto}.{fw}.{domain}"),
                     port,
                     &target,
-                    target_ip,
+                    &target_ips,
                 );
             }
         }
@@ -366,12 +378,14 @@ pub fn records_from(state: &ClusterState, cfg: &RecordConfig) -> Zone {
     // Zone apexes with SOA and NS; every name in a zone makes its ancestors exist (they
     // answer NODATA, not NXDOMAIN).
     let serial = u32::try_from(state.revision % u64::from(u32::MAX)).unwrap_or_default();
-    let ns_ip = cfg
+    let ns_ips: Vec<IpAddr> = cfg
         .this_node
         .as_ref()
         .and_then(|id| state.nodes.get(id))
-        .map(|n| n.ip)
-        .unwrap_or(IpAddr::V4(Ipv4Addr::LOCALHOST));
+        .map_or_else(
+            || vec![IpAddr::V4(Ipv4Addr::LOCALHOST)],
+            |n| n.addresses().collect(),
+        );
     let mut apexes = Vec::new();
     for apex in [
         fqdn(&domain),
@@ -392,7 +406,9 @@ pub fn records_from(state: &ClusterState, cfg: &RecordConfig) -> Zone {
         let Some(ns_rec) = b.record(&apex, RData::NS(NS(mname))) else {
             continue;
         };
-        b.addr(&ns_name, ns_ip);
+        for ip in &ns_ips {
+            b.addr(&ns_name, *ip);
+        }
         let set = b.set(&apex);
         set.soa = vec![soa_rec.clone()];
         set.ns = vec![ns_rec];
@@ -460,6 +476,7 @@ mod tests {
             id: NodeId(id.into()),
             hostname: id.into(),
             ip: ip.parse().unwrap(),
+            ip6: None,
             resources: Resources::default(),
             attributes: BTreeMap::new(),
             status: NodeStatus::Active,
@@ -639,6 +656,44 @@ mod tests {
                 .data
                 .to_string()
                 .starts_with("node-1.agentip")
+        );
+    }
+
+    #[test]
+    fn a_dual_stack_node_answers_aaaa_beside_a() {
+        let web = app(r#"{"id": "/web", "cmd": "x", "portDefinitions": [{"port": 0}]}"#);
+        let mut st = state(
+            vec![web.clone()],
+            vec![task("web.1", &web, "node-1", &[31000], None)],
+            vec![],
+        );
+        let mut dual = node("node-1", "192.0.2.1");
+        dual.ip6 = Some("2001:db8::1".parse().unwrap());
+        Arc::make_mut(&mut st.nodes).insert(dual.id.clone(), Arc::new(dual));
+        let zone = records_from(&st, &cfg());
+        for name in [
+            "web.marathon.mesos.",
+            "web.marathon.slave.mesos.",
+            "web.marathon.autoip.dcos.thisdcos.directory.",
+            "leader.mesos.",
+            "thisnode.thisdcos.directory.",
+            "node-1.agentip.dcos.thisdcos.directory.",
+        ] {
+            assert_eq!(addrs(&zone, name), ["192.0.2.1", "2001:db8::1"], "{name}");
+        }
+        let srv = &zone.names["_web._tcp.marathon.mesos."];
+        let extra: Vec<String> = srv.additional.iter().map(|r| r.data.to_string()).collect();
+        assert_eq!(extra, ["192.0.2.1", "2001:db8::1"]);
+        let reverse = Name::from(IpAddr::from(
+            "2001:db8::1".parse::<std::net::Ipv6Addr>().unwrap(),
+        ))
+        .to_ascii();
+        assert!(
+            zone.names[&reverse].ptr[0]
+                .data
+                .to_string()
+                .starts_with("node-1.agentip"),
+            "PTR for the IPv6 address"
         );
     }
 

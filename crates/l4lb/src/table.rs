@@ -248,6 +248,7 @@ mod tests {
             id: NodeId("n1".into()),
             hostname: "n1".into(),
             ip: "192.0.2.1".parse().unwrap(),
+            ip6: None,
             resources: Resources::default(),
             attributes: Default::default(),
             status: NodeStatus::Active,

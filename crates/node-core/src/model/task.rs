@@ -2,7 +2,7 @@
 
 use std::collections::BTreeMap;
 use std::fmt;
-use std::net::IpAddr;
+use std::net::{IpAddr, Ipv6Addr};
 
 use serde::{Deserialize, Serialize};
 
@@ -307,6 +307,10 @@ pub struct Node {
     pub hostname: String,
     /// The node's underlay address: what host-networked tasks are reached at.
     pub ip: IpAddr,
+    /// The node's IPv6 underlay address on a dual-stack node: host-networked tasks and the
+    /// node's names answer AAAA with it beside the A of `ip`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ip6: Option<Ipv6Addr>,
     pub resources: Resources,
     #[serde(default)]
     pub attributes: BTreeMap<String, String>,
@@ -314,6 +318,13 @@ pub struct Node {
     pub status: NodeStatus,
     #[serde(default)]
     pub registered_at: String,
+}
+
+impl Node {
+    /// Every underlay address of the node: `ip`, then `ip6` if it has one.
+    pub fn addresses(&self) -> impl Iterator<Item = IpAddr> + '_ {
+        std::iter::once(self.ip).chain(self.ip6.map(IpAddr::V6))
+    }
 }
 
 /// The last failure of one of an app's tasks, as Marathon reports it.

@@ -357,6 +357,7 @@ mod tests {
             id: NodeId(format!("n{n}")),
             hostname: format!("host-{n}"),
             ip: "127.0.0.1".parse().unwrap(),
+            ip6: None,
             resources: Resources {
                 cpus,
                 mem: 1024.0,

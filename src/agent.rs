@@ -161,6 +161,12 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         store_for_l4lb,
         dcnet_l4lb::Metrics::register(&registry).context("registering L4LB metrics")?,
     );
+    registry
+        .register(Box::new(
+            l4lb.backend_metrics()
+                .context("making the L4LB backend metrics")?,
+        ))
+        .context("registering the L4LB backend metrics")?;
     let l4lb_routes = l4lb.router();
     let l4lb_task = tokio::spawn(l4lb.run(core.state(), shutdown.child_token()));
     let dns_task = tokio::spawn(dns.run(core.state(), udp, tcp, shutdown.child_token()));

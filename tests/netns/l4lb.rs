@@ -118,6 +118,48 @@ fn a_container_reaches_healthy_backends_through_the_vip() {
         .sum();
     assert!(total >= 300, "{vips}");
 
+    // Per-backend metrics: a series per backend in the table, with its connections.
+    let backend_series = |agent: &Agent| -> BTreeMap<String, u64> {
+        let (_, text) = agent.http("GET", "/metrics", None).unwrap();
+        text.as_str()
+            .unwrap()
+            .lines()
+            .filter(|l| {
+                l.starts_with("dcnet_l4lb_backend_connections_total{")
+                    && l.contains("vip=\"web:80\"")
+            })
+            .map(|l| {
+                let backend = l.split("backend=\"").nth(1).unwrap();
+                let backend = backend.split('"').next().unwrap().to_string();
+                (backend, l.rsplit(' ').next().unwrap().parse().unwrap())
+            })
+            .collect()
+    };
+    let series = backend_series(&agent);
+    assert_eq!(series.len(), 3, "{series:?}");
+    assert!(series.values().sum::<u64>() >= 300, "{series:?}");
+
+    // A backend reaches its own VIP (hairpin), and sometimes lands on itself.
+    let own = agent.running("/web").remove(0);
+    let own_id = own["id"].as_str().unwrap();
+    let vip_ip = vip.split_whitespace().next().unwrap();
+    let out = agent.in_task(
+        own_id,
+        &[
+            "sh",
+            "-c",
+            &format!(
+                "for i in $(seq 30); do curl -sS --max-time 3 http://{vip_ip}:80/ || echo FAIL; done"
+            ),
+        ],
+    );
+    let out = String::from_utf8_lossy(&out.stdout);
+    assert!(!out.contains("FAIL"), "{out}");
+    assert!(
+        out.lines().any(|l| l.trim() == own_id),
+        "the backend never reached itself: {out}"
+    );
+
     // Kill one backend: after it is ejected (or gone from the table) no request fails.
     let victim = agent.running("/web").remove(0);
     let pid = victim["process"]["pid"].as_i64().unwrap();
@@ -150,6 +192,13 @@ fn a_container_reaches_healthy_backends_through_the_vip() {
         new.iter().any(|id| seen.contains_key(id)),
         "a new backend got no traffic: {seen:?} new {new:?}"
     );
+
+    // Scale down: the series of the backends that left go with them (bounded label sets).
+    agent.put_and_wait("/web", &json!({"instances": 1}));
+    let one = wait_until(Duration::from_secs(15), || {
+        backend_series(&agent).len() == 1
+    });
+    assert!(one, "{:?}", backend_series(&agent));
 }
 
 #[test]

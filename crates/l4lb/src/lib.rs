@@ -33,7 +33,7 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-pub use self::metrics::Metrics;
+pub use self::metrics::{BackendMetrics, Metrics};
 pub use self::proxy::{Proxy, Registry};
 pub use self::select::{EJECT_FOR, Selector};
 pub use self::table::{
@@ -64,6 +64,11 @@ impl L4lb {
             registry: Arc::default(),
             metrics,
         }
+    }
+
+    /// Per-backend metrics for the node's registry, read from the table being served.
+    pub fn backend_metrics(&self) -> prometheus::Result<BackendMetrics> {
+        BackendMetrics::new(self.registry.clone())
     }
 
     /// `/v1/vips` (dcos-l4lb's shape, with per-backend state and connections) and
@@ -186,12 +191,17 @@ impl L4lb {
     }
 }
 
-fn vip_json(key: &VipKey, selector: &Selector) -> Value {
-    let name = selector.name.as_deref();
-    let label = match name {
+/// How operators name a VIP: `name:port` for a named VIP (`web:80`), else `ip:port`.
+pub(crate) fn vip_label(key: &VipKey, selector: &Selector) -> String {
+    match selector.name.as_deref() {
         Some(n) => format!("{}:{}", n.trim_start_matches('/'), key.port),
         None => format!("{}:{}", key.ip, key.port),
-    };
+    }
+}
+
+fn vip_json(key: &VipKey, selector: &Selector) -> Value {
+    let name = selector.name.as_deref();
+    let label = vip_label(key, selector);
     let backends: Vec<Value> = selector
         .backends
         .iter()
@@ -217,12 +227,7 @@ fn vip_json(key: &VipKey, selector: &Selector) -> Value {
 }
 
 async fn list_vips(State(registry): State<Registry>) -> Json<Value> {
-    let serving: Vec<(VipKey, Arc<Selector>)> = registry
-        .read()
-        .expect("registry lock")
-        .iter()
-        .map(|(k, s)| (*k, s.load_full()))
-        .collect();
+    let serving = proxy::snapshot(&registry);
     let out: Vec<Value> = serving.iter().map(|(k, s)| vip_json(k, s)).collect();
     Json(json!(out))
 }
@@ -232,12 +237,7 @@ async fn show_vip(
     State(registry): State<Registry>,
     Path(name): Path<String>,
 ) -> Result<Json<Value>, (StatusCode, Json<Value>)> {
-    let serving: Vec<(VipKey, Arc<Selector>)> = registry
-        .read()
-        .expect("registry lock")
-        .iter()
-        .map(|(k, s)| (*k, s.load_full()))
-        .collect();
+    let serving = proxy::snapshot(&registry);
     let wanted = name.trim_start_matches('/');
     let found: Vec<Value> = serving
         .iter()

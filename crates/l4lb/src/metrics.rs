@@ -1,7 +1,13 @@
 //! L4LB metrics. VIP labels are VIP names or addresses, which operators define (bounded by
 //! the apps they run), never client addresses.
 
-use prometheus::{IntCounterVec, IntGauge, Opts, Registry};
+use std::sync::atomic::Ordering;
+
+use prometheus::core::{Collector, Desc};
+use prometheus::proto::MetricFamily;
+use prometheus::{IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry};
+
+use crate::proxy;
 
 #[derive(Clone, Debug)]
 pub struct Metrics {
@@ -30,5 +36,93 @@ impl Metrics {
 
     pub(crate) fn vips(&self, n: usize) {
         self.vips.set(i64::try_from(n).unwrap_or(i64::MAX));
+    }
+}
+
+const BACKEND_LABELS: [&str; 2] = ["vip", "backend"];
+
+/// Per-backend metrics, read from the selectors being served when scraped. The label sets are
+/// the backends in the table at that moment: a backend that leaves takes its series with it,
+/// so they stay bounded however often tasks come and go, and connections pay nothing extra.
+pub struct BackendMetrics {
+    serving: proxy::Registry,
+    active: IntGaugeVec,
+    total: IntCounterVec,
+    up: IntGaugeVec,
+}
+
+impl BackendMetrics {
+    pub(crate) fn new(serving: proxy::Registry) -> prometheus::Result<Self> {
+        let (active, total, up) = Self::families()?;
+        Ok(Self {
+            serving,
+            active,
+            total,
+            up,
+        })
+    }
+
+    fn families() -> prometheus::Result<(IntGaugeVec, IntCounterVec, IntGaugeVec)> {
+        Ok((
+            IntGaugeVec::new(
+                Opts::new(
+                    "dcnet_l4lb_backend_active_connections",
+                    "Open connections (UDP: sessions) to a VIP's backend",
+                ),
+                &BACKEND_LABELS,
+            )?,
+            // Starts again from 0 when a backend leaves the table and comes back, which
+            // Prometheus reads as a counter reset, like a restart.
+            IntCounterVec::new(
+                Opts::new(
+                    "dcnet_l4lb_backend_connections_total",
+                    "Connections (UDP: sessions) sent to a VIP's backend",
+                ),
+                &BACKEND_LABELS,
+            )?,
+            IntGaugeVec::new(
+                Opts::new(
+                    "dcnet_l4lb_backend_up",
+                    "1 if a VIP's backend gets new connections; 0 while it drains or is ejected",
+                ),
+                &BACKEND_LABELS,
+            )?,
+        ))
+    }
+}
+
+impl Collector for BackendMetrics {
+    fn desc(&self) -> Vec<&Desc> {
+        let mut descs = self.active.desc();
+        descs.extend(self.total.desc());
+        descs.extend(self.up.desc());
+        descs
+    }
+
+    fn collect(&self) -> Vec<MetricFamily> {
+        let Ok((active, total, up)) = Self::families() else {
+            return Vec::new();
+        };
+        let serving = proxy::snapshot(&self.serving);
+        for (key, selector) in &serving {
+            let vip = crate::vip_label(key, selector);
+            for b in &selector.backends {
+                let backend = b.backend.addr.to_string();
+                let labels = [vip.as_str(), backend.as_str()];
+                let open = b.active.load(Ordering::Relaxed);
+                active
+                    .with_label_values(&labels)
+                    .set(i64::try_from(open).unwrap_or(i64::MAX));
+                total
+                    .with_label_values(&labels)
+                    .inc_by(b.total.load(Ordering::Relaxed));
+                up.with_label_values(&labels)
+                    .set(i64::from(b.state() == "healthy"));
+            }
+        }
+        let mut families = active.collect();
+        families.extend(total.collect());
+        families.extend(up.collect());
+        families
     }
 }

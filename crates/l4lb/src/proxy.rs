@@ -28,6 +28,16 @@ pub const UDP_IDLE: Duration = Duration::from_secs(30);
 /// The selectors of the VIPs being served, for the operator's view.
 pub type Registry = Arc<RwLock<BTreeMap<VipKey, Arc<ArcSwap<Selector>>>>>;
 
+/// The selectors served now, in VIP order, taken without holding the lock afterwards.
+pub(crate) fn snapshot(registry: &Registry) -> Vec<(VipKey, Arc<Selector>)> {
+    registry
+        .read()
+        .expect("registry lock")
+        .iter()
+        .map(|(k, s)| (*k, s.load_full()))
+        .collect()
+}
+
 struct Serving {
     selector: Arc<ArcSwap<Selector>>,
     stop: CancellationToken,

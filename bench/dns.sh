@@ -7,7 +7,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 SECONDS_PER_RUN=${SECONDS_PER_RUN:-10}
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$PWD/target}
-scripts/install-deps.sh dnsperf knot nsd
+scripts/install-deps.sh dnsperf knot nsd bc
 cargo build --release -q -p dcnet-bench --bin dns
 BIN=$CARGO_TARGET_DIR/release/dns
 WORK=$(mktemp -d /tmp/dcnet-bench-dns.XXXXXX)

@@ -106,7 +106,7 @@ cl_vip=$(wrk_rps -H "Connection: close" "http://$vip:80/"); cl_ha=$(wrk_rps -H "
 printf '%-34s %14.0f %14.0f %14.0f\n' "connections/s, one request each" "$cl_vip" "$cl_ha" "$cl_dir"
 ip_vip=$(iperf_gbps "$ivip" 5201); ip_ha=$(iperf_gbps 127.0.0.1 9001); ip_dir=$(iperf_gbps 127.0.0.1 "$iperf_port")
 printf '%-34s %14.2f %14.2f %14.2f\n' "iperf3 Gbit/s, one stream" "$ip_vip" "$ip_ha" "$ip_dir"
-r() { echo "$1 / $2" | bc -l; }
+r() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.4f", a / b }'; }
 printf 'ratios dcnet/HAProxy: keep-alive %.2f, per-connection %.2f, throughput %.2f\n' "$(r "$ka_vip" "$ka_ha")" "$(r "$cl_vip" "$cl_ha")" "$(r "$ip_vip" "$ip_ha")"
 printf 'ratios dcnet/direct:  keep-alive %.2f, per-connection %.2f, throughput %.2f\n' "$(r "$ka_vip" "$ka_dir")" "$(r "$cl_vip" "$cl_dir")" "$(r "$ip_vip" "$ip_dir")"
 in_ns "$DCNET" vip list

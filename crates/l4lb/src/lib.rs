@@ -10,6 +10,7 @@
 
 mod metrics;
 mod proxy;
+mod relay;
 mod select;
 mod table;
 

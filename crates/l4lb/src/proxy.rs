@@ -16,6 +16,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
 use crate::metrics::Metrics;
+use crate::relay::Pipes;
 use crate::select::Selector;
 use crate::table::{VipKey, VipTable};
 use dcnet_node_core::model::Protocol;
@@ -48,6 +49,8 @@ pub struct Proxy {
     registry: Registry,
     metrics: Metrics,
     shutdown: CancellationToken,
+    /// Splice pipes shared by every TCP VIP.
+    pipes: Arc<Pipes>,
 }
 
 impl Proxy {
@@ -57,6 +60,7 @@ impl Proxy {
             registry,
             metrics,
             shutdown,
+            pipes: Arc::default(),
         }
     }
 
@@ -78,6 +82,7 @@ impl Proxy {
                     Ok(l) => {
                         tokio::spawn(serve_tcp(
                             l,
+                            self.pipes.clone(),
                             selector.clone(),
                             stop.clone(),
                             self.metrics.clone(),
@@ -134,6 +139,7 @@ impl Proxy {
 
 async fn serve_tcp(
     listener: TcpListener,
+    pipes: Arc<Pipes>,
     selector: Arc<ArcSwap<Selector>>,
     stop: CancellationToken,
     metrics: Metrics,
@@ -153,6 +159,7 @@ async fn serve_tcp(
         let selector = selector.clone();
         let metrics = metrics.clone();
         let label = label.clone();
+        let pipes = pipes.clone();
         tokio::spawn(async move {
             let _ = client.set_nodelay(true);
             let mut tried = Vec::new();
@@ -169,7 +176,11 @@ async fn serve_tcp(
                         backend.total.fetch_add(1, Ordering::Relaxed);
                         metrics.connection(&label, "ok");
                         let mut client = client;
-                        let _ = tokio::io::copy_bidirectional(&mut client, &mut upstream).await;
+                        if let Err(e) =
+                            crate::relay::relay(&mut client, &mut upstream, &pipes).await
+                        {
+                            debug!(%addr, error = %e, "connection ended with an error");
+                        }
                         backend.active.fetch_sub(1, Ordering::Relaxed);
                         return;
                     }

@@ -9,6 +9,7 @@
 #![forbid(unsafe_code)]
 
 mod metrics;
+mod plane;
 mod proxy;
 mod relay;
 mod select;
@@ -35,6 +36,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 pub use self::metrics::{BackendMetrics, Metrics};
+pub use self::plane::{DataPlane, TableDiff, diff};
 pub use self::proxy::{Proxy, Registry};
 pub use self::select::{EJECT_FOR, Selector};
 pub use self::table::{
@@ -81,56 +83,73 @@ impl L4lb {
             .with_state(self.registry.clone())
     }
 
-    /// Follows `state` until `shutdown`: allocates, applies the table, marks VIPs ready.
-    pub async fn run(
-        self,
-        mut state: watch::Receiver<Arc<ClusterState>>,
-        shutdown: CancellationToken,
-    ) {
-        let mut proxy = Proxy::new(
+    /// Follows `state` until `shutdown` with the userspace proxy as the data plane.
+    pub async fn run(self, state: watch::Receiver<Arc<ClusterState>>, shutdown: CancellationToken) {
+        let proxy = Proxy::new(
             self.registry.clone(),
             self.metrics.clone(),
             shutdown.clone(),
         );
+        self.run_with(proxy, state, shutdown).await;
+    }
+
+    /// Follows `state` until `shutdown`: allocates, hands `plane` the difference between the
+    /// table it serves and the one wanted, and marks the VIPs it serves ready.
+    pub async fn run_with(
+        self,
+        mut plane: impl DataPlane,
+        mut state: watch::Receiver<Arc<ClusterState>>,
+        shutdown: CancellationToken,
+    ) {
+        info!(data_plane = plane.name(), "L4LB data plane");
+        // What the plane serves: a VIP it failed to start is not in here, so the next diff
+        // offers it again.
+        let mut served = VipTable::new();
         loop {
             let snap = state.borrow_and_update().clone();
             if let Err(e) = self.allocate(&snap).await {
                 warn!(error = %e, "VIP allocation failed; retrying on the next change");
             }
-            let table = vip_table_from(&snap);
-            let served = proxy.apply(&table).await;
-            self.metrics.vips(served.len());
-            for key in served {
-                let Some(name) = table.get(&key).and_then(|e| e.name.clone()) else {
-                    continue;
-                };
-                let ready = snap
-                    .allocations
-                    .get(&vip_key(&name))
-                    .and_then(|v| v.get("ready").and_then(Value::as_bool))
-                    .unwrap_or(false);
-                if !ready {
-                    let result = keys::update_existing::<Allocation, _>(
-                        &*self.store,
-                        &vip_key(&name),
-                        |a| {
-                            let changed = !a.ready;
-                            a.ready = true;
-                            changed
-                        },
-                    )
-                    .await;
-                    match result {
-                        Ok(Some(_)) => info!(vip = %name, ip = %key.ip, "VIP ready"),
-                        Ok(None) => {}
-                        Err(e) => warn!(vip = %name, error = %e, "could not mark the VIP ready"),
-                    }
+            let mut desired = vip_table_from(&snap);
+            let change = plane::diff(&served, &desired);
+            if !change.is_empty() {
+                let serving = plane.apply(&change).await;
+                desired.retain(|k, _| serving.contains(k));
+                served = desired;
+                self.metrics.vips(served.len());
+            }
+            for (key, entry) in &served {
+                if let Some(name) = &entry.name {
+                    self.mark_ready(&snap, name, key).await;
                 }
             }
             tokio::select! {
                 res = state.changed() => if res.is_err() { return },
                 () = shutdown.cancelled() => return,
             }
+        }
+    }
+
+    /// Records that the data plane serves the named VIP, so that DNS may answer it.
+    async fn mark_ready(&self, snap: &ClusterState, name: &str, key: &VipKey) {
+        let ready = snap
+            .allocations
+            .get(&vip_key(name))
+            .and_then(|v| v.get("ready").and_then(Value::as_bool))
+            .unwrap_or(false);
+        if ready {
+            return;
+        }
+        let result = keys::update_existing::<Allocation, _>(&*self.store, &vip_key(name), |a| {
+            let changed = !a.ready;
+            a.ready = true;
+            changed
+        })
+        .await;
+        match result {
+            Ok(Some(_)) => info!(vip = %name, ip = %key.ip, "VIP ready"),
+            Ok(None) => {}
+            Err(e) => warn!(vip = %name, error = %e, "could not mark the VIP ready"),
         }
     }
 
@@ -193,8 +212,8 @@ impl L4lb {
 }
 
 /// How operators name a VIP: `name:port` for a named VIP (`web:80`), else `ip:port`.
-pub(crate) fn vip_label(key: &VipKey, selector: &Selector) -> String {
-    match selector.name.as_deref() {
+pub(crate) fn vip_label(key: &VipKey, name: Option<&str>) -> String {
+    match name {
         Some(n) => format!("{}:{}", n.trim_start_matches('/'), key.port),
         None => format!("{}:{}", key.ip, key.port),
     }
@@ -202,7 +221,7 @@ pub(crate) fn vip_label(key: &VipKey, selector: &Selector) -> String {
 
 fn vip_json(key: &VipKey, selector: &Selector) -> Value {
     let name = selector.name.as_deref();
-    let label = vip_label(key, selector);
+    let label = vip_label(key, name);
     let backends: Vec<Value> = selector
         .backends
         .iter()
@@ -223,7 +242,7 @@ fn vip_json(key: &VipKey, selector: &Selector) -> Value {
         .collect();
     json!({
         "vip": label, "name": name, "ip": key.ip, "port": key.port, "protocol": key.protocol.as_str(),
-        "lb": selector.lb, "dataPlane": "userspace", "backend": backend, "backends": backends,
+        "lb": selector.lb, "dataPlane": proxy::NAME, "backend": backend, "backends": backends,
     })
 }
 

@@ -105,7 +105,7 @@ impl Collector for BackendMetrics {
         };
         let serving = proxy::snapshot(&self.serving);
         for (key, selector) in &serving {
-            let vip = crate::vip_label(key, selector);
+            let vip = crate::vip_label(key, selector.name.as_deref());
             for b in &selector.backends {
                 let backend = b.backend.addr.to_string();
                 let labels = [vip.as_str(), backend.as_str()];

@@ -3,7 +3,7 @@
 //! connection to a backend, and for UDP keeps a session per client whose replies leave from
 //! the VIP's own socket, so that clients see them come from the VIP.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, RwLock};
@@ -16,15 +16,19 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
 use crate::metrics::Metrics;
+use crate::plane::{DataPlane, TableDiff};
 use crate::relay::Pipes;
 use crate::select::Selector;
-use crate::table::{VipKey, VipTable};
+use crate::table::{Entry, VipKey};
 use dcnet_node_core::model::Protocol;
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 const ATTEMPTS: usize = 3;
 /// A UDP session with no traffic this long is closed.
 pub const UDP_IDLE: Duration = Duration::from_secs(30);
+
+/// How the operator's view names this data plane.
+pub const NAME: &str = "userspace";
 
 /// The selectors of the VIPs being served, for the operator's view.
 pub type Registry = Arc<RwLock<BTreeMap<VipKey, Arc<ArcSwap<Selector>>>>>;
@@ -64,73 +68,59 @@ impl Proxy {
         }
     }
 
-    /// Moves the data plane to `table`: new VIPs get listeners, changed ones a new selector,
-    /// removed ones stop accepting (open connections finish). Returns the VIPs it serves.
-    pub async fn apply(&mut self, table: &VipTable) -> Vec<VipKey> {
-        for (key, entry) in table {
-            if let Some(s) = self.serving.get(key) {
-                let next = Selector::new(entry, Some(&s.selector.load()));
-                s.selector.store(Arc::new(next));
-                continue;
-            }
-            let selector = Arc::new(ArcSwap::from_pointee(Selector::new(entry, None)));
-            let stop = self.shutdown.child_token();
-            let addr = SocketAddr::new(key.ip, key.port);
-            let label = entry.name.clone().unwrap_or_else(|| addr.to_string());
-            let started = match key.protocol {
-                Protocol::Tcp => match TcpListener::bind(addr).await {
-                    Ok(l) => {
-                        tokio::spawn(serve_tcp(
-                            l,
-                            self.pipes.clone(),
-                            selector.clone(),
-                            stop.clone(),
-                            self.metrics.clone(),
-                            label,
-                        ));
-                        true
-                    }
-                    Err(e) => {
-                        warn!(vip = %key, error = %e, "cannot listen on the VIP");
-                        false
-                    }
-                },
-                Protocol::Udp => match UdpSocket::bind(addr).await {
-                    Ok(s) => {
-                        tokio::spawn(serve_udp(
-                            Arc::new(s),
-                            selector.clone(),
-                            stop.clone(),
-                            self.metrics.clone(),
-                            label,
-                        ));
-                        true
-                    }
-                    Err(e) => {
-                        warn!(vip = %key, error = %e, "cannot listen on the VIP");
-                        false
-                    }
-                },
-            };
-            if started {
-                debug!(vip = %key, "VIP listening");
-                self.registry
-                    .write()
-                    .expect("registry lock")
-                    .insert(*key, selector.clone());
-                self.serving.insert(*key, Serving { selector, stop });
+    /// Starts serving `key`: binds its listener and spawns its accept loop.
+    async fn start(&mut self, key: &VipKey, entry: &Entry) {
+        let selector = Arc::new(ArcSwap::from_pointee(Selector::new(entry, None)));
+        let stop = self.shutdown.child_token();
+        let addr = SocketAddr::new(key.ip, key.port);
+        let label = crate::vip_label(key, entry.name.as_deref());
+        let (sel, stopped, metrics) = (selector.clone(), stop.clone(), self.metrics.clone());
+        let bound = match key.protocol {
+            Protocol::Tcp => TcpListener::bind(addr).await.map(|l| {
+                let pipes = self.pipes.clone();
+                tokio::spawn(serve_tcp(l, pipes, sel, stopped, metrics, label));
+            }),
+            Protocol::Udp => UdpSocket::bind(addr).await.map(|s| {
+                tokio::spawn(serve_udp(Arc::new(s), sel, stopped, metrics, label));
+            }),
+        };
+        if let Err(e) = bound {
+            warn!(vip = %key, error = %e, "cannot listen on the VIP");
+            return;
+        }
+        debug!(vip = %key, "VIP listening");
+        self.registry
+            .write()
+            .expect("registry lock")
+            .insert(*key, selector.clone());
+        self.serving.insert(*key, Serving { selector, stop });
+    }
+}
+
+impl DataPlane for Proxy {
+    fn name(&self) -> &'static str {
+        NAME
+    }
+
+    /// New VIPs get listeners, changed ones a new selector (counters carried over), removed
+    /// ones stop accepting (open connections finish).
+    async fn apply(&mut self, diff: &TableDiff) -> BTreeSet<VipKey> {
+        for (key, entry) in &diff.added {
+            self.start(key, entry).await;
+        }
+        for (key, entry) in &diff.changed {
+            match self.serving.get(key) {
+                Some(s) => {
+                    let next = Selector::new(entry, Some(&s.selector.load()));
+                    s.selector.store(Arc::new(next));
+                }
+                None => self.start(key, entry).await,
             }
         }
-        let gone: Vec<VipKey> = self
-            .serving
-            .keys()
-            .filter(|k| !table.contains_key(k))
-            .copied()
-            .collect();
-        for key in gone {
-            if let Some(s) = self.serving.remove(&key) {
+        for key in &diff.removed {
+            if let Some(s) = self.serving.remove(key) {
                 s.stop.cancel();
-                self.registry.write().expect("registry lock").remove(&key);
+                self.registry.write().expect("registry lock").remove(key);
             }
         }
         self.serving.keys().copied().collect()

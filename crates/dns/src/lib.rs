@@ -88,6 +88,18 @@ impl Dns {
         shutdown: CancellationToken,
     ) {
         let addrs: Vec<SocketAddr> = udp.iter().filter_map(|s| s.local_addr().ok()).collect();
+        // Nothing is answered before the first snapshot from the store is in the zone: an
+        // empty zone would send NXDOMAIN for every task, or hand our own names to the
+        // upstreams. Queries that come meanwhile wait in the sockets' queues.
+        let loaded = tokio::select! {
+            res = state.wait_for(|s| s.is_loaded()) => res.is_ok(),
+            () = shutdown.cancelled() => false,
+        };
+        if !loaded {
+            return;
+        }
+        let snap = state.borrow_and_update().clone();
+        self.build_zone(snap).await;
         let handler = server::Handler {
             zone: self.zone.clone(),
             forwarder: self
@@ -112,25 +124,120 @@ impl Dns {
         }
         info!(listen = %server::describe(&addrs), "DNS serving");
         loop {
-            let snap = state.borrow_and_update().clone();
-            let seen = tokio::time::Instant::now();
-            let cfg = self.cfg.records.clone();
-            // Build off the serving threads: a big zone takes milliseconds to make.
-            match tokio::task::spawn_blocking(move || records_from(&snap, &cfg)).await {
-                Ok(zone) => {
-                    let records = zone.records;
-                    self.zone.store(Arc::new(zone));
-                    self.metrics.zone(records, seen.elapsed());
-                }
-                Err(e) => warn!(error = %e, "building the zone failed"),
-            }
             tokio::select! {
                 res = state.changed() => if res.is_err() { break },
                 () = shutdown.cancelled() => break,
             }
+            let snap = state.borrow_and_update().clone();
+            self.build_zone(snap).await;
         }
         if let Err(e) = server.shutdown_gracefully().await {
             warn!(error = %e, "DNS server did not shut down cleanly");
         }
+    }
+
+    /// Builds the zone of `snap` off the serving threads (a big zone takes milliseconds to
+    /// make) and swaps it in.
+    async fn build_zone(&self, snap: Arc<ClusterState>) {
+        let seen = tokio::time::Instant::now();
+        let cfg = self.cfg.records.clone();
+        match tokio::task::spawn_blocking(move || records_from(&snap, &cfg)).await {
+            Ok(zone) => {
+                let records = zone.records;
+                self.zone.store(Arc::new(zone));
+                self.metrics.zone(records, seen.elapsed());
+            }
+            Err(e) => warn!(error = %e, "building the zone failed"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+    use std::time::Duration;
+
+    use dcnet_node_core::model::{Node, NodeId, NodeStatus, Resources};
+    use hickory_proto::op::{Message, MessageType, OpCode, Query, ResponseCode};
+    use hickory_proto::rr::{Name, RData, RecordType};
+
+    use super::*;
+
+    /// After a restart the agent's DNS sockets are bound before node-core has read the store.
+    /// A query in that window must wait for the real zone: answered from an empty one, it
+    /// would be NXDOMAIN, or be forwarded and leak a cluster name to the upstreams.
+    #[tokio::test]
+    async fn queries_before_the_first_snapshot_wait_for_it_and_never_go_upstream() {
+        let upstream = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        upstream.set_nonblocking(true).unwrap();
+        let server = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let server_addr = server.local_addr().unwrap();
+        let (tx, rx) = watch::channel(Arc::new(ClusterState::default()));
+        let dns = Dns::new(
+            Config {
+                records: RecordConfig {
+                    this_node: Some(NodeId("n1".into())),
+                    ..Default::default()
+                },
+                forward: Some(ForwardConfig {
+                    upstreams: vec![upstream.local_addr().unwrap()],
+                    zones: Vec::new(),
+                    timeout: Duration::from_millis(200),
+                    cache_size: 16,
+                }),
+                tcp_timeout: Duration::from_secs(1),
+            },
+            Metrics::register(&prometheus::Registry::new()).unwrap(),
+        );
+        let shutdown = CancellationToken::new();
+        let serving = tokio::spawn(dns.run(rx, vec![server], Vec::new(), shutdown.clone()));
+
+        let client = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        client.connect(server_addr).await.unwrap();
+        let mut query = Message::new(7, MessageType::Query, OpCode::Query);
+        query.add_query(Query::query(
+            Name::from_ascii("leader.mesos.").unwrap(),
+            RecordType::A,
+        ));
+        client.send(&query.to_vec().unwrap()).await.unwrap();
+        let mut buf = [0u8; 512];
+        let early = tokio::time::timeout(Duration::from_millis(300), client.recv(&mut buf)).await;
+        assert!(early.is_err(), "answered before the store was read");
+
+        // The first snapshot from the store: the query that waited is answered from it.
+        let node = Node {
+            id: NodeId("n1".into()),
+            hostname: "n1".into(),
+            ip: "192.0.2.1".parse().unwrap(),
+            ip6: None,
+            resources: Resources::default(),
+            attributes: BTreeMap::new(),
+            status: NodeStatus::Active,
+            registered_at: String::new(),
+        };
+        tx.send_replace(Arc::new(ClusterState {
+            revision: 1,
+            nodes: Arc::new([(node.id.clone(), Arc::new(node))].into()),
+            leader: Some(NodeId("n1".into())),
+            ..Default::default()
+        }));
+        let n = tokio::time::timeout(Duration::from_secs(5), client.recv(&mut buf))
+            .await
+            .expect("the waiting query is answered")
+            .unwrap();
+        let answer = Message::from_vec(&buf[..n]).unwrap();
+        assert_eq!(answer.metadata.id, 7);
+        assert_eq!(answer.metadata.response_code, ResponseCode::NoError);
+        assert!(
+            matches!(&answer.answers[0].data, RData::A(a) if a.0 == std::net::Ipv4Addr::new(192, 0, 2, 1)),
+            "{answer:?}"
+        );
+        let mut leaked = [0u8; 512];
+        assert!(
+            upstream.recv_from(&mut leaked).is_err(),
+            "a cluster name went upstream"
+        );
+        shutdown.cancel();
+        serving.await.unwrap();
     }
 }

@@ -32,6 +32,12 @@ pub struct ClusterState {
 }
 
 impl ClusterState {
+    /// Whether this snapshot was read from the store. The placeholder a watch holds before
+    /// the first list has revision 0 and nothing in it; every store revision is at least 1.
+    pub fn is_loaded(&self) -> bool {
+        self.revision > 0
+    }
+
     /// The tasks of one app, in id order.
     pub fn tasks_of<'a>(&'a self, app: &'a AppId) -> impl Iterator<Item = &'a Arc<Task>> + 'a {
         self.tasks.values().filter(move |t| &t.app_id == app)

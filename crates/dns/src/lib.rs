@@ -13,6 +13,7 @@ mod metrics;
 mod records;
 mod server;
 mod udp;
+mod wire;
 
 use std::net::SocketAddr;
 use std::sync::Arc;

@@ -7,11 +7,14 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::{IpAddr, Ipv4Addr};
+use std::sync::OnceLock;
 
 use dcnet_node_core::ClusterState;
 use dcnet_node_core::model::{App, Node, NodeId, Protocol, Task};
 use hickory_proto::rr::rdata::{A, AAAA, NS, PTR, SOA, SRV};
 use hickory_proto::rr::{Name, RData, Record, RecordType};
+
+use crate::wire::WireSets;
 
 /// What the records depend on besides the state.
 #[derive(Clone, Debug)]
@@ -47,6 +50,8 @@ pub struct RrSets {
     pub ns: Vec<Record>,
     /// Address records of SRV targets, for the additional section.
     pub additional: Vec<Record>,
+    /// All of the above, encoded for the UDP fast path when the name is first asked for.
+    pub(crate) wire: OnceLock<WireSets>,
 }
 
 impl RrSets {
@@ -461,7 +466,7 @@ pub fn listing(zone: &Zone, filter: Option<&str>) -> BTreeMap<String, Vec<String
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use std::collections::BTreeMap;
     use std::sync::Arc;
 
@@ -471,7 +476,7 @@ mod tests {
 
     use super::*;
 
-    fn node(id: &str, ip: &str) -> Node {
+    pub(crate) fn node(id: &str, ip: &str) -> Node {
         Node {
             id: NodeId(id.into()),
             hostname: id.into(),
@@ -484,7 +489,7 @@ mod tests {
         }
     }
 
-    fn task(id: &str, app: &App, node: &str, ports: &[u16], ip: Option<&str>) -> Task {
+    pub(crate) fn task(id: &str, app: &App, node: &str, ports: &[u16], ip: Option<&str>) -> Task {
         Task {
             id: TaskId(id.into()),
             app_id: app.id.clone(),
@@ -511,7 +516,7 @@ mod tests {
         }
     }
 
-    fn state(
+    pub(crate) fn state(
         apps: Vec<App>,
         tasks: Vec<Task>,
         vips: Vec<(&str, serde_json::Value)>,
@@ -546,7 +551,7 @@ mod tests {
         }
     }
 
-    fn app(json: &str) -> App {
+    pub(crate) fn app(json: &str) -> App {
         parse_app(json.as_bytes()).unwrap().app
     }
 
@@ -564,7 +569,7 @@ mod tests {
         v
     }
 
-    fn cfg() -> RecordConfig {
+    pub(crate) fn cfg() -> RecordConfig {
         RecordConfig {
             this_node: Some(NodeId("node-1".into())),
             ..Default::default()

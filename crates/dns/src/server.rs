@@ -16,9 +16,7 @@ use tracing::debug;
 use crate::forward::Forwarder;
 use crate::metrics::Metrics;
 use crate::records::Zone;
-
-/// EDNS buffer size we advertise and never exceed over UDP.
-const MAX_UDP_PAYLOAD: u16 = 1232;
+use crate::wire::{self, MAX_UDP_PAYLOAD};
 
 pub(crate) struct Handler {
     pub(crate) zone: Arc<ArcSwap<Zone>>,
@@ -27,6 +25,26 @@ pub(crate) struct Handler {
 }
 
 impl Handler {
+    /// Answers a datagram for one of our names straight from the encoded zone into `out`.
+    /// `false`: the general path must answer it (not ours, or not a plain query).
+    pub(crate) fn answer_wire(&self, datagram: &[u8], out: &mut Vec<u8>) -> bool {
+        let started = Instant::now();
+        let Some(query) = wire::Query::parse(datagram) else {
+            return false;
+        };
+        let zone = self.zone.load();
+        let Some(rcode) = wire::answer(&zone, &query, self.forwarder.is_some(), out) else {
+            return false;
+        };
+        self.metrics.query(
+            zone_label(query.name()),
+            RecordType::from(query.qtype),
+            rcode,
+        );
+        self.metrics.latency(started.elapsed());
+        true
+    }
+
     /// Whether the answer comes from the zone (or is an error) rather than from upstream.
     pub(crate) fn answers_locally(&self, request: &Request) -> bool {
         let Ok(info) = request.request_info() else {

@@ -59,6 +59,7 @@ pub(crate) async fn serve(
     shutdown: CancellationToken,
 ) {
     let mut buf = vec![0u8; 4096];
+    let mut out = Vec::with_capacity(usize::from(crate::wire::MAX_UDP_PAYLOAD));
     loop {
         let (n, src) = tokio::select! {
             r = socket.recv_from(&mut buf) => match r {
@@ -67,6 +68,10 @@ pub(crate) async fn serve(
             },
             () = shutdown.cancelled() => return,
         };
+        if handler.answer_wire(&buf[..n], &mut out) {
+            let _ = socket.send_to(&out, src).await;
+            continue;
+        }
         let Ok(request) = Request::from_bytes(buf[..n].to_vec(), src, Protocol::Udp) else {
             continue;
         };

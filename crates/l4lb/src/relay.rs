@@ -88,10 +88,21 @@ async fn one_way(src: ReadHalf<'_>, mut dst: WriteHalf<'_>, pipe: &Pipe) -> io::
         let src_sock: &TcpStream = src.as_ref();
         let n = loop {
             src_sock.readable().await?;
+            // A short read almost always drained the socket: it reports WouldBlock too, so
+            // that tokio clears the readiness now rather than after one more splice that
+            // only finds EAGAIN (a syscall per message and direction). Safe: tokio clears
+            // only the readiness it saw before the call, and data that came since raises
+            // readiness anew.
+            let mut moved = 0;
             match src_sock.try_io(Interest::READABLE, || {
-                splice(src_sock, None, &pipe.write, None, CHUNK, flags).map_err(io::Error::from)
+                moved = splice(src_sock, None, &pipe.write, None, CHUNK, flags)?;
+                if moved > 0 && moved < CHUNK {
+                    return Err(io::ErrorKind::WouldBlock.into());
+                }
+                Ok(moved)
             }) {
                 Ok(n) => break n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock && moved > 0 => break moved,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
                 Err(e) => return Err(e),
             }

@@ -406,6 +406,32 @@ mod tests {
             }]
         );
         assert!(cfg.api.listen.ip().is_loopback());
+        // It spells out the defaults, so it cannot drift from them unnoticed.
+        let defaults: AgentConfig = toml::from_str("").unwrap();
+        for (section, shipped, default) in [
+            (
+                "dns",
+                format!("{:?}", cfg.dns),
+                format!("{:?}", defaults.dns),
+            ),
+            (
+                "containers",
+                format!("{:?}", cfg.containers),
+                format!("{:?}", defaults.containers),
+            ),
+            (
+                "l4lb",
+                format!("{:?}", cfg.l4lb),
+                format!("{:?}", defaults.l4lb),
+            ),
+            (
+                "runtime",
+                format!("{:?}", cfg.runtime),
+                format!("{:?}", defaults.runtime),
+            ),
+        ] {
+            assert_eq!(shipped, default, "[{section}] in examples/agent.toml");
+        }
     }
 
     #[test]

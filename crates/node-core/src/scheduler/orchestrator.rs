@@ -580,6 +580,83 @@ mod tests {
         }
     }
 
+    /// `dependencies` start in order: an app waits until every app it depends on runs all
+    /// its instances, healthy where that app has checks.
+    #[test]
+    fn an_app_waits_for_its_dependencies_to_serve() {
+        let db = app(
+            r#"{"id": "/db", "cmd": "x", "instances": 2, "healthChecks": [{"protocol": "COMMAND", "command": {"value": "true"}}]}"#,
+            "v1",
+        );
+        let cache = app(r#"{"id": "/cache", "cmd": "x"}"#, "v1");
+        let web = app(
+            r#"{"id": "/web", "cmd": "x", "dependencies": ["/db", "/cache"]}"#,
+            "v1",
+        );
+        let of = |app: &App, n: u32, alive: Option<bool>| {
+            let mut t = task(n, "v1", TaskState::Running, alive);
+            t.app_id = app.id.clone();
+            Arc::new(t)
+        };
+        let snap = |apps: &[&App], tasks: Vec<Arc<Task>>| ClusterState {
+            apps: Arc::new(
+                apps.iter()
+                    .map(|a| (a.id.clone(), Arc::new((*a).clone())))
+                    .collect(),
+            ),
+            tasks: Arc::new(tasks.into_iter().map(|t| (t.id.clone(), t)).collect()),
+            ..Default::default()
+        };
+        assert!(
+            !deps_ready(&web, &snap(&[&web, &cache], vec![of(&cache, 9, None)])),
+            "a dependency that does not exist yet holds it"
+        );
+        let all = [&db, &cache, &web];
+        assert!(
+            !deps_ready(
+                &web,
+                &snap(&all, vec![of(&db, 1, Some(true)), of(&cache, 9, None)])
+            ),
+            "one of two instances is not enough"
+        );
+        assert!(
+            !deps_ready(
+                &web,
+                &snap(
+                    &all,
+                    vec![
+                        of(&db, 1, Some(true)),
+                        of(&db, 2, None),
+                        of(&cache, 9, None)
+                    ]
+                )
+            ),
+            "an instance whose health is unknown does not serve yet"
+        );
+        assert!(
+            !deps_ready(
+                &web,
+                &snap(&all, vec![of(&db, 1, Some(true)), of(&db, 2, Some(true))])
+            ),
+            "every dependency must serve"
+        );
+        assert!(deps_ready(
+            &web,
+            &snap(
+                &all,
+                vec![
+                    of(&db, 1, Some(true)),
+                    of(&db, 2, Some(true)),
+                    of(&cache, 9, None)
+                ]
+            )
+        ));
+        assert!(
+            deps_ready(&db, &snap(&all, vec![])),
+            "no dependencies: ready"
+        );
+    }
+
     #[test]
     fn scale_up_and_down() {
         let a = app(r#"{"id": "/a", "cmd": "x", "instances": 5}"#, "v1");

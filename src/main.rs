@@ -250,10 +250,18 @@ fn run_agent(config: &std::path::Path) -> ExitCode {
             return ExitCode::from(EX_USAGE);
         }
     };
-    // hickory and other libraries log per request at INFO; keep them quiet unless asked.
+    // hickory logs every request at INFO; keep it at warn unless RUST_LOG names it.
+    // (The builder's default directive applies only when there is no other, so spell it out.)
+    let mut directives = std::env::var("RUST_LOG")
+        .ok()
+        .filter(|d| !d.trim().is_empty())
+        .unwrap_or_else(|| "info".into());
+    if !directives.contains("hickory") {
+        directives.push_str(",hickory_server=warn,hickory_proto=warn");
+    }
     let filter = EnvFilter::builder()
         .with_default_directive(tracing::Level::INFO.into())
-        .parse_lossy(std::env::var("RUST_LOG").unwrap_or_default());
+        .parse_lossy(directives);
     tracing_subscriber::registry()
         .with(tracing_subscriber::fmt::layer())
         .with(filter)

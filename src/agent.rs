@@ -32,6 +32,9 @@ fn fqdn(zone: &str) -> String {
 pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
     let node = cfg.node()?;
     let node_id = node.id.clone();
+    // This process's boot id: a VIP counts as ready on this node only once this process's
+    // data plane serves it, never on the word of the agent that ran here before.
+    let boot = format!("{:016x}", rand::random::<u64>());
     let listener = tokio::net::TcpListener::bind(cfg.api.listen)
         .await
         .with_context(|| {
@@ -145,6 +148,7 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
                 framework: "marathon".into(),
                 ttl: cfg.dns.ttl,
                 this_node: Some(node_id.clone()),
+                boot: Some(boot.clone()),
             },
             forward,
             tcp_timeout: std::time::Duration::from_secs(10),
@@ -157,7 +161,11 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("adding the AnyIP route `local {vip_range} dev lo` for VIPs"))?;
     let l4lb = dcnet_l4lb::L4lb::new(
-        dcnet_l4lb::Config { range: vip_range },
+        dcnet_l4lb::Config {
+            range: vip_range,
+            node: node_id.clone(),
+            boot,
+        },
         store_for_l4lb,
         dcnet_l4lb::Metrics::register(&registry).context("registering L4LB metrics")?,
     );

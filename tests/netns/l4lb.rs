@@ -252,4 +252,30 @@ fn a_udp_vip_answers_from_the_vip_address() {
         assert_eq!(&buf[..n], format!("echo:{msg}").as_bytes());
         assert_eq!(from.ip().to_string(), vip);
     }
+
+    // An agent restart: the name answers again only once the new agent's own data plane
+    // serves the VIP (its readiness is recorded with the new agent's boot id), at the same
+    // address, and the VIP answers.
+    let mut agent = agent;
+    agent.stop(nix::sys::signal::Signal::SIGTERM);
+    agent.restart();
+    let back = wait_until(Duration::from_secs(10), || {
+        let out = Command::new("dig")
+            .args(["@127.0.0.1", "+short", "echo.marathon.l4lb"])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).trim() == vip
+    });
+    assert!(back, "the UDP VIP did not come back after a restart");
+    let alloc = agent.get("/v1/state")["allocations"]["/dcnet/vips/echo"].clone();
+    assert_eq!(alloc["readyOn"].as_object().unwrap().len(), 1, "{alloc}");
+    let socket = UdpSocket::bind("0.0.0.0:0").unwrap();
+    socket.connect(format!("{vip}:53")).unwrap();
+    socket
+        .set_read_timeout(Some(Duration::from_secs(3)))
+        .unwrap();
+    socket.send(b"after restart").unwrap();
+    let mut buf = [0u8; 64];
+    let n = socket.recv(&mut buf).expect("a reply after the restart");
+    assert_eq!(&buf[..n], b"echo:after restart");
 }

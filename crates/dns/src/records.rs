@@ -26,6 +26,9 @@ pub struct RecordConfig {
     pub ttl: u32,
     /// The node these records are served from (`thisnode.thisdcos.directory`, NS).
     pub this_node: Option<NodeId>,
+    /// This agent process's boot id: a VIP is answered only once this node's data plane,
+    /// started by this same process, serves it. Without a node and boot: once any does.
+    pub boot: Option<String>,
 }
 
 impl Default for RecordConfig {
@@ -35,6 +38,7 @@ impl Default for RecordConfig {
             framework: "marathon".into(),
             ttl: 5,
             this_node: None,
+            boot: None,
         }
     }
 }
@@ -237,6 +241,19 @@ fn task_ips(app: &App, task: &Task, node: &Node) -> Vec<IpAddr> {
     }
 }
 
+/// Whether a VIP allocation says that this node's data plane, of this boot, serves it.
+fn vip_ready(allocation: &serde_json::Value, cfg: &RecordConfig) -> bool {
+    let Some(ready_on) = allocation.get("readyOn").and_then(|r| r.as_object()) else {
+        return false;
+    };
+    match (&cfg.this_node, &cfg.boot) {
+        (Some(node), Some(boot)) => {
+            ready_on.get(&node.0).and_then(|b| b.as_str()) == Some(boot.as_str())
+        }
+        _ => !ready_on.is_empty(),
+    }
+}
+
 /// All records of `state`.
 pub fn records_from(state: &ClusterState, cfg: &RecordConfig) -> Zone {
     let domain = clean_label(&cfg.domain);
@@ -356,9 +373,7 @@ pub fn records_from(state: &ClusterState, cfg: &RecordConfig) -> Zone {
 
     // Named VIPs whose data plane is ready.
     for (key, value) in state.allocations.iter() {
-        if !key.starts_with("/dcnet/vips/")
-            || value.get("ready").and_then(|r| r.as_bool()) != Some(true)
-        {
+        if !key.starts_with("/dcnet/vips/") || !vip_ready(value, cfg) {
             continue;
         }
         let (Some(name), Some(ip)) = (
@@ -572,6 +587,7 @@ pub(crate) mod tests {
     pub(crate) fn cfg() -> RecordConfig {
         RecordConfig {
             this_node: Some(NodeId("node-1".into())),
+            boot: Some("boot-2".into()),
             ..Default::default()
         }
     }
@@ -769,11 +785,22 @@ pub(crate) mod tests {
             vec![
                 (
                     "/dcnet/vips/a",
-                    serde_json::json!({"name": "/mygroup/myapp", "ip": "198.18.0.7", "ready": true}),
+                    serde_json::json!({"name": "/mygroup/myapp", "ip": "198.18.0.7",
+                                       "readyOn": {"node-1": "boot-2", "node-2": "boot-9"}}),
                 ),
                 (
                     "/dcnet/vips/b",
-                    serde_json::json!({"name": "/notyet", "ip": "198.18.0.8", "ready": false}),
+                    serde_json::json!({"name": "/notyet", "ip": "198.18.0.8", "readyOn": {}}),
+                ),
+                (
+                    "/dcnet/vips/c",
+                    serde_json::json!({"name": "/elsewhere", "ip": "198.18.0.9",
+                                       "readyOn": {"node-2": "boot-9"}}),
+                ),
+                (
+                    "/dcnet/vips/d",
+                    serde_json::json!({"name": "/beforerestart", "ip": "198.18.0.10",
+                                       "readyOn": {"node-1": "boot-1"}}),
                 ),
             ],
         );
@@ -784,6 +811,14 @@ pub(crate) mod tests {
         );
         assert_eq!(addrs(&zone, "mygroupmyapp.marathon.l4lb."), ["198.18.0.7"]);
         assert!(!zone.names.contains_key("notyet.marathon.l4lb."));
+        assert!(
+            !zone.names.contains_key("elsewhere.marathon.l4lb."),
+            "served by another node's data plane only"
+        );
+        assert!(
+            !zone.names.contains_key("beforerestart.marathon.l4lb."),
+            "marked by this node's agent before it restarted"
+        );
         assert!(
             zone.names["7.0.18.198.in-addr.arpa."].ptr[0]
                 .data

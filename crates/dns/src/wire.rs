@@ -330,7 +330,7 @@ mod tests {
             tasks,
             vec![(
                 "/dcnet/vips/web",
-                serde_json::json!({"name": "/web", "ip": "198.18.0.7", "ready": true}),
+                serde_json::json!({"name": "/web", "ip": "198.18.0.7", "readyOn": {"node-1": "boot-2"}}),
             )],
         );
         let mut dual = node("node-1", "192.0.2.1");

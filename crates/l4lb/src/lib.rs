@@ -15,7 +15,7 @@ mod relay;
 mod select;
 mod table;
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, Ipv4Addr};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -28,6 +28,7 @@ use axum::routing::get;
 use dcnet_node_core::ClusterState;
 use dcnet_node_core::ipam::Subnet;
 use dcnet_node_core::keys::{self, SharedStore};
+use dcnet_node_core::model::NodeId;
 use dcnet_node_core::store::{Precondition, StoreError};
 use futures::TryStreamExt;
 use serde_json::{Value, json};
@@ -48,6 +49,9 @@ pub use self::table::{
 pub struct Config {
     /// Where named VIPs get their addresses.
     pub range: Subnet,
+    /// This node, and this agent process's boot id: what a VIP's readiness is recorded as.
+    pub node: NodeId,
+    pub boot: String,
 }
 
 /// The plane: allocation, the table and the data plane, and the operator's view of them.
@@ -118,11 +122,7 @@ impl L4lb {
                 served = desired;
                 self.metrics.vips(served.len());
             }
-            for (key, entry) in &served {
-                if let Some(name) = &entry.name {
-                    self.mark_ready(&snap, name, key).await;
-                }
-            }
+            self.mark_ready(&snap, &served).await;
             tokio::select! {
                 res = state.changed() => if res.is_err() { return },
                 () = shutdown.cancelled() => return,
@@ -130,26 +130,39 @@ impl L4lb {
         }
     }
 
-    /// Records that the data plane serves the named VIP, so that DNS may answer it.
-    async fn mark_ready(&self, snap: &ClusterState, name: &str, key: &VipKey) {
-        let ready = snap
-            .allocations
-            .get(&vip_key(name))
-            .and_then(|v| v.get("ready").and_then(Value::as_bool))
-            .unwrap_or(false);
-        if ready {
-            return;
-        }
-        let result = keys::update_existing::<Allocation, _>(&*self.store, &vip_key(name), |a| {
-            let changed = !a.ready;
-            a.ready = true;
-            changed
-        })
-        .await;
-        match result {
-            Ok(Some(_)) => info!(vip = %name, ip = %key.ip, "VIP ready"),
-            Ok(None) => {}
-            Err(e) => warn!(vip = %name, error = %e, "could not mark the VIP ready"),
+    /// Records, for each named VIP, whether this agent's data plane serves it, so that DNS
+    /// on this node answers exactly the VIPs served here.
+    async fn mark_ready(&self, snap: &ClusterState, served: &VipTable) {
+        let serving: BTreeSet<&str> = served.values().filter_map(|e| e.name.as_deref()).collect();
+        let (node, boot) = (&self.cfg.node.0, &self.cfg.boot);
+        for (key, value) in snap.allocations.iter() {
+            let Ok(alloc) = serde_json::from_value::<Allocation>((**value).clone()) else {
+                continue;
+            };
+            if !key.starts_with(VIPS) {
+                continue;
+            }
+            let is_marked = alloc.ready_on.get(node) == Some(boot);
+            let is_served = serving.contains(alloc.name.as_str());
+            if is_marked == is_served {
+                continue;
+            }
+            let result = keys::update_existing::<Allocation, _>(&*self.store, key, |a| {
+                if is_served {
+                    a.ready_on.insert(node.clone(), boot.clone()) != Some(boot.clone())
+                } else {
+                    a.ready_on.remove(node).is_some()
+                }
+            })
+            .await;
+            match result {
+                Ok(Some(_)) if is_served => info!(vip = %alloc.name, ip = %alloc.ip, "VIP ready"),
+                Ok(Some(_)) => info!(vip = %alloc.name, "VIP no longer served here"),
+                Ok(None) => {}
+                Err(e) => {
+                    warn!(vip = %alloc.name, error = %e, "could not record the VIP's readiness")
+                }
+            }
         }
     }
 
@@ -185,7 +198,7 @@ impl L4lb {
             let alloc = Allocation {
                 name: name.clone(),
                 ip: IpAddr::V4(ip),
-                ready: false,
+                ready_on: BTreeMap::new(),
             };
             match self
                 .store
@@ -347,7 +360,11 @@ mod tests {
             let store: SharedStore = Arc::new(Embedded::open(&path).unwrap());
             let reg = prometheus::Registry::new();
             let lb = L4lb::new(
-                Config { range },
+                Config {
+                    range,
+                    node: NodeId("n1".into()),
+                    boot: "b1".into(),
+                },
                 store.clone(),
                 Metrics::register(&reg).unwrap(),
             );
@@ -361,7 +378,11 @@ mod tests {
         let store: SharedStore = Arc::new(Embedded::open(&path).unwrap());
         let reg = prometheus::Registry::new();
         let lb = L4lb::new(
-            Config { range },
+            Config {
+                range,
+                node: NodeId("n1".into()),
+                boot: "b1".into(),
+            },
             store.clone(),
             Metrics::register(&reg).unwrap(),
         );

@@ -18,9 +18,11 @@ pub const VIPS: &str = "/dcnet/vips/";
 pub struct Allocation {
     pub name: String,
     pub ip: IpAddr,
-    /// The data plane listens on it: DNS may answer it.
-    #[serde(default)]
-    pub ready: bool,
+    /// The nodes whose data plane serves the VIP, each with the boot id of the agent that
+    /// said so. DNS on a node answers the VIP only while its own agent's data plane serves
+    /// it: an entry from before a restart (another boot id) does not count.
+    #[serde(default, rename = "readyOn")]
+    pub ready_on: BTreeMap<String, String>,
 }
 
 /// The store key of a named VIP: its name without slashes, cleaned as its DNS label.
@@ -278,7 +280,8 @@ mod tests {
             task(2, TaskState::Running, Goal::Kill),
             task(3, TaskState::Staging, Goal::Run),
         ];
-        let alloc = serde_json::json!({"name": "/web", "ip": "198.18.0.9", "ready": true});
+        let alloc =
+            serde_json::json!({"name": "/web", "ip": "198.18.0.9", "readyOn": {"n1": "b1"}});
         let mut state = ClusterState {
             apps: Arc::new([(app.id.clone(), Arc::new(app.clone()))].into()),
             nodes: Arc::new([(node.id.clone(), Arc::new(node.clone()))].into()),

@@ -160,6 +160,7 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
     dcnet_l4lb::add_anyip_route(vip_range)
         .await
         .with_context(|| format!("adding the AnyIP route `local {vip_range} dev lo` for VIPs"))?;
+    reuse_time_wait_ports();
     let l4lb = dcnet_l4lb::L4lb::new(
         dcnet_l4lb::Config {
             range: vip_range,
@@ -248,5 +249,28 @@ async fn signal() {
     tokio::select! {
         _ = term.recv() => {}
         _ = int.recv() => {}
+    }
+}
+
+/// The userspace proxy connects to a backend from one address of this node, and it closes
+/// first whenever its client does: each such connection then holds a local port in TIME_WAIT
+/// for a minute. Linux reuses those for outgoing connections only on loopback by default
+/// (`tcp_tw_reuse = 2`), so a backend off loopback stopped being reachable after the 28,232
+/// ports of the default range (measured: exactly that many connections, then every one
+/// failed). With 1, a port is reused once its TIME_WAIT is a second old (TCP timestamps keep
+/// that safe). The setting is per network namespace: this node's.
+fn reuse_time_wait_ports() {
+    const PATH: &str = "/proc/sys/net/ipv4/tcp_tw_reuse";
+    match std::fs::read_to_string(PATH).map(|v| v.trim().to_string()) {
+        Ok(v) if v == "1" => {}
+        Ok(v) => match std::fs::write(PATH, "1") {
+            Ok(()) => {
+                info!(was = %v, "net.ipv4.tcp_tw_reuse = 1, so VIP connections do not run out of ports")
+            }
+            Err(e) => {
+                warn!(error = %e, "cannot set net.ipv4.tcp_tw_reuse = 1: busy VIPs may run out of local ports")
+            }
+        },
+        Err(e) => warn!(error = %e, "cannot read net.ipv4.tcp_tw_reuse"),
     }
 }

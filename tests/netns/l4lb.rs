@@ -279,3 +279,83 @@ fn a_udp_vip_answers_from_the_vip_address() {
     let n = socket.recv(&mut buf).expect("a reply after the restart");
     assert_eq!(&buf[..n], b"echo:after restart");
 }
+
+/// Clients that close first leave the proxy's ports towards a backend in TIME_WAIT, and a
+/// busy VIP used to run out of them (the SNAT port exhaustion of dcos-l4lb). The agent lets
+/// its node reuse them after a second (`net.ipv4.tcp_tw_reuse = 1`), and a moment without a
+/// free port never ejects a healthy backend.
+#[test]
+fn running_out_of_local_ports_never_ejects_a_backend() {
+    let (_ns, agent) = node("ports");
+    // The test thread is in the node's namespace: these are the node's settings.
+    let reuse = std::fs::read_to_string("/proc/sys/net/ipv4/tcp_tw_reuse").unwrap();
+    assert_eq!(reuse.trim(), "1", "the agent turns TIME_WAIT reuse on");
+    agent.put_and_wait(
+        "/echo",
+        &json!({
+            "id": "/echo", "instances": 1, "cpus": 0.1, "mem": 64,
+            "cmd": "exec python3 -c 'import asyncio\nasync def h(r, w):\n    await r.read(1)\n    w.write(b\"ok\")\n    await w.drain()\n    await r.read(1)\n    w.close()\nasync def m():\n    s = await asyncio.start_server(h, \"0.0.0.0\", 7000)\n    await s.serve_forever()\nasyncio.run(m())'",
+            "networks": [{"mode": "container"}],
+            "container": {"portMappings": [{"containerPort": 7000, "labels": {"VIP_0": "/echo:7000"}}]},
+            "healthChecks": [{"protocol": "TCP", "gracePeriodSeconds": 15, "intervalSeconds": 1, "timeoutSeconds": 1}]
+        }),
+    );
+    agent.put_and_wait(
+        "/client",
+        &json!({"id": "/client", "cmd": "exec sleep 600", "cpus": 0.05, "mem": 32, "networks": [{"mode": "container"}]}),
+    );
+    let resolved = wait_until(Duration::from_secs(10), || {
+        in_client(&agent, "getent hosts echo.marathon.l4lb").contains("198.1")
+    });
+    assert!(resolved, "echo.marathon.l4lb does not resolve");
+    // Ten ports towards the backend: forty connections in well under a second use them up.
+    std::fs::write("/proc/sys/net/ipv4/ip_local_port_range", "60000 60009").unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let script = dir.path().join("client.py");
+    std::fs::write(
+        &script,
+        "import socket, sys\n\
+         ok = 0\n\
+         for _ in range(int(sys.argv[1])):\n\
+         \x20   try:\n\
+         \x20       s = socket.create_connection(('echo.marathon.l4lb', 7000), timeout=3)\n\
+         \x20       s.sendall(b'x')\n\
+         \x20       ok += s.recv(2) == b'ok'\n\
+         \x20       s.close()\n\
+         \x20   except OSError:\n\
+         \x20       pass\n\
+         print(ok)\n",
+    )
+    .unwrap();
+    let run = |n: u32| -> u32 {
+        let out = in_client(&agent, &format!("python3 {} {n}", script.display()));
+        out.trim()
+            .parse()
+            .unwrap_or_else(|_| panic!("client printed {out:?}"))
+    };
+    let burst = run(40);
+    assert!(burst >= 10, "the first ten always get ports: {burst}");
+    let metrics = agent.http("GET", "/metrics", None).unwrap().1;
+    let metrics = metrics.as_str().unwrap();
+    let count = |result: &str| -> u64 {
+        metrics
+            .lines()
+            .find(|l| {
+                l.starts_with("dcnet_l4lb_connections_total{")
+                    && l.contains(&format!("result=\"{result}\""))
+            })
+            .map_or(0, |l| l.rsplit(' ').next().unwrap().parse().unwrap())
+    };
+    assert!(
+        count("no_local_port") > 0,
+        "the burst should have run out of ports: {burst} ok"
+    );
+    assert_eq!(
+        count("backend_failed"),
+        0,
+        "a backend was blamed for our ports"
+    );
+    // A TIME_WAIT port is reusable after a second; an ejected backend would stay out for 10.
+    std::thread::sleep(Duration::from_millis(2500));
+    assert_eq!(run(5), 5, "the backend is still in, and ports are reused");
+}

@@ -174,6 +174,13 @@ async fn serve_tcp(
                         backend.active.fetch_sub(1, Ordering::Relaxed);
                         return;
                     }
+                    // Out of local ports: our shortage, not the backend's fault. Ejecting
+                    // it would turn a moment without ports into seconds without the backend.
+                    Ok(Err(e)) if e.kind() == std::io::ErrorKind::AddrNotAvailable => {
+                        debug!(%addr, error = %e, "no local port left to reach the backend");
+                        metrics.connection(&label, "no_local_port");
+                        return;
+                    }
                     Ok(Err(e)) => {
                         debug!(%addr, error = %e, "backend refused; ejecting it for a while")
                     }

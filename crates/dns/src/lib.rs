@@ -155,10 +155,9 @@ impl Dns {
 
 #[cfg(test)]
 mod tests {
-    use std::collections::BTreeMap;
     use std::time::Duration;
 
-    use dcnet_node_core::model::{Node, NodeId, NodeStatus, Resources};
+    use dcnet_node_core::model::NodeId;
     use hickory_proto::op::{Message, MessageType, OpCode, Query, ResponseCode};
     use hickory_proto::rr::{Name, RData, RecordType};
 
@@ -206,16 +205,7 @@ mod tests {
         assert!(early.is_err(), "answered before the store was read");
 
         // The first snapshot from the store: the query that waited is answered from it.
-        let node = Node {
-            id: NodeId("n1".into()),
-            hostname: "n1".into(),
-            ip: "192.0.2.1".parse().unwrap(),
-            ip6: None,
-            resources: Resources::default(),
-            attributes: BTreeMap::new(),
-            status: NodeStatus::Active,
-            registered_at: String::new(),
-        };
+        let node = crate::records::tests::node("n1", "192.0.2.1");
         tx.send_replace(Arc::new(ClusterState {
             revision: 1,
             nodes: Arc::new([(node.id.clone(), Arc::new(node))].into()),

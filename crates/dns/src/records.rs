@@ -44,7 +44,7 @@ impl Default for RecordConfig {
 }
 
 /// The record sets of one name.
-#[derive(Clone, Debug, Default, PartialEq)]
+#[derive(Clone, Debug, Default)]
 pub struct RrSets {
     pub a: Vec<Record>,
     pub aaaa: Vec<Record>,
@@ -274,14 +274,15 @@ pub fn records_from(state: &ClusterState, cfg: &RecordConfig) -> Zone {
     }
     for node in state.nodes.values() {
         let host = clean_label(&node.hostname);
+        let agent_name =
+            (!host.is_empty()).then(|| format!("{host}.agentip.dcos.thisdcos.directory"));
         let is_this = cfg.this_node.as_ref() == Some(&node.id);
         for ip in node.addresses() {
             b.addr(&format!("slave.{domain}"), ip);
             b.addr(&format!("agent.{domain}"), ip);
-            if !host.is_empty() {
-                let agent_name = format!("{host}.agentip.dcos.thisdcos.directory");
-                b.addr(&agent_name, ip);
-                b.ptr(ip, &agent_name);
+            if let Some(agent_name) = &agent_name {
+                b.addr(agent_name, ip);
+                b.ptr(ip, agent_name);
             }
             if is_this {
                 b.addr("thisnode.thisdcos.directory", ip);

@@ -22,7 +22,7 @@ const TYPE_OPT: u16 = 41;
 const CLASS_IN: u16 = 1;
 
 /// A record set's records, encoded.
-#[derive(Clone, Debug, Default, PartialEq)]
+#[derive(Clone, Debug, Default)]
 pub struct WireSets {
     a: Vec<Box<[u8]>>,
     aaaa: Vec<Box<[u8]>>,

@@ -41,8 +41,8 @@ pub use self::plane::{DataPlane, TableDiff, diff};
 pub use self::proxy::{Proxy, Registry};
 pub use self::select::{EJECT_FOR, Selector};
 pub use self::table::{
-    Allocation, Backend, Entry, Lb, VIPS, VipKey, VipTable, choose_address, vip_key,
-    vip_table_from, wanted_names,
+    Allocation, Backend, Entry, Lb, VIPS, VipKey, VipTable, choose_address, vip_allocations,
+    vip_key, vip_table_from, wanted_names,
 };
 
 #[derive(Clone, Debug)]
@@ -135,13 +135,7 @@ impl L4lb {
     async fn mark_ready(&self, snap: &ClusterState, served: &VipTable) {
         let serving: BTreeSet<&str> = served.values().filter_map(|e| e.name.as_deref()).collect();
         let (node, boot) = (&self.cfg.node.0, &self.cfg.boot);
-        for (key, value) in snap.allocations.iter() {
-            let Ok(alloc) = serde_json::from_value::<Allocation>((**value).clone()) else {
-                continue;
-            };
-            if !key.starts_with(VIPS) {
-                continue;
-            }
+        for (key, alloc) in vip_allocations(snap) {
             let is_marked = alloc.ready_on.get(node) == Some(boot);
             let is_served = serving.contains(alloc.name.as_str());
             if is_marked == is_served {
@@ -169,16 +163,7 @@ impl L4lb {
     /// Gives every wanted named VIP an address and frees those no app wants any more.
     async fn allocate(&self, snap: &ClusterState) -> Result<(), StoreError> {
         let wanted = wanted_names(snap);
-        let current: Vec<(String, Allocation)> = snap
-            .allocations
-            .iter()
-            .filter(|(k, _)| k.starts_with(VIPS))
-            .filter_map(|(k, v)| {
-                serde_json::from_value::<Allocation>((**v).clone())
-                    .ok()
-                    .map(|a| (k.clone(), a))
-            })
-            .collect();
+        let current: Vec<(&String, Allocation)> = vip_allocations(snap).collect();
         let mut taken: BTreeSet<IpAddr> = current.iter().map(|(_, a)| a.ip).collect();
         for app in snap.apps.values() {
             for spec in app.vips().0 {
@@ -217,7 +202,7 @@ impl L4lb {
         for (key, alloc) in current {
             if !wanted.contains(&alloc.name) {
                 info!(vip = %alloc.name, ip = %alloc.ip, "VIP released");
-                self.store.delete(&key, Precondition::Any).await?;
+                self.store.delete(key, Precondition::Any).await?;
             }
         }
         Ok(())

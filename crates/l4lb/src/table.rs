@@ -102,12 +102,8 @@ pub type VipTable = BTreeMap<VipKey, Entry>;
 /// Every VIP with an address and its backends: running tasks that serve (healthy where the
 /// app has checks) with weight 1, running tasks being killed with weight 0.
 pub fn vip_table_from(state: &ClusterState) -> VipTable {
-    let allocated: BTreeMap<String, IpAddr> = state
-        .allocations
-        .iter()
-        .filter(|(k, _)| k.starts_with(VIPS))
-        .filter_map(|(_, v)| serde_json::from_value::<Allocation>((**v).clone()).ok())
-        .map(|a| (a.name, a.ip))
+    let allocated: BTreeMap<String, IpAddr> = vip_allocations(state)
+        .map(|(_, a)| (a.name, a.ip))
         .collect();
     let mut table = VipTable::new();
     for app in state.apps.values() {
@@ -168,6 +164,15 @@ pub fn vip_table_from(state: &ClusterState) -> VipTable {
         }
     }
     table
+}
+
+/// The named VIPs' allocations in `state`, with their store keys.
+pub fn vip_allocations(state: &ClusterState) -> impl Iterator<Item = (&String, Allocation)> {
+    state
+        .allocations
+        .range::<str, _>((std::ops::Bound::Included(VIPS), std::ops::Bound::Unbounded))
+        .take_while(|(k, _)| k.starts_with(VIPS))
+        .filter_map(|(k, v)| Some((k, serde_json::from_value((**v).clone()).ok()?)))
 }
 
 /// The named VIPs the apps ask for.

@@ -197,12 +197,7 @@ fn leftovers(ns: &NetNs, agent: &Agent) -> Vec<String> {
         found.push(format!("cgroups: {:?}", agent.cgroup_dirs()));
     }
     let state = agent.get("/v1/state");
-    let held: Vec<&String> = state["allocations"]
-        .as_object()
-        .unwrap()
-        .keys()
-        .filter(|k| k.contains("/ipam/addresses/"))
-        .collect();
+    let held: Vec<&String> = state["addresses"].as_object().unwrap().keys().collect();
     if !held.is_empty() {
         found.push(format!("addresses: {held:?}"));
     }
@@ -272,12 +267,10 @@ fn killing_the_agent_leaves_no_duplicate_and_no_orphan() {
         2,
         "no duplicate veth"
     );
-    let held = agent.get("/v1/state")["allocations"]
+    let held = agent.get("/v1/state")["addresses"]
         .as_object()
         .unwrap()
-        .keys()
-        .filter(|k| k.contains("/ipam/addresses/"))
-        .count();
+        .len();
     assert_eq!(held, 2, "no duplicate address");
     for (id, _) in &before {
         let ip = ip_of(

@@ -267,7 +267,7 @@ fn a_udp_vip_answers_from_the_vip_address() {
         String::from_utf8_lossy(&out.stdout).trim() == vip
     });
     assert!(back, "the UDP VIP did not come back after a restart");
-    let alloc = agent.get("/v1/state")["allocations"]["/dcnet/vips/echo"].clone();
+    let alloc = agent.get("/v1/state")["vips"]["echo"].clone();
     assert_eq!(alloc["readyOn"].as_object().unwrap().len(), 1, "{alloc}");
     let socket = UdpSocket::bind("0.0.0.0:0").unwrap();
     socket.connect(format!("{vip}:53")).unwrap();

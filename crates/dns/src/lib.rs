@@ -27,9 +27,7 @@ use tracing::{info, warn};
 
 pub use self::forward::{ForwardConfig, upstreams_from_resolv_conf};
 pub use self::metrics::Metrics;
-pub use self::records::{
-    RecordConfig, RrSets, Zone, clean_label, listing, records_from, vip_label,
-};
+pub use self::records::{RecordConfig, RrSets, Zone, listing, records_from};
 pub use hickory_proto as proto;
 
 #[derive(Clone, Debug)]

@@ -10,7 +10,7 @@ use std::net::{IpAddr, Ipv4Addr};
 use std::sync::OnceLock;
 
 use dcnet_node_core::ClusterState;
-use dcnet_node_core::model::{App, Node, NodeId, Protocol, Task};
+use dcnet_node_core::model::{App, Node, NodeId, Protocol, Task, clean_label, vip_label};
 use hickory_proto::rr::rdata::{A, AAAA, NS, PTR, SOA, SRV};
 use hickory_proto::rr::{Name, RData, Record, RecordType};
 
@@ -119,27 +119,6 @@ impl Zone {
     }
 }
 
-/// Mesos-DNS label cleaning: lower case; `-`, `.` and `_` become `-`; anything else outside
-/// `[a-z0-9]` is dropped; at most 63 characters; no `-` at either end.
-pub fn clean_label(raw: &str) -> String {
-    let mut out: String = raw
-        .chars()
-        .filter_map(|c| match c.to_ascii_lowercase() {
-            c @ ('a'..='z' | '0'..='9') => Some(c),
-            '-' | '.' | '_' => Some('-'),
-            _ => None,
-        })
-        .collect();
-    out.truncate(63);
-    out.trim_matches('-').to_string()
-}
-
-/// A named VIP's label: the name without its slashes (`/mygroup/myapp` -> `mygroupmyapp`),
-/// cleaned, as dcos-l4lb does.
-pub fn vip_label(name: &str) -> String {
-    clean_label(&name.replace('/', ""))
-}
-
 fn short_hash(s: &str) -> String {
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
     for b in s.bytes() {
@@ -238,19 +217,6 @@ fn task_ips(app: &App, task: &Task, node: &Node) -> Vec<IpAddr> {
     match task.ip_addresses.first() {
         Some(ip) if app.is_container_network() => vec![ip.ip_address],
         _ => node.addresses().collect(),
-    }
-}
-
-/// Whether a VIP allocation says that this node's data plane, of this boot, serves it.
-fn vip_ready(allocation: &serde_json::Value, cfg: &RecordConfig) -> bool {
-    let Some(ready_on) = allocation.get("readyOn").and_then(|r| r.as_object()) else {
-        return false;
-    };
-    match (&cfg.this_node, &cfg.boot) {
-        (Some(node), Some(boot)) => {
-            ready_on.get(&node.0).and_then(|b| b.as_str()) == Some(boot.as_str())
-        }
-        _ => !ready_on.is_empty(),
     }
 }
 
@@ -373,19 +339,12 @@ pub fn records_from(state: &ClusterState, cfg: &RecordConfig) -> Zone {
     }
 
     // Named VIPs whose data plane is ready.
-    for (key, value) in state.allocations.iter() {
-        if !key.starts_with("/dcnet/vips/") || !vip_ready(value, cfg) {
+    let this = cfg.this_node.as_ref().zip(cfg.boot.as_deref());
+    for alloc in state.vips.values() {
+        if !alloc.is_ready_on(this) {
             continue;
         }
-        let (Some(name), Some(ip)) = (
-            value.get("name").and_then(|n| n.as_str()),
-            value
-                .get("ip")
-                .and_then(|i| i.as_str())
-                .and_then(|i| i.parse::<IpAddr>().ok()),
-        ) else {
-            continue;
-        };
+        let (name, ip) = (&alloc.name, alloc.ip);
         let label = vip_label(name);
         if label.is_empty() {
             continue;
@@ -486,6 +445,7 @@ pub(crate) mod tests {
     use std::collections::BTreeMap;
     use std::sync::Arc;
 
+    use dcnet_node_core::keys;
     use dcnet_node_core::model::{
         Goal, Health, IpAddress, NodeStatus, Resources, TaskId, TaskState, parse_app,
     };
@@ -558,9 +518,17 @@ pub(crate) mod tests {
                     .collect(),
             ),
             leader: Some(NodeId("node-1".into())),
-            allocations: Arc::new(
+            // Allocations as l4lb stores them (`/dcnet/vips/<label>` and JSON), read as the
+            // typed record the snapshot holds.
+            vips: Arc::new(
                 vips.into_iter()
-                    .map(|(k, v)| (k.to_string(), Arc::new(v)))
+                    .map(|(k, v)| {
+                        let label = k.strip_prefix(keys::VIPS).expect("a VIP key").to_string();
+                        (
+                            label,
+                            Arc::new(serde_json::from_value(v).expect("a VIP allocation")),
+                        )
+                    })
                     .collect(),
             ),
             ..Default::default()
@@ -826,5 +794,82 @@ pub(crate) mod tests {
                 .to_string()
                 .starts_with("mygroupmyapp.marathon.l4lb")
         );
+    }
+
+    /// A data plane that serves every VIP it is offered: a fake for this test of what the
+    /// planes write and read, not of serving.
+    struct ServesAll(std::collections::BTreeSet<dcnet_l4lb::VipKey>);
+
+    impl dcnet_l4lb::DataPlane for ServesAll {
+        fn name(&self) -> &'static str {
+            "test"
+        }
+        async fn apply(
+            &mut self,
+            diff: &dcnet_l4lb::TableDiff,
+        ) -> std::collections::BTreeSet<dcnet_l4lb::VipKey> {
+            self.0.extend(diff.added.iter().map(|(k, _)| *k));
+            for k in &diff.removed {
+                self.0.remove(k);
+            }
+            self.0.clone()
+        }
+    }
+
+    #[tokio::test]
+    async fn a_vip_allocation_written_by_l4lb_is_read_by_dns_as_the_typed_record() {
+        use dcnet_node_core::store::{Embedded, Precondition};
+        let dir = tempfile::tempdir().unwrap();
+        let store: dcnet_node_core::keys::SharedStore =
+            Arc::new(Embedded::open(&dir.path().join("s.redb")).unwrap());
+        let n1 = node("node-1", "192.0.2.1");
+        let web = app(
+            r#"{"id": "/group/web", "cmd": "x", "portDefinitions": [{"port": 0, "labels": {"VIP_0": "/my_group/web:80"}}]}"#,
+        );
+        for (key, value) in [
+            (keys::node(&n1.id), keys::to_json(&n1)),
+            (keys::app(&web.id), keys::to_json(&web)),
+        ] {
+            store.put(&key, value, Precondition::Absent).await.unwrap();
+        }
+        let shutdown = tokio_util::sync::CancellationToken::new();
+        let mut state = dcnet_node_core::test_util::follow(store.clone(), shutdown.clone()).await;
+        let lb = dcnet_l4lb::L4lb::new(
+            dcnet_l4lb::Config {
+                range: "198.18.0.0/15".parse().unwrap(),
+                node: n1.id.clone(),
+                boot: "boot-2".into(),
+            },
+            store.clone(),
+            dcnet_l4lb::Metrics::register(&prometheus::Registry::new()).unwrap(),
+        );
+        tokio::spawn(lb.run_with(
+            ServesAll(Default::default()),
+            state.clone(),
+            shutdown.clone(),
+        ));
+        let snap = state
+            .wait_for(|s| s.vips.values().any(|a| !a.ready_on.is_empty()))
+            .await
+            .unwrap()
+            .clone();
+        // The record as the snapshot holds it: typed, under its label.
+        let alloc = &snap.vips["my-groupweb"];
+        assert_eq!(alloc.name, "/my_group/web");
+        assert!(alloc.is_ready_on(Some((&n1.id, "boot-2"))));
+        let zone = records_from(&snap, &cfg());
+        let ip = alloc.ip.to_string();
+        assert_eq!(addrs(&zone, "my-groupweb.marathon.l4lb."), [ip.as_str()]);
+        assert_eq!(
+            addrs(&zone, "my-groupweb.marathon.l4lb.thisdcos.directory."),
+            [ip.as_str()]
+        );
+        // The same record read by an agent of another boot is not ready there.
+        let other = RecordConfig {
+            boot: Some("boot-3".into()),
+            ..cfg()
+        };
+        assert!(addrs(&records_from(&snap, &other), "my-groupweb.marathon.l4lb.").is_empty());
+        shutdown.cancel();
     }
 }

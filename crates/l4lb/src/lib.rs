@@ -28,7 +28,7 @@ use axum::routing::get;
 use dcnet_node_core::ClusterState;
 use dcnet_node_core::ipam::Subnet;
 use dcnet_node_core::keys::{self, SharedStore};
-use dcnet_node_core::model::NodeId;
+use dcnet_node_core::model::{NodeId, VipAllocation};
 use dcnet_node_core::store::{Precondition, StoreError};
 use futures::TryStreamExt;
 use serde_json::{Value, json};
@@ -41,8 +41,7 @@ pub use self::plane::{DataPlane, TableDiff, diff};
 pub use self::proxy::{Proxy, Registry};
 pub use self::select::{EJECT_FOR, Selector};
 pub use self::table::{
-    Allocation, Backend, Entry, Lb, VIPS, VipKey, VipTable, choose_address, vip_allocations,
-    vip_key, vip_table_from, wanted_names,
+    Backend, Entry, Lb, VipKey, VipTable, choose_address, vip_table_from, wanted_names,
 };
 
 #[derive(Clone, Debug)]
@@ -134,14 +133,15 @@ impl L4lb {
     /// on this node answers exactly the VIPs served here.
     async fn mark_ready(&self, snap: &ClusterState, served: &VipTable) {
         let serving: BTreeSet<&str> = served.values().filter_map(|e| e.name.as_deref()).collect();
-        let (node, boot) = (&self.cfg.node.0, &self.cfg.boot);
-        for (key, alloc) in vip_allocations(snap) {
-            let is_marked = alloc.ready_on.get(node) == Some(boot);
+        let (node, boot) = (&self.cfg.node, &self.cfg.boot);
+        for (label, alloc) in snap.vips.iter() {
+            let is_marked = alloc.is_ready_on(Some((node, boot)));
             let is_served = serving.contains(alloc.name.as_str());
             if is_marked == is_served {
                 continue;
             }
-            let result = keys::update_existing::<Allocation, _>(&*self.store, key, |a| {
+            let key = format!("{}{label}", keys::VIPS);
+            let result = keys::update_existing::<VipAllocation, _>(&*self.store, &key, |a| {
                 if is_served {
                     a.ready_on.insert(node.clone(), boot.clone()) != Some(boot.clone())
                 } else {
@@ -163,8 +163,7 @@ impl L4lb {
     /// Gives every wanted named VIP an address and frees those no app wants any more.
     async fn allocate(&self, snap: &ClusterState) -> Result<(), StoreError> {
         let wanted = wanted_names(snap);
-        let current: Vec<(&String, Allocation)> = vip_allocations(snap).collect();
-        let mut taken: BTreeSet<IpAddr> = current.iter().map(|(_, a)| a.ip).collect();
+        let mut taken: BTreeSet<IpAddr> = snap.vips.values().map(|a| a.ip).collect();
         for app in snap.apps.values() {
             for spec in app.vips().0 {
                 if let dcnet_node_core::model::VipTarget::Ip(ip) = spec.target {
@@ -173,21 +172,25 @@ impl L4lb {
             }
         }
         for name in &wanted {
-            if current.iter().any(|(_, a)| &a.name == name) {
+            if snap.vip(name).is_some() {
                 continue;
             }
             let Some(ip) = choose_address(name, self.cfg.range, &taken) else {
                 warn!(vip = %name, range = %self.cfg.range, "the VIP range is full");
                 continue;
             };
-            let alloc = Allocation {
+            let alloc = VipAllocation {
                 name: name.clone(),
                 ip: IpAddr::V4(ip),
                 ready_on: BTreeMap::new(),
             };
             match self
                 .store
-                .put(&vip_key(name), keys::to_json(&alloc), Precondition::Absent)
+                .put(
+                    &keys::vip(name),
+                    keys::to_json(&alloc),
+                    Precondition::Absent,
+                )
                 .await
             {
                 Ok(_) => {
@@ -199,10 +202,11 @@ impl L4lb {
                 Err(e) => return Err(e),
             }
         }
-        for (key, alloc) in current {
+        for (label, alloc) in snap.vips.iter() {
             if !wanted.contains(&alloc.name) {
                 info!(vip = %alloc.name, ip = %alloc.ip, "VIP released");
-                self.store.delete(key, Precondition::Any).await?;
+                let key = format!("{}{label}", keys::VIPS);
+                self.store.delete(&key, Precondition::Any).await?;
             }
         }
         Ok(())
@@ -313,26 +317,25 @@ mod tests {
 
     use super::*;
 
-    fn state_with(allocations: Vec<(String, Value)>) -> ClusterState {
+    fn state_with(vips: Vec<(String, VipAllocation)>) -> ClusterState {
         let app = parse_app(br#"{"id": "/web", "cmd": "x", "portDefinitions": [{"port": 0, "labels": {"VIP_0": "/web:80"}}]}"#)
             .unwrap()
             .app;
         ClusterState {
             apps: Arc::new([(app.id.clone(), Arc::new(app))].into()),
-            allocations: Arc::new(
-                allocations
-                    .into_iter()
-                    .map(|(k, v)| (k, Arc::new(v)))
-                    .collect(),
-            ),
+            vips: Arc::new(vips.into_iter().map(|(k, v)| (k, Arc::new(v))).collect()),
             ..Default::default()
         }
     }
 
-    async fn stored(store: &dyn Store) -> Vec<(String, Value)> {
-        let (kvs, _) = store.list(VIPS).await.unwrap();
+    /// The stored allocations, by label, read as the typed record.
+    async fn stored(store: &dyn Store) -> Vec<(String, VipAllocation)> {
+        let (kvs, _) = store.list(keys::VIPS).await.unwrap();
         kvs.into_iter()
-            .map(|kv| (kv.key, serde_json::from_slice(&kv.value).unwrap()))
+            .map(|kv| {
+                let label = kv.key.strip_prefix(keys::VIPS).unwrap().to_string();
+                (label, serde_json::from_slice(&kv.value).unwrap())
+            })
             .collect()
     }
 
@@ -356,7 +359,7 @@ mod tests {
             lb.allocate(&state_with(vec![])).await.unwrap();
             let first = stored(&*store).await;
             assert_eq!(first.len(), 1);
-            assert_eq!(first[0].0, "/dcnet/vips/web");
+            assert_eq!(first[0].0, "web");
             first
         };
         // A new agent on the same store sees the allocation and keeps it as it is.

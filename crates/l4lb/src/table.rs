@@ -8,37 +8,7 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use dcnet_node_core::ClusterState;
 use dcnet_node_core::ipam::Subnet;
 use dcnet_node_core::model::{Goal, NodeId, Protocol, TaskId, TaskState, VipTarget};
-use serde::{Deserialize, Serialize};
-
-/// Where VIP allocations live in the store.
-pub const VIPS: &str = "/dcnet/vips/";
-
-/// A named VIP's allocation, as stored at `/dcnet/vips/<label>`.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Allocation {
-    pub name: String,
-    pub ip: IpAddr,
-    /// The nodes whose data plane serves the VIP, each with the boot id of the agent that
-    /// said so. DNS on a node answers the VIP only while its own agent's data plane serves
-    /// it: an entry from before a restart (another boot id) does not count.
-    #[serde(default, rename = "readyOn")]
-    pub ready_on: BTreeMap<String, String>,
-}
-
-/// The store key of a named VIP: its name without slashes, cleaned as its DNS label.
-pub fn vip_key(name: &str) -> String {
-    let label: String = name
-        .replace('/', "")
-        .to_ascii_lowercase()
-        .chars()
-        .filter_map(|c| match c {
-            'a'..='z' | '0'..='9' => Some(c),
-            '-' | '.' | '_' => Some('-'),
-            _ => None,
-        })
-        .collect();
-    format!("{VIPS}{}", label.trim_matches('-'))
-}
+use serde::Serialize;
 
 /// How a VIP spreads connections.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
@@ -102,9 +72,6 @@ pub type VipTable = BTreeMap<VipKey, Entry>;
 /// Every VIP with an address and its backends: running tasks that serve (healthy where the
 /// app has checks) with weight 1, running tasks being killed with weight 0.
 pub fn vip_table_from(state: &ClusterState) -> VipTable {
-    let allocated: BTreeMap<String, IpAddr> = vip_allocations(state)
-        .map(|(_, a)| (a.name, a.ip))
-        .collect();
     let mut table = VipTable::new();
     for app in state.apps.values() {
         let (specs, _) = app.vips();
@@ -112,8 +79,8 @@ pub fn vip_table_from(state: &ClusterState) -> VipTable {
         for spec in specs {
             let (ip, name) = match &spec.target {
                 VipTarget::Ip(ip) => (*ip, None),
-                VipTarget::Named(name) => match allocated.get(name) {
-                    Some(ip) => (*ip, Some(name.clone())),
+                VipTarget::Named(name) => match state.vip(name) {
+                    Some(a) => (a.ip, Some(name.clone())),
                     None => continue,
                 },
             };
@@ -166,15 +133,6 @@ pub fn vip_table_from(state: &ClusterState) -> VipTable {
     table
 }
 
-/// The named VIPs' allocations in `state`, with their store keys.
-pub fn vip_allocations(state: &ClusterState) -> impl Iterator<Item = (&String, Allocation)> {
-    state
-        .allocations
-        .range::<str, _>((std::ops::Bound::Included(VIPS), std::ops::Bound::Unbounded))
-        .take_while(|(k, _)| k.starts_with(VIPS))
-        .filter_map(|(k, v)| Some((k, serde_json::from_value((**v).clone()).ok()?)))
-}
-
 /// The named VIPs the apps ask for.
 pub fn wanted_names(state: &ClusterState) -> BTreeSet<String> {
     state
@@ -211,7 +169,9 @@ pub fn choose_address(name: &str, range: Subnet, taken: &BTreeSet<IpAddr>) -> Op
 mod tests {
     use std::sync::Arc;
 
-    use dcnet_node_core::model::{Health, IpAddress, Node, NodeStatus, Resources, Task, parse_app};
+    use dcnet_node_core::model::{
+        Health, IpAddress, Node, NodeStatus, Resources, Task, VipAllocation, parse_app,
+    };
 
     use super::*;
 
@@ -240,7 +200,10 @@ mod tests {
 
     #[test]
     fn keys_drop_slashes_like_dcos_l4lb() {
-        assert_eq!(vip_key("/mygroup/myapp"), "/dcnet/vips/mygroupmyapp");
+        assert_eq!(
+            dcnet_node_core::keys::vip("/mygroup/myapp"),
+            "/dcnet/vips/mygroupmyapp"
+        );
     }
 
     #[test]
@@ -285,8 +248,11 @@ mod tests {
             task(2, TaskState::Running, Goal::Kill),
             task(3, TaskState::Staging, Goal::Run),
         ];
-        let alloc =
-            serde_json::json!({"name": "/web", "ip": "198.18.0.9", "readyOn": {"n1": "b1"}});
+        let alloc = VipAllocation {
+            name: "/web".into(),
+            ip: "198.18.0.9".parse().unwrap(),
+            ready_on: [(NodeId("n1".into()), "b1".into())].into(),
+        };
         let mut state = ClusterState {
             apps: Arc::new([(app.id.clone(), Arc::new(app.clone()))].into()),
             nodes: Arc::new([(node.id.clone(), Arc::new(node.clone()))].into()),
@@ -302,7 +268,7 @@ mod tests {
             vip_table_from(&state).is_empty(),
             "no address yet, no entry"
         );
-        state.allocations = Arc::new([("/dcnet/vips/web".to_string(), Arc::new(alloc))].into());
+        state.vips = Arc::new([("web".to_string(), Arc::new(alloc))].into());
         let table = vip_table_from(&state);
         let (key, entry) = table.iter().next().unwrap();
         assert_eq!(key.to_string(), "198.18.0.9:80/tcp");

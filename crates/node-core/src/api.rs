@@ -263,40 +263,95 @@ fn supersede(state: &ClusterState, app: &AppId) -> Vec<Op> {
         .collect()
 }
 
-/// An IP VIP that another app already uses on the same port and protocol is an error on the
-/// app, never a silent overlap.
+/// A VIP that cannot be served as asked is an error on the app, never a silent overlap: an IP
+/// VIP that another app already uses on the same port and protocol, and a named VIP whose
+/// label (its store key and DNS name) is the label of a different name, in this app or in
+/// another (`/a/bc` and `/ab/c`, `/my_app` and `/my-app`): only the first would ever be
+/// served. Two apps naming the very same VIP share it, as in DC/OS.
 fn check_vip_conflicts(app: &App, state: &ClusterState) -> ApiResult<()> {
-    use crate::model::VipTarget;
-    let mut conflicts = Vec::new();
-    let (mine, _) = app.vips();
-    for spec in mine.iter().filter(|s| matches!(s.target, VipTarget::Ip(_))) {
-        for other in state.apps.values().filter(|o| o.id != app.id) {
-            let clash = other.vips().0.into_iter().find(|o| {
-                o.target == spec.target && o.port == spec.port && o.protocol == spec.protocol
-            });
-            if let Some(o) = clash {
-                let path = if app.is_container_network() {
-                    format!(
-                        "/container/portMappings/{}/labels/{}",
-                        spec.port_index, spec.label
-                    )
-                } else {
-                    format!("/portDefinitions/{}/labels/{}", spec.port_index, spec.label)
-                };
-                conflicts.push(crate::model::FieldError {
-                    path,
-                    errors: vec![format!(
-                        "the VIP is already used by {} ({})",
-                        o.app, o.label
-                    )],
-                });
-            }
-        }
-    }
+    let conflicts = vip_conflicts(app, state.apps.values().map(|a| &**a));
     if conflicts.is_empty() {
         Ok(())
     } else {
         Err(Invalid::Fields(conflicts).into())
+    }
+}
+
+/// The conflicts of `app`'s VIPs with each other and with `others` (an older version of
+/// `app` among them is skipped). Pure.
+pub(crate) fn vip_conflicts<'a>(
+    app: &App,
+    others: impl Iterator<Item = &'a App>,
+) -> Vec<crate::model::FieldError> {
+    use crate::model::{FieldError, VipSpec, VipTarget, vip_label};
+    let path = |spec: &VipSpec| {
+        if app.is_container_network() {
+            format!(
+                "/container/portMappings/{}/labels/{}",
+                spec.port_index, spec.label
+            )
+        } else {
+            format!("/portDefinitions/{}/labels/{}", spec.port_index, spec.label)
+        }
+    };
+    let (mine, _) = app.vips();
+    let others: Vec<(&AppId, Vec<VipSpec>)> = others
+        .filter(|o| o.id != app.id)
+        .map(|o| (&o.id, o.vips().0))
+        .collect();
+    let mut conflicts = Vec::new();
+    for (i, spec) in mine.iter().enumerate() {
+        let mut errors = Vec::new();
+        match &spec.target {
+            VipTarget::Ip(_) => {
+                for (other, specs) in &others {
+                    if let Some(o) = specs.iter().find(|o| {
+                        o.target == spec.target
+                            && o.port == spec.port
+                            && o.protocol == spec.protocol
+                    }) {
+                        errors.push(format!("the VIP is already used by {other} ({})", o.label));
+                    }
+                }
+            }
+            VipTarget::Named(name) => {
+                let label = vip_label(name);
+                if label.is_empty() {
+                    errors.push(format!(
+                        "the VIP name `{name}` has no letter or digit to answer in DNS"
+                    ));
+                }
+                let clash = |o: &VipSpec| matches!(&o.target, VipTarget::Named(n) if n != name && vip_label(n) == label);
+                if let Some(o) = mine[..i].iter().find(|o| clash(o)) {
+                    errors.push(format!(
+                        "the VIP name `{name}` is stored and answered as `{label}`, as is `{}` of {} ({}) of this app",
+                        target_name(o), app.id, o.label
+                    ));
+                }
+                for (other, specs) in &others {
+                    if let Some(o) = specs.iter().find(|o| clash(o)) {
+                        errors.push(format!(
+                            "the VIP name `{name}` of {} is stored and answered as `{label}`, as is `{}` of {other} ({})",
+                            app.id, target_name(o), o.label
+                        ));
+                    }
+                }
+            }
+        }
+        if !errors.is_empty() {
+            conflicts.push(FieldError {
+                path: path(spec),
+                errors,
+            });
+        }
+    }
+    conflicts
+}
+
+fn target_name(spec: &crate::model::VipSpec) -> String {
+    match &spec.target {
+        crate::model::VipTarget::Named(n) => n.clone(),
+        crate::model::VipTarget::Ip(ip) => ip.to_string(),
     }
 }
 
@@ -521,4 +576,97 @@ async fn watch_state(State(api): State<Api>) -> Response {
         .header("content-type", "application/x-ndjson")
         .body(Body::from_stream(stream))
         .expect("static headers are valid")
+}
+
+#[cfg(test)]
+mod tests {
+    use axum::body::Body;
+    use axum::http::Request;
+    use tokio_util::sync::CancellationToken;
+    use tower::ServiceExt;
+
+    use super::*;
+    use crate::store::Embedded;
+
+    /// The API on a fresh embedded store, with the state published as the agent does.
+    async fn api() -> (Router, SharedStore, CancellationToken, tempfile::TempDir) {
+        let dir = tempfile::tempdir().unwrap();
+        let store: SharedStore = Arc::new(Embedded::open(&dir.path().join("s.redb")).unwrap());
+        // As an agent starts: its node is in the store before anything reads it.
+        store
+            .put(
+                "/dcnet/nodes/n1",
+                b"{}".to_vec(),
+                crate::store::Precondition::Absent,
+            )
+            .await
+            .unwrap();
+        let shutdown = CancellationToken::new();
+        let state = crate::test_util::follow(store.clone(), shutdown.clone()).await;
+        let router = router(Api {
+            store: store.clone(),
+            state,
+        });
+        (router, store, shutdown, dir)
+    }
+
+    async fn post(router: &Router, body: &str) -> (StatusCode, Value) {
+        let req = Request::post("/v2/apps")
+            .header("content-type", "application/json")
+            .body(Body::from(body.to_string()))
+            .unwrap();
+        let resp = router.clone().oneshot(req).await.unwrap();
+        let status = resp.status();
+        let bytes = axum::body::to_bytes(resp.into_body(), 1 << 20)
+            .await
+            .unwrap();
+        (status, serde_json::from_slice(&bytes).unwrap())
+    }
+
+    fn with_vip(id: &str, vip: &str) -> String {
+        json!({"id": id, "cmd": "sleep 1", "instances": 0,
+               "portDefinitions": [{"port": 0, "labels": {"VIP_0": vip}}]})
+        .to_string()
+    }
+
+    #[tokio::test]
+    async fn vip_names_that_clean_to_one_label_are_refused_naming_both_apps() {
+        let (router, store, shutdown, _dir) = api().await;
+        assert_eq!(
+            post(&router, &with_vip("/one", "/a/bc:80")).await.0,
+            StatusCode::CREATED
+        );
+        let (before, _) = store.list(keys::ROOT).await.unwrap();
+        for (id, vip, other) in [
+            ("/two", "/ab/c:80", "/a/bc"),
+            ("/three", "/ABC:8080", "/a/bc"),
+        ] {
+            let (status, v) = post(&router, &with_vip(id, vip)).await;
+            assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{v}");
+            let detail = &v["details"][0];
+            assert_eq!(detail["path"], "/portDefinitions/0/labels/VIP_0", "{v}");
+            let error = detail["errors"][0].as_str().unwrap();
+            assert!(
+                error.contains(id) && error.contains("/one") && error.contains(other),
+                "names both apps and the other VIP: {error}"
+            );
+        }
+        let (after, _) = store.list(keys::ROOT).await.unwrap();
+        assert_eq!(after, before, "a refused app changes nothing");
+        // The very same name is shared, as in DC/OS; one app with two names for one label is not.
+        assert_eq!(
+            post(&router, &with_vip("/four", "/a/bc:81")).await.0,
+            StatusCode::CREATED
+        );
+        let body = json!({"id": "/five", "cmd": "x", "instances": 0, "portDefinitions": [
+            {"port": 0, "labels": {"VIP_0": "/my_app:80"}},
+            {"port": 0, "labels": {"VIP_1": "/my-app:81"}}]});
+        let (status, v) = post(&router, &body.to_string()).await;
+        assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{v}");
+        assert_eq!(
+            v["details"][0]["path"], "/portDefinitions/1/labels/VIP_1",
+            "{v}"
+        );
+        shutdown.cancel();
+    }
 }

@@ -2,8 +2,8 @@
 //! per container task out of its node's /24, each claimed with compare-and-swap so that two
 //! nodes or two tasks never hold the same one.
 //!
-//! Keys: `/dcnet/ipam/subnets/<network>` holds the node id, `/dcnet/ipam/addresses/<ip>`
-//! holds the task and node ids.
+//! Keys: [`keys::IPAM_SUBNETS`] `<network>` holds the node id, [`keys::IPAM_ADDRESSES`]
+//! `<ip>` the task and node ids, both as a [`Lease`]; `ClusterState` has them typed.
 
 use std::collections::BTreeSet;
 use std::fmt;
@@ -16,11 +16,12 @@ use crate::keys;
 use crate::model::{NodeId, TaskId};
 use crate::store::{Precondition, Store, StoreError};
 
-const SUBNETS: &str = "/dcnet/ipam/subnets/";
-const ADDRESSES: &str = "/dcnet/ipam/addresses/";
+const SUBNETS: &str = keys::IPAM_SUBNETS;
+const ADDRESSES: &str = keys::IPAM_ADDRESSES;
 
-/// An IPv4 network: `10.128.0.0/24`.
+/// An IPv4 network: `10.128.0.0/24`, in JSON and TOML too.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(into = "String", try_from = "String")]
 pub struct Subnet {
     pub network: Ipv4Addr,
     pub prefix: u8,
@@ -75,6 +76,19 @@ impl fmt::Display for Subnet {
     }
 }
 
+impl From<Subnet> for String {
+    fn from(s: Subnet) -> String {
+        s.to_string()
+    }
+}
+
+impl TryFrom<String> for Subnet {
+    type Error = String;
+    fn try_from(s: String) -> Result<Self, String> {
+        s.parse()
+    }
+}
+
 impl FromStr for Subnet {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
@@ -99,11 +113,13 @@ pub enum IpamError {
     Update(#[from] keys::UpdateError),
 }
 
-#[derive(Debug, Serialize, Deserialize)]
-struct Lease {
-    node: NodeId,
+/// Who holds a subnet (a node) or an address (a node's task).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Lease {
+    pub node: NodeId,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    task: Option<TaskId>,
+    pub task: Option<TaskId>,
 }
 
 /// The node's subnet: the one it already holds, or the first free one of `range`.
@@ -117,7 +133,7 @@ pub async fn claim_subnet(
     for kv in &held {
         let lease: Result<Lease, _> = serde_json::from_slice(&kv.value);
         if lease.is_ok_and(|l| &l.node == node)
-            && let Ok(subnet) = kv.key[SUBNETS.len()..].replace('_', "/").parse::<Subnet>()
+            && let Some(subnet) = keys::subnet_of(&kv.key[SUBNETS.len()..])
             && subnet.prefix == prefix
             && range.contains(subnet.network)
         {
@@ -125,7 +141,7 @@ pub async fn claim_subnet(
         }
     }
     for subnet in range.children(prefix) {
-        let key = format!("{SUBNETS}{}", subnet.to_string().replace('/', "_"));
+        let key = keys::subnet(&subnet);
         let value = keys::to_json(&Lease {
             node: node.clone(),
             task: None,
@@ -139,10 +155,6 @@ pub async fn claim_subnet(
     Err(IpamError::NoSubnet { range, prefix })
 }
 
-fn address_key(ip: Ipv4Addr) -> String {
-    format!("{ADDRESSES}{ip}")
-}
-
 /// Claims a free address of `subnet` for `task`.
 pub async fn allocate(
     store: &dyn Store,
@@ -153,7 +165,7 @@ pub async fn allocate(
     let (held, _) = store.list(ADDRESSES).await?;
     let used: BTreeSet<String> = held.iter().map(|kv| kv.key.clone()).collect();
     for ip in subnet.hosts() {
-        let key = address_key(ip);
+        let key = keys::address(ip);
         if used.contains(&key) {
             continue;
         }
@@ -172,7 +184,7 @@ pub async fn allocate(
 
 /// Frees the address if `task` still holds it.
 pub async fn release(store: &dyn Store, ip: Ipv4Addr, task: &TaskId) -> Result<(), IpamError> {
-    let key = address_key(ip);
+    let key = keys::address(ip);
     if let Some(kv) = store.get(&key).await?
         && serde_json::from_slice::<Lease>(&kv.value).is_ok_and(|l| l.task.as_ref() == Some(task))
     {

@@ -1,10 +1,12 @@
 //! Store keys (the same in every backend) and typed read-modify-write helpers over them.
 
+use std::net::Ipv4Addr;
 use std::sync::Arc;
 
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
+use crate::ipam::Subnet;
 use crate::model::{AppId, DeploymentId, NodeId, TaskId};
 use crate::store::{Precondition, Revision, Store, StoreError};
 
@@ -14,8 +16,13 @@ pub const APP_STATUS: &str = "/dcnet/appstatus/";
 pub const TASKS: &str = "/dcnet/tasks/";
 pub const NODES: &str = "/dcnet/nodes/";
 pub const DEPLOYMENTS: &str = "/dcnet/deployments/";
+/// Named VIPs' allocations ([`crate::model::VipAllocation`]), by VIP label.
 pub const VIPS: &str = "/dcnet/vips/";
 pub const IPAM: &str = "/dcnet/ipam/";
+/// Node subnets ([`crate::ipam::Lease`]), by network with `_` for `/`: `10.128.0.0_24`.
+pub const IPAM_SUBNETS: &str = "/dcnet/ipam/subnets/";
+/// Container addresses ([`crate::ipam::Lease`]), by address.
+pub const IPAM_ADDRESSES: &str = "/dcnet/ipam/addresses/";
 pub const LEADER: &str = "/dcnet/leader";
 
 pub fn app(id: &AppId) -> String {
@@ -32,6 +39,20 @@ pub fn node(id: &NodeId) -> String {
 }
 pub fn deployment(id: &DeploymentId) -> String {
     format!("{DEPLOYMENTS}{id}")
+}
+/// A named VIP's allocation, under its label ([`crate::model::vip_label`]).
+pub fn vip(name: &str) -> String {
+    format!("{VIPS}{}", crate::model::vip_label(name))
+}
+pub fn subnet(subnet: &Subnet) -> String {
+    format!("{IPAM_SUBNETS}{}_{}", subnet.network, subnet.prefix)
+}
+/// The subnet a key under [`IPAM_SUBNETS`] names.
+pub fn subnet_of(rest: &str) -> Option<Subnet> {
+    rest.replace('_', "/").parse().ok()
+}
+pub fn address(ip: Ipv4Addr) -> String {
+    format!("{IPAM_ADDRESSES}{ip}")
 }
 
 /// Why a typed update did not happen.

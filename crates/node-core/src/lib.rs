@@ -19,6 +19,8 @@ pub mod runtime;
 pub mod scheduler;
 mod state;
 pub mod store;
+#[cfg(any(test, feature = "test-util"))]
+pub mod test_util;
 
 pub use self::api::ApiError;
 pub use self::core::{Config, NodeCore, StartError};

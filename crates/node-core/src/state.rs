@@ -2,6 +2,7 @@
 //! kept current by one list-then-watch loop and published on a `tokio::sync::watch`.
 
 use std::collections::BTreeMap;
+use std::net::Ipv4Addr;
 use std::sync::Arc;
 
 use serde::Serialize;
@@ -9,8 +10,11 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
+use crate::ipam::{Lease, Subnet};
 use crate::keys;
-use crate::model::{App, AppId, AppStatus, Deployment, DeploymentId, Node, NodeId, Task, TaskId};
+use crate::model::{
+    App, AppId, AppStatus, Deployment, DeploymentId, Node, NodeId, Task, TaskId, VipAllocation,
+};
 use crate::store::{Event, KeyValue, Revision, Store, StoreError};
 
 /// Everything the cluster knows at one store revision. Cheap to clone (maps behind `Arc`).
@@ -26,9 +30,13 @@ pub struct ClusterState {
     pub deployments: Arc<BTreeMap<DeploymentId, Arc<Deployment>>>,
     /// The node that runs the scheduler now.
     pub leader: Option<NodeId>,
-    /// Allocations that later planes keep in the store (`/dcnet/vips/..`, `/dcnet/ipam/..`),
-    /// by full key, as JSON: each plane reads its own typed view of them.
-    pub allocations: Arc<BTreeMap<String, Arc<serde_json::Value>>>,
+    /// Named VIPs' addresses and readiness, by VIP label (`mygroupmyapp`), as l4lb writes
+    /// them.
+    pub vips: Arc<BTreeMap<String, Arc<VipAllocation>>>,
+    /// Each node's container subnet.
+    pub subnets: Arc<BTreeMap<Subnet, Arc<Lease>>>,
+    /// Container addresses and the tasks that hold them.
+    pub addresses: Arc<BTreeMap<Ipv4Addr, Arc<Lease>>>,
 }
 
 impl ClusterState {
@@ -41,6 +49,13 @@ impl ClusterState {
     /// The tasks of one app, in id order.
     pub fn tasks_of<'a>(&'a self, app: &'a AppId) -> impl Iterator<Item = &'a Arc<Task>> + 'a {
         self.tasks.values().filter(move |t| &t.app_id == app)
+    }
+
+    /// The allocation of a named VIP (`/web`), if it has one.
+    pub fn vip(&self, name: &str) -> Option<&Arc<VipAllocation>> {
+        self.vips
+            .get(&crate::model::vip_label(name))
+            .filter(|a| a.name == name)
     }
 
     /// The running deployment of an app, if any.
@@ -100,18 +115,16 @@ impl ClusterState {
             );
         } else if key == keys::LEADER {
             self.leader = value.and_then(|v| serde_json::from_slice::<NodeId>(v).ok());
-        } else if key.starts_with(keys::VIPS) || key.starts_with(keys::IPAM) {
-            match value.map(serde_json::from_slice::<serde_json::Value>) {
-                Some(Ok(v)) => {
-                    Arc::make_mut(&mut self.allocations).insert(key.to_string(), Arc::new(v));
-                }
-                Some(Err(e)) => {
-                    warn!(key, error = %e, "ignoring an allocation that does not parse")
-                }
-                None => {
-                    Arc::make_mut(&mut self.allocations).remove(key);
-                }
+        } else if let Some(rest) = key.strip_prefix(keys::VIPS) {
+            set(&mut self.vips, rest.to_string(), key, value);
+        } else if let Some(rest) = key.strip_prefix(keys::IPAM_SUBNETS) {
+            if let Some(subnet) = keys::subnet_of(rest) {
+                set(&mut self.subnets, subnet, key, value);
             }
+        } else if let Some(rest) = key.strip_prefix(keys::IPAM_ADDRESSES)
+            && let Ok(ip) = rest.parse::<Ipv4Addr>()
+        {
+            set(&mut self.addresses, ip, key, value);
         }
     }
 

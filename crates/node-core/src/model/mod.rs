@@ -4,6 +4,7 @@
 //! `parse`, which turns a request body into an [`App`] or names every field that is wrong.
 
 mod app;
+mod names;
 mod parse;
 mod task;
 mod vip;
@@ -12,13 +13,14 @@ pub use self::app::{
     App, AppId, Constraint, Container, HealthCheck, HealthCommand, HealthProtocol, Network,
     NetworkMode, Operator, PortDefinition, PortMapping, Protocol, UpgradeStrategy, VersionInfo,
 };
+pub use self::names::{clean_label, vip_label};
 pub use self::parse::{FieldError, Invalid, Parsed, parse_app, parse_app_update};
 pub use self::task::{
     AppStatus, Deployment, DeploymentId, DeploymentKind, DeploymentStatus, Exit, Goal, Health,
     IpAddress, KillReason, Node, NodeId, NodeStatus, PortRange, ProcessHandle, Resources, Task,
     TaskFailure, TaskId, TaskState,
 };
-pub use self::vip::{VipSpec, VipTarget, parse_vip};
+pub use self::vip::{VipAllocation, VipSpec, VipTarget, parse_vip};
 
 /// The current wall-clock time as RFC 3339 with milliseconds, Marathon's timestamp form.
 pub fn now_rfc3339() -> String {

@@ -1,9 +1,38 @@
 //! VIP labels as DC/OS writes them on ports: a key starting with `VIP` whose value is
 //! `/name:port` (a named VIP, groups allowed: `/mygroup/myapp:80`) or `ip:port` (an IP VIP).
 
+use std::collections::BTreeMap;
 use std::net::IpAddr;
 
-use super::{App, AppId, Protocol};
+use serde::{Deserialize, Serialize};
+
+use super::{App, AppId, NodeId, Protocol};
+
+/// A named VIP's address, written by the l4lb plane at `/dcnet/vips/<label>` (see
+/// [`crate::keys::vip`]) and read by every plane through `ClusterState::vips`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VipAllocation {
+    /// The VIP's name as the app's label gives it, lower case: `/mygroup/myapp`.
+    pub name: String,
+    pub ip: IpAddr,
+    /// The nodes whose data plane serves the VIP, each with the boot id of the agent that
+    /// said so. DNS on a node answers the VIP only while its own agent's data plane serves
+    /// it: an entry from before a restart (another boot id) does not count.
+    #[serde(default, rename = "readyOn")]
+    pub ready_on: BTreeMap<NodeId, String>,
+}
+
+impl VipAllocation {
+    /// Whether the data plane of `node`'s agent of boot `boot` serves this VIP; with no node
+    /// given, whether any node's does.
+    pub fn is_ready_on(&self, node: Option<(&NodeId, &str)>) -> bool {
+        match node {
+            Some((node, boot)) => self.ready_on.get(node).map(String::as_str) == Some(boot),
+            None => !self.ready_on.is_empty(),
+        }
+    }
+}
 
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum VipTarget {

@@ -2,7 +2,6 @@
 //! that remove every namespace, process and cgroup they made, also when a test fails.
 
 use std::fs;
-use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -33,23 +32,23 @@ fn sh(cmd: &mut Command) -> std::process::Output {
     out
 }
 
-/// A network namespace with only loopback, removed on drop.
+/// A network namespace with only loopback, removed on drop (the netns crate's guard).
 pub struct NetNs {
     pub name: String,
+    guard: dcnet_netns::NetnsGuard,
 }
 
 impl NetNs {
     pub fn new(tag: &str) -> Self {
         let n = NEXT.fetch_add(1, Ordering::SeqCst);
         let name = format!("dcnet-t{}-{n}-{tag}", std::process::id());
-        sh(Command::new("ip").args(["netns", "add", &name]));
-        let ns = NetNs { name };
-        sh(Command::new("ip").args(["-n", &ns.name, "link", "set", "lo", "up"]));
-        ns
+        let guard = dcnet_netns::NetnsGuard::create(&name)
+            .unwrap_or_else(|e| panic!("creating the namespace {name}: {e}"));
+        NetNs { name, guard }
     }
 
     pub fn path(&self) -> String {
-        format!("/run/netns/{}", self.name)
+        self.guard.path().display().to_string()
     }
 
     /// Adds an interface with `cidr`, up: a node address that is not loopback. (A veth pair
@@ -73,17 +72,7 @@ impl NetNs {
     /// Moves the calling thread into the namespace, so that its sockets (the test's HTTP
     /// client) reach the agent's loopback. Each test runs on its own thread.
     pub fn enter(&self) {
-        let file = fs::File::open(self.path()).expect("opening the netns");
-        nix::sched::setns(file.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET)
-            .expect("setns into the test namespace");
-    }
-}
-
-impl Drop for NetNs {
-    fn drop(&mut self) {
-        let _ = Command::new("ip")
-            .args(["netns", "del", &self.name])
-            .status();
+        dcnet_netns::enter(self.guard.path()).expect("setns into the test namespace");
     }
 }
 

@@ -16,7 +16,7 @@ mod select;
 mod table;
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::IpAddr;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
@@ -30,7 +30,6 @@ use dcnet_node_core::ipam::Subnet;
 use dcnet_node_core::keys::{self, SharedStore};
 use dcnet_node_core::model::{NodeId, VipAllocation};
 use dcnet_node_core::store::{Precondition, StoreError};
-use futures::TryStreamExt;
 use serde_json::{Value, json};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
@@ -282,30 +281,9 @@ async fn show_vip(
 /// Makes every address of `range` local in this namespace (`local <range> dev lo`), so that a
 /// listener can bind any VIP and containers reach it through their gateway.
 pub async fn add_anyip_route(range: Subnet) -> std::io::Result<()> {
-    use rtnetlink::RouteMessageBuilder;
-    use rtnetlink::packet_route::route::{RouteScope, RouteType};
-    let (conn, handle, _) = rtnetlink::new_connection()?;
-    tokio::spawn(conn);
-    let mut links = handle.link().get().match_name("lo".to_string()).execute();
-    let lo = links
-        .try_next()
+    dcnet_netns::Netlink::connect()?
+        .add_local_route(range.network, range.prefix)
         .await
-        .map_err(|e| std::io::Error::other(e.to_string()))?
-        .ok_or_else(|| std::io::Error::other("no loopback device"))?
-        .header
-        .index;
-    let route = RouteMessageBuilder::<Ipv4Addr>::new()
-        .destination_prefix(range.network, range.prefix)
-        .kind(RouteType::Local)
-        .scope(RouteScope::Host)
-        .table_id(255)
-        .output_interface(lo)
-        .build();
-    match handle.route().add(route).execute().await {
-        Ok(()) => Ok(()),
-        Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -17 => Ok(()),
-        Err(e) => Err(std::io::Error::other(e.to_string())),
-    }
 }
 
 #[cfg(test)]

@@ -24,7 +24,9 @@ use tokio::sync::OnceCell;
 use tracing::{debug, info, warn};
 
 use super::host::task_env;
-use super::{ExitFuture, HostRuntime, LaunchSpec, Launched, Runtime, RuntimeError, netns};
+use dcnet_netns::{self as netns, Netlink};
+
+use super::{ExitFuture, HostRuntime, LaunchSpec, Launched, Runtime, RuntimeError};
 use crate::ipam::{self, Subnet};
 use crate::keys::SharedStore;
 use crate::model::{IpAddress, NodeId, ProcessHandle, Protocol, TaskId};
@@ -68,7 +70,7 @@ pub struct ContainerRuntime {
     cfg: ContainerConfig,
     host: HostRuntime,
     store: SharedStore,
-    netlink: OnceCell<rtnetlink::Handle>,
+    netlink: OnceCell<Netlink>,
     nat: Mutex<BTreeMap<TaskId, Vec<NatRule>>>,
     /// The ruleset last applied, so that unchanged sets are not written again.
     applied: tokio::sync::Mutex<Option<String>>,
@@ -126,26 +128,21 @@ impl ContainerRuntime {
     pub async fn prepare(&self) -> Result<(), RuntimeError> {
         let handle = self.netlink().await?.clone();
         let subnet = self.cfg.subnet;
-        netns::ensure_bridge(
-            &handle,
-            &self.cfg.bridge,
-            subnet.gateway(),
-            subnet.prefix,
-            self.cfg.mtu,
-        )
-        .await
-        .map_err(|e| net("setting up the bridge", e))?;
+        handle
+            .ensure_bridge(
+                &self.cfg.bridge,
+                subnet.gateway(),
+                subnet.prefix,
+                self.cfg.mtu,
+            )
+            .await
+            .map_err(|e| net("setting up the bridge", e))?;
         Ok(())
     }
 
-    async fn netlink(&self) -> Result<&rtnetlink::Handle, RuntimeError> {
+    async fn netlink(&self) -> Result<&Netlink, RuntimeError> {
         self.netlink
-            .get_or_try_init(|| async {
-                let (conn, handle, _) =
-                    rtnetlink::new_connection().map_err(|e| net("netlink socket", e))?;
-                tokio::spawn(conn);
-                Ok(handle)
-            })
+            .get_or_try_init(|| async { Netlink::connect().map_err(|e| net("netlink socket", e)) })
             .await
     }
 
@@ -188,36 +185,39 @@ impl ContainerRuntime {
             .map_err(|e| net("creating the namespace", e))?;
         let handle = self.netlink().await?.clone();
         let subnet = self.cfg.subnet;
-        let bridge = netns::ensure_bridge(
-            &handle,
-            &self.cfg.bridge,
-            subnet.gateway(),
-            subnet.prefix,
-            self.cfg.mtu,
-        )
-        .await
-        .map_err(|e| net("setting up the bridge", e))?;
+        let bridge = handle
+            .ensure_bridge(
+                &self.cfg.bridge,
+                subnet.gateway(),
+                subnet.prefix,
+                self.cfg.mtu,
+            )
+            .await
+            .map_err(|e| net("setting up the bridge", e))?;
         // Forwarding in the node's namespace, for published ports and the overlay.
         let _ = fs::write("/proc/sys/net/ipv4/ip_forward", "1");
         let peer = format!("dcp{}", tag(&spec.task));
-        netns::add_veth(
-            &handle,
-            &held.veth,
-            &peer,
-            bridge,
-            self.cfg.mtu,
-            &held.netns,
-        )
-        .await
-        .map_err(|e| net("creating the veth pair", e))?;
+        handle
+            .add_veth(&held.veth, &peer, bridge, self.cfg.mtu, &held.netns)
+            .await
+            .map_err(|e| net("creating the veth pair", e))?;
         let (ip, prefix, gateway, mtu) = (held.ip, subnet.prefix, subnet.gateway(), self.cfg.mtu);
-        netns::run_in(&held.netns, move |h| {
-            netns::configure_container(h, peer, ip, prefix, gateway, mtu)
+        netns::run_in(&held.netns, move |nl| async move {
+            nl.configure_eth0(&peer, ip, prefix, gateway, mac_for(ip), mtu)
+                .await
         })
         .await
         .map_err(|e| net("configuring eth0 in the container", e))?;
         Ok(())
     }
+}
+
+/// A MAC derived from the container's address (locally administered, 02:42 + the four octets):
+/// when an address is handed out again, the node's neighbour entry for it is still right, so a
+/// new container is reachable at once instead of after the stale entry times out.
+fn mac_for(ip: Ipv4Addr) -> [u8; 6] {
+    let [a, b, c, d] = ip.octets();
+    [0x02, 0x42, a, b, c, d]
 }
 
 fn net(what: &str, e: impl std::fmt::Display) -> RuntimeError {
@@ -378,7 +378,7 @@ impl Runtime for ContainerRuntime {
         }
         match self.netlink().await {
             Ok(handle) => {
-                if let Err(e) = netns::delete_link(handle, &held.veth).await {
+                if let Err(e) = handle.delete_link(&held.veth).await {
                     warn!(%task, error = %e, "could not delete the veth");
                 }
             }
@@ -415,12 +415,9 @@ impl Runtime for ContainerRuntime {
         // Veths whose task is not kept (a crash between creating the link and the state file).
         let kept: BTreeSet<String> = keep.iter().map(|t| format!("dcv{}", tag(t))).collect();
         if let Ok(handle) = self.netlink().await {
-            for (name, _) in netns::links_with_prefix(handle, "dcv")
-                .await
-                .unwrap_or_default()
-            {
+            for (name, _) in handle.links_with_prefix("dcv").await.unwrap_or_default() {
                 if !kept.contains(&name) {
-                    let _ = netns::delete_link(handle, &name).await;
+                    let _ = handle.delete_link(&name).await;
                 }
             }
         }

@@ -5,7 +5,6 @@
 pub mod cgroup;
 mod container;
 mod host;
-mod netns;
 use std::collections::BTreeSet;
 use std::future::Future;
 use std::net::IpAddr;

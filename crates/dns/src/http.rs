@@ -12,7 +12,8 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 
 use crate::Config;
-use crate::records::{Zone, listing};
+use crate::records::listing;
+use crate::zone::Zone;
 
 #[derive(Clone)]
 struct Api {

@@ -14,6 +14,7 @@ mod records;
 mod server;
 mod udp;
 mod wire;
+mod zone;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -27,7 +28,8 @@ use tracing::{info, warn};
 
 pub use self::forward::{ForwardConfig, upstreams_from_resolv_conf};
 pub use self::metrics::Metrics;
-pub use self::records::{RecordConfig, RrSets, Zone, listing, records_from};
+pub use self::records::{RecordConfig, listing, records_from};
+pub use self::zone::{RrSets, Zone};
 pub use hickory_proto as proto;
 
 #[derive(Clone, Debug)]

@@ -7,14 +7,13 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::{IpAddr, Ipv4Addr};
-use std::sync::OnceLock;
 
 use dcnet_node_core::ClusterState;
 use dcnet_node_core::model::{App, Node, NodeId, Protocol, Task, clean_label, vip_label};
 use hickory_proto::rr::rdata::{A, AAAA, NS, PTR, SOA, SRV};
 use hickory_proto::rr::{Name, RData, Record, RecordType};
 
-use crate::wire::WireSets;
+use crate::zone::{RrSets, Zone};
 
 /// What the records depend on besides the state.
 #[derive(Clone, Debug)]
@@ -40,82 +39,6 @@ impl Default for RecordConfig {
             this_node: None,
             boot: None,
         }
-    }
-}
-
-/// The record sets of one name.
-#[derive(Clone, Debug, Default)]
-pub struct RrSets {
-    pub a: Vec<Record>,
-    pub aaaa: Vec<Record>,
-    pub srv: Vec<Record>,
-    pub ptr: Vec<Record>,
-    pub soa: Vec<Record>,
-    pub ns: Vec<Record>,
-    /// Address records of SRV targets, for the additional section.
-    pub additional: Vec<Record>,
-    /// All of the above, encoded for the UDP fast path when the name is first asked for.
-    pub(crate) wire: OnceLock<WireSets>,
-}
-
-impl RrSets {
-    pub fn get(&self, rtype: RecordType) -> Vec<&Record> {
-        match rtype {
-            RecordType::A => self.a.iter().collect(),
-            RecordType::AAAA => self.aaaa.iter().collect(),
-            RecordType::SRV => self.srv.iter().collect(),
-            RecordType::PTR => self.ptr.iter().collect(),
-            RecordType::SOA => self.soa.iter().collect(),
-            RecordType::NS => self.ns.iter().collect(),
-            RecordType::ANY => [
-                &self.a, &self.aaaa, &self.srv, &self.ptr, &self.soa, &self.ns,
-            ]
-            .into_iter()
-            .flatten()
-            .collect(),
-            _ => Vec::new(),
-        }
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.a.is_empty()
-            && self.aaaa.is_empty()
-            && self.srv.is_empty()
-            && self.ptr.is_empty()
-            && self.soa.is_empty()
-            && self.ns.is_empty()
-    }
-
-    fn len(&self) -> usize {
-        self.a.len()
-            + self.aaaa.len()
-            + self.srv.len()
-            + self.ptr.len()
-            + self.soa.len()
-            + self.ns.len()
-    }
-}
-
-/// Every name dcnet answers, by lower-case FQDN (`web-group.marathon.mesos.`).
-#[derive(Clone, Debug, Default)]
-pub struct Zone {
-    pub revision: u64,
-    pub names: HashMap<String, RrSets>,
-    /// The zones dcnet is authoritative for, with their SOA records.
-    pub apexes: Vec<(String, Record)>,
-    pub records: usize,
-}
-
-impl Zone {
-    /// The authoritative zone a name falls in, if any.
-    pub fn apex_of(&self, name: &str) -> Option<&(String, Record)> {
-        // On the query path: no allocation.
-        self.apexes.iter().find(|(apex, _)| {
-            name == apex
-                || (name.len() > apex.len()
-                    && name.ends_with(apex.as_str())
-                    && name.as_bytes()[name.len() - apex.len() - 1] == b'.')
-        })
     }
 }
 
@@ -800,9 +723,20 @@ pub(crate) mod tests {
     /// planes write and read, not of serving.
     struct ServesAll(std::collections::BTreeSet<dcnet_l4lb::VipKey>);
 
+    struct NoView;
+
+    impl dcnet_l4lb::VipView for NoView {
+        fn served(&self) -> Vec<dcnet_l4lb::ServedVip> {
+            Vec::new()
+        }
+    }
+
     impl dcnet_l4lb::DataPlane for ServesAll {
         fn name(&self) -> &'static str {
             "test"
+        }
+        fn view(&self) -> Arc<dyn dcnet_l4lb::VipView> {
+            Arc::new(NoView)
         }
         async fn apply(
             &mut self,

@@ -15,8 +15,8 @@ use tracing::debug;
 
 use crate::forward::Forwarder;
 use crate::metrics::Metrics;
-use crate::records::Zone;
 use crate::wire::{self, MAX_UDP_PAYLOAD};
+use crate::zone::Zone;
 
 pub(crate) struct Handler {
     pub(crate) zone: Arc<ArcSwap<Zone>>,

@@ -12,7 +12,7 @@ use hickory_proto::op::ResponseCode;
 use hickory_proto::rr::{Record, RecordType};
 use hickory_proto::serialize::binary::{BinEncodable, BinEncoder, NameEncoding};
 
-use crate::records::{RrSets, Zone};
+use crate::zone::{RrSets, WireSets, Zone};
 
 /// EDNS buffer size we advertise and never exceed over UDP: no answer is ever fragmented.
 pub(crate) const MAX_UDP_PAYLOAD: u16 = 1232;
@@ -20,19 +20,6 @@ const HEADER: usize = 12;
 const OPT_LEN: usize = 11;
 const TYPE_OPT: u16 = 41;
 const CLASS_IN: u16 = 1;
-
-/// A record set's records, encoded.
-#[derive(Clone, Debug, Default)]
-pub struct WireSets {
-    a: Vec<Box<[u8]>>,
-    aaaa: Vec<Box<[u8]>>,
-    srv: Vec<Box<[u8]>>,
-    ptr: Vec<Box<[u8]>>,
-    soa: Vec<Box<[u8]>>,
-    ns: Vec<Box<[u8]>>,
-    /// Additional records, owner names included.
-    additional: Vec<Box<[u8]>>,
-}
 
 impl WireSets {
     pub(crate) fn new(sets: &RrSets) -> Self {

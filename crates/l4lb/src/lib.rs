@@ -14,11 +14,11 @@ mod proxy;
 mod relay;
 mod select;
 mod table;
+mod view;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 
 use axum::Json;
 use axum::Router;
@@ -37,11 +37,12 @@ use tracing::{info, warn};
 
 pub use self::metrics::{BackendMetrics, Metrics};
 pub use self::plane::{DataPlane, TableDiff, diff};
-pub use self::proxy::{Proxy, Registry};
+pub use self::proxy::Proxy;
 pub use self::select::{EJECT_FOR, Selector};
 pub use self::table::{
     Backend, Entry, Lb, VipKey, VipTable, choose_address, vip_table_from, wanted_names,
 };
+pub use self::view::{BackendHealth, ServedBackend, ServedVip, ViewSlot, VipView, vip_label};
 
 #[derive(Clone, Debug)]
 pub struct Config {
@@ -57,7 +58,7 @@ pub struct Config {
 pub struct L4lb {
     cfg: Config,
     store: SharedStore,
-    registry: Registry,
+    view: ViewSlot,
     metrics: Metrics,
 }
 
@@ -66,14 +67,19 @@ impl L4lb {
         Self {
             cfg,
             store,
-            registry: Arc::default(),
+            view: ViewSlot::default(),
             metrics,
         }
     }
 
-    /// Per-backend metrics for the node's registry, read from the table being served.
+    /// Per-backend metrics for the node's registry, read from the data plane's view.
     pub fn backend_metrics(&self) -> prometheus::Result<BackendMetrics> {
-        BackendMetrics::new(self.registry.clone())
+        BackendMetrics::new(self.view.clone())
+    }
+
+    /// What the data plane that runs now serves.
+    pub fn view(&self) -> ViewSlot {
+        self.view.clone()
     }
 
     /// `/v1/vips` (dcos-l4lb's shape, with per-backend state and connections) and
@@ -82,16 +88,12 @@ impl L4lb {
         Router::new()
             .route("/v1/vips", get(list_vips))
             .route("/v1/vips/{*name}", get(show_vip))
-            .with_state(self.registry.clone())
+            .with_state(self.view.clone())
     }
 
     /// Follows `state` until `shutdown` with the userspace proxy as the data plane.
     pub async fn run(self, state: watch::Receiver<Arc<ClusterState>>, shutdown: CancellationToken) {
-        let proxy = Proxy::new(
-            self.registry.clone(),
-            self.metrics.clone(),
-            shutdown.clone(),
-        );
+        let proxy = Proxy::new(self.metrics.clone(), shutdown.clone());
         self.run_with(proxy, state, shutdown).await;
     }
 
@@ -104,6 +106,15 @@ impl L4lb {
         shutdown: CancellationToken,
     ) {
         info!(data_plane = plane.name(), "L4LB data plane");
+        self.view.set(Some(plane.view()));
+        // Whatever way this ends, the view shows nothing of a plane that is gone.
+        struct Unset(ViewSlot);
+        impl Drop for Unset {
+            fn drop(&mut self) {
+                self.0.set(None);
+            }
+        }
+        let _unset = Unset(self.view.clone());
         // What the plane serves: a VIP it failed to start is not in here, so the next diff
         // offers it again.
         let mut served = VipTable::new();
@@ -212,62 +223,53 @@ impl L4lb {
     }
 }
 
-/// How operators name a VIP: `name:port` for a named VIP (`web:80`), else `ip:port`.
-pub(crate) fn vip_label(key: &VipKey, name: Option<&str>) -> String {
-    match name {
-        Some(n) => format!("{}:{}", n.trim_start_matches('/'), key.port),
-        None => format!("{}:{}", key.ip, key.port),
-    }
-}
-
-fn vip_json(key: &VipKey, selector: &Selector) -> Value {
-    let name = selector.name.as_deref();
-    let label = vip_label(key, name);
-    let backends: Vec<Value> = selector
+fn vip_json(vip: &ServedVip) -> Value {
+    let key = &vip.key;
+    let name = vip.name.as_deref();
+    let backends: Vec<Value> = vip
         .backends
         .iter()
         .map(|b| {
             json!({
                 "ip": b.backend.addr.ip(), "port": b.backend.addr.port(),
-                "state": b.state(), "weight": b.backend.weight,
-                "active": b.active.load(Ordering::Relaxed), "total": b.total.load(Ordering::Relaxed),
-                "failures": b.failures.load(Ordering::Relaxed),
+                "state": b.health, "weight": b.backend.weight,
+                "active": b.active, "total": b.total, "failures": b.failures,
                 "task": b.backend.task, "node": b.backend.node,
             })
         })
         .collect();
-    let backend: Vec<Value> = selector
+    let backend: Vec<Value> = vip
         .backends
         .iter()
         .map(|b| json!({"ip": b.backend.addr.ip(), "port": b.backend.addr.port()}))
         .collect();
     json!({
-        "vip": label, "name": name, "ip": key.ip, "port": key.port, "protocol": key.protocol.as_str(),
-        "lb": selector.lb, "dataPlane": proxy::NAME, "backend": backend, "backends": backends,
+        "vip": vip_label(key, name), "name": name, "ip": key.ip, "port": key.port,
+        "protocol": key.protocol.as_str(), "lb": vip.lb, "dataPlane": vip.data_plane,
+        "backend": backend, "backends": backends,
     })
 }
 
-async fn list_vips(State(registry): State<Registry>) -> Json<Value> {
-    let serving = proxy::snapshot(&registry);
-    let out: Vec<Value> = serving.iter().map(|(k, s)| vip_json(k, s)).collect();
+async fn list_vips(State(view): State<ViewSlot>) -> Json<Value> {
+    let out: Vec<Value> = view.served().iter().map(vip_json).collect();
     Json(json!(out))
 }
 
 /// One VIP by name (`web`, `/web`) or address (`198.18.0.1`, `198.18.0.1:80`).
 async fn show_vip(
-    State(registry): State<Registry>,
+    State(view): State<ViewSlot>,
     Path(name): Path<String>,
 ) -> Result<Json<Value>, (StatusCode, Json<Value>)> {
-    let serving = proxy::snapshot(&registry);
     let wanted = name.trim_start_matches('/');
-    let found: Vec<Value> = serving
+    let found: Vec<Value> = view
+        .served()
         .iter()
-        .filter(|(k, s)| {
-            wanted == k.ip.to_string()
-                || wanted == format!("{}:{}", k.ip, k.port)
-                || s.name.as_deref().map(|n| n.trim_start_matches('/')) == Some(wanted)
+        .filter(|v| {
+            wanted == v.key.ip.to_string()
+                || wanted == format!("{}:{}", v.key.ip, v.key.port)
+                || v.name.as_deref().map(|n| n.trim_start_matches('/')) == Some(wanted)
         })
-        .map(|(k, s)| vip_json(k, s))
+        .map(vip_json)
         .collect();
     if found.is_empty() {
         return Err((
@@ -359,5 +361,97 @@ mod tests {
         empty.apps = Arc::default();
         lb.allocate(&empty).await.unwrap();
         assert!(stored(&*store).await.is_empty());
+    }
+
+    /// A data plane that serves what it is offered and shows it under its own name: a fake
+    /// for this test of the view's plumbing, not of serving.
+    struct Fake(Arc<std::sync::Mutex<VipTable>>);
+
+    struct FakeView(Arc<std::sync::Mutex<VipTable>>);
+
+    impl VipView for FakeView {
+        fn served(&self) -> Vec<ServedVip> {
+            let table = self.0.lock().unwrap();
+            table
+                .iter()
+                .map(|(key, e)| ServedVip {
+                    key: *key,
+                    name: e.name.clone(),
+                    lb: e.lb,
+                    data_plane: "fake",
+                    backends: Vec::new(),
+                })
+                .collect()
+        }
+    }
+
+    impl DataPlane for Fake {
+        fn name(&self) -> &'static str {
+            "fake"
+        }
+        fn view(&self) -> Arc<dyn VipView> {
+            Arc::new(FakeView(self.0.clone()))
+        }
+        async fn apply(&mut self, diff: &TableDiff) -> BTreeSet<VipKey> {
+            let mut table = self.0.lock().unwrap();
+            for (k, e) in diff.added.iter().chain(&diff.changed) {
+                table.insert(*k, e.clone());
+            }
+            for k in &diff.removed {
+                table.remove(k);
+            }
+            table.keys().copied().collect()
+        }
+    }
+
+    #[tokio::test]
+    async fn the_view_is_the_running_data_plane_s_and_empty_once_it_stops() {
+        let dir = tempfile::tempdir().unwrap();
+        let store: SharedStore = Arc::new(Embedded::open(&dir.path().join("s.redb")).unwrap());
+        let reg = prometheus::Registry::new();
+        let lb = L4lb::new(
+            Config {
+                range: "198.18.0.0/15".parse().unwrap(),
+                node: NodeId("n1".into()),
+                boot: "b1".into(),
+            },
+            store,
+            Metrics::register(&reg).unwrap(),
+        );
+        let view = lb.view();
+        assert!(view.served().is_empty(), "no plane, nothing served");
+        let mut state = state_with(vec![]);
+        state.revision = 1;
+        // The allocation as the store would hold it, so that the VIP has an address.
+        Arc::make_mut(&mut state.vips).insert(
+            "web".into(),
+            Arc::new(VipAllocation {
+                name: "/web".into(),
+                ip: "198.18.0.9".parse().unwrap(),
+                ready_on: BTreeMap::new(),
+            }),
+        );
+        let (_tx, rx) = watch::channel(Arc::new(state));
+        let shutdown = CancellationToken::new();
+        let run = tokio::spawn(lb.run_with(Fake(Default::default()), rx, shutdown.clone()));
+        let mut served = Vec::new();
+        for _ in 0..100 {
+            served = view.served();
+            if !served.is_empty() {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        assert_eq!(served.len(), 1, "{served:?}");
+        assert_eq!(
+            (served[0].data_plane, served[0].name.as_deref()),
+            ("fake", Some("/web"))
+        );
+        shutdown.cancel();
+        run.await.unwrap();
+        assert!(
+            view.served().is_empty(),
+            "a plane that stopped shows nothing"
+        );
     }
 }

@@ -1,13 +1,11 @@
 //! L4LB metrics. VIP labels are VIP names or addresses, which operators define (bounded by
 //! the apps they run), never client addresses.
 
-use std::sync::atomic::Ordering;
-
 use prometheus::core::{Collector, Desc};
 use prometheus::proto::MetricFamily;
 use prometheus::{IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry};
 
-use crate::proxy;
+use crate::view::{BackendHealth, ViewSlot, vip_label};
 
 #[derive(Clone, Debug)]
 pub struct Metrics {
@@ -41,18 +39,18 @@ impl Metrics {
 
 const BACKEND_LABELS: [&str; 2] = ["vip", "backend"];
 
-/// Per-backend metrics, read from the selectors being served when scraped. The label sets are
+/// Per-backend metrics, read from the data plane's view when scraped. The label sets are
 /// the backends in the table at that moment: a backend that leaves takes its series with it,
 /// so they stay bounded however often tasks come and go, and connections pay nothing extra.
 pub struct BackendMetrics {
-    serving: proxy::Registry,
+    serving: ViewSlot,
     active: IntGaugeVec,
     total: IntCounterVec,
     up: IntGaugeVec,
 }
 
 impl BackendMetrics {
-    pub(crate) fn new(serving: proxy::Registry) -> prometheus::Result<Self> {
+    pub(crate) fn new(serving: ViewSlot) -> prometheus::Result<Self> {
         let (active, total, up) = Self::families()?;
         Ok(Self {
             serving,
@@ -103,21 +101,17 @@ impl Collector for BackendMetrics {
         let Ok((active, total, up)) = Self::families() else {
             return Vec::new();
         };
-        let serving = proxy::snapshot(&self.serving);
-        for (key, selector) in &serving {
-            let vip = crate::vip_label(key, selector.name.as_deref());
-            for b in &selector.backends {
+        for served in self.serving.served() {
+            let vip = vip_label(&served.key, served.name.as_deref());
+            for b in &served.backends {
                 let backend = b.backend.addr.to_string();
                 let labels = [vip.as_str(), backend.as_str()];
-                let open = b.active.load(Ordering::Relaxed);
                 active
                     .with_label_values(&labels)
-                    .set(i64::try_from(open).unwrap_or(i64::MAX));
-                total
-                    .with_label_values(&labels)
-                    .inc_by(b.total.load(Ordering::Relaxed));
+                    .set(i64::try_from(b.active).unwrap_or(i64::MAX));
+                total.with_label_values(&labels).inc_by(b.total);
                 up.with_label_values(&labels)
-                    .set(i64::from(b.state() == "healthy"));
+                    .set(i64::from(b.health == BackendHealth::Healthy));
             }
         }
         let mut families = active.collect();

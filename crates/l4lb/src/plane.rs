@@ -4,8 +4,10 @@
 
 use std::collections::BTreeSet;
 use std::future::Future;
+use std::sync::Arc;
 
 use crate::table::{Entry, VipKey, VipTable};
+use crate::view::VipView;
 
 /// What changed between two VIP tables.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -46,6 +48,9 @@ pub fn diff(served: &VipTable, desired: &VipTable) -> TableDiff {
 pub trait DataPlane: Send {
     /// What `dcnet vip list` shows in its DATA PLANE column.
     fn name(&self) -> &'static str;
+
+    /// What it serves, as the operator's view and the metrics read it, at any time.
+    fn view(&self) -> Arc<dyn VipView>;
 
     /// Applies `diff` and returns every VIP it serves afterwards. A VIP it could not start
     /// is left out; the next diff offers it again.

@@ -20,6 +20,7 @@ use crate::plane::{DataPlane, TableDiff};
 use crate::relay::Pipes;
 use crate::select::Selector;
 use crate::table::{Entry, VipKey};
+use crate::view::{ServedBackend, ServedVip, VipView, vip_label};
 use dcnet_node_core::model::Protocol;
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
@@ -31,16 +32,42 @@ pub const UDP_IDLE: Duration = Duration::from_secs(30);
 pub const NAME: &str = "userspace";
 
 /// The selectors of the VIPs being served, for the operator's view.
-pub type Registry = Arc<RwLock<BTreeMap<VipKey, Arc<ArcSwap<Selector>>>>>;
+type Registry = Arc<RwLock<BTreeMap<VipKey, Arc<ArcSwap<Selector>>>>>;
 
-/// The selectors served now, in VIP order, taken without holding the lock afterwards.
-pub(crate) fn snapshot(registry: &Registry) -> Vec<(VipKey, Arc<Selector>)> {
-    registry
-        .read()
-        .expect("registry lock")
-        .iter()
-        .map(|(k, s)| (*k, s.load_full()))
-        .collect()
+/// The proxy's [`VipView`]: its selectors, with their counters, read when asked.
+struct ProxyView(Registry);
+
+impl VipView for ProxyView {
+    fn served(&self) -> Vec<ServedVip> {
+        // Take the selectors, then read them without holding the lock.
+        let selectors: Vec<(VipKey, Arc<Selector>)> = self
+            .0
+            .read()
+            .expect("registry lock")
+            .iter()
+            .map(|(k, s)| (*k, s.load_full()))
+            .collect();
+        selectors
+            .into_iter()
+            .map(|(key, sel)| ServedVip {
+                key,
+                name: sel.name.clone(),
+                lb: sel.lb,
+                data_plane: NAME,
+                backends: sel
+                    .backends
+                    .iter()
+                    .map(|b| ServedBackend {
+                        backend: b.backend.clone(),
+                        health: b.health(),
+                        active: b.active.load(Ordering::Relaxed) as u64,
+                        total: b.total.load(Ordering::Relaxed),
+                        failures: b.failures.load(Ordering::Relaxed),
+                    })
+                    .collect(),
+            })
+            .collect()
+    }
 }
 
 struct Serving {
@@ -58,10 +85,11 @@ pub struct Proxy {
 }
 
 impl Proxy {
-    pub fn new(registry: Registry, metrics: Metrics, shutdown: CancellationToken) -> Self {
+    /// A proxy whose listeners all stop when `shutdown` is cancelled.
+    pub fn new(metrics: Metrics, shutdown: CancellationToken) -> Self {
         Self {
             serving: HashMap::new(),
-            registry,
+            registry: Registry::default(),
             metrics,
             shutdown,
             pipes: Arc::default(),
@@ -73,7 +101,7 @@ impl Proxy {
         let selector = Arc::new(ArcSwap::from_pointee(Selector::new(entry, None)));
         let stop = self.shutdown.child_token();
         let addr = SocketAddr::new(key.ip, key.port);
-        let label = crate::vip_label(key, entry.name.as_deref());
+        let label = vip_label(key, entry.name.as_deref());
         let (sel, stopped, metrics) = (selector.clone(), stop.clone(), self.metrics.clone());
         let bound = match key.protocol {
             Protocol::Tcp => TcpListener::bind(addr).await.map(|l| {
@@ -100,6 +128,10 @@ impl Proxy {
 impl DataPlane for Proxy {
     fn name(&self) -> &'static str {
         NAME
+    }
+
+    fn view(&self) -> Arc<dyn VipView> {
+        Arc::new(ProxyView(self.registry.clone()))
     }
 
     /// New VIPs get listeners, changed ones a new selector (counters carried over), removed

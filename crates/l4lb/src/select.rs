@@ -14,6 +14,7 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 use crate::table::{Backend, Entry, Lb};
+use crate::view::BackendHealth;
 
 /// How long a backend that failed a connection is skipped.
 pub const EJECT_FOR: Duration = Duration::from_secs(10);
@@ -56,13 +57,13 @@ impl BackendState {
         *self.ejected_until.lock().expect("eject lock") = None;
     }
 
-    pub fn state(&self) -> &'static str {
+    pub fn health(&self) -> BackendHealth {
         if self.backend.weight == 0 {
-            "draining"
+            BackendHealth::Draining
         } else if self.is_ejected(Instant::now()) {
-            "ejected"
+            BackendHealth::Ejected
         } else {
-            "healthy"
+            BackendHealth::Healthy
         }
     }
 }

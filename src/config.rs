@@ -7,8 +7,9 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{Context, bail};
+use dcnet_node_core::ipam::Subnet;
 use dcnet_node_core::model::{NodeId, NodeStatus, PortRange, Resources};
-use serde::Deserialize;
+use serde::{Deserialize, Deserializer};
 
 /// `dcnet agent --config FILE`.
 #[derive(Clone, Debug, Deserialize)]
@@ -45,7 +46,7 @@ pub struct AgentConfig {
 pub struct L4lbSection {
     /// Where named VIPs get their addresses; never routed on the Internet.
     #[serde(default = "default_vip_range")]
-    pub range: String,
+    pub range: Subnet,
 }
 
 impl Default for L4lbSection {
@@ -56,8 +57,8 @@ impl Default for L4lbSection {
     }
 }
 
-fn default_vip_range() -> String {
-    "198.18.0.0/15".into()
+fn default_vip_range() -> Subnet {
+    "198.18.0.0/15".parse().expect("a valid network")
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -80,8 +81,9 @@ pub struct DnsSection {
     pub forward: bool,
     /// Upstream resolvers; default: the nameservers of /etc/resolv.conf.
     pub upstreams: Option<Vec<SocketAddr>>,
-    /// Upstreams per zone, like `"corp.example" = ["10.0.0.53:53"]`.
-    #[serde(default)]
+    /// Upstreams per zone, like `"corp.example" = ["10.0.0.53:53"]`; kept as lower-case
+    /// FQDNs (`corp.example.`).
+    #[serde(default, deserialize_with = "zone_names")]
     pub zones: BTreeMap<String, Vec<SocketAddr>>,
     /// How long an upstream gets to answer.
     #[serde(default = "default_dns_timeout", with = "humantime_serde")]
@@ -124,7 +126,7 @@ fn default_dns_timeout() -> Duration {
 pub struct ContainersSection {
     /// The range every node's container subnet comes from.
     #[serde(default = "default_overlay_range")]
-    pub range: String,
+    pub range: Subnet,
     /// The prefix length of each node's subnet.
     #[serde(default = "default_node_prefix")]
     pub node_prefix: u8,
@@ -151,8 +153,8 @@ impl Default for ContainersSection {
     }
 }
 
-fn default_overlay_range() -> String {
-    "10.128.0.0/9".into()
+fn default_overlay_range() -> Subnet {
+    "10.128.0.0/9".parse().expect("a valid network")
 }
 fn default_node_prefix() -> u8 {
     24
@@ -189,7 +191,8 @@ pub struct NodeSection {
     #[serde(default)]
     pub gpus: u32,
     /// Host port ranges for tasks, like `["31000-32000"]` (the default).
-    pub ports: Option<Vec<String>>,
+    #[serde(default, deserialize_with = "port_ranges")]
+    pub ports: Option<Vec<PortRange>>,
     /// Attributes for constraints, like `rack = "r1"`.
     #[serde(default)]
     pub attributes: BTreeMap<String, String>,
@@ -280,11 +283,7 @@ impl AgentConfig {
                 "runtime.cgroup_parent = {parent:?} must be a relative cgroup name like \"dcnet\""
             );
         }
-        let range: dcnet_node_core::ipam::Subnet = self
-            .containers
-            .range
-            .parse()
-            .map_err(|e| anyhow::anyhow!("containers.range: {e}"))?;
+        let range = self.containers.range;
         if !(range.prefix..=30).contains(&self.containers.node_prefix) {
             bail!(
                 "containers.node_prefix = {} must lie between the range's /{} and /30",
@@ -292,10 +291,6 @@ impl AgentConfig {
                 range.prefix
             );
         }
-        self.l4lb
-            .range
-            .parse::<dcnet_node_core::ipam::Subnet>()
-            .map_err(|e| anyhow::anyhow!("l4lb.range: {e}"))?;
         if self.containers.bridge.is_empty() || self.containers.bridge.len() > 15 {
             bail!(
                 "containers.bridge = {:?} must be an interface name of 1 to 15 characters",
@@ -312,9 +307,6 @@ impl AgentConfig {
             bail!(
                 "node.ip = {ip} must be an IPv4 address (port mappings publish on it); give a dual-stack node's IPv6 address as node.ip6"
             );
-        }
-        for range in self.node.ports.iter().flatten() {
-            parse_range(range)?;
         }
         if let Some(cpus) = self.node.cpus
             && (cpus.is_nan() || cpus <= 0.0)
@@ -339,16 +331,12 @@ impl AgentConfig {
             Some(m) => m,
             None => detect_mem_mib().context("reading /proc/meminfo; set node.mem")?,
         };
-        let ports = match &self.node.ports {
-            Some(ranges) => ranges
-                .iter()
-                .map(|r| parse_range(r))
-                .collect::<anyhow::Result<_>>()?,
-            None => vec![PortRange {
+        let ports = self.node.ports.clone().unwrap_or_else(|| {
+            vec![PortRange {
                 begin: 31000,
                 end: 32000,
-            }],
-        };
+            }]
+        });
         Ok(dcnet_node_core::model::Node {
             id: NodeId(self.node.id.clone().unwrap_or_else(|| hostname.clone())),
             hostname,
@@ -368,14 +356,39 @@ impl AgentConfig {
     }
 }
 
-fn parse_range(raw: &str) -> anyhow::Result<PortRange> {
+fn parse_range(raw: &str) -> Result<PortRange, String> {
     let parsed = raw
         .split_once('-')
         .and_then(|(a, b)| Some((a.trim().parse().ok()?, b.trim().parse().ok()?)));
     match parsed {
         Some((begin, end)) if begin > 0 && begin <= end => Ok(PortRange { begin, end }),
-        _ => bail!("node.ports: `{raw}` is not a port range like \"31000-32000\""),
+        _ => Err(format!("`{raw}` is not a port range like \"31000-32000\"")),
     }
+}
+
+fn port_ranges<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Vec<PortRange>>, D::Error> {
+    let raw: Option<Vec<String>> = Option::deserialize(d)?;
+    raw.map(|ranges| {
+        ranges
+            .iter()
+            .map(|r| parse_range(r).map_err(serde::de::Error::custom))
+            .collect()
+    })
+    .transpose()
+}
+
+/// A zone name as DNS compares it: lower case, with the root dot.
+pub fn fqdn(zone: &str) -> String {
+    let mut z = zone.trim_end_matches('.').to_ascii_lowercase();
+    z.push('.');
+    z
+}
+
+fn zone_names<'de, D: Deserializer<'de>>(
+    d: D,
+) -> Result<BTreeMap<String, Vec<SocketAddr>>, D::Error> {
+    let raw: BTreeMap<String, Vec<SocketAddr>> = BTreeMap::deserialize(d)?;
+    Ok(raw.into_iter().map(|(z, u)| (fqdn(&z), u)).collect())
 }
 
 fn detect_mem_mib() -> anyhow::Result<f64> {
@@ -434,8 +447,14 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("portz"), "{err}");
-        let cfg: AgentConfig = toml::from_str("[node]\nports = [\"9-1\"]").unwrap();
-        assert!(cfg.validate().unwrap_err().to_string().contains("9-1"));
+        let err = toml::from_str::<AgentConfig>("[node]\nports = [\"9-1\"]")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("9-1") && err.contains("ports"), "{err}");
+        let err = toml::from_str::<AgentConfig>("[l4lb]\nrange = \"198.18.0.0\"")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("range") && err.contains("198.18.0.0"), "{err}");
         let cfg: AgentConfig = toml::from_str("[node]\nip = \"2001:db8::1\"").unwrap();
         let err = cfg.validate().unwrap_err().to_string();
         assert!(err.contains("node.ip") && err.contains("node.ip6"), "{err}");

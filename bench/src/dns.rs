@@ -181,7 +181,7 @@ async fn serve(dir: &Path, port: u16) -> anyhow::Result<()> {
     let tcp = tokio::net::TcpListener::bind(addr).await?;
     let (_tx, rx) = watch::channel(Arc::new(state));
     println!("ready {records}");
-    dns.run(rx, vec![udp], vec![tcp], CancellationToken::new())
+    dns.run(rx, vec![udp], vec![tcp], || {}, CancellationToken::new())
         .await;
     Ok(())
 }
@@ -229,6 +229,7 @@ async fn converge(n: usize) -> anyhow::Result<()> {
             .await?;
     }
     let shutdown = CancellationToken::new();
+    let mut supervisor = dcnet_node_core::Supervisor::new(shutdown.clone(), Default::default());
     let registry = prometheus::Registry::new();
     let runtime = HostRuntime::new(HostConfig {
         sandbox_dir: dir.path().join("sandboxes"),
@@ -243,13 +244,13 @@ async fn converge(n: usize) -> anyhow::Result<()> {
         store.clone(),
         Arc::new(runtime),
         &registry,
-        shutdown.clone(),
+        &mut supervisor,
     )
     .await?;
     let dns = dcnet_dns::Dns::new(dns_config(), dcnet_dns::Metrics::register(&registry)?);
     let udp = tokio::net::UdpSocket::bind("127.0.0.1:0").await?;
     let server = udp.local_addr()?;
-    tokio::spawn(dns.run(core.state(), vec![udp], vec![], shutdown.clone()));
+    tokio::spawn(dns.run(core.state(), vec![udp], vec![], || {}, shutdown.clone()));
     tokio::time::sleep(Duration::from_millis(500)).await;
 
     let mut times = Vec::with_capacity(n);

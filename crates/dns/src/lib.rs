@@ -80,12 +80,14 @@ impl Dns {
         http::router(self.zone.clone(), self.cfg.clone())
     }
 
-    /// Serves on the given sockets and follows `state` until `shutdown`.
+    /// Serves on the given sockets and follows `state` until `shutdown`; calls `serving`
+    /// once the first zone from the store answers.
     pub async fn run(
         self,
         mut state: watch::Receiver<Arc<ClusterState>>,
         udp: Vec<UdpSocket>,
         tcp: Vec<TcpListener>,
+        serving: impl FnOnce() + Send,
         shutdown: CancellationToken,
     ) {
         let addrs: Vec<SocketAddr> = udp.iter().filter_map(|s| s.local_addr().ok()).collect();
@@ -124,6 +126,7 @@ impl Dns {
             server.register_listener(listener, self.cfg.tcp_timeout, 64);
         }
         info!(listen = %server::describe(&addrs), "DNS serving");
+        serving();
         loop {
             tokio::select! {
                 res = state.changed() => if res.is_err() { break },
@@ -190,7 +193,7 @@ mod tests {
             Metrics::register(&prometheus::Registry::new()).unwrap(),
         );
         let shutdown = CancellationToken::new();
-        let serving = tokio::spawn(dns.run(rx, vec![server], Vec::new(), shutdown.clone()));
+        let serving = tokio::spawn(dns.run(rx, vec![server], Vec::new(), || {}, shutdown.clone()));
 
         let client = UdpSocket::bind("127.0.0.1:0").await.unwrap();
         client.connect(server_addr).await.unwrap();

@@ -780,6 +780,7 @@ pub(crate) mod tests {
         tokio::spawn(lb.run_with(
             ServesAll(Default::default()),
             state.clone(),
+            || {},
             shutdown.clone(),
         ));
         let snap = state

@@ -92,19 +92,28 @@ impl L4lb {
     }
 
     /// Follows `state` until `shutdown` with the userspace proxy as the data plane.
-    pub async fn run(self, state: watch::Receiver<Arc<ClusterState>>, shutdown: CancellationToken) {
+    pub async fn run(
+        self,
+        state: watch::Receiver<Arc<ClusterState>>,
+        serving: impl FnOnce() + Send,
+        shutdown: CancellationToken,
+    ) {
         let proxy = Proxy::new(self.metrics.clone(), shutdown.clone());
-        self.run_with(proxy, state, shutdown).await;
+        self.run_with(proxy, state, serving, shutdown).await;
     }
 
     /// Follows `state` until `shutdown`: allocates, hands `plane` the difference between the
-    /// table it serves and the one wanted, and marks the VIPs it serves ready.
+    /// table it serves and the one wanted, and marks the VIPs it serves ready. Calls
+    /// `serving` once the first table is applied. A VIP the plane could not start (its
+    /// address still held by a listener that is closing) is offered again every second.
     pub async fn run_with(
         self,
         mut plane: impl DataPlane,
         mut state: watch::Receiver<Arc<ClusterState>>,
+        serving: impl FnOnce() + Send,
         shutdown: CancellationToken,
     ) {
+        let mut serving = Some(serving);
         info!(data_plane = plane.name(), "L4LB data plane");
         self.view.set(Some(plane.view()));
         // Whatever way this ends, the view shows nothing of a plane that is gone.
@@ -124,16 +133,24 @@ impl L4lb {
                 warn!(error = %e, "VIP allocation failed; retrying on the next change");
             }
             let mut desired = vip_table_from(&snap);
+            let wanted = desired.len();
             let change = plane::diff(&served, &desired);
             if !change.is_empty() {
-                let serving = plane.apply(&change).await;
-                desired.retain(|k, _| serving.contains(k));
+                let started = plane.apply(&change).await;
+                desired.retain(|k, _| started.contains(k));
                 served = desired;
                 self.metrics.vips(served.len());
             }
             self.mark_ready(&snap, &served).await;
+            if snap.is_loaded()
+                && let Some(serving) = serving.take()
+            {
+                serving();
+            }
+            let is_missing = served.len() < wanted;
             tokio::select! {
                 res = state.changed() => if res.is_err() { return },
+                () = tokio::time::sleep(std::time::Duration::from_secs(1)), if is_missing => {}
                 () = shutdown.cancelled() => return,
             }
         }
@@ -433,7 +450,7 @@ mod tests {
         );
         let (_tx, rx) = watch::channel(Arc::new(state));
         let shutdown = CancellationToken::new();
-        let run = tokio::spawn(lb.run_with(Fake(Default::default()), rx, shutdown.clone()));
+        let run = tokio::spawn(lb.run_with(Fake(Default::default()), rx, || {}, shutdown.clone()));
         let mut served = Vec::new();
         for _ in 0..100 {
             served = view.served();

@@ -7,7 +7,6 @@ use axum::extract::{MatchedPath, Request};
 use axum::middleware::{self, Next};
 use axum::response::Response;
 use tokio::sync::watch;
-use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, info, info_span, warn};
 
@@ -20,6 +19,7 @@ use crate::runtime::Runtime;
 use crate::scheduler::Orchestrator;
 use crate::state::{self, ClusterState};
 use crate::store::{Action, Op, Precondition, StoreError};
+use crate::supervisor::Supervisor;
 
 #[derive(Clone, Debug)]
 pub struct Config {
@@ -29,13 +29,12 @@ pub struct Config {
     pub leader_ttl: Duration,
 }
 
-/// node-core running on one node. Dropping it does not stop it: cancel the shutdown token and
-/// await [`NodeCore::stopped`].
+/// node-core running on one node: its loops run under the agent's [`Supervisor`], which stops
+/// them with its shutdown token.
 pub struct NodeCore {
     store: SharedStore,
     state: watch::Receiver<Arc<ClusterState>>,
     metrics: Metrics,
-    tasks: JoinSet<()>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -55,7 +54,7 @@ impl NodeCore {
         store: SharedStore,
         runtime: Arc<dyn Runtime>,
         registry: &prometheus::Registry,
-        shutdown: CancellationToken,
+        supervisor: &mut Supervisor,
     ) -> Result<Self, StartError> {
         let metrics = Metrics::register(registry)?;
         let mut node = cfg.node.clone();
@@ -73,47 +72,80 @@ impl NodeCore {
 
         let (tx, state) = watch::channel(Arc::new(ClusterState::default()));
         let (leader_tx, is_leader) = watch::channel(false);
-        let mut tasks = JoinSet::new();
-        tasks.spawn(
-            state::publish(store.clone(), tx, shutdown.clone()).instrument(info_span!("state")),
-        );
-        tasks.spawn(
-            leadership(
-                store.clone(),
-                node.id.clone(),
-                cfg.leader_ttl,
-                leader_tx,
-                shutdown.clone(),
-            )
-            .instrument(info_span!("leader")),
-        );
-        tasks.spawn(
-            Orchestrator::new(store.clone(), metrics.clone())
-                .run(state.clone(), is_leader, shutdown.clone())
-                .instrument(info_span!("scheduler")),
-        );
-        tasks.spawn(
-            Manager::new(store.clone(), runtime, node.clone(), metrics.clone())
-                .run(state.clone(), shutdown.clone())
-                .instrument(info_span!("tasks", node = %node.id)),
-        );
-        let observer = metrics.clone();
-        let mut rx = state.clone();
-        let stop = shutdown.clone();
-        tasks.spawn(async move {
-            loop {
-                observer.observe_state(&rx.borrow_and_update().clone());
-                tokio::select! {
-                    res = rx.changed() => if res.is_err() { return },
-                    () = stop.cancelled() => return,
+        {
+            let (store, tx) = (store.clone(), tx.clone());
+            supervisor.spawn("state", move |ready, stop| {
+                let (store, tx) = (store.clone(), tx.clone());
+                async move {
+                    ready.serving();
+                    state::publish(store, tx, stop).await;
+                    Ok(())
                 }
-            }
-        });
+            });
+        }
+        {
+            let (store, me, ttl) = (store.clone(), node.id.clone(), cfg.leader_ttl);
+            supervisor.spawn("leader", move |ready, stop| {
+                let fut = leadership(store.clone(), me.clone(), ttl, leader_tx.clone(), stop);
+                async move {
+                    ready.serving();
+                    fut.await;
+                    Ok(())
+                }
+            });
+        }
+        {
+            let (store, metrics, state) = (store.clone(), metrics.clone(), state.clone());
+            supervisor.spawn("scheduler", move |ready, stop| {
+                let orchestrator = Orchestrator::new(store.clone(), metrics.clone());
+                let run = orchestrator.run(state.clone(), is_leader.clone(), stop);
+                async move {
+                    ready.serving();
+                    run.await;
+                    Ok(())
+                }
+            });
+        }
+        {
+            let (store, metrics, state, node) =
+                (store.clone(), metrics.clone(), state.clone(), node.clone());
+            supervisor.spawn("tasks", move |ready, stop| {
+                let manager = Manager::new(
+                    store.clone(),
+                    runtime.clone(),
+                    node.clone(),
+                    metrics.clone(),
+                );
+                let run = manager
+                    .run(state.clone(), stop)
+                    .instrument(info_span!("tasks", node = %node.id));
+                async move {
+                    ready.serving();
+                    run.await;
+                    Ok(())
+                }
+            });
+        }
+        {
+            let (observer, state) = (metrics.clone(), state.clone());
+            supervisor.spawn("metrics", move |ready, stop| {
+                let (observer, mut rx) = (observer.clone(), state.clone());
+                async move {
+                    ready.serving();
+                    loop {
+                        observer.observe_state(&rx.borrow_and_update().clone());
+                        tokio::select! {
+                            res = rx.changed() => if res.is_err() { return Ok(()) },
+                            () = stop.cancelled() => return Ok(()),
+                        }
+                    }
+                }
+            });
+        }
         Ok(Self {
             store,
             state,
             metrics,
-            tasks,
         })
     }
 
@@ -133,15 +165,6 @@ impl NodeCore {
             let metrics = metrics.clone();
             async move { count(metrics, req, next).await }
         }))
-    }
-
-    /// Waits for every loop to end after shutdown was cancelled.
-    pub async fn stopped(mut self) {
-        while let Some(res) = self.tasks.join_next().await {
-            if let Err(e) = res {
-                warn!(error = %e, "a node-core loop ended abnormally");
-            }
-        }
     }
 }
 

@@ -19,6 +19,7 @@ pub mod runtime;
 pub mod scheduler;
 mod state;
 pub mod store;
+pub mod supervisor;
 #[cfg(any(test, feature = "test-util"))]
 pub mod test_util;
 
@@ -26,3 +27,4 @@ pub use self::api::ApiError;
 pub use self::core::{Config, NodeCore, StartError};
 pub use self::metrics::Metrics;
 pub use self::state::ClusterState;
+pub use self::supervisor::{Planes, Ready, RestartPolicy, Supervisor};

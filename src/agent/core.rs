@@ -1,0 +1,94 @@
+//! node-core on this node: the store, the task runtime (host processes and containers) and
+//! node-core's loops.
+
+use std::sync::Arc;
+
+use anyhow::Context;
+use dcnet_node_core::ipam;
+use dcnet_node_core::keys::SharedStore;
+use dcnet_node_core::runtime::cgroup::{Cgroups, Hierarchies};
+use dcnet_node_core::runtime::{ContainerConfig, ContainerRuntime, HostConfig, HostRuntime};
+use dcnet_node_core::store::Embedded;
+use dcnet_node_core::{NodeCore, Supervisor};
+use prometheus::Registry;
+use tracing::info;
+
+use super::Node;
+use crate::config::AgentConfig;
+
+/// Opens the store, claims this node's container subnet and makes the runtime with its
+/// bridge, so that DNS can listen on the gateway before the first container starts.
+pub(super) async fn open(
+    cfg: &AgentConfig,
+) -> anyhow::Result<(SharedStore, Arc<ContainerRuntime>, Node)> {
+    let node = cfg.node()?;
+    std::fs::create_dir_all(&cfg.state_dir)
+        .with_context(|| format!("creating {}", cfg.state_dir.display()))?;
+    let store: SharedStore = Arc::new(
+        Embedded::open(&cfg.state_dir.join("store.redb"))
+            .with_context(|| format!("opening the store in {}", cfg.state_dir.display()))?,
+    );
+    let hierarchies = Hierarchies::detect().context("reading /proc/self/mountinfo for cgroups")?;
+    let cgroups = Cgroups::new(hierarchies, &cfg.runtime.cgroup_parent);
+    info!(cgroups = %cgroups.describe(), parent = %cfg.runtime.cgroup_parent, "cgroups");
+    let host = HostRuntime::new(HostConfig {
+        sandbox_dir: cfg.state_dir.join("sandboxes"),
+        cgroups,
+        path_env: std::env::var("PATH").unwrap_or_else(|_| "/usr/local/bin:/usr/bin:/bin".into()),
+    });
+    let subnet = ipam::claim_subnet(
+        &*store,
+        &node.id,
+        cfg.containers.range,
+        cfg.containers.node_prefix,
+    )
+    .await
+    .context("claiming this node's container subnet")?;
+    let node_ip = match node.ip {
+        std::net::IpAddr::V4(ip) => ip,
+        std::net::IpAddr::V6(_) => anyhow::bail!("node.ip must be IPv4 for now (port mappings)"),
+    };
+    info!(%subnet, gateway = %subnet.gateway(), "container subnet");
+    let runtime = ContainerRuntime::new(
+        ContainerConfig {
+            node: node.id.clone(),
+            node_ip,
+            subnet,
+            bridge: cfg.containers.bridge.clone(),
+            mtu: cfg.containers.mtu,
+            netns_dir: cfg.state_dir.join("netns"),
+            shim: std::env::current_exe().context("finding the dcnet binary for container-exec")?,
+            search: cfg.containers.search.clone(),
+        },
+        host,
+        store.clone(),
+    );
+    runtime
+        .prepare()
+        .await
+        .context("creating the container bridge")?;
+    let node = Node {
+        node,
+        boot: format!("{:016x}", rand::random::<u64>()),
+        subnet,
+    };
+    Ok((store, Arc::new(runtime), node))
+}
+
+/// Registers the node and starts node-core's loops.
+pub(super) async fn start(
+    _cfg: &AgentConfig,
+    node: &Node,
+    store: SharedStore,
+    runtime: Arc<ContainerRuntime>,
+    registry: &Registry,
+    supervisor: &mut Supervisor,
+) -> anyhow::Result<NodeCore> {
+    let core_cfg = dcnet_node_core::Config {
+        node: node.node.clone(),
+        leader_ttl: std::time::Duration::from_secs(10),
+    };
+    NodeCore::start(core_cfg, store, runtime, registry, supervisor)
+        .await
+        .context("starting node-core")
+}

@@ -6,11 +6,9 @@ mod agent;
 mod cli;
 mod config;
 mod shim;
-mod table;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 use tracing_subscriber::EnvFilter;
@@ -48,22 +46,22 @@ enum Command {
     },
     /// Deploy and manage apps.
     #[command(subcommand)]
-    App(AppCommand),
+    App(cli::AppCommand),
     /// List tasks.
     #[command(subcommand)]
-    Task(TaskCommand),
+    Task(cli::TaskCommand),
     /// List nodes.
     #[command(subcommand)]
-    Node(NodeCommand),
+    Node(cli::NodeCommand),
     /// List deployments.
     #[command(subcommand)]
-    Deployment(DeploymentCommand),
+    Deployment(cli::DeploymentCommand),
     /// The VIP table: VIPs, their backends and connections.
     #[command(subcommand)]
-    Vip(VipCommand),
+    Vip(cli::VipCommand),
     /// Inspect DNS: the records served, and lookups against the agent's server.
     #[command(subcommand)]
-    Dns(DnsCommand),
+    Dns(cli::DnsCommand),
     /// Enter a container task's namespaces and run its command (used by the agent).
     #[command(hide = true)]
     ContainerExec {
@@ -79,97 +77,6 @@ enum Command {
         /// The command and its arguments.
         #[arg(last = true, required = true)]
         argv: Vec<String>,
-    },
-}
-
-#[derive(clap::Args)]
-struct Wait {
-    /// Wait until the deployment finishes, with a progress bar.
-    #[arg(long)]
-    wait: bool,
-    /// Give up waiting after this long.
-    #[arg(long, default_value = "5m", value_parser = humantime::parse_duration)]
-    timeout: Duration,
-}
-
-#[derive(Subcommand)]
-enum AppCommand {
-    /// Create or update an app from a Marathon-style JSON file.
-    Deploy {
-        file: PathBuf,
-        #[command(flatten)]
-        wait: Wait,
-    },
-    /// List apps.
-    List,
-    /// Show one app and its tasks.
-    Show { id: String },
-    /// Change the number of instances.
-    Scale {
-        id: String,
-        instances: u32,
-        #[command(flatten)]
-        wait: Wait,
-    },
-    /// Replace every task, rolling, as the upgrade strategy allows.
-    Restart {
-        id: String,
-        #[command(flatten)]
-        wait: Wait,
-    },
-    /// Stop every task and delete the app.
-    Remove {
-        id: String,
-        #[command(flatten)]
-        wait: Wait,
-    },
-}
-
-#[derive(Subcommand)]
-enum TaskCommand {
-    /// List tasks, of one app or all.
-    List {
-        #[arg(long)]
-        app: Option<String>,
-    },
-}
-
-#[derive(Subcommand)]
-enum NodeCommand {
-    /// List nodes with their resources and use.
-    List,
-}
-
-#[derive(Subcommand)]
-enum VipCommand {
-    /// Every VIP this node serves.
-    List,
-    /// One VIP, by address (`198.18.0.1`, `198.18.0.1:80`) or name (`web`), with its backends.
-    Show { name: String },
-}
-
-#[derive(Subcommand)]
-enum DnsCommand {
-    /// The records the agent serves, all or of one name.
-    Records { name: Option<String> },
-    /// Ask the agent's DNS server, like dig.
-    Lookup {
-        name: String,
-        /// A, AAAA, SRV, PTR, SOA, NS or ANY; an IP address looks up its PTR.
-        #[arg(long = "type", short = 't', default_value = "A")]
-        rtype: String,
-        /// The DNS server.
-        #[arg(long, default_value = "127.0.0.1:53")]
-        server: std::net::SocketAddr,
-    },
-}
-
-#[derive(Subcommand)]
-enum DeploymentCommand {
-    /// List running deployments (all recent ones with --all).
-    List {
-        #[arg(long)]
-        all: bool,
     },
 }
 
@@ -194,39 +101,12 @@ fn main() -> ExitCode {
             let client = cli::Client::new(&cli.api, cli.token);
             let json = cli.json;
             let result = match command {
-                Command::App(AppCommand::Deploy { file, wait }) => {
-                    cli::deploy(&client, &file, wait.wait, wait.timeout, json)
-                }
-                Command::App(AppCommand::List) => cli::app_list(&client, json),
-                Command::App(AppCommand::Show { id }) => cli::app_show(&client, &id, json),
-                Command::App(AppCommand::Scale {
-                    id,
-                    instances,
-                    wait,
-                }) => cli::scale(&client, &id, instances, wait.wait, wait.timeout, json),
-                Command::App(AppCommand::Restart { id, wait }) => {
-                    cli::restart(&client, &id, wait.wait, wait.timeout, json)
-                }
-                Command::App(AppCommand::Remove { id, wait }) => {
-                    cli::remove(&client, &id, wait.wait, wait.timeout, json)
-                }
-                Command::Task(TaskCommand::List { app }) => {
-                    cli::task_list(&client, app.as_deref(), json)
-                }
-                Command::Node(NodeCommand::List) => cli::node_list(&client, json),
-                Command::Deployment(DeploymentCommand::List { all }) => {
-                    cli::deployment_list(&client, all, json)
-                }
-                Command::Vip(VipCommand::List) => cli::vip_list(&client, json),
-                Command::Vip(VipCommand::Show { name }) => cli::vip_show(&client, &name, json),
-                Command::Dns(DnsCommand::Records { name }) => {
-                    cli::dns_records(&client, name.as_deref(), json)
-                }
-                Command::Dns(DnsCommand::Lookup {
-                    name,
-                    rtype,
-                    server,
-                }) => cli::dns_lookup(&name, &rtype, server, json),
+                Command::App(cmd) => cmd.run(&client, json),
+                Command::Task(cmd) => cmd.run(&client, json),
+                Command::Node(cmd) => cmd.run(&client, json),
+                Command::Deployment(cmd) => cmd.run(&client, json),
+                Command::Vip(cmd) => cmd.run(&client, json),
+                Command::Dns(cmd) => cmd.run(&client, json),
                 Command::Agent { .. } | Command::ContainerExec { .. } => {
                     unreachable!("handled above")
                 }

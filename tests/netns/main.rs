@@ -5,4 +5,5 @@ mod containers;
 mod dns;
 mod l4lb;
 mod node_core;
+mod supervision;
 mod support;

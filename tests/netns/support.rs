@@ -104,6 +104,13 @@ impl Agent {
     /// Starts an agent with `node_extra` added to its `[node]` table and `extra` appended to
     /// its configuration (whole TOML tables).
     pub fn start_with_node(ns: &NetNs, node_ip: &str, node_extra: &str, extra: &str) -> Self {
+        let mut agent = Self::configured(ns, node_ip, node_extra, extra);
+        agent.spawn();
+        agent
+    }
+
+    /// An agent's state dir and configuration, not started.
+    fn configured(ns: &NetNs, node_ip: &str, node_extra: &str, extra: &str) -> Self {
         let dir = tempfile::tempdir().expect("a temp dir");
         let n = NEXT.fetch_add(1, Ordering::SeqCst);
         let cgroup_parent = format!("{}/agent-{n}", run_parent());
@@ -127,34 +134,59 @@ cgroup_parent = "{cgroup_parent}"
             state = dir.path().join("state").display(),
         );
         fs::write(dir.path().join("agent.toml"), config).unwrap();
-        let mut agent = Agent {
+        Agent {
             dir,
             cgroup_parent,
             api: "http://127.0.0.1:8080".into(),
             netns: ns.path(),
             child: None,
-        };
-        agent.spawn();
-        agent
+        }
     }
 
-    fn spawn(&mut self) {
+    /// Starts an agent in `ns` that is expected to stop by itself, and waits (up to
+    /// `limit`) for it to exit: its exit status, or `None` if it still runs.
+    pub fn start_expecting_exit(
+        ns: &NetNs,
+        limit: Duration,
+    ) -> (Self, Option<std::process::ExitStatus>) {
+        let mut agent = Self::configured(ns, "127.0.0.1", "", "");
+        agent.child = Some(agent.command().spawn().expect("starting the agent"));
+        let mut status = None;
+        wait_until(limit, || {
+            status = agent
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten());
+            status.is_some()
+        });
+        if status.is_some() {
+            agent.child = None;
+        }
+        (agent, status)
+    }
+
+    fn command(&self) -> Command {
         let log = fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(self.log_path())
             .unwrap();
-        let child = Command::new("nsenter")
-            .arg(format!("--net={}", self.netns))
+        let mut cmd = Command::new("nsenter");
+        cmd.arg(format!("--net={}", self.netns))
             .arg(dcnet())
             .args(["agent", "--config"])
             .arg(self.dir.path().join("agent.toml"))
             .env("RUST_LOG", "info,dcnet_node_core=debug")
+            // The test hooks (POST /v1/debug/fault/{plane}).
+            .env("DCNET_TEST_FAULTS", "1")
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .expect("starting the agent");
+            .stderr(log);
+        cmd
+    }
+
+    fn spawn(&mut self) {
+        let child = self.command().spawn().expect("starting the agent");
         self.child = Some(child);
         let ok = wait_until(Duration::from_secs(20), || {
             if let Some(Ok(Some(status))) = self.child.as_mut().map(Child::try_wait) {

@@ -1,0 +1,60 @@
+//! `dcnet deployment`: running and recent deployments.
+
+use super::*;
+
+#[derive(Subcommand)]
+pub enum DeploymentCommand {
+    /// List running deployments (all recent ones with --all).
+    List {
+        #[arg(long)]
+        all: bool,
+    },
+}
+
+impl DeploymentCommand {
+    pub fn run(self, client: &Client, json: bool) -> anyhow::Result<()> {
+        match self {
+            DeploymentCommand::List { all } => deployment_list(client, all, json),
+        }
+    }
+}
+
+fn deployment_list(client: &Client, all: bool, as_json: bool) -> anyhow::Result<()> {
+    let v = client.call(
+        "GET",
+        if all {
+            "/v2/deployments?all=true"
+        } else {
+            "/v2/deployments"
+        },
+        None,
+    )?;
+    if as_json {
+        print_json(&v);
+        return Ok(());
+    }
+    let mut t = Table::new([
+        "DEPLOYMENT",
+        "APP",
+        "KIND",
+        "STATUS",
+        "HEALTHY",
+        "OLD",
+        "STARTED",
+        "REASON",
+    ]);
+    for d in v.as_array().into_iter().flatten() {
+        t.row([
+            s(&d["id"]),
+            s(&d["appId"]),
+            s(&d["kind"]),
+            s(&d["status"]),
+            format!("{}/{}", s(&d["healthyNew"]), s(&d["targetInstances"])),
+            s(&d["oldRemaining"]),
+            s(&d["startedAt"]),
+            s(&d["reason"]),
+        ]);
+    }
+    t.print();
+    Ok(())
+}

@@ -1,0 +1,61 @@
+//! `dcnet task`: tasks, of one app or all.
+
+use super::*;
+
+#[derive(Subcommand)]
+pub enum TaskCommand {
+    /// List tasks, of one app or all.
+    List {
+        #[arg(long)]
+        app: Option<String>,
+    },
+}
+
+impl TaskCommand {
+    pub fn run(self, client: &Client, json: bool) -> anyhow::Result<()> {
+        match self {
+            TaskCommand::List { app } => task_list(client, app.as_deref(), json),
+        }
+    }
+}
+
+fn task_list(client: &Client, app: Option<&str>, as_json: bool) -> anyhow::Result<()> {
+    let v = match app {
+        Some(id) => client.call("GET", &format!("{}/tasks", app_path(id)), None)?,
+        None => client.call("GET", "/v2/tasks", None)?,
+    };
+    if as_json {
+        print_json(&v);
+        return Ok(());
+    }
+    print_tasks(v["tasks"].as_array().map(Vec::as_slice).unwrap_or_default());
+    Ok(())
+}
+
+pub(super) fn print_tasks(tasks: &[Value]) {
+    let mut t = Table::new(["TASK", "APP", "STATE", "HEALTH", "HOST", "PORTS", "STARTED"]);
+    for task in tasks {
+        let health = match task["health"]["alive"].as_bool() {
+            Some(true) => "healthy",
+            Some(false) => "unhealthy",
+            None => "-",
+        };
+        let ports: Vec<String> = task["ports"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(s)
+            .collect();
+        let state = s(&task["state"]);
+        t.row([
+            s(&task["id"]),
+            s(&task["appId"]),
+            state.strip_prefix("TASK_").unwrap_or(&state).to_string(),
+            health.into(),
+            s(&task["host"]),
+            ports.join(","),
+            s(&task["startedAt"]),
+        ]);
+    }
+    t.print();
+}

@@ -11,6 +11,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, info, info_span, warn};
 
 use crate::api::{self, Api};
+use crate::clock::Clock;
 use crate::keys::{self, SharedStore};
 use crate::manager::Manager;
 use crate::metrics::Metrics;
@@ -97,7 +98,7 @@ impl NodeCore {
         {
             let (store, metrics, state) = (store.clone(), metrics.clone(), state.clone());
             supervisor.spawn("scheduler", move |ready, stop| {
-                let orchestrator = Orchestrator::new(store.clone(), metrics.clone());
+                let orchestrator = Orchestrator::new(store.clone(), metrics.clone(), Clock::new());
                 let run = orchestrator.run(state.clone(), is_leader.clone(), stop);
                 async move {
                     ready.serving();

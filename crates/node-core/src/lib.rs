@@ -8,6 +8,7 @@
 #![forbid(unsafe_code)]
 
 mod api;
+pub mod clock;
 mod core;
 mod health;
 pub mod ipam;

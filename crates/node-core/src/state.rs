@@ -128,7 +128,7 @@ impl ClusterState {
         }
     }
 
-    fn from_list(kvs: &[KeyValue], revision: Revision) -> Self {
+    pub(crate) fn from_list(kvs: &[KeyValue], revision: Revision) -> Self {
         let mut state = ClusterState {
             revision,
             ..Default::default()

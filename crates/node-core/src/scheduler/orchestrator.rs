@@ -11,11 +11,12 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use super::place;
+use crate::clock::{Clock, Now};
 use crate::keys::{self, SharedStore};
 use crate::metrics::Metrics;
 use crate::model::{
     App, AppId, AppStatus, Deployment, DeploymentKind, DeploymentStatus, Goal, Health, KillReason,
-    NodeId, Resources, Task, TaskFailure, TaskId, TaskState, now_rfc3339, now_unix_ms,
+    NodeId, Resources, Task, TaskFailure, TaskId, TaskState,
 };
 use crate::state::ClusterState;
 use crate::store::{Precondition, Revision, StoreError};
@@ -28,6 +29,9 @@ const STABLE_AFTER: Duration = Duration::from_secs(10);
 pub(crate) struct Orchestrator {
     store: SharedStore,
     metrics: Metrics,
+    clock: Clock,
+    /// The moment of the pass under way: every decision and timestamp of a pass uses it.
+    now: Now,
     /// Our own last write: a snapshot older than it would make us act twice.
     written: Revision,
     unplaced: BTreeMap<AppId, String>,
@@ -112,10 +116,12 @@ pub(crate) fn plan(app: &App, tasks: &[&Task], may_launch: bool) -> Plan {
 }
 
 impl Orchestrator {
-    pub(crate) fn new(store: SharedStore, metrics: Metrics) -> Self {
+    pub(crate) fn new(store: SharedStore, metrics: Metrics, clock: Clock) -> Self {
         Self {
             store,
             metrics,
+            now: clock.now(),
+            clock,
             written: 0,
             unplaced: BTreeMap::new(),
         }
@@ -131,7 +137,8 @@ impl Orchestrator {
             let snap = state.borrow_and_update().clone();
             if *is_leader.borrow() && snap.revision >= self.written {
                 let started = tokio::time::Instant::now();
-                if let Err(e) = self.pass(&snap).await {
+                let now = self.clock.now();
+                if let Err(e) = self.pass(&snap, now).await {
                     warn!(error = %e, "scheduler pass failed; retrying");
                 }
                 self.metrics.observe_pass(started.elapsed());
@@ -163,12 +170,17 @@ impl Orchestrator {
         }
     }
 
-    async fn pass(&mut self, snap: &ClusterState) -> Result<(), keys::UpdateError> {
+    /// One pass over `snap` at `now`.
+    pub(crate) async fn pass(
+        &mut self,
+        snap: &ClusterState,
+        now: Now,
+    ) -> Result<(), keys::UpdateError> {
+        self.now = now;
         if self.reap(snap).await? {
             // Failures changed backoff and deployments: decide on the snapshot that shows it.
             return Ok(());
         }
-        let now_ms = now_unix_ms();
         // Tasks whose app is gone.
         for task in snap.tasks.values() {
             if task.state.is_active()
@@ -183,7 +195,7 @@ impl Orchestrator {
             let tasks: Vec<&Task> = snap.tasks_of(&app.id).map(|t| &**t).collect();
             let status = snap.app_status.get(&app.id).cloned().unwrap_or_default();
             self.maybe_reset_backoff(app, &tasks, &status).await?;
-            let may_launch = now_ms >= status.launch_delayed_until_ms && deps_ready(app, snap);
+            let may_launch = is_past_backoff(&status, now) && deps_ready(app, snap);
             let plan = plan(app, &tasks, may_launch);
             for (id, reason) in &plan.kill {
                 self.kill(id, *reason).await?;
@@ -260,24 +272,19 @@ impl Orchestrator {
                     state: task.state,
                     message: message.clone(),
                     host: task.host.clone(),
-                    timestamp: task.finished_at.clone().unwrap_or_else(now_rfc3339),
+                    timestamp: task
+                        .finished_at
+                        .clone()
+                        .unwrap_or_else(|| self.now.rfc3339()),
                     version: task.version.clone(),
                 };
                 if let Some(app) = app {
                     info!(app = %app.id, task = %task.id, %message, "task failed");
-                    let app = app.clone();
+                    let (app, now) = (app.clone(), self.now);
                     let result = keys::update::<AppStatus, _>(
                         &*self.store,
                         &keys::app_status(&app.id),
-                        |s| {
-                            let mut s = s.unwrap_or_default();
-                            s.consecutive_failures += 1;
-                            s.total_failures += 1;
-                            let delay = app.launch_delay(s.consecutive_failures);
-                            s.launch_delayed_until_ms = now_unix_ms() + delay.as_millis() as u64;
-                            s.last_task_failure = Some(failure.clone());
-                            Some(s)
-                        },
+                        |s| Some(after_failure(&app, s.unwrap_or_default(), &failure, now)),
                     )
                     .await;
                     self.wrote_update(result)?;
@@ -318,16 +325,7 @@ impl Orchestrator {
         if status.consecutive_failures == 0 {
             return Ok(());
         }
-        let has_checks = !app.health_checks.is_empty();
-        let stable = tasks.iter().any(|t| {
-            t.version == app.version_info.last_config_change_at
-                && t.is_serving(has_checks)
-                && (has_checks
-                    || t.started_at
-                        .as_deref()
-                        .and_then(|s| humantime::parse_rfc3339(s).ok())
-                        .is_some_and(|s| s.elapsed().unwrap_or_default() >= STABLE_AFTER))
-        });
+        let stable = tasks.iter().any(|t| is_stable(app, t, self.now));
         if stable {
             debug!(app = %app.id, "a task runs stably; launch backoff reset");
             let result = keys::update_existing::<AppStatus, _>(
@@ -381,7 +379,7 @@ impl Orchestrator {
             health: Health::default(),
             ports: ports.to_vec(),
             ip_addresses: Vec::new(),
-            staged_at: now_rfc3339(),
+            staged_at: self.now.rfc3339(),
             started_at: None,
             finished_at: None,
             exit: None,
@@ -470,7 +468,7 @@ impl Orchestrator {
                 if matches!(dep.kind, DeploymentKind::Update | DeploymentKind::Restart) =>
             {
                 let mut restored = previous.clone();
-                restored.version = now_rfc3339();
+                restored.version = self.now.rfc3339();
                 restored.version_info.last_scaling_at = restored.version.clone();
                 let expected = app.version.clone();
                 let result =
@@ -505,13 +503,14 @@ impl Orchestrator {
         status: DeploymentStatus,
         reason: Option<String>,
     ) -> Result<(), keys::UpdateError> {
+        let finished_at = self.now.rfc3339();
         let result =
             keys::update_existing::<Deployment, _>(&*self.store, &keys::deployment(&dep.id), |d| {
                 if d.status.is_done() {
                     return false;
                 }
                 d.status = status;
-                d.finished_at = Some(now_rfc3339());
+                d.finished_at = Some(finished_at.clone());
                 if reason.is_some() {
                     d.reason = reason.clone();
                 } else if status == DeploymentStatus::Succeeded {
@@ -527,6 +526,42 @@ impl Orchestrator {
         }
         Ok(())
     }
+}
+
+/// Whether an app's launch backoff is over at `now`. Pure.
+pub(crate) fn is_past_backoff(status: &AppStatus, now: Now) -> bool {
+    now.unix_ms() >= status.launch_delayed_until_ms
+}
+
+/// The app's status after one more failed task at `now`: the next launch waits
+/// `backoffSeconds * backoffFactor^(n-1)`, capped at `maxLaunchDelaySeconds`. Pure.
+pub(crate) fn after_failure(
+    app: &App,
+    mut status: AppStatus,
+    failure: &TaskFailure,
+    now: Now,
+) -> AppStatus {
+    status.consecutive_failures += 1;
+    status.total_failures += 1;
+    let delay = app.launch_delay(status.consecutive_failures);
+    status.launch_delayed_until_ms = now.after(delay).unix_ms();
+    status.last_task_failure = Some(failure.clone());
+    status
+}
+
+/// Whether a task of the app's current version shows at `now` that the app runs well, which
+/// resets its backoff: serving and healthy where the app has checks, else serving for
+/// [`STABLE_AFTER`]. Pure.
+pub(crate) fn is_stable(app: &App, task: &Task, now: Now) -> bool {
+    let has_checks = !app.health_checks.is_empty();
+    task.version == app.version_info.last_config_change_at
+        && task.is_serving(has_checks)
+        && (has_checks
+            || task
+                .started_at
+                .as_deref()
+                .and_then(|s| now.since(s))
+                .is_some_and(|ran| ran >= STABLE_AFTER))
 }
 
 /// An app starts only once every app it depends on runs all its instances, serving.
@@ -741,6 +776,124 @@ mod tests {
             p.kill
                 .iter()
                 .all(|(id, r)| *r == KillReason::Upgrade && (id.0 == "t0" || id.0 == "t1"))
+        );
+    }
+
+    /// The orchestrator on a real (embedded) store, with tokio's clock paused: a failed task
+    /// holds its app's next launch for exactly its backoff, and the next failure doubles it.
+    /// Time moves by `advance`, never by sleeping.
+    #[tokio::test(start_paused = true)]
+    async fn a_failed_task_holds_launches_for_its_backoff_with_paused_time() {
+        use crate::model::{Node, NodeStatus};
+        use crate::store::Embedded;
+
+        let dir = tempfile::tempdir().unwrap();
+        let store: SharedStore = Arc::new(Embedded::open(&dir.path().join("s.redb")).unwrap());
+        let node = Node {
+            id: NodeId("n".into()),
+            hostname: "n".into(),
+            ip: "192.0.2.1".parse().unwrap(),
+            ip6: None,
+            resources: Resources {
+                cpus: 4.0,
+                mem: 4096.0,
+                disk: 1024.0,
+                ..Default::default()
+            },
+            attributes: Default::default(),
+            status: NodeStatus::Active,
+            registered_at: String::new(),
+        };
+        let a = app(
+            r#"{"id": "/a", "cmd": "x", "backoffSeconds": 60, "backoffFactor": 2, "maxLaunchDelaySeconds": 3600}"#,
+            "v1",
+        );
+        let mut failed = task(1, "v1", TaskState::Failed, None);
+        failed.finished_at = Some("2026-01-01T00:00:01Z".into());
+        for (key, value) in [
+            (keys::node(&node.id), keys::to_json(&node)),
+            (keys::app(&a.id), keys::to_json(&a)),
+            (keys::task(&failed.id), keys::to_json(&failed)),
+        ] {
+            store.put(&key, value, Precondition::Absent).await.unwrap();
+        }
+        let snapshot = || async {
+            let (kvs, rev) = store.list(keys::ROOT).await.unwrap();
+            ClusterState::from_list(&kvs, rev)
+        };
+        let staged = |snap: &ClusterState| -> Vec<TaskId> {
+            snap.tasks
+                .values()
+                .filter(|t| t.state == TaskState::Staging)
+                .map(|t| t.id.clone())
+                .collect()
+        };
+        let clock = Clock::new();
+        let metrics = Metrics::register(&prometheus::Registry::new()).unwrap();
+        let mut orch = Orchestrator::new(store.clone(), metrics, clock);
+
+        let t0 = clock.now();
+        orch.pass(&snapshot().await, t0).await.unwrap();
+        let snap = snapshot().await;
+        assert!(snap.tasks.is_empty(), "the failed task is reaped");
+        let status = &snap.app_status[&a.id];
+        assert_eq!(status.consecutive_failures, 1);
+        assert_eq!(status.launch_delayed_until_ms, t0.unix_ms() + 60_000);
+
+        tokio::time::advance(Duration::from_secs(59)).await;
+        orch.pass(&snapshot().await, clock.now()).await.unwrap();
+        assert!(
+            staged(&snapshot().await).is_empty(),
+            "launch held at 59 s of 60"
+        );
+
+        tokio::time::advance(Duration::from_secs(1)).await;
+        orch.pass(&snapshot().await, clock.now()).await.unwrap();
+        let snap = snapshot().await;
+        let launched = staged(&snap);
+        assert_eq!(launched.len(), 1, "launched once the backoff is over");
+
+        // That task fails too: the second failure waits 60 s * 2.
+        let mut again = (*snap.tasks[&launched[0]]).clone();
+        again.state = TaskState::Failed;
+        again.finished_at = Some(clock.now().rfc3339());
+        store
+            .put(
+                &keys::task(&again.id),
+                keys::to_json(&again),
+                Precondition::Any,
+            )
+            .await
+            .unwrap();
+        let t1 = clock.now();
+        orch.pass(&snapshot().await, t1).await.unwrap();
+        let status = snapshot().await.app_status[&a.id].clone();
+        assert_eq!(status.consecutive_failures, 2);
+        assert_eq!(status.launch_delayed_until_ms, t1.unix_ms() + 120_000);
+        tokio::time::advance(Duration::from_secs(119)).await;
+        orch.pass(&snapshot().await, clock.now()).await.unwrap();
+        assert!(staged(&snapshot().await).is_empty(), "held at 119 s of 120");
+        tokio::time::advance(Duration::from_secs(1)).await;
+        orch.pass(&snapshot().await, clock.now()).await.unwrap();
+        assert_eq!(staged(&snapshot().await).len(), 1);
+    }
+
+    #[test]
+    fn a_task_that_runs_long_enough_is_stable() {
+        let a = app(r#"{"id": "/a", "cmd": "x"}"#, "v1");
+        let mut t = task(1, "v1", TaskState::Running, None);
+        let start = Now(1_000_000_000_000);
+        t.started_at = Some(start.rfc3339());
+        assert!(!is_stable(
+            &a,
+            &t,
+            start.after(STABLE_AFTER - Duration::from_millis(1))
+        ));
+        assert!(is_stable(&a, &t, start.after(STABLE_AFTER)));
+        t.version = "v0".into();
+        assert!(
+            !is_stable(&a, &t, start.after(STABLE_AFTER)),
+            "an old version does not count"
         );
     }
 }

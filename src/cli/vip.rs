@@ -37,11 +37,8 @@ fn vip_rows(vips: &[Value], t: &mut Table) {
     }
 }
 
-fn vip_list(client: &Client, as_json: bool) -> anyhow::Result<()> {
-    let Some(v) = get_for_table(client, "/v1/vips", as_json)? else {
-        return Ok(());
-    };
-    let mut t = Table::new([
+fn vip_table() -> Table {
+    Table::new([
         "VIP",
         "NAME",
         "PROTO",
@@ -49,7 +46,14 @@ fn vip_list(client: &Client, as_json: bool) -> anyhow::Result<()> {
         "CONNS",
         "LB",
         "DATA PLANE",
-    ]);
+    ])
+}
+
+fn vip_list(client: &Client, as_json: bool) -> anyhow::Result<()> {
+    let Some(v) = get_for_table(client, "/v1/vips", as_json)? else {
+        return Ok(());
+    };
+    let mut t = vip_table();
     vip_rows(v.as_array().map(Vec::as_slice).unwrap_or_default(), &mut t);
     t.print();
     Ok(())
@@ -78,15 +82,7 @@ fn vip_show(client: &Client, name: &str, as_json: bool) -> anyhow::Result<()> {
         print_json(&json!(found));
         return Ok(());
     }
-    let mut t = Table::new([
-        "VIP",
-        "NAME",
-        "PROTO",
-        "BACKENDS",
-        "CONNS",
-        "LB",
-        "DATA PLANE",
-    ]);
+    let mut t = vip_table();
     vip_rows(&found, &mut t);
     t.print();
     println!();

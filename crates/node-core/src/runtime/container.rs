@@ -126,9 +126,14 @@ impl ContainerRuntime {
     /// Creates the bridge with the gateway address now, so that services (DNS) can listen on
     /// the gateway before the first container starts.
     pub async fn prepare(&self) -> Result<(), RuntimeError> {
-        let handle = self.netlink().await?.clone();
+        self.ensure_bridge().await.map(|_| ())
+    }
+
+    /// The bridge with the gateway address, up; its index.
+    async fn ensure_bridge(&self) -> Result<u32, RuntimeError> {
         let subnet = self.cfg.subnet;
-        handle
+        self.netlink()
+            .await?
             .ensure_bridge(
                 &self.cfg.bridge,
                 subnet.gateway(),
@@ -136,8 +141,7 @@ impl ContainerRuntime {
                 self.cfg.mtu,
             )
             .await
-            .map_err(|e| net("setting up the bridge", e))?;
-        Ok(())
+            .map_err(|e| net("setting up the bridge", e))
     }
 
     async fn netlink(&self) -> Result<&Netlink, RuntimeError> {
@@ -183,17 +187,9 @@ impl ContainerRuntime {
             .await
             .map_err(|e| net("creating the namespace", e))?
             .map_err(|e| net("creating the namespace", e))?;
+        let bridge = self.ensure_bridge().await?;
         let handle = self.netlink().await?.clone();
         let subnet = self.cfg.subnet;
-        let bridge = handle
-            .ensure_bridge(
-                &self.cfg.bridge,
-                subnet.gateway(),
-                subnet.prefix,
-                self.cfg.mtu,
-            )
-            .await
-            .map_err(|e| net("setting up the bridge", e))?;
         // Forwarding in the node's namespace, for published ports and the overlay.
         let _ = fs::write("/proc/sys/net/ipv4/ip_forward", "1");
         let peer = format!("dcp{}", tag(&spec.task));

@@ -88,6 +88,42 @@ pub struct DnsSection {
     /// How long an upstream gets to answer.
     #[serde(default = "default_dns_timeout", with = "humantime_serde")]
     pub timeout: Duration,
+    /// TCP connections open at once; past it a new one is closed at once.
+    #[serde(default = "default_tcp_max_connections")]
+    pub tcp_max_connections: usize,
+    /// TCP connections open at once from one client address.
+    #[serde(default = "default_tcp_max_per_client")]
+    pub tcp_max_per_client: usize,
+    /// How long a TCP connection may wait for its next query.
+    #[serde(default = "default_tcp_idle_timeout", with = "humantime_serde")]
+    pub tcp_idle_timeout: Duration,
+    /// How long a query that has started may take to arrive whole over TCP.
+    #[serde(default = "default_tcp_read_timeout", with = "humantime_serde")]
+    pub tcp_read_timeout: Duration,
+}
+
+impl DnsSection {
+    pub fn tcp_limits(&self) -> dcnet_dns::TcpLimits {
+        dcnet_dns::TcpLimits {
+            max_connections: self.tcp_max_connections,
+            max_per_client: self.tcp_max_per_client,
+            idle_timeout: self.tcp_idle_timeout,
+            read_timeout: self.tcp_read_timeout,
+        }
+    }
+}
+
+fn default_tcp_max_connections() -> usize {
+    dcnet_dns::TcpLimits::default().max_connections
+}
+fn default_tcp_max_per_client() -> usize {
+    dcnet_dns::TcpLimits::default().max_per_client
+}
+fn default_tcp_idle_timeout() -> Duration {
+    dcnet_dns::TcpLimits::default().idle_timeout
+}
+fn default_tcp_read_timeout() -> Duration {
+    dcnet_dns::TcpLimits::default().read_timeout
 }
 
 impl Default for DnsSection {
@@ -101,6 +137,10 @@ impl Default for DnsSection {
             upstreams: None,
             zones: BTreeMap::new(),
             timeout: default_dns_timeout(),
+            tcp_max_connections: default_tcp_max_connections(),
+            tcp_max_per_client: default_tcp_max_per_client(),
+            tcp_idle_timeout: default_tcp_idle_timeout(),
+            tcp_read_timeout: default_tcp_read_timeout(),
         }
     }
 }
@@ -307,6 +347,9 @@ impl AgentConfig {
             bail!(
                 "node.ip = {ip} must be an IPv4 address (port mappings publish on it); give a dual-stack node's IPv6 address as node.ip6"
             );
+        }
+        if self.dns.tcp_max_connections == 0 || self.dns.tcp_max_per_client == 0 {
+            bail!("dns.tcp_max_connections and dns.tcp_max_per_client must be at least 1");
         }
         if let Some(cpus) = self.node.cpus
             && (cpus.is_nan() || cpus <= 0.0)

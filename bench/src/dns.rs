@@ -124,7 +124,7 @@ fn dns_config() -> dcnet_dns::Config {
             ..Default::default()
         },
         forward: None,
-        tcp_timeout: Duration::from_secs(10),
+        tcp: dcnet_dns::TcpLimits::default(),
     }
 }
 

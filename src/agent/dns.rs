@@ -48,7 +48,7 @@ pub(super) fn start(
                 boot: Some(node.boot.clone()),
             },
             forward,
-            tcp_timeout: std::time::Duration::from_secs(10),
+            tcp: cfg.dns.tcp_limits(),
         },
         dns::Metrics::register(registry).context("registering DNS metrics")?,
     );

@@ -325,3 +325,211 @@ fn a_container_resolves_names_through_its_gateway() {
     let auto = in_task(&["getent", "hosts", "web-group.marathon.autoip.dcos"]);
     assert!(ips.iter().any(|ip| auto.contains(ip.as_str())), "{auto}");
 }
+
+/// `packet` to the agent over UDP from this thread; what comes back within `wait`.
+fn udp_exchange(packet: &[u8], wait: Duration) -> Option<Vec<u8>> {
+    let socket = UdpSocket::bind("127.0.0.1:0").unwrap();
+    socket.set_read_timeout(Some(wait)).unwrap();
+    socket.send_to(packet, "127.0.0.1:53").unwrap();
+    let mut buf = [0u8; 2048];
+    socket.recv(&mut buf).ok().map(|n| buf[..n].to_vec())
+}
+
+/// `packet` to the agent over TCP (length-prefixed); the reply, or `None` if the server
+/// sends nothing within `wait`.
+fn tcp_exchange(packet: &[u8], wait: Duration) -> Option<Vec<u8>> {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect("127.0.0.1:53").unwrap();
+    stream.set_read_timeout(Some(wait)).unwrap();
+    let mut framed = u16::try_from(packet.len()).unwrap().to_be_bytes().to_vec();
+    framed.extend_from_slice(packet);
+    stream.write_all(&framed).unwrap();
+    let mut len = [0u8; 2];
+    stream.read_exact(&mut len).ok()?;
+    let mut reply = vec![0u8; usize::from(u16::from_be_bytes(len))];
+    stream.read_exact(&mut reply).ok()?;
+    Some(reply)
+}
+
+#[test]
+fn responses_are_never_answered_and_malformed_queries_get_a_well_formed_formerr() {
+    use dcnet_dns::proto::op::{MessageType, OpCode, Query};
+    use dcnet_dns::proto::rr::{Name, RecordType};
+    let ns = NetNs::new("dnsbad");
+    ns.enter();
+    let agent = Agent::start_with(&ns, "127.0.0.1", "[dns]\nforward = false\n");
+    assert!(wait_until(Duration::from_secs(10), || !short(&[
+        "leader.mesos"
+    ])
+    .is_empty()));
+    let mut q = Message::new(0x4242, MessageType::Query, OpCode::Query);
+    q.add_query(Query::query(
+        Name::from_ascii("leader.mesos.").unwrap(),
+        RecordType::A,
+    ));
+    let query = q.to_vec().unwrap();
+    let wait = Duration::from_millis(500);
+    assert!(
+        udp_exchange(&query, wait).is_some(),
+        "a plain query is answered"
+    );
+
+    // A response, as a forged packet "from 127.0.0.1:53" would carry: no reply on either
+    // transport, so the server can never be made to answer itself.
+    let mut response = query.clone();
+    response[2] |= 0x80;
+    assert_eq!(
+        udp_exchange(&response, wait),
+        None,
+        "UDP answered a response"
+    );
+    assert_eq!(
+        tcp_exchange(&response, wait),
+        None,
+        "TCP answered a response"
+    );
+    let answer = udp_exchange(&query, wait).expect("an answer");
+    assert_eq!(
+        udp_exchange(&answer, wait),
+        None,
+        "our own answer sent back is dropped"
+    );
+
+    // Trailing bytes, two questions, a question name that points into the header.
+    let mut trailing = query.clone();
+    trailing.extend_from_slice(&[0xde, 0xad]);
+    let mut two = query.clone();
+    two[5] = 2;
+    let mut pointer = query[..12].to_vec();
+    pointer.extend_from_slice(&[0xc0, 0x02, 0, 1, 0, 1]);
+    for (what, bad) in [
+        ("trailing bytes", &trailing),
+        ("two questions", &two),
+        ("a pointer into the header", &pointer),
+    ] {
+        for (transport, reply) in [
+            ("udp", udp_exchange(bad, wait)),
+            ("tcp", tcp_exchange(bad, wait)),
+        ] {
+            let reply = reply.unwrap_or_else(|| panic!("{what} over {transport}: no reply"));
+            let msg = Message::from_vec(&reply).unwrap_or_else(|e| {
+                panic!("{what} over {transport}: a reply that does not parse: {e}")
+            });
+            assert_eq!(msg.metadata.id, 0x4242, "{what} over {transport}");
+            assert_eq!(
+                msg.metadata.response_code,
+                ResponseCode::FormErr,
+                "{what} over {transport}"
+            );
+        }
+    }
+    let metrics = agent.http("GET", "/metrics", None).unwrap().1;
+    let metrics = metrics.as_str().unwrap();
+    for reason in [
+        "response",
+        "trailing bytes",
+        "question count",
+        "question name",
+    ] {
+        assert!(
+            metrics.contains(&format!(
+                "dcnet_dns_refused_packets_total{{reason=\"{reason}\"}}"
+            )),
+            "{reason} counted"
+        );
+    }
+}
+
+#[test]
+fn tcp_connections_are_capped_per_client_and_slow_or_idle_ones_are_closed() {
+    use std::io::{Read, Write};
+    let ns = NetNs::new("dnstcp");
+    ns.enter();
+    let agent = Agent::start_with(
+        &ns,
+        "127.0.0.1",
+        "[dns]\nforward = false\ntcp_max_per_client = 4\ntcp_idle_timeout = \"1s\"\ntcp_read_timeout = \"500ms\"\n",
+    );
+    assert!(wait_until(Duration::from_secs(10), || !short(&[
+        "leader.mesos"
+    ])
+    .is_empty()));
+    let mut q = Message::new(
+        7,
+        dcnet_dns::proto::op::MessageType::Query,
+        dcnet_dns::proto::op::OpCode::Query,
+    );
+    q.add_query(dcnet_dns::proto::op::Query::query(
+        dcnet_dns::proto::rr::Name::from_ascii("leader.mesos.").unwrap(),
+        dcnet_dns::proto::rr::RecordType::A,
+    ));
+    let query = q.to_vec().unwrap();
+    let mut framed = u16::try_from(query.len()).unwrap().to_be_bytes().to_vec();
+    framed.extend_from_slice(&query);
+    // Whether the server answers a query on `stream` (false: it closed the connection).
+    let answers = |stream: &mut std::net::TcpStream| -> bool {
+        stream
+            .set_read_timeout(Some(Duration::from_secs(2)))
+            .unwrap();
+        if stream.write_all(&framed).is_err() {
+            return false;
+        }
+        let mut len = [0u8; 2];
+        stream.read_exact(&mut len).is_ok()
+    };
+    let mut held: Vec<std::net::TcpStream> = (0..4)
+        .map(|_| std::net::TcpStream::connect("127.0.0.1:53").unwrap())
+        .collect();
+    for s in &mut held {
+        let mut len = [0u8; 2];
+        s.write_all(&framed).unwrap();
+        s.read_exact(&mut len)
+            .expect("each of the first four is answered");
+        let mut rest = vec![0u8; usize::from(u16::from_be_bytes(len))];
+        s.read_exact(&mut rest).unwrap();
+    }
+    let mut fifth = std::net::TcpStream::connect("127.0.0.1:53").unwrap();
+    assert!(
+        !answers(&mut fifth),
+        "a fifth connection from one client is closed"
+    );
+    // Closing one frees its slot.
+    drop(held.pop());
+    let mut again = None;
+    assert!(
+        wait_until(Duration::from_secs(5), || {
+            let mut s = std::net::TcpStream::connect("127.0.0.1:53").unwrap();
+            let ok = answers(&mut s);
+            again = Some(s);
+            ok
+        }),
+        "a freed slot is taken again"
+    );
+    drop(again);
+    drop(held);
+
+    // Half a message: closed after the read timeout, not held.
+    let mut slow = std::net::TcpStream::connect("127.0.0.1:53").unwrap();
+    slow.write_all(&framed[..5]).unwrap();
+    slow.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut buf = [0u8; 16];
+    assert!(
+        matches!(slow.read(&mut buf), Ok(0)),
+        "a half-sent query's connection is closed"
+    );
+    // Idle: closed after the idle timeout.
+    let mut idle = std::net::TcpStream::connect("127.0.0.1:53").unwrap();
+    idle.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    assert!(
+        matches!(idle.read(&mut buf), Ok(0)),
+        "an idle connection is closed"
+    );
+    let metrics = agent.http("GET", "/metrics", None).unwrap().1;
+    let metrics = metrics.as_str().unwrap();
+    for bound in ["max_per_client", "read_timeout"] {
+        assert!(
+            metrics.contains(&format!("dcnet_dns_tcp_refused_total{{bound=\"{bound}\"}}")),
+            "{bound} counted"
+        );
+    }
+}

@@ -11,7 +11,9 @@ mod forward;
 mod http;
 mod metrics;
 mod records;
+mod screen;
 mod server;
+mod tcp;
 mod udp;
 mod wire;
 mod zone;
@@ -29,6 +31,7 @@ use tracing::{info, warn};
 pub use self::forward::{ForwardConfig, upstreams_from_resolv_conf};
 pub use self::metrics::Metrics;
 pub use self::records::{RecordConfig, listing, records_from};
+pub use self::tcp::TcpLimits;
 pub use self::zone::{RrSets, Zone};
 pub use hickory_proto as proto;
 
@@ -37,25 +40,8 @@ pub struct Config {
     pub records: RecordConfig,
     /// `None`: forwarding is off and other names are REFUSED.
     pub forward: Option<ForwardConfig>,
-    /// How long an idle TCP client may hold a connection.
-    pub tcp_timeout: std::time::Duration,
-}
-
-/// hickory-server wants to own its handler; both paths share one.
-struct SharedHandler(Arc<server::Handler>);
-
-#[async_trait::async_trait]
-impl hickory_server::server::RequestHandler for SharedHandler {
-    async fn handle_request<
-        R: hickory_server::server::ResponseHandler,
-        T: hickory_server::net::runtime::Time,
-    >(
-        &self,
-        request: &hickory_server::server::Request,
-        response: R,
-    ) -> hickory_server::server::ResponseInfo {
-        self.0.handle_request::<R, T>(request, response).await
-    }
+    /// Bounds of the TCP server.
+    pub tcp: TcpLimits,
 }
 
 /// The DNS plane: the zone it serves and what it needs to serve it.
@@ -113,7 +99,7 @@ impl Dns {
             metrics: self.metrics.clone(),
         };
         let handler = Arc::new(handler);
-        // UDP on our own loop (see udp.rs); TCP through hickory-server.
+        // UDP and TCP on loops of our own (udp.rs, tcp.rs), answering through the handler.
         for socket in udp {
             tokio::spawn(udp::serve(
                 Arc::new(socket),
@@ -121,9 +107,13 @@ impl Dns {
                 shutdown.clone(),
             ));
         }
-        let mut server = hickory_server::Server::new(SharedHandler(handler));
         for listener in tcp {
-            server.register_listener(listener, self.cfg.tcp_timeout, 64);
+            tokio::spawn(tcp::serve(
+                listener,
+                handler.clone(),
+                self.cfg.tcp,
+                shutdown.clone(),
+            ));
         }
         info!(listen = %server::describe(&addrs), "DNS serving");
         serving();
@@ -134,9 +124,6 @@ impl Dns {
             }
             let snap = state.borrow_and_update().clone();
             self.build_zone(snap).await;
-        }
-        if let Err(e) = server.shutdown_gracefully().await {
-            warn!(error = %e, "DNS server did not shut down cleanly");
         }
     }
 
@@ -188,7 +175,7 @@ mod tests {
                     timeout: Duration::from_millis(200),
                     cache_size: 16,
                 }),
-                tcp_timeout: Duration::from_secs(1),
+                tcp: TcpLimits::default(),
             },
             Metrics::register(&prometheus::Registry::new()).unwrap(),
         );

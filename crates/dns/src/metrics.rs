@@ -25,6 +25,8 @@ pub struct Metrics {
     forwards: IntCounterVec,
     records: IntGauge,
     lag: Histogram,
+    refused: IntCounterVec,
+    tcp_refused: IntCounterVec,
 }
 
 impl Metrics {
@@ -62,6 +64,22 @@ impl Metrics {
         reg.register(Box::new(forwards.clone()))?;
         reg.register(Box::new(records.clone()))?;
         reg.register(Box::new(lag.clone()))?;
+        let refused = IntCounterVec::new(
+            Opts::new(
+                "dcnet_dns_refused_packets_total",
+                "Packets dropped (responses, runts) or answered FORMERR, by reason",
+            ),
+            &["reason"],
+        )?;
+        reg.register(Box::new(refused.clone()))?;
+        let tcp_refused = IntCounterVec::new(
+            Opts::new(
+                "dcnet_dns_tcp_refused_total",
+                "TCP connections closed at a bound (max_connections, max_per_client, read_timeout)",
+            ),
+            &["bound"],
+        )?;
+        reg.register(Box::new(tcp_refused.clone()))?;
         let mut counters = Vec::with_capacity(ZONES.len() * TYPES.len() * RCODES.len());
         for z in ZONES {
             for t in TYPES {
@@ -76,6 +94,8 @@ impl Metrics {
             forwards,
             records,
             lag,
+            refused,
+            tcp_refused,
         })
     }
 
@@ -112,6 +132,15 @@ impl Metrics {
 
     pub(crate) fn forward(&self, result: &'static str) {
         self.forwards.with_label_values(&[result]).inc();
+    }
+
+    /// A packet the screen refused; `reason` is one of the screen's fixed strings.
+    pub(crate) fn refused_packet(&self, reason: &'static str) {
+        self.refused.with_label_values(&[reason]).inc();
+    }
+
+    pub(crate) fn tcp_refused(&self, bound: &'static str) {
+        self.tcp_refused.with_label_values(&[bound]).inc();
     }
 
     pub(crate) fn zone(&self, records: usize, lag: Duration) {

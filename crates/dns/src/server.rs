@@ -76,6 +76,7 @@ impl RequestHandler for Handler {
         mut response: R,
     ) -> ResponseInfo {
         let started = Instant::now();
+        // Both transports screened the packet (screen.rs) before it got here.
         let edns = request.edns.as_ref().map(|req| {
             let mut e = Edns::new();
             e.set_max_payload(req.max_payload().clamp(512, MAX_UDP_PAYLOAD));

@@ -19,6 +19,7 @@ use hickory_server::zone_handler::MessageResponse;
 use tokio::net::UdpSocket;
 use tokio_util::sync::CancellationToken;
 
+use crate::screen::Verdict;
 use crate::server::Handler;
 
 #[derive(Clone)]
@@ -68,6 +69,19 @@ pub(crate) async fn serve(
             },
             () = shutdown.cancelled() => return,
         };
+        match crate::screen::screen(&buf[..n]) {
+            Verdict::Answer => {}
+            Verdict::Drop(reason) => {
+                handler.metrics.refused_packet(reason);
+                continue;
+            }
+            Verdict::FormErr(reason) => {
+                handler.metrics.refused_packet(reason);
+                crate::screen::formerr(&buf[..n], &mut out);
+                let _ = socket.send_to(&out, src).await;
+                continue;
+            }
+        }
         if handler.answer_wire(&buf[..n], &mut out) {
             let _ = socket.send_to(&out, src).await;
             continue;

@@ -221,4 +221,87 @@ mod tests {
         shutdown.cancel();
         serving.await.unwrap();
     }
+
+    /// A truncated UDP answer from the general path (hickory's encoder; ANY goes that way)
+    /// holds whole records only, and its header counts what it holds.
+    #[tokio::test]
+    async fn a_truncated_general_answer_holds_whole_records() {
+        use crate::records::tests::{app, node, state, task};
+        let big = app(r#"{"id": "/big", "cmd": "x", "portDefinitions": [{"port": 0}]}"#);
+        let tasks = (0..120u16)
+            .map(|i| task(&format!("big.{i}"), &big, "node-1", &[31100 + i], None))
+            .collect();
+        let mut st = state(vec![big], tasks, vec![]);
+        let n1 = node("node-1", "192.0.2.1");
+        Arc::make_mut(&mut st.nodes).insert(n1.id.clone(), Arc::new(n1));
+        // 120 distinct addresses: an A set longer than 1232 bytes.
+        for (i, t) in Arc::make_mut(&mut st.tasks).values_mut().enumerate() {
+            Arc::make_mut(t).ip_addresses = vec![dcnet_node_core::model::IpAddress::new(
+                std::net::IpAddr::from([10, 128, 1, u8::try_from(i + 2).unwrap()]),
+            )];
+        }
+        let big = st.apps.values().next().unwrap().clone();
+        let mut container = (*big).clone();
+        container.networks = vec![dcnet_node_core::model::Network {
+            mode: dcnet_node_core::model::NetworkMode::Container,
+            ..serde_json::from_str(r#"{"mode": "container"}"#).unwrap()
+        }];
+        Arc::make_mut(&mut st.apps).insert(container.id.clone(), Arc::new(container));
+        let (_tx, rx) = watch::channel(Arc::new(st));
+        let server = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let addr = server.local_addr().unwrap();
+        let dns = Dns::new(
+            Config {
+                records: RecordConfig {
+                    this_node: Some(NodeId("node-1".into())),
+                    ..Default::default()
+                },
+                forward: None,
+                tcp: TcpLimits::default(),
+            },
+            Metrics::register(&prometheus::Registry::new()).unwrap(),
+        );
+        let shutdown = CancellationToken::new();
+        let serving = tokio::spawn(dns.run(rx, vec![server], Vec::new(), || {}, shutdown.clone()));
+        let client = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        client.connect(addr).await.unwrap();
+        for (edns, limit) in [(None, 512), (Some(800u16), 800), (Some(8192), 1232)] {
+            let mut q = Message::new(9, MessageType::Query, OpCode::Query);
+            q.add_query(Query::query(
+                Name::from_ascii("big.marathon.mesos.").unwrap(),
+                RecordType::ANY,
+            ));
+            if let Some(size) = edns {
+                let mut e = hickory_proto::op::Edns::new();
+                e.set_max_payload(size);
+                q.set_edns(e);
+            }
+            client.send(&q.to_vec().unwrap()).await.unwrap();
+            let mut buf = [0u8; 4096];
+            let n = tokio::time::timeout(Duration::from_secs(5), client.recv(&mut buf))
+                .await
+                .expect("an answer")
+                .unwrap();
+            let reply = &buf[..n];
+            assert!(n <= limit, "{edns:?}: {n} bytes");
+            let msg = Message::from_vec(reply)
+                .unwrap_or_else(|e| panic!("{edns:?}: the answer does not parse: {e}"));
+            assert!(msg.metadata.truncation, "{edns:?}");
+            let counts = [
+                u16::from_be_bytes([reply[6], reply[7]]),
+                u16::from_be_bytes([reply[8], reply[9]]),
+                u16::from_be_bytes([reply[10], reply[11]]),
+            ];
+            let opt = u16::from(msg.edns.is_some());
+            let parsed = [
+                msg.answers.len() as u16,
+                msg.authorities.len() as u16,
+                msg.additionals.len() as u16 + opt,
+            ];
+            assert_eq!(counts, parsed, "{edns:?}: the header counts what is there");
+            assert!(!msg.answers.is_empty() && msg.answers.len() < 120, "{edns:?}");
+        }
+        shutdown.cancel();
+        serving.await.unwrap();
+    }
 }

@@ -246,6 +246,23 @@ pub struct ApiSection {
     pub listen: SocketAddr,
     /// A bearer token clients must send; required when `listen` is not a loopback address.
     pub token: Option<String>,
+    /// Names clients may reach the API by (the `Host` header), besides the listen address,
+    /// the node's address and hostname, and `localhost`: anything else is refused, so that a
+    /// web page cannot reach the API through a name it controls (DNS rebinding).
+    #[serde(default)]
+    pub hosts: Vec<String>,
+    /// Connections open at once; past it a new one is closed at once.
+    #[serde(default = "default_api_max_connections")]
+    pub max_connections: usize,
+    /// How long a client may take to send a request's headers.
+    #[serde(default = "default_api_timeout", with = "humantime_serde")]
+    pub header_timeout: Duration,
+    /// How long a client may take to send a request's body.
+    #[serde(default = "default_api_timeout", with = "humantime_serde")]
+    pub body_timeout: Duration,
+    /// The largest request body, in bytes.
+    #[serde(default = "default_api_max_body")]
+    pub max_body: usize,
 }
 
 impl Default for ApiSection {
@@ -253,8 +270,23 @@ impl Default for ApiSection {
         Self {
             listen: default_listen(),
             token: None,
+            hosts: Vec::new(),
+            max_connections: default_api_max_connections(),
+            header_timeout: default_api_timeout(),
+            body_timeout: default_api_timeout(),
+            max_body: default_api_max_body(),
         }
     }
+}
+
+fn default_api_max_connections() -> usize {
+    256
+}
+fn default_api_timeout() -> Duration {
+    Duration::from_secs(10)
+}
+fn default_api_max_body() -> usize {
+    1 << 20
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -309,6 +341,20 @@ impl AgentConfig {
 
     /// Refuses what would be unsafe or cannot work, naming the setting.
     pub fn validate(self) -> anyhow::Result<Self> {
+        if self
+            .api
+            .token
+            .as_deref()
+            .is_some_and(|t| t.trim().is_empty())
+        {
+            bail!("api.token is empty or blank: give a real token, or remove the setting");
+        }
+        if self.api.token.as_deref().is_some_and(|t| t != t.trim()) {
+            bail!("api.token has leading or trailing white space, which no client would send");
+        }
+        if self.api.max_connections == 0 || self.api.max_body == 0 {
+            bail!("api.max_connections and api.max_body must be at least 1");
+        }
         if !self.api.listen.ip().is_loopback()
             && self.api.token.as_deref().is_none_or(str::is_empty)
         {
@@ -466,14 +512,14 @@ mod tests {
         let defaults: AgentConfig = toml::from_str("").unwrap();
         let sections = |c: &AgentConfig| {
             format!(
-                "{:?}\n{:?}\n{:?}\n{:?}",
-                c.dns, c.containers, c.l4lb, c.runtime
+                "{:?}\n{:?}\n{:?}\n{:?}\n{:?}",
+                c.dns, c.containers, c.l4lb, c.runtime, c.api
             )
         };
         assert_eq!(
             sections(&cfg),
             sections(&defaults),
-            "examples/agent.toml: dns, containers, l4lb, runtime"
+            "examples/agent.toml: dns, containers, l4lb, runtime, api"
         );
     }
 
@@ -482,6 +528,17 @@ mod tests {
         let cfg: AgentConfig = toml::from_str("[api]\nlisten = \"0.0.0.0:8080\"").unwrap();
         let err = cfg.validate().unwrap_err().to_string();
         assert!(err.contains("api.token"), "{err}");
+    }
+
+    #[test]
+    fn an_empty_or_blank_token_is_refused() {
+        for token in ["", "   ", " padded "] {
+            let cfg: AgentConfig = toml::from_str(&format!("[api]\ntoken = {token:?}")).unwrap();
+            let err = cfg.validate().unwrap_err().to_string();
+            assert!(err.contains("api.token"), "{token:?}: {err}");
+        }
+        let cfg: AgentConfig = toml::from_str("[api]\ntoken = \"s3cret\"").unwrap();
+        assert!(cfg.validate().is_ok());
     }
 
     #[test]

@@ -48,11 +48,12 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         l4lb::start(&cfg, &node, store, core.state(), &registry, &mut supervisor).await?;
     let app = api::router(
         &cfg,
+        &node,
         core.router().merge(dns_routes).merge(l4lb_routes),
         registry,
         supervisor.planes(),
     );
-    api::start(api_listener, app, &mut supervisor);
+    api::start(&cfg, api_listener, app, &mut supervisor);
     info!(listen = %cfg.api.listen, "dcnet agent ready");
 
     let result = tokio::select! {

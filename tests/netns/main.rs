@@ -1,6 +1,7 @@
 //! End-to-end tests: real agents in throw-away network namespaces, real task processes in
 //! cgroups of the test run's own (`dcnet-test-<pid>`). Run as root by `make test`.
 
+mod api;
 mod containers;
 mod dns;
 mod l4lb;

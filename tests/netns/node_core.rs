@@ -304,7 +304,7 @@ fn rolling_update_with_failing_health_check_keeps_capacity_and_fails() {
     let mut writer = stream.try_clone().unwrap();
     std::io::Write::write_all(
         &mut writer,
-        b"GET /v1/state/watch HTTP/1.1\r\nHost: x\r\n\r\n",
+        b"GET /v1/state/watch HTTP/1.1\r\nHost: 127.0.0.1:8080\r\n\r\n",
     )
     .unwrap();
     let (tx, rx) = std::sync::mpsc::channel::<usize>();

@@ -125,13 +125,18 @@ cpus = 8
 mem = 4096
 ports = ["31000-31999"]
 {node_extra}
-[api]
-listen = "127.0.0.1:8080"
+{api}
 [runtime]
 cgroup_parent = "{cgroup_parent}"
 {extra}
 "#,
             state = dir.path().join("state").display(),
+            // A test that configures the API gives the whole table, listen included.
+            api = if extra.contains("[api]") {
+                ""
+            } else {
+                "[api]\nlisten = \"127.0.0.1:8080\""
+            },
         );
         fs::write(dir.path().join("agent.toml"), config).unwrap();
         Agent {

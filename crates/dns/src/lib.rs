@@ -299,7 +299,10 @@ mod tests {
                 msg.additionals.len() as u16 + opt,
             ];
             assert_eq!(counts, parsed, "{edns:?}: the header counts what is there");
-            assert!(!msg.answers.is_empty() && msg.answers.len() < 120, "{edns:?}");
+            assert!(
+                !msg.answers.is_empty() && msg.answers.len() < 120,
+                "{edns:?}"
+            );
         }
         shutdown.cancel();
         serving.await.unwrap();

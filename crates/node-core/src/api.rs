@@ -401,6 +401,24 @@ async fn create_app(State(api): State<Api>, body: Bytes) -> ApiResult {
 
 async fn app_put(State(api): State<Api>, Path(path): Path<String>, body: Bytes) -> ApiResult {
     let (id, _) = split_path(&path, &Method::PUT)?;
+    // The path names the app: a body naming another one is refused, never created there.
+    if let Ok(Value::Object(fields)) = serde_json::from_slice::<Value>(&body)
+        && let Some(given) = fields.get("id")
+    {
+        let same = given
+            .as_str()
+            .and_then(|g| AppId::parse(g).ok())
+            .is_some_and(|g| g == id);
+        if !same {
+            return Err(Invalid::Fields(vec![crate::model::FieldError {
+                path: "/id".into(),
+                errors: vec![format!(
+                    "the body's id {given} is not the app of the path, {id}"
+                )],
+            }])
+            .into());
+        }
+    }
     let current = keys::get_json::<App>(&*api.store, &keys::app(&id)).await?;
     let Some((current, rev)) = current else {
         // Marathon creates the app when PUT names one that does not exist.
@@ -608,6 +626,44 @@ mod tests {
             state,
         });
         (router, store, shutdown, dir)
+    }
+
+    async fn put(router: &Router, path: &str, body: &str) -> (StatusCode, Value) {
+        let req = Request::put(path)
+            .header("content-type", "application/json")
+            .body(Body::from(body.to_string()))
+            .unwrap();
+        let resp = router.clone().oneshot(req).await.unwrap();
+        let status = resp.status();
+        let bytes = axum::body::to_bytes(resp.into_body(), 1 << 20)
+            .await
+            .unwrap();
+        (status, serde_json::from_slice(&bytes).unwrap())
+    }
+
+    #[tokio::test]
+    async fn a_put_whose_body_names_another_app_is_refused() {
+        let (router, store, shutdown, _dir) = api().await;
+        let (before, _) = store.list(keys::ROOT).await.unwrap();
+        let (status, v) = put(&router, "/v2/apps/one", r#"{"id": "/two", "cmd": "x"}"#).await;
+        assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{v}");
+        assert_eq!(v["details"][0]["path"], "/id", "{v}");
+        let (after, _) = store.list(keys::ROOT).await.unwrap();
+        assert_eq!(after, before, "nothing created anywhere");
+        let (status, v) = put(
+            &router,
+            "/v2/apps/one",
+            r#"{"id": "/one", "cmd": "x", "instances": 0}"#,
+        )
+        .await;
+        assert_eq!(status, StatusCode::CREATED, "{v}");
+        let (status, v) = put(&router, "/v2/apps/one", r#"{"id": "one", "instances": 0}"#).await;
+        assert_eq!(
+            status,
+            StatusCode::OK,
+            "a relative id naming the same app: {v}"
+        );
+        shutdown.cancel();
     }
 
     async fn post(router: &Router, body: &str) -> (StatusCode, Value) {

@@ -19,7 +19,7 @@ use crate::model::{
     NodeId, Resources, Task, TaskFailure, TaskId, TaskState,
 };
 use crate::state::ClusterState;
-use crate::store::{Precondition, Revision, StoreError};
+use crate::store::{Op, Precondition, Revision, StoreError};
 
 /// New-version tasks that may fail before a deployment is given up (and rolled back).
 pub const DEPLOYMENT_FAILURE_LIMIT: u32 = 3;
@@ -191,6 +191,14 @@ impl Orchestrator {
             }
         }
         let nodes: Vec<_> = snap.nodes.values().map(|n| &**n).collect();
+        // What runs, plus what this pass has placed so far: every app of a pass is placed
+        // against both, so one pass never hands a port or a CPU out twice.
+        let mut active: Vec<Arc<Task>> = snap
+            .tasks
+            .values()
+            .filter(|t| t.state.is_active())
+            .cloned()
+            .collect();
         for app in snap.apps.values() {
             let tasks: Vec<&Task> = snap.tasks_of(&app.id).map(|t| &**t).collect();
             let status = snap.app_status.get(&app.id).cloned().unwrap_or_default();
@@ -201,16 +209,17 @@ impl Orchestrator {
                 self.kill(id, *reason).await?;
             }
             if plan.launch > 0 {
-                let active: Vec<&Task> = snap
-                    .tasks
-                    .values()
-                    .filter(|t| t.state.is_active())
-                    .map(|t| &**t)
-                    .collect();
-                let placed = place(app, plan.launch, &nodes, &active);
+                let placed = {
+                    let refs: Vec<&Task> = active.iter().map(|t| &**t).collect();
+                    place(app, plan.launch, &nodes, &refs)
+                };
                 for placement in &placed.placed {
-                    self.launch(app, &placement.node_id, &placement.ports, snap)
-                        .await?;
+                    if let Some(task) = self
+                        .launch(app, &placement.node_id, &placement.ports, snap)
+                        .await?
+                    {
+                        active.push(Arc::new(task));
+                    }
                 }
                 match placed.reason {
                     Some(reason) if self.unplaced.get(&app.id) != Some(&reason) => {
@@ -262,58 +271,85 @@ impl Orchestrator {
         for task in snap.tasks.values().filter(|t| t.state.is_terminal()) {
             if task.is_failure() {
                 self.metrics.count_failure(task.state);
-                let app = snap.apps.get(&task.app_id);
-                let message = task
-                    .exit
-                    .as_ref()
-                    .map_or_else(|| task.state.to_string(), |e| e.reason.clone());
-                let failure = TaskFailure {
-                    task_id: task.id.clone(),
-                    state: task.state,
-                    message: message.clone(),
-                    host: task.host.clone(),
-                    timestamp: task
-                        .finished_at
-                        .clone()
-                        .unwrap_or_else(|| self.now.rfc3339()),
-                    version: task.version.clone(),
-                };
-                if let Some(app) = app {
-                    info!(app = %app.id, task = %task.id, %message, "task failed");
-                    let (app, now) = (app.clone(), self.now);
-                    let result = keys::update::<AppStatus, _>(
-                        &*self.store,
-                        &keys::app_status(&app.id),
-                        |s| Some(after_failure(&app, s.unwrap_or_default(), &failure, now)),
-                    )
-                    .await;
-                    self.wrote_update(result)?;
-                    if let Some(dep) = snap.deployment_of(&app.id)
-                        && task.version == app.version_info.last_config_change_at
-                    {
-                        let result = keys::update_existing::<Deployment, _>(
-                            &*self.store,
-                            &keys::deployment(&dep.id),
-                            |d| {
-                                d.failed_new += 1;
-                                d.reason = Some(format!("task {} failed: {message}", task.id));
-                                true
-                            },
-                        )
-                        .await;
-                        self.wrote_update(result)?;
-                    }
-                }
             }
-            let rev = self
-                .store
-                .delete(&keys::task(&task.id), Precondition::Any)
-                .await
-                .map_err(keys::UpdateError::Store)?;
-            self.wrote(rev);
-            reaped = true;
+            reaped |= self.reap_one(snap, task).await?;
         }
         Ok(reaped)
+    }
+
+    /// One ended task, in one transaction: its removal and, for a failure, the app's failure
+    /// count and backoff and the running deployment's failure count. A crash between writes
+    /// can no longer count a failure twice, or lose one. Retried on a conflict; `false` if the
+    /// task was already reaped.
+    async fn reap_one(
+        &mut self,
+        snap: &ClusterState,
+        task: &Task,
+    ) -> Result<bool, keys::UpdateError> {
+        let app = snap.apps.get(&task.app_id).filter(|_| task.is_failure());
+        let message = task
+            .exit
+            .as_ref()
+            .map_or_else(|| task.state.to_string(), |e| e.reason.clone());
+        let failure = TaskFailure {
+            task_id: task.id.clone(),
+            state: task.state,
+            message: message.clone(),
+            host: task.host.clone(),
+            timestamp: task
+                .finished_at
+                .clone()
+                .unwrap_or_else(|| self.now.rfc3339()),
+            version: task.version.clone(),
+        };
+        let deployment = app
+            .and_then(|app| snap.deployment_of(&app.id))
+            .filter(|_| app.is_some_and(|a| task.version == a.version_info.last_config_change_at));
+        loop {
+            let task_key = keys::task(&task.id);
+            let Some(stored) = self.store.get(&task_key).await? else {
+                return Ok(false);
+            };
+            let mut ops = vec![Op::delete(
+                task_key,
+                Precondition::Revision(stored.mod_revision),
+            )];
+            if let Some(app) = app {
+                let key = keys::app_status(&app.id);
+                let current = keys::get_json::<AppStatus>(&*self.store, &key).await?;
+                let when = current.as_ref().map_or(Precondition::Absent, |(_, rev)| {
+                    Precondition::Revision(*rev)
+                });
+                let status = after_failure(
+                    app,
+                    current.map(|(s, _)| s).unwrap_or_default(),
+                    &failure,
+                    self.now,
+                );
+                ops.push(Op::put(key, keys::to_json(&status), when));
+            }
+            if let Some(dep) = deployment {
+                let key = keys::deployment(&dep.id);
+                if let Some((mut d, rev)) = keys::get_json::<Deployment>(&*self.store, &key).await?
+                    && !d.status.is_done()
+                {
+                    d.failed_new += 1;
+                    d.reason = Some(format!("task {} failed: {message}", task.id));
+                    ops.push(Op::put(key, keys::to_json(&d), Precondition::Revision(rev)));
+                }
+            }
+            match self.store.txn(ops).await {
+                Ok(rev) => {
+                    self.wrote(rev);
+                    if let Some(app) = app {
+                        info!(app = %app.id, task = %task.id, %message, "task failed");
+                    }
+                    return Ok(true);
+                }
+                Err(StoreError::Conflict { .. }) => continue,
+                Err(e) => return Err(e.into()),
+            }
+        }
     }
 
     async fn maybe_reset_backoff(
@@ -356,15 +392,16 @@ impl Orchestrator {
         Ok(())
     }
 
+    /// Stages a task of `app` on `node`; the task, if it was written.
     async fn launch(
         &mut self,
         app: &App,
         node: &NodeId,
         ports: &[u16],
         snap: &ClusterState,
-    ) -> Result<(), keys::UpdateError> {
+    ) -> Result<Option<Task>, keys::UpdateError> {
         let Some(node) = snap.nodes.get(node) else {
-            return Ok(());
+            return Ok(None);
         };
         let id = TaskId::generate(&app.id);
         let task = Task {
@@ -397,9 +434,9 @@ impl Orchestrator {
         {
             Ok(rev) => {
                 self.wrote(rev);
-                Ok(())
+                Ok(Some(task))
             }
-            Err(StoreError::Conflict { .. }) => Ok(()),
+            Err(StoreError::Conflict { .. }) => Ok(None),
             Err(e) => Err(e.into()),
         }
     }
@@ -457,44 +494,76 @@ impl Orchestrator {
         Ok(())
     }
 
+    /// Fails the deployment and, for an update or restart, rolls the app back to the
+    /// previous definition, both in one transaction (retried on a conflict).
     async fn fail_deployment(
         &mut self,
         app: &App,
         dep: &Deployment,
     ) -> Result<(), keys::UpdateError> {
         let last = dep.reason.clone().unwrap_or_default();
-        let reason = match &dep.previous {
-            Some(previous)
-                if matches!(dep.kind, DeploymentKind::Update | DeploymentKind::Restart) =>
-            {
-                let mut restored = previous.clone();
-                restored.version = self.now.rfc3339();
-                restored.version_info.last_scaling_at = restored.version.clone();
-                let expected = app.version.clone();
-                let result =
-                    keys::update_existing::<App, _>(&*self.store, &keys::app(&app.id), |a| {
-                        // Only roll back what this deployment put there.
-                        if a.version != expected {
-                            return false;
-                        }
-                        *a = restored.clone();
-                        true
-                    })
-                    .await;
-                self.wrote_update(result)?;
-                format!(
-                    "{} tasks of the new version failed (last: {last}); rolled back to the version of {}",
-                    dep.failed_new, previous.version_info.last_config_change_at
-                )
-            }
-            _ => format!(
+        let rollback = dep
+            .previous
+            .as_ref()
+            .filter(|_| matches!(dep.kind, DeploymentKind::Update | DeploymentKind::Restart));
+        let reason = match rollback {
+            Some(previous) => format!(
+                "{} tasks of the new version failed (last: {last}); rolled back to the version of {}",
+                dep.failed_new, previous.version_info.last_config_change_at
+            ),
+            None => format!(
                 "{} tasks failed (last: {last}); the app keeps retrying with backoff",
                 dep.failed_new
             ),
         };
-        warn!(app = %app.id, deployment = %dep.id, %reason, "deployment failed");
-        self.finish_deployment(dep, DeploymentStatus::Failed, Some(reason))
-            .await
+        loop {
+            let dep_key = keys::deployment(&dep.id);
+            let Some((current, dep_rev)) =
+                keys::get_json::<Deployment>(&*self.store, &dep_key).await?
+            else {
+                return Ok(());
+            };
+            if current.status.is_done() {
+                return Ok(());
+            }
+            let finished = finished(
+                current,
+                DeploymentStatus::Failed,
+                Some(reason.clone()),
+                self.now,
+            );
+            let mut ops = vec![Op::put(
+                dep_key,
+                keys::to_json(&finished),
+                Precondition::Revision(dep_rev),
+            )];
+            if let Some(previous) = rollback {
+                let app_key = keys::app(&app.id);
+                // Only roll back what this deployment put there.
+                if let Some((stored, app_rev)) =
+                    keys::get_json::<App>(&*self.store, &app_key).await?
+                    && stored.version == app.version
+                {
+                    let mut restored = previous.clone();
+                    restored.version = self.now.rfc3339();
+                    restored.version_info.last_scaling_at = restored.version.clone();
+                    ops.push(Op::put(
+                        app_key,
+                        keys::to_json(&restored),
+                        Precondition::Revision(app_rev),
+                    ));
+                }
+            }
+            match self.store.txn(ops).await {
+                Ok(rev) => {
+                    self.wrote(rev);
+                    warn!(app = %app.id, deployment = %dep.id, %reason, "deployment failed");
+                    return Ok(());
+                }
+                Err(StoreError::Conflict { .. }) => continue,
+                Err(e) => return Err(e.into()),
+            }
+        }
     }
 
     async fn finish_deployment(
@@ -503,21 +572,13 @@ impl Orchestrator {
         status: DeploymentStatus,
         reason: Option<String>,
     ) -> Result<(), keys::UpdateError> {
-        let finished_at = self.now.rfc3339();
+        let now = self.now;
         let result =
             keys::update_existing::<Deployment, _>(&*self.store, &keys::deployment(&dep.id), |d| {
                 if d.status.is_done() {
                     return false;
                 }
-                d.status = status;
-                d.finished_at = Some(finished_at.clone());
-                if reason.is_some() {
-                    d.reason = reason.clone();
-                } else if status == DeploymentStatus::Succeeded {
-                    d.reason = None;
-                    d.old_remaining = 0;
-                    d.healthy_new = d.target_instances;
-                }
+                *d = finished(d.clone(), status, reason.clone(), now);
                 true
             })
             .await;
@@ -526,6 +587,25 @@ impl Orchestrator {
         }
         Ok(())
     }
+}
+
+/// A deployment as it ends at `now`. Pure.
+fn finished(
+    mut d: Deployment,
+    status: DeploymentStatus,
+    reason: Option<String>,
+    now: Now,
+) -> Deployment {
+    d.status = status;
+    d.finished_at = Some(now.rfc3339());
+    if reason.is_some() {
+        d.reason = reason;
+    } else if status == DeploymentStatus::Succeeded {
+        d.reason = None;
+        d.old_remaining = 0;
+        d.healthy_new = d.target_instances;
+    }
+    d
 }
 
 /// Whether an app's launch backoff is over at `now`. Pure.
@@ -894,6 +974,163 @@ mod tests {
         assert!(
             !is_stable(&a, &t, start.after(STABLE_AFTER)),
             "an old version does not count"
+        );
+    }
+
+    /// 50 one-instance apps deployed at once, each wanting a host port, and six `cpus: 1`
+    /// apps on a 2-CPU node: one pass places every app against what the same pass already
+    /// placed, so no port is handed out twice and no CPU is overcommitted.
+    #[tokio::test]
+    async fn one_pass_never_hands_out_a_port_or_a_cpu_twice() {
+        use crate::model::{Node, NodeStatus, PortRange};
+        use crate::store::Embedded;
+
+        let dir = tempfile::tempdir().unwrap();
+        let store: SharedStore = Arc::new(Embedded::open(&dir.path().join("s.redb")).unwrap());
+        let node = Node {
+            id: NodeId("n".into()),
+            hostname: "n".into(),
+            ip: "192.0.2.1".parse().unwrap(),
+            ip6: None,
+            resources: Resources {
+                cpus: 2.0,
+                mem: 65536.0,
+                disk: 65536.0,
+                gpus: 0,
+                ports: vec![PortRange {
+                    begin: 31000,
+                    end: 31999,
+                }],
+            },
+            attributes: Default::default(),
+            status: NodeStatus::Active,
+            registered_at: String::new(),
+        };
+        store
+            .put(
+                &keys::node(&node.id),
+                keys::to_json(&node),
+                Precondition::Absent,
+            )
+            .await
+            .unwrap();
+        let mut apps = Vec::new();
+        for i in 0..50 {
+            apps.push(app(
+                &format!(r#"{{"id": "/ports/a{i}", "cmd": "x", "cpus": 0.001, "mem": 1, "portDefinitions": [{{"port": 0}}]}}"#),
+                "v1",
+            ));
+        }
+        for i in 0..6 {
+            apps.push(app(
+                &format!(r#"{{"id": "/zcpus/c{i}", "cmd": "x", "cpus": 1, "mem": 1}}"#),
+                "v1",
+            ));
+        }
+        for a in &apps {
+            store
+                .put(&keys::app(&a.id), keys::to_json(a), Precondition::Absent)
+                .await
+                .unwrap();
+        }
+        let (kvs, rev) = store.list(keys::ROOT).await.unwrap();
+        let snap = ClusterState::from_list(&kvs, rev);
+        let clock = Clock::new();
+        let metrics = Metrics::register(&prometheus::Registry::new()).unwrap();
+        let mut orch = Orchestrator::new(store.clone(), metrics, clock);
+        orch.pass(&snap, clock.now()).await.unwrap();
+
+        let (kvs, rev) = store.list(keys::ROOT).await.unwrap();
+        let after = ClusterState::from_list(&kvs, rev);
+        let tasks: Vec<&Arc<Task>> = after.tasks.values().collect();
+        let ported: Vec<u16> = tasks.iter().flat_map(|t| t.ports.clone()).collect();
+        let distinct: std::collections::BTreeSet<u16> = ported.iter().copied().collect();
+        assert_eq!(ported.len(), 50, "every port app placed");
+        assert_eq!(distinct.len(), 50, "a port handed out twice: {ported:?}");
+        let cpus: f64 = tasks.iter().map(|t| t.resources.cpus).sum();
+        assert!(cpus <= 2.0 + 1e-9, "{cpus} CPUs placed on a 2-CPU node");
+        let big = tasks.iter().filter(|t| t.resources.cpus >= 1.0).count();
+        // The port apps come first (in id order) and leave 1.95 CPUs: room for one.
+        assert_eq!(big, 1, "one cpus: 1 app fits, not six");
+    }
+
+    /// A failed task is recorded whole in one transaction (its removal, the app's failure
+    /// count and backoff, the deployment's failure count), and a pass repeated on the same
+    /// snapshot, as after a crash before the next snapshot, counts it once.
+    #[tokio::test]
+    async fn a_failure_is_recorded_in_one_transaction_and_counted_once() {
+        use crate::model::{Node, NodeStatus};
+        use crate::store::Embedded;
+
+        let dir = tempfile::tempdir().unwrap();
+        let store: SharedStore = Arc::new(Embedded::open(&dir.path().join("s.redb")).unwrap());
+        let node = Node {
+            id: NodeId("n".into()),
+            hostname: "n".into(),
+            ip: "192.0.2.1".parse().unwrap(),
+            ip6: None,
+            resources: Resources::default(),
+            attributes: Default::default(),
+            status: NodeStatus::Active,
+            registered_at: String::new(),
+        };
+        let a = app(r#"{"id": "/a", "cmd": "x", "instances": 0}"#, "v1");
+        let dep = Deployment {
+            id: crate::model::DeploymentId("d1".into()),
+            app_id: a.id.clone(),
+            kind: DeploymentKind::Create,
+            version: a.version.clone(),
+            previous: None,
+            status: DeploymentStatus::Running,
+            reason: None,
+            started_at: "2026-01-01T00:00:00Z".into(),
+            finished_at: None,
+            target_instances: 1,
+            healthy_new: 0,
+            old_remaining: 0,
+            failed_new: 0,
+        };
+        let failed = task(1, "v1", TaskState::Failed, None);
+        for (key, value) in [
+            (keys::node(&node.id), keys::to_json(&node)),
+            (keys::app(&a.id), keys::to_json(&a)),
+            (keys::deployment(&dep.id), keys::to_json(&dep)),
+            (keys::task(&failed.id), keys::to_json(&failed)),
+        ] {
+            store.put(&key, value, Precondition::Absent).await.unwrap();
+        }
+        let (kvs, rev) = store.list(keys::ROOT).await.unwrap();
+        let stale = ClusterState::from_list(&kvs, rev);
+        let clock = Clock::new();
+        let metrics = Metrics::register(&prometheus::Registry::new()).unwrap();
+        let mut orch = Orchestrator::new(store.clone(), metrics, clock);
+        orch.pass(&stale, clock.now()).await.unwrap();
+        let status = store.get(&keys::app_status(&a.id)).await.unwrap().unwrap();
+        let d = store
+            .get(&keys::deployment(&dep.id))
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(store.get(&keys::task(&failed.id)).await.unwrap().is_none());
+        assert_eq!(
+            status.mod_revision, d.mod_revision,
+            "the app's failure and the deployment's are one write"
+        );
+        // The same snapshot again: the task it shows is gone from the store.
+        orch.pass(&stale, clock.now()).await.unwrap();
+        let status = store.get(&keys::app_status(&a.id)).await.unwrap().unwrap();
+        let d = store
+            .get(&keys::deployment(&dep.id))
+            .await
+            .unwrap()
+            .unwrap();
+        let status: AppStatus = serde_json::from_slice(&status.value).unwrap();
+        let d: Deployment = serde_json::from_slice(&d.value).unwrap();
+        assert_eq!((status.consecutive_failures, status.total_failures), (1, 1));
+        assert_eq!(d.failed_new, 1, "counted once");
+        assert_eq!(
+            status.last_task_failure.map(|f| f.task_id),
+            Some(failed.id.clone())
         );
     }
 }

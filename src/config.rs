@@ -47,14 +47,47 @@ pub struct L4lbSection {
     /// Where named VIPs get their addresses; never routed on the Internet.
     #[serde(default = "default_vip_range")]
     pub range: Subnet,
+    /// UDP sessions the proxy keeps open over every VIP; past it the least recently used
+    /// session of the VIP at hand is closed.
+    #[serde(default = "default_udp_sessions")]
+    pub udp_sessions: usize,
+    /// UDP sessions of one VIP; past it its least recently used session is closed.
+    #[serde(default = "default_udp_sessions_per_vip")]
+    pub udp_sessions_per_vip: usize,
+    /// A UDP session with no traffic this long is closed.
+    #[serde(default = "default_udp_idle", with = "humantime_serde")]
+    pub udp_idle: Duration,
 }
 
 impl Default for L4lbSection {
     fn default() -> Self {
         Self {
             range: default_vip_range(),
+            udp_sessions: default_udp_sessions(),
+            udp_sessions_per_vip: default_udp_sessions_per_vip(),
+            udp_idle: default_udp_idle(),
         }
     }
+}
+
+impl L4lbSection {
+    pub fn udp_limits(&self) -> dcnet_l4lb::UdpLimits {
+        dcnet_l4lb::UdpLimits {
+            max_sessions: self.udp_sessions,
+            max_sessions_per_vip: self.udp_sessions_per_vip,
+            idle: self.udp_idle,
+        }
+    }
+}
+
+fn default_udp_sessions() -> usize {
+    dcnet_l4lb::UdpLimits::default().max_sessions
+}
+fn default_udp_sessions_per_vip() -> usize {
+    dcnet_l4lb::UdpLimits::default().max_sessions_per_vip
+}
+fn default_udp_idle() -> Duration {
+    dcnet_l4lb::UdpLimits::default().idle
 }
 
 fn default_vip_range() -> Subnet {
@@ -393,6 +426,9 @@ impl AgentConfig {
             bail!(
                 "node.ip = {ip} must be an IPv4 address (port mappings publish on it); give a dual-stack node's IPv6 address as node.ip6"
             );
+        }
+        if self.l4lb.udp_sessions == 0 || self.l4lb.udp_sessions_per_vip == 0 {
+            bail!("l4lb.udp_sessions and l4lb.udp_sessions_per_vip must be at least 1");
         }
         if self.dns.tcp_max_connections == 0 || self.dns.tcp_max_per_client == 0 {
             bail!("dns.tcp_max_connections and dns.tcp_max_per_client must be at least 1");

@@ -32,6 +32,7 @@ pub(super) async fn start(
             range,
             node: node.node.id.clone(),
             boot: node.boot.clone(),
+            udp: cfg.l4lb.udp_limits(),
         },
         store,
         l4lb::Metrics::register(registry).context("registering L4LB metrics")?,

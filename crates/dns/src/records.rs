@@ -773,6 +773,7 @@ pub(crate) mod tests {
                 range: "198.18.0.0/15".parse().unwrap(),
                 node: n1.id.clone(),
                 boot: "boot-2".into(),
+                udp: Default::default(),
             },
             store.clone(),
             dcnet_l4lb::Metrics::register(&prometheus::Registry::new()).unwrap(),

@@ -37,7 +37,7 @@ use tracing::{info, warn};
 
 pub use self::metrics::{BackendMetrics, Metrics};
 pub use self::plane::{DataPlane, TableDiff, diff};
-pub use self::proxy::Proxy;
+pub use self::proxy::{Proxy, UdpLimits};
 pub use self::select::{EJECT_FOR, Selector};
 pub use self::table::{
     Backend, Entry, Lb, VipKey, VipTable, choose_address, vip_table_from, wanted_names,
@@ -51,6 +51,8 @@ pub struct Config {
     /// This node, and this agent process's boot id: what a VIP's readiness is recorded as.
     pub node: NodeId,
     pub boot: String,
+    /// Bounds of the userspace proxy's UDP sessions.
+    pub udp: UdpLimits,
 }
 
 /// The plane: allocation, the table and the data plane, and the operator's view of them.
@@ -98,7 +100,7 @@ impl L4lb {
         serving: impl FnOnce() + Send,
         shutdown: CancellationToken,
     ) {
-        let proxy = Proxy::new(self.metrics.clone(), shutdown.clone());
+        let proxy = Proxy::new(self.metrics.clone(), self.cfg.udp, shutdown.clone());
         self.run_with(proxy, state, serving, shutdown).await;
     }
 
@@ -349,6 +351,7 @@ mod tests {
                     range,
                     node: NodeId("n1".into()),
                     boot: "b1".into(),
+                    udp: UdpLimits::default(),
                 },
                 store.clone(),
                 Metrics::register(&reg).unwrap(),
@@ -367,6 +370,7 @@ mod tests {
                 range,
                 node: NodeId("n1".into()),
                 boot: "b1".into(),
+                udp: UdpLimits::default(),
             },
             store.clone(),
             Metrics::register(&reg).unwrap(),
@@ -431,6 +435,7 @@ mod tests {
                 range: "198.18.0.0/15".parse().unwrap(),
                 node: NodeId("n1".into()),
                 boot: "b1".into(),
+                udp: UdpLimits::default(),
             },
             store,
             Metrics::register(&reg).unwrap(),

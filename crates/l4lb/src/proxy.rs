@@ -11,7 +11,6 @@ use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
-use tokio::sync::Mutex;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
@@ -77,6 +76,8 @@ struct Serving {
 
 pub struct Proxy {
     serving: HashMap<VipKey, Serving>,
+    udp: UdpLimits,
+    sessions: Arc<SessionCount>,
     registry: Registry,
     metrics: Metrics,
     shutdown: CancellationToken,
@@ -86,9 +87,11 @@ pub struct Proxy {
 
 impl Proxy {
     /// A proxy whose listeners all stop when `shutdown` is cancelled.
-    pub fn new(metrics: Metrics, shutdown: CancellationToken) -> Self {
+    pub fn new(metrics: Metrics, udp: UdpLimits, shutdown: CancellationToken) -> Self {
         Self {
             serving: HashMap::new(),
+            udp,
+            sessions: Arc::default(),
             registry: Registry::default(),
             metrics,
             shutdown,
@@ -109,7 +112,16 @@ impl Proxy {
                 tokio::spawn(serve_tcp(l, pipes, sel, stopped, metrics, label));
             }),
             Protocol::Udp => UdpSocket::bind(addr).await.map(|s| {
-                tokio::spawn(serve_udp(Arc::new(s), sel, stopped, metrics, label));
+                let (limits, total) = (self.udp, self.sessions.clone());
+                tokio::spawn(serve_udp(
+                    Arc::new(s),
+                    sel,
+                    stopped,
+                    metrics,
+                    label,
+                    limits,
+                    total,
+                ));
             }),
         };
         if let Err(e) = bound {
@@ -227,15 +239,126 @@ async fn serve_tcp(
     }
 }
 
+/// Bounds of the UDP session tables.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct UdpLimits {
+    /// Sessions of every VIP together.
+    pub max_sessions: usize,
+    /// Sessions of one VIP.
+    pub max_sessions_per_vip: usize,
+    /// A session with no traffic this long is closed.
+    pub idle: Duration,
+}
+
+impl Default for UdpLimits {
+    fn default() -> Self {
+        Self {
+            max_sessions: 65_536,
+            max_sessions_per_vip: 16_384,
+            idle: UDP_IDLE,
+        }
+    }
+}
+
+struct Session {
+    /// Distinguishes this session from a later one of the same client.
+    id: u64,
+    upstream: Arc<UdpSocket>,
+    stop: CancellationToken,
+    /// Set once the session has given its place in the count over every VIP back: at
+    /// eviction, at once, so that the new session can take it; else when its task ends.
+    released: Arc<std::sync::atomic::AtomicBool>,
+    /// When it last carried a datagram: its place in `lru`.
+    used: u64,
+}
+
+/// One VIP's sessions, least recently used first in `lru`.
+#[derive(Default)]
+struct Sessions {
+    by_client: HashMap<SocketAddr, Session>,
+    lru: BTreeMap<u64, SocketAddr>,
+    clock: u64,
+}
+
+impl Sessions {
+    fn touch(&mut self, client: SocketAddr) -> Option<Arc<UdpSocket>> {
+        self.clock += 1;
+        let now = self.clock;
+        let s = self.by_client.get_mut(&client)?;
+        self.lru.remove(&s.used);
+        s.used = now;
+        self.lru.insert(now, client);
+        Some(s.upstream.clone())
+    }
+
+    fn insert(&mut self, client: SocketAddr, session: Session) {
+        self.clock += 1;
+        let used = self.clock;
+        self.lru.insert(used, client);
+        self.by_client.insert(client, Session { used, ..session });
+    }
+
+    /// Ends the least recently used session and gives its place in `total` back; whether
+    /// there was one.
+    fn evict_oldest(&mut self, total: &SessionCount) -> bool {
+        let Some((_, client)) = self.lru.pop_first() else {
+            return false;
+        };
+        if let Some(s) = self.by_client.remove(&client) {
+            s.stop.cancel();
+            if !s.released.swap(true, Ordering::AcqRel) {
+                total.sub();
+            }
+        }
+        true
+    }
+
+    /// Forgets session `id` of `client` (it ended by itself); a newer one stays.
+    fn remove(&mut self, client: SocketAddr, id: u64) -> bool {
+        match self.by_client.get(&client) {
+            Some(s) if s.id == id => {
+                let s = self.by_client.remove(&client).expect("just seen");
+                self.lru.remove(&s.used);
+                true
+            }
+            _ => false,
+        }
+    }
+}
+
+/// Sessions open across every UDP VIP, for `max_sessions`.
+#[derive(Default)]
+struct SessionCount(std::sync::atomic::AtomicUsize);
+
+impl SessionCount {
+    fn try_add(&self, max: usize) -> bool {
+        self.0
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < max).then_some(n + 1)
+            })
+            .is_ok()
+    }
+
+    fn sub(&self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+#[allow(
+    clippy::too_many_arguments,
+    reason = "one VIP's serving loop and what it shares"
+)]
 async fn serve_udp(
     socket: Arc<UdpSocket>,
     selector: Arc<ArcSwap<Selector>>,
     stop: CancellationToken,
     metrics: Metrics,
     label: String,
+    limits: UdpLimits,
+    total: Arc<SessionCount>,
 ) {
-    let sessions: Arc<Mutex<HashMap<SocketAddr, Arc<UdpSocket>>>> =
-        Arc::new(Mutex::new(HashMap::new()));
+    let sessions: Arc<std::sync::Mutex<Sessions>> = Arc::default();
+    let mut next_id = 0u64;
     let mut buf = vec![0u8; 65_535];
     loop {
         let (n, client) = tokio::select! {
@@ -245,7 +368,7 @@ async fn serve_udp(
             },
             () = stop.cancelled() => return,
         };
-        let existing = sessions.lock().await.get(&client).cloned();
+        let existing = sessions.lock().expect("sessions lock").touch(client);
         let upstream = match existing {
             Some(u) => u,
             None => {
@@ -253,31 +376,69 @@ async fn serve_udp(
                     metrics.connection(&label, "no_backend");
                     continue;
                 };
+                // Room for one more: the least recently used session of this VIP goes first
+                // when this VIP, or every VIP together, is at its bound.
+                {
+                    let mut table = sessions.lock().expect("sessions lock");
+                    if table.by_client.len() >= limits.max_sessions_per_vip
+                        && table.evict_oldest(&total)
+                    {
+                        metrics.connection(&label, "evicted");
+                    }
+                }
+                if !total.try_add(limits.max_sessions) {
+                    let evicted = sessions.lock().expect("sessions lock").evict_oldest(&total);
+                    if evicted {
+                        metrics.connection(&label, "evicted");
+                    }
+                    // Another VIP's sessions may hold every place: this one has none to give.
+                    if !evicted || !total.try_add(limits.max_sessions) {
+                        metrics.connection(&label, "session_limit");
+                        continue;
+                    }
+                }
                 let bind: SocketAddr = if backend.backend.addr.is_ipv4() {
                     ([0, 0, 0, 0], 0).into()
                 } else {
                     (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
                 };
-                let Ok(up) = UdpSocket::bind(bind).await else {
-                    continue;
+                let up = match UdpSocket::bind(bind).await {
+                    Ok(up) if up.connect(backend.backend.addr).await.is_ok() => Arc::new(up),
+                    Ok(_) => {
+                        backend.eject();
+                        total.sub();
+                        continue;
+                    }
+                    Err(_) => {
+                        total.sub();
+                        continue;
+                    }
                 };
-                if up.connect(backend.backend.addr).await.is_err() {
-                    backend.eject();
-                    continue;
-                }
-                let up = Arc::new(up);
                 backend.total.fetch_add(1, Ordering::Relaxed);
                 backend.active.fetch_add(1, Ordering::Relaxed);
                 metrics.connection(&label, "ok");
-                sessions.lock().await.insert(client, up.clone());
-                // Replies go back from the VIP's socket; the session ends when idle.
-                let (reply_socket, sessions, reply_up, stop) =
-                    (socket.clone(), sessions.clone(), up.clone(), stop.clone());
+                next_id += 1;
+                let (id, session_stop) = (next_id, stop.child_token());
+                let released = Arc::new(std::sync::atomic::AtomicBool::new(false));
+                sessions.lock().expect("sessions lock").insert(
+                    client,
+                    Session {
+                        id,
+                        upstream: up.clone(),
+                        stop: session_stop.clone(),
+                        released: released.clone(),
+                        used: 0,
+                    },
+                );
+                // Replies go back from the VIP's socket; the session ends when idle, evicted
+                // or stopped.
+                let (reply_socket, sessions, reply_up, total) =
+                    (socket.clone(), sessions.clone(), up.clone(), total.clone());
                 tokio::spawn(async move {
                     let mut buf = vec![0u8; 65_535];
                     loop {
                         tokio::select! {
-                            r = tokio::time::timeout(UDP_IDLE, reply_up.recv(&mut buf)) => match r {
+                            r = tokio::time::timeout(limits.idle, reply_up.recv(&mut buf)) => match r {
                                 Ok(Ok(n)) => { let _ = reply_socket.send_to(&buf[..n], client).await; }
                                 Ok(Err(_)) => {
                                     // ICMP unreachable: the backend is not there.
@@ -286,15 +447,162 @@ async fn serve_udp(
                                 }
                                 Err(_) => break,
                             },
-                            () = stop.cancelled() => break,
+                            () = session_stop.cancelled() => break,
                         }
                     }
                     backend.active.fetch_sub(1, Ordering::Relaxed);
-                    sessions.lock().await.remove(&client);
+                    if !released.swap(true, Ordering::AcqRel) {
+                        total.sub();
+                    }
+                    sessions.lock().expect("sessions lock").remove(client, id);
                 });
                 up
             }
         };
         let _ = upstream.send(&buf[..n]).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use dcnet_node_core::model::{NodeId, TaskId};
+
+    use super::*;
+    use crate::table::{Backend, Lb};
+
+    /// A UDP echo on loopback.
+    async fn echo() -> SocketAddr {
+        let socket = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let addr = socket.local_addr().unwrap();
+        tokio::spawn(async move {
+            let mut buf = [0u8; 512];
+            while let Ok((n, from)) = socket.recv_from(&mut buf).await {
+                let _ = socket.send_to(&buf[..n], from).await;
+            }
+        });
+        addr
+    }
+
+    fn counted(reg: &prometheus::Registry, result: &str) -> u64 {
+        reg.gather()
+            .iter()
+            .filter(|f| f.name() == "dcnet_l4lb_connections_total")
+            .flat_map(|f| f.get_metric())
+            .filter(|m| m.get_label().iter().any(|l| l.value() == result))
+            .map(|m| m.get_counter().get_value() as u64)
+            .sum()
+    }
+
+    /// A proxy serving one UDP "VIP" on loopback in front of an echo; the VIP's address.
+    async fn proxy(limits: UdpLimits, reg: &prometheus::Registry) -> (Proxy, SocketAddr) {
+        let free = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let vip = free.local_addr().unwrap();
+        drop(free);
+        let backend = echo().await;
+        let mut proxy = Proxy::new(
+            Metrics::register(reg).unwrap(),
+            limits,
+            CancellationToken::new(),
+        );
+        let key = VipKey {
+            ip: vip.ip(),
+            port: vip.port(),
+            protocol: Protocol::Udp,
+        };
+        let entry = Entry {
+            name: Some("/dns".into()),
+            lb: Lb::P2c,
+            backends: vec![Backend {
+                addr: backend,
+                node: NodeId("n1".into()),
+                task: TaskId("dns.1".into()),
+                weight: 1,
+            }],
+        };
+        let served = proxy
+            .apply(&TableDiff {
+                added: vec![(key, entry)],
+                ..Default::default()
+            })
+            .await;
+        assert!(served.contains(&key));
+        (proxy, vip)
+    }
+
+    async fn exchange(client: &UdpSocket, vip: SocketAddr) -> bool {
+        client.send_to(b"ping", vip).await.unwrap();
+        let mut buf = [0u8; 16];
+        matches!(
+            tokio::time::timeout(Duration::from_secs(2), client.recv_from(&mut buf)).await,
+            Ok(Ok((4, from))) if from == vip
+        )
+    }
+
+    async fn active(proxy: &Proxy, want: u64) {
+        for _ in 0..200 {
+            let served = proxy.view().served();
+            if served[0].backends[0].active == want {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        panic!("never {want} sessions: {:?}", proxy.view().served());
+    }
+
+    #[tokio::test]
+    async fn a_vip_at_its_session_bound_closes_its_least_recently_used_session() {
+        let reg = prometheus::Registry::new();
+        let limits = UdpLimits {
+            max_sessions: 100,
+            max_sessions_per_vip: 3,
+            idle: Duration::from_secs(30),
+        };
+        let (proxy, vip) = proxy(limits, &reg).await;
+        let mut clients = Vec::new();
+        for _ in 0..3 {
+            let c = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+            assert!(exchange(&c, vip).await);
+            clients.push(c);
+        }
+        active(&proxy, 3).await;
+        // The first client is used again, so the second is now the least recently used.
+        assert!(exchange(&clients[0], vip).await);
+        let fourth = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        assert!(
+            exchange(&fourth, vip).await,
+            "a new client is served at the bound"
+        );
+        active(&proxy, 3).await;
+        assert_eq!(counted(&reg, "evicted"), 1);
+        assert_eq!(counted(&reg, "ok"), 4);
+        // The first client kept its session; the second gets a new one (evicting the third).
+        assert!(exchange(&clients[0], vip).await);
+        assert_eq!(
+            counted(&reg, "ok"),
+            4,
+            "the first client's session was kept"
+        );
+        assert!(exchange(&clients[1], vip).await);
+        assert_eq!((counted(&reg, "ok"), counted(&reg, "evicted")), (5, 2));
+        active(&proxy, 3).await;
+    }
+
+    #[tokio::test]
+    async fn the_bound_over_every_vip_holds_too() {
+        let reg = prometheus::Registry::new();
+        let limits = UdpLimits {
+            max_sessions: 2,
+            max_sessions_per_vip: 100,
+            idle: Duration::from_secs(30),
+        };
+        let (proxy, vip) = proxy(limits, &reg).await;
+        for n in 1..=5u64 {
+            let c = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+            assert!(exchange(&c, vip).await, "client {n} is served at the bound");
+            assert!(proxy.sessions.0.load(Ordering::Acquire) <= 2);
+            active(&proxy, n.min(2)).await;
+        }
+        assert_eq!(counted(&reg, "evicted"), 3);
+        assert_eq!(counted(&reg, "session_limit"), 0);
     }
 }

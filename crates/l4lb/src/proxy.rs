@@ -344,10 +344,6 @@ impl SessionCount {
     }
 }
 
-#[allow(
-    clippy::too_many_arguments,
-    reason = "one VIP's serving loop and what it shares"
-)]
 async fn serve_udp(
     socket: Arc<UdpSocket>,
     selector: Arc<ArcSwap<Selector>>,

@@ -121,6 +121,15 @@ pub struct DnsSection {
     /// How long an upstream gets to answer.
     #[serde(default = "default_dns_timeout", with = "humantime_serde")]
     pub timeout: Duration,
+    /// Forwarded answers cached at most.
+    #[serde(default = "default_cache_size")]
+    pub cache_size: usize,
+    /// Forwarded queries waiting for an upstream at once; past it, SERVFAIL.
+    #[serde(default = "default_forward_max_inflight")]
+    pub forward_max_inflight: usize,
+    /// UDP sockets per address family that forwarded queries leave through.
+    #[serde(default = "default_forward_sockets")]
+    pub forward_sockets: usize,
     /// TCP connections open at once; past it a new one is closed at once.
     #[serde(default = "default_tcp_max_connections")]
     pub tcp_max_connections: usize,
@@ -146,6 +155,15 @@ impl DnsSection {
     }
 }
 
+fn default_cache_size() -> usize {
+    10_000
+}
+fn default_forward_max_inflight() -> usize {
+    1024
+}
+fn default_forward_sockets() -> usize {
+    8
+}
 fn default_tcp_max_connections() -> usize {
     dcnet_dns::TcpLimits::default().max_connections
 }
@@ -170,6 +188,9 @@ impl Default for DnsSection {
             upstreams: None,
             zones: BTreeMap::new(),
             timeout: default_dns_timeout(),
+            cache_size: default_cache_size(),
+            forward_max_inflight: default_forward_max_inflight(),
+            forward_sockets: default_forward_sockets(),
             tcp_max_connections: default_tcp_max_connections(),
             tcp_max_per_client: default_tcp_max_per_client(),
             tcp_idle_timeout: default_tcp_idle_timeout(),
@@ -432,6 +453,15 @@ impl AgentConfig {
         }
         if self.dns.tcp_max_connections == 0 || self.dns.tcp_max_per_client == 0 {
             bail!("dns.tcp_max_connections and dns.tcp_max_per_client must be at least 1");
+        }
+        for (name, value) in [
+            ("dns.cache_size", self.dns.cache_size),
+            ("dns.forward_max_inflight", self.dns.forward_max_inflight),
+            ("dns.forward_sockets", self.dns.forward_sockets),
+        ] {
+            if value == 0 {
+                bail!("{name} must be at least 1");
+            }
         }
         if let Some(cpus) = self.node.cpus
             && (cpus.is_nan() || cpus <= 0.0)

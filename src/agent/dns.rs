@@ -35,7 +35,9 @@ pub(super) fn start(
             upstreams,
             zones: cfg.dns.zones.clone().into_iter().collect(),
             timeout: cfg.dns.timeout,
-            cache_size: 10_000,
+            cache_size: cfg.dns.cache_size,
+            max_inflight: cfg.dns.forward_max_inflight,
+            pool_size: cfg.dns.forward_sockets,
         }
     });
     let plane = dns::Dns::new(

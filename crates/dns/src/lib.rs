@@ -91,11 +91,16 @@ impl Dns {
         self.build_zone(snap).await;
         let handler = server::Handler {
             zone: self.zone.clone(),
-            forwarder: self
-                .cfg
-                .forward
-                .clone()
-                .map(|f| Arc::new(forward::Forwarder::new(f, self.metrics.clone()))),
+            forwarder: match self.cfg.forward.clone() {
+                Some(f) => match forward::Forwarder::new(f, self.metrics.clone(), &shutdown) {
+                    Ok(f) => Some(Arc::new(f)),
+                    Err(e) => {
+                        warn!(error = %e, "cannot bind the upstream sockets; forwarding is off");
+                        None
+                    }
+                },
+                None => None,
+            },
             metrics: self.metrics.clone(),
         };
         let handler = Arc::new(handler);
@@ -174,6 +179,8 @@ mod tests {
                     zones: Vec::new(),
                     timeout: Duration::from_millis(200),
                     cache_size: 16,
+                    max_inflight: 16,
+                    pool_size: 2,
                 }),
                 tcp: TcpLimits::default(),
             },

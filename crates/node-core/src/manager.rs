@@ -69,6 +69,8 @@ pub(crate) struct Manager {
     finished: BTreeSet<TaskId>,
     tx: mpsc::UnboundedSender<Local>,
     rx: mpsc::UnboundedReceiver<Local>,
+    /// The loop's shutdown: a store write retried through an outage gives up only on it.
+    shutdown: CancellationToken,
 }
 
 impl Manager {
@@ -88,6 +90,35 @@ impl Manager {
             finished: BTreeSet::new(),
             tx,
             rx,
+            shutdown: CancellationToken::new(),
+        }
+    }
+
+    /// A write of one task, retried through store errors (a task's end or a kill of an
+    /// unhealthy task must never be dropped): `Ok(None)` if the task is gone or unchanged, an
+    /// error only once the manager stops.
+    async fn update_task<F>(
+        &self,
+        id: &TaskId,
+        mut f: F,
+    ) -> Result<Option<(Task, crate::store::Revision)>, keys::UpdateError>
+    where
+        F: FnMut(&mut Task) -> bool,
+    {
+        let mut backoff = Duration::from_millis(50);
+        loop {
+            match keys::update_existing::<Task, _>(&*self.store, &keys::task(id), &mut f).await {
+                Ok(written) => return Ok(written),
+                Err(e) if self.shutdown.is_cancelled() => return Err(e),
+                Err(e) => {
+                    warn!(task = %id, error = %e, ?backoff, "writing the task failed; retrying");
+                    tokio::select! {
+                        () = tokio::time::sleep(backoff) => {}
+                        () = self.shutdown.cancelled() => return Err(e),
+                    }
+                    backoff = (backoff * 2).min(Duration::from_secs(2));
+                }
+            }
         }
     }
 
@@ -96,6 +127,7 @@ impl Manager {
         mut state: watch::Receiver<Arc<ClusterState>>,
         shutdown: CancellationToken,
     ) {
+        self.shutdown = shutdown.clone();
         // Wait for the first snapshot that has seen the store (revision > 0 or our node).
         let first = match state
             .wait_for(|s| s.nodes.contains_key(&self.node.id))
@@ -223,14 +255,18 @@ impl Manager {
                         .as_ref()
                         .map_or(Duration::from_secs(3), |a| a.kill_grace_period());
                     let id = task.id.clone();
-                    let _ = keys::update_existing::<Task, _>(&*self.store, &keys::task(&id), |t| {
-                        let changed = t.state != TaskState::Killing && t.state.is_active();
-                        if changed {
-                            t.state = TaskState::Killing;
-                        }
-                        changed
-                    })
-                    .await;
+                    let marked = self
+                        .update_task(&id, |t| {
+                            let changed = t.state != TaskState::Killing && t.state.is_active();
+                            if changed {
+                                t.state = TaskState::Killing;
+                            }
+                            changed
+                        })
+                        .await;
+                    if let Err(e) = marked {
+                        warn!(task = %id, error = %e, "could not record KILLING; killing anyway");
+                    }
                     if let Err(e) = self.runtime.kill(&id, &handle, grace).await {
                         warn!(task = %id, error = %e, "could not signal the task");
                     }
@@ -337,14 +373,18 @@ impl Manager {
             async move {
                 let checks = app.health_checks.clone();
                 let mut trackers = vec![Tracker::default(); checks.len()];
-                let interval = checks
-                    .iter()
-                    .map(|c| c.interval())
-                    .min()
-                    .unwrap_or(Duration::from_secs(60));
+                // Each check on its own interval: when it is next due.
+                let mut due = vec![tokio::time::Instant::now(); checks.len()];
                 loop {
                     let mut changed = false;
-                    for (check, tracker) in checks.iter().zip(trackers.iter_mut()) {
+                    let now = tokio::time::Instant::now();
+                    for ((check, tracker), due) in
+                        checks.iter().zip(trackers.iter_mut()).zip(due.iter_mut())
+                    {
+                        if *due > now {
+                            continue;
+                        }
+                        *due = now + check.interval();
                         let addr = ports.get(check.port_index).map(|p| SocketAddr::new(ip, *p));
                         let target = health::Target {
                             addr,
@@ -376,7 +416,12 @@ impl Manager {
                             return;
                         }
                     }
-                    tokio::time::sleep(interval).await;
+                    let next = due
+                        .iter()
+                        .min()
+                        .copied()
+                        .unwrap_or(now + Duration::from_secs(60));
+                    tokio::time::sleep_until(next).await;
                 }
             }
             .instrument(span),
@@ -393,8 +438,8 @@ impl Manager {
                     running.handle = Some(handle.clone());
                 }
                 let now = now_rfc3339();
-                let written =
-                    keys::update_existing::<Task, _>(&*self.store, &keys::task(&task), |t| {
+                let written = self
+                    .update_task(&task, |t| {
                         t.state = TaskState::Running;
                         t.process = Some(handle.clone());
                         t.ip_addresses = ips.clone();
@@ -406,7 +451,9 @@ impl Manager {
                     Ok(Some((t, _))) => self.metrics.observe_launch(&t),
                     Ok(None) => {
                         // Deleted while launching: stop what we started.
-                        let _ = self.runtime.kill(&task, &handle, Duration::ZERO).await;
+                        if let Err(e) = self.runtime.kill(&task, &handle, Duration::ZERO).await {
+                            warn!(%task, error = %e, "could not stop a task deleted while it launched");
+                        }
                     }
                     Err(e) => warn!(%task, error = %e, "could not record the launch"),
                 }
@@ -432,24 +479,32 @@ impl Manager {
                 self.finish(&task, exit).await;
             }
             Local::Health { task, health } => {
-                let _ = keys::update_existing::<Task, _>(&*self.store, &keys::task(&task), |t| {
-                    let changed = t.health != health && t.state == TaskState::Running;
-                    t.health = health.clone();
-                    changed
-                })
-                .await;
+                let written = self
+                    .update_task(&task, |t| {
+                        let changed = t.health != health && t.state == TaskState::Running;
+                        t.health = health.clone();
+                        changed
+                    })
+                    .await;
+                if let Err(e) = written {
+                    warn!(%task, error = %e, "could not record the task's health");
+                }
             }
             Local::Unhealthy { task, cause } => {
                 info!(%task, %cause, "killing an unhealthy task");
-                let _ = keys::update_existing::<Task, _>(&*self.store, &keys::task(&task), |t| {
-                    t.goal = Goal::Kill;
-                    t.kill_reason = Some(KillReason::Unhealthy);
-                    t.health.alive = Some(false);
-                    t.health.last_failure_cause = Some(cause.clone());
-                    t.health.last_failure = Some(now_rfc3339());
-                    true
-                })
-                .await;
+                let written = self
+                    .update_task(&task, |t| {
+                        t.goal = Goal::Kill;
+                        t.kill_reason = Some(KillReason::Unhealthy);
+                        t.health.alive = Some(false);
+                        t.health.last_failure_cause = Some(cause.clone());
+                        t.health.last_failure = Some(now_rfc3339());
+                        true
+                    })
+                    .await;
+                if let Err(e) = written {
+                    warn!(%task, error = %e, "could not record the kill of an unhealthy task");
+                }
             }
         }
     }
@@ -472,27 +527,28 @@ impl Manager {
         self.tasks.remove(task);
         self.finished.insert(task.clone());
         let now = now_rfc3339();
-        let result = keys::update_existing::<Task, _>(&*self.store, &keys::task(task), |t| {
-            if t.state.is_terminal() {
-                return false;
-            }
-            t.state = match (t.goal, exit.code) {
-                (Goal::Kill, _) => TaskState::Killed,
-                (Goal::Run, Some(0)) => TaskState::Finished,
-                (Goal::Run, _) => TaskState::Failed,
-            };
-            let mut exit = exit.clone();
-            if t.kill_reason == Some(KillReason::Unhealthy)
-                && let Some(cause) = &t.health.last_failure_cause
-            {
-                exit.reason = format!("killed after failing health checks: {cause}");
-            }
-            t.exit = Some(exit);
-            t.finished_at = Some(now.clone());
-            t.health.alive = None;
-            true
-        })
-        .await;
+        let result = self
+            .update_task(task, |t| {
+                if t.state.is_terminal() {
+                    return false;
+                }
+                t.state = match (t.goal, exit.code) {
+                    (Goal::Kill, _) => TaskState::Killed,
+                    (Goal::Run, Some(0)) => TaskState::Finished,
+                    (Goal::Run, _) => TaskState::Failed,
+                };
+                let mut exit = exit.clone();
+                if t.kill_reason == Some(KillReason::Unhealthy)
+                    && let Some(cause) = &t.health.last_failure_cause
+                {
+                    exit.reason = format!("killed after failing health checks: {cause}");
+                }
+                t.exit = Some(exit);
+                t.finished_at = Some(now.clone());
+                t.health.alive = None;
+                true
+            })
+            .await;
         match result {
             Ok(Some((t, _))) => {
                 info!(task = %t.id, state = %t.state, reason = %t.exit.as_ref().map_or("", |e| e.reason.as_str()), "task ended")
@@ -521,5 +577,126 @@ fn combined(trackers: &[Tracker]) -> Health {
         last_failure_cause: trackers.iter().find_map(|t| t.last_cause.clone()),
         last_success: alive.filter(|a| *a).map(|_| now_rfc3339()),
         last_failure: (alive == Some(false)).then(now_rfc3339),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicU32, Ordering};
+
+    use async_trait::async_trait;
+
+    use super::*;
+    use crate::model::{NodeId, NodeStatus, Resources};
+    use crate::runtime::cgroup::{Cgroups, Hierarchies};
+    use crate::runtime::{HostConfig, HostRuntime};
+    use crate::store::{
+        Embedded, KeyValue, LeaseId, Op, Precondition, Revision, Store, StoreError, WatchStream,
+    };
+
+    /// The embedded store, whose next `failures` transactions fail as a lost backend would.
+    struct Flaky {
+        inner: Embedded,
+        failures: AtomicU32,
+    }
+
+    #[async_trait]
+    impl Store for Flaky {
+        async fn get(&self, key: &str) -> Result<Option<KeyValue>, StoreError> {
+            self.inner.get(key).await
+        }
+        async fn list(&self, prefix: &str) -> Result<(Vec<KeyValue>, Revision), StoreError> {
+            self.inner.list(prefix).await
+        }
+        async fn txn(&self, ops: Vec<Op>) -> Result<Revision, StoreError> {
+            let failing = self
+                .failures
+                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+                .is_ok();
+            if failing {
+                return Err(StoreError::Backend("the store is away".into()));
+            }
+            self.inner.txn(ops).await
+        }
+        async fn watch(&self, prefix: &str, from: Revision) -> Result<WatchStream, StoreError> {
+            self.inner.watch(prefix, from).await
+        }
+        async fn grant_lease(&self, ttl: Duration) -> Result<LeaseId, StoreError> {
+            self.inner.grant_lease(ttl).await
+        }
+        async fn keep_alive(&self, lease: LeaseId) -> Result<(), StoreError> {
+            self.inner.keep_alive(lease).await
+        }
+        async fn revoke_lease(&self, lease: LeaseId) -> Result<(), StoreError> {
+            self.inner.revoke_lease(lease).await
+        }
+        async fn revision(&self) -> Result<Revision, StoreError> {
+            self.inner.revision().await
+        }
+    }
+
+    /// A task's end written while the store fails three times in a row is recorded once it
+    /// is back, not dropped.
+    #[tokio::test(start_paused = true)]
+    async fn a_task_s_end_is_retried_through_store_errors() {
+        let dir = tempfile::tempdir().unwrap();
+        let flaky = Arc::new(Flaky {
+            inner: Embedded::open(&dir.path().join("s.redb")).unwrap(),
+            failures: AtomicU32::new(0),
+        });
+        let store: SharedStore = flaky.clone();
+        let node = Arc::new(Node {
+            id: NodeId("n".into()),
+            hostname: "n".into(),
+            ip: "127.0.0.1".parse().unwrap(),
+            ip6: None,
+            resources: Resources::default(),
+            attributes: Default::default(),
+            status: NodeStatus::Active,
+            registered_at: String::new(),
+        });
+        let task: Task = serde_json::from_value(serde_json::json!({
+            "id": "a.1", "appId": "/a", "version": "v1", "nodeId": "n", "host": "n",
+            "state": "TASK_RUNNING", "goal": "run", "ports": [], "stagedAt": "2026-01-01T00:00:00Z",
+            "resources": {"cpus": 0.1, "mem": 32, "disk": 0, "gpus": 0, "ports": []}
+        }))
+        .unwrap();
+        store
+            .put(
+                &keys::task(&task.id),
+                keys::to_json(&task),
+                Precondition::Absent,
+            )
+            .await
+            .unwrap();
+        let runtime = HostRuntime::new(HostConfig {
+            sandbox_dir: dir.path().join("sandboxes"),
+            cgroups: Cgroups::new(Hierarchies::default(), "unused"),
+            path_env: "/usr/bin:/bin".into(),
+        });
+        let metrics = Metrics::register(&prometheus::Registry::new()).unwrap();
+        let mut manager = Manager::new(store.clone(), Arc::new(runtime), node, metrics);
+        flaky.failures.store(3, Ordering::SeqCst);
+        manager
+            .finish(
+                &task.id,
+                Exit {
+                    code: Some(1),
+                    signal: None,
+                    reason: "exited with 1".into(),
+                },
+            )
+            .await;
+        assert_eq!(
+            flaky.failures.load(Ordering::SeqCst),
+            0,
+            "all three failures were met"
+        );
+        let (stored, _) = keys::get_json::<Task>(&*store, &keys::task(&task.id))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(stored.state, TaskState::Failed);
+        assert_eq!(stored.exit.unwrap().reason, "exited with 1");
     }
 }

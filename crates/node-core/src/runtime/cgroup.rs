@@ -258,11 +258,16 @@ impl TaskCgroup {
     }
 
     /// Every process in the task's cgroups.
-    pub fn pids(&self) -> Vec<i32> {
+    /// The processes in the task's cgroups. A cgroup that is not there has none; one that
+    /// cannot be read (no file descriptor left, say) is an error, never "empty", so that a
+    /// task whose processes may still run is not taken for gone.
+    pub fn pids(&self) -> std::io::Result<Vec<i32>> {
         let mut pids = Vec::new();
         for file in self.procs_files() {
-            let Ok(text) = fs::read_to_string(&file) else {
-                continue;
+            let text = match fs::read_to_string(&file) {
+                Ok(text) => text,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(e),
             };
             for pid in text.lines().filter_map(|l| l.trim().parse().ok()) {
                 if !pids.contains(&pid) {
@@ -270,7 +275,7 @@ impl TaskCgroup {
                 }
             }
         }
-        pids
+        Ok(pids)
     }
 
     /// Whether the kernel OOM-killed a process of the task (v2 `memory.events`, v1

@@ -203,7 +203,23 @@ pub(crate) fn task_env(
 
 /// Field 22 of `/proc/PID/stat` (start time in ticks) and whether the process is a zombie.
 fn proc_stat(pid: u32) -> Option<(u64, bool)> {
-    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    read_proc_stat(pid).ok().flatten()
+}
+
+/// `Ok(None)`: there is no such process; `Err`: it could not be read (no file descriptor
+/// left, say), which says nothing about the process.
+fn read_proc_stat(pid: u32) -> std::io::Result<Option<(u64, bool)>> {
+    let stat = match fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => stat,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound || e.raw_os_error() == Some(3) => {
+            return Ok(None);
+        }
+        Err(e) => return Err(e),
+    };
+    Ok(parse_stat(&stat))
+}
+
+fn parse_stat(stat: &str) -> Option<(u64, bool)> {
     let after_comm = &stat[stat.rfind(')')? + 2..];
     let fields: Vec<&str> = after_comm.split(' ').collect();
     let state = *fields.first()?;
@@ -211,8 +227,22 @@ fn proc_stat(pid: u32) -> Option<(u64, bool)> {
     Some((start, state == "Z" || state == "X"))
 }
 
+/// Whether the process is still the task's. A process is alive until shown dead: when
+/// `/proc` cannot be read, it counts as alive, so a task is never recorded as exited (and
+/// its port handed to a replacement) while it may still run.
 fn is_alive(handle: &ProcessHandle) -> bool {
-    proc_stat(handle.pid).is_some_and(|(start, dead)| start == handle.start_ticks && !dead)
+    liveness(handle, read_proc_stat(handle.pid))
+}
+
+fn liveness(handle: &ProcessHandle, stat: std::io::Result<Option<(u64, bool)>>) -> bool {
+    match stat {
+        Ok(Some((start, dead))) => start == handle.start_ticks && !dead,
+        Ok(None) => false,
+        Err(e) => {
+            warn!(pid = handle.pid, error = %e, "cannot read the process's state; taking it as alive");
+            true
+        }
+    }
 }
 
 fn exit_of(status: std::process::ExitStatus) -> Exit {
@@ -244,7 +274,7 @@ fn signal_all(handle: &ProcessHandle, cgroup: &TaskCgroup, signal: Signal) {
         let _ = killpg(Pid::from_raw(handle.pid as i32), signal);
     }
     // Processes that left the process group are still in the cgroup.
-    for pid in cgroup.pids() {
+    for pid in cgroup.pids().unwrap_or_default() {
         let _ = kill(Pid::from_raw(pid), signal);
     }
 }
@@ -304,7 +334,7 @@ impl Runtime for HostRuntime {
         tokio::spawn(async move {
             let deadline = tokio::time::Instant::now() + grace;
             while tokio::time::Instant::now() < deadline {
-                if !is_alive(&handle) && cgroup.pids().is_empty() {
+                if !is_alive(&handle) && cgroup.pids().is_ok_and(|p| p.is_empty()) {
                     return;
                 }
                 tokio::time::sleep(Duration::from_millis(50)).await;
@@ -318,8 +348,18 @@ impl Runtime for HostRuntime {
     async fn cleanup(&self, task: &TaskId) {
         let cgroup = self.cfg.cgroups.task(task.as_str());
         // Stragglers that outlived the main process (daemonized children) go with the task.
+        let mut unread = None;
         for _ in 0..50 {
-            let pids = cgroup.pids();
+            let pids = match cgroup.pids() {
+                Ok(pids) => pids,
+                Err(e) => {
+                    // Try again; a cgroup we cannot read is not removed as if it were empty.
+                    unread = Some(e);
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                    continue;
+                }
+            };
+            unread = None;
             if pids.is_empty() {
                 break;
             }
@@ -327,6 +367,10 @@ impl Runtime for HostRuntime {
                 let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        if let Some(e) = unread {
+            warn!(%task, error = %e, "cannot read the task's cgroup; leaving it for the next clean-up");
+            return;
         }
         if let Err(e) = cgroup.remove() {
             warn!(%task, error = %e, "could not remove the task's cgroup");
@@ -351,6 +395,31 @@ impl Runtime for HostRuntime {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_process_whose_state_cannot_be_read_is_alive() {
+        let handle = ProcessHandle {
+            pid: std::process::id(),
+            start_ticks: proc_stat(std::process::id()).unwrap().0,
+        };
+        assert!(is_alive(&handle));
+        let no_fds = std::io::Error::from_raw_os_error(24);
+        assert!(
+            liveness(&handle, Err(no_fds)),
+            "EMFILE says nothing of the process"
+        );
+        assert!(!liveness(&handle, Ok(None)), "no such process");
+        let reused = Ok(Some((handle.start_ticks + 1, false)));
+        assert!(
+            !liveness(&handle, reused),
+            "another process with the same pid"
+        );
+        assert!(
+            !liveness(&handle, Ok(Some((handle.start_ticks, true)))),
+            "a zombie"
+        );
+        assert_eq!(read_proc_stat(u32::MAX >> 1).unwrap(), None);
+    }
 
     #[test]
     fn proc_stat_reads_our_own_start_time() {

@@ -348,6 +348,65 @@ pub(crate) fn vip_conflicts<'a>(
     conflicts
 }
 
+/// A dependency cycle that `app` would close, refused before anything is stored: no app of
+/// it could ever start.
+fn check_dependency_cycle(app: &App, state: &ClusterState) -> ApiResult<()> {
+    match dependency_cycle(app, state.apps.values().map(|a| &**a)) {
+        None => Ok(()),
+        Some(cycle) => {
+            let path: Vec<String> = cycle.iter().map(ToString::to_string).collect();
+            Err(Invalid::Fields(vec![crate::model::FieldError {
+                path: "/dependencies".into(),
+                errors: vec![format!(
+                    "the dependencies make a cycle: {}; none of these apps could start",
+                    path.join(" -> ")
+                )],
+            }])
+            .into())
+        }
+    }
+}
+
+/// The cycle through `app` in the dependency graph of `app` and `others` (an older version
+/// of `app` among them is replaced by `app`), from `app` back to it. Pure.
+pub(crate) fn dependency_cycle<'a>(
+    app: &'a App,
+    others: impl Iterator<Item = &'a App>,
+) -> Option<Vec<AppId>> {
+    let mut deps: std::collections::BTreeMap<&AppId, &[AppId]> =
+        others.map(|o| (&o.id, o.dependencies.as_slice())).collect();
+    deps.insert(&app.id, &app.dependencies);
+    // Depth first from `app`; `path` is the chain being walked.
+    fn walk<'a>(
+        at: &'a AppId,
+        target: &AppId,
+        deps: &std::collections::BTreeMap<&'a AppId, &'a [AppId]>,
+        path: &mut Vec<&'a AppId>,
+        seen: &mut std::collections::BTreeSet<&'a AppId>,
+    ) -> bool {
+        for next in deps.get(at).copied().unwrap_or_default() {
+            if next == target {
+                return true;
+            }
+            if seen.insert(next) {
+                path.push(next);
+                if walk(next, target, deps, path, seen) {
+                    return true;
+                }
+                path.pop();
+            }
+        }
+        false
+    }
+    let mut path = vec![&app.id];
+    let mut seen = std::collections::BTreeSet::new();
+    walk(&app.id, &app.id, &deps, &mut path, &mut seen).then(|| {
+        let mut cycle: Vec<AppId> = path.into_iter().cloned().collect();
+        cycle.push(app.id.clone());
+        cycle
+    })
+}
+
 fn target_name(spec: &crate::model::VipSpec) -> String {
     match &spec.target {
         crate::model::VipTarget::Named(n) => n.clone(),
@@ -367,6 +426,7 @@ fn stamp(app: &mut App, config_changed: bool) {
 async fn create_app(State(api): State<Api>, body: Bytes) -> ApiResult {
     let Parsed { mut app, warnings } = parse_app(&body)?;
     check_vip_conflicts(&app, &api.state.borrow().clone())?;
+    check_dependency_cycle(&app, &api.state.borrow().clone())?;
     stamp(&mut app, true);
     let dep = new_deployment(&app, DeploymentKind::Create, None);
     let state = api.state.borrow().clone();
@@ -431,6 +491,7 @@ async fn app_put(State(api): State<Api>, Path(path): Path<String>, body: Bytes) 
     };
     let Parsed { mut app, warnings } = parse_app_update(&current, &body)?;
     check_vip_conflicts(&app, &api.state.borrow().clone())?;
+    check_dependency_cycle(&app, &api.state.borrow().clone())?;
     let scale_only = current.is_scale_only_change(&app);
     // The update was parsed without the read-only version fields: a scale keeps the config
     // version its tasks run, so none of them is replaced.
@@ -639,6 +700,41 @@ mod tests {
             .await
             .unwrap();
         (status, serde_json::from_slice(&bytes).unwrap())
+    }
+
+    #[tokio::test]
+    async fn a_dependency_cycle_is_refused_naming_it() {
+        let (router, store, shutdown, _dir) = api().await;
+        let app = |id: &str, deps: &[&str]| {
+            json!({"id": id, "cmd": "x", "instances": 0, "dependencies": deps}).to_string()
+        };
+        assert_eq!(
+            post(&router, &app("/a", &["/b"])).await.0,
+            StatusCode::CREATED
+        );
+        assert_eq!(
+            post(&router, &app("/b", &["/c"])).await.0,
+            StatusCode::CREATED
+        );
+        let (before, _) = store.list(keys::ROOT).await.unwrap();
+        let (status, v) = post(&router, &app("/c", &["/a"])).await;
+        assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{v}");
+        assert_eq!(v["details"][0]["path"], "/dependencies");
+        let error = v["details"][0]["errors"][0].as_str().unwrap();
+        assert!(error.contains("/c -> /a -> /b -> /c"), "{error}");
+        let (status, v) = post(&router, &app("/self", &["/self"])).await;
+        assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{v}");
+        // Changing an existing app into a cycle is refused too.
+        let (status, v) = put(&router, "/v2/apps/b", &app("/b", &["/a"])).await;
+        assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{v}");
+        let (after, _) = store.list(keys::ROOT).await.unwrap();
+        assert_eq!(after, before, "nothing stored");
+        // A dependency on an app that does not exist is not a cycle: it waits, and says so.
+        assert_eq!(
+            post(&router, &app("/d", &["/nope"])).await.0,
+            StatusCode::CREATED
+        );
+        shutdown.cancel();
     }
 
     #[tokio::test]

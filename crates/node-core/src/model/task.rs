@@ -353,6 +353,10 @@ pub struct AppStatus {
     pub launch_delayed_until_ms: u64,
     #[serde(default)]
     pub total_failures: u64,
+    /// Why the app's first start waits, when it waits for its dependencies: operators see
+    /// it rather than a silent wait.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub waiting: Option<String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]

@@ -203,7 +203,31 @@ impl Orchestrator {
             let tasks: Vec<&Task> = snap.tasks_of(&app.id).map(|t| &**t).collect();
             let status = snap.app_status.get(&app.id).cloned().unwrap_or_default();
             self.maybe_reset_backoff(app, &tasks, &status).await?;
-            let may_launch = is_past_backoff(&status, now) && deps_ready(app, snap);
+            // Dependencies gate the app's first start only (its create deployment), as in
+            // Marathon: a replacement never waits for them.
+            let is_first_start = snap
+                .deployment_of(&app.id)
+                .is_some_and(|d| d.kind == DeploymentKind::Create);
+            let waiting = if is_first_start {
+                deps_waiting(app, snap)
+            } else {
+                None
+            };
+            if waiting != status.waiting {
+                if let Some(why) = &waiting {
+                    warn!(app = %app.id, %why, "the app's start waits");
+                }
+                let waiting = waiting.clone();
+                let result =
+                    keys::update::<AppStatus, _>(&*self.store, &keys::app_status(&app.id), |s| {
+                        let mut s = s.unwrap_or_default();
+                        s.waiting = waiting.clone();
+                        Some(s)
+                    })
+                    .await;
+                self.wrote_update(result)?;
+            }
+            let may_launch = is_past_backoff(&status, now) && waiting.is_none();
             let plan = plan(app, &tasks, may_launch);
             for (id, reason) in &plan.kill {
                 self.kill(id, *reason).await?;
@@ -645,17 +669,29 @@ pub(crate) fn is_stable(app: &App, task: &Task, now: Now) -> bool {
 }
 
 /// An app starts only once every app it depends on runs all its instances, serving.
+#[cfg(test)]
 fn deps_ready(app: &App, snap: &ClusterState) -> bool {
-    app.dependencies.iter().all(|dep| {
+    deps_waiting(app, snap).is_none()
+}
+
+/// Why the app cannot start yet for its dependencies: the first that does not exist or does
+/// not yet run all its instances, serving. Pure.
+fn deps_waiting(app: &App, snap: &ClusterState) -> Option<String> {
+    app.dependencies.iter().find_map(|dep| {
         let Some(dep_app) = snap.apps.get(dep) else {
-            return false;
+            return Some(format!("its dependency {dep} does not exist"));
         };
         let has_checks = !dep_app.health_checks.is_empty();
         let serving = snap
             .tasks_of(dep)
             .filter(|t| t.is_serving(has_checks))
             .count();
-        serving >= dep_app.instances as usize
+        (serving < dep_app.instances as usize).then(|| {
+            format!(
+                "its dependency {dep} serves {serving} of {} instances",
+                dep_app.instances
+            )
+        })
     })
 }
 
@@ -1131,6 +1167,111 @@ mod tests {
         assert_eq!(
             status.last_task_failure.map(|f| f.task_id),
             Some(failed.id.clone())
+        );
+    }
+
+    /// Dependencies hold an app's first start (its create deployment) and say why, an unknown
+    /// one included; once the app has started, a replacement does not wait for them.
+    #[tokio::test]
+    async fn dependencies_gate_the_first_start_only_and_say_why() {
+        use crate::model::{Node, NodeStatus, PortRange};
+        use crate::store::Embedded;
+
+        let dir = tempfile::tempdir().unwrap();
+        let store: SharedStore = Arc::new(Embedded::open(&dir.path().join("s.redb")).unwrap());
+        let node = Node {
+            id: NodeId("n".into()),
+            hostname: "n".into(),
+            ip: "192.0.2.1".parse().unwrap(),
+            ip6: None,
+            resources: Resources {
+                cpus: 8.0,
+                mem: 8192.0,
+                disk: 8192.0,
+                gpus: 0,
+                ports: vec![PortRange {
+                    begin: 31000,
+                    end: 31099,
+                }],
+            },
+            attributes: Default::default(),
+            status: NodeStatus::Active,
+            registered_at: String::new(),
+        };
+        // /db can never run here (it wants more than the node has): its dependants wait.
+        let db = app(r#"{"id": "/db", "cmd": "x", "cpus": 64}"#, "v1");
+        let web = app(
+            r#"{"id": "/web", "cmd": "x", "cpus": 0.1, "dependencies": ["/db"]}"#,
+            "v1",
+        );
+        let lone = app(
+            r#"{"id": "/lone", "cmd": "x", "cpus": 0.1, "dependencies": ["/nope"]}"#,
+            "v1",
+        );
+        let creating = |a: &App| Deployment {
+            id: crate::model::DeploymentId(format!("d{}", a.id.key())),
+            app_id: a.id.clone(),
+            kind: DeploymentKind::Create,
+            version: a.version.clone(),
+            previous: None,
+            status: DeploymentStatus::Running,
+            reason: None,
+            started_at: "2026-01-01T00:00:00Z".into(),
+            finished_at: None,
+            target_instances: 1,
+            healthy_new: 0,
+            old_remaining: 0,
+            failed_new: 0,
+        };
+        let mut puts = vec![(keys::node(&node.id), keys::to_json(&node))];
+        for a in [&db, &web, &lone] {
+            let d = creating(a);
+            puts.push((keys::app(&a.id), keys::to_json(a)));
+            puts.push((keys::deployment(&d.id), keys::to_json(&d)));
+        }
+        for (key, value) in puts {
+            store.put(&key, value, Precondition::Absent).await.unwrap();
+        }
+        let snapshot = || async {
+            let (kvs, rev) = store.list(keys::ROOT).await.unwrap();
+            ClusterState::from_list(&kvs, rev)
+        };
+        let clock = Clock::new();
+        let metrics = Metrics::register(&prometheus::Registry::new()).unwrap();
+        let mut orch = Orchestrator::new(store.clone(), metrics, clock);
+        orch.pass(&snapshot().await, clock.now()).await.unwrap();
+        let snap = snapshot().await;
+        assert!(
+            snap.tasks.is_empty(),
+            "nothing starts before its dependencies"
+        );
+        assert_eq!(
+            snap.app_status[&web.id].waiting.as_deref(),
+            Some("its dependency /db serves 0 of 1 instances")
+        );
+        assert_eq!(
+            snap.app_status[&lone.id].waiting.as_deref(),
+            Some("its dependency /nope does not exist")
+        );
+        // /web's first start is over (its deployment ended): a replacement does not wait.
+        let d = creating(&web);
+        let mut done = d.clone();
+        done.status = DeploymentStatus::Succeeded;
+        store
+            .put(
+                &keys::deployment(&d.id),
+                keys::to_json(&done),
+                Precondition::Any,
+            )
+            .await
+            .unwrap();
+        orch.pass(&snapshot().await, clock.now()).await.unwrap();
+        let snap = snapshot().await;
+        let launched: Vec<&AppId> = snap.tasks.values().map(|t| &t.app_id).collect();
+        assert_eq!(launched, [&web.id], "only /web is replaced");
+        assert_eq!(
+            snap.app_status[&web.id].waiting, None,
+            "and says it no longer waits"
         );
     }
 }

@@ -101,9 +101,97 @@ pub struct Parsed {
     pub warnings: Vec<String>,
 }
 
+/// The largest values an app may ask for: beyond them a definition is a mistake, not a plan.
+pub const MAX_INSTANCES: u32 = 10_000;
+const MAX_CPUS: f64 = 1024.0;
+/// MiB: 16 TiB of memory, 1 PiB of disk.
+const MAX_MEM: f64 = 16.0 * 1024.0 * 1024.0;
+const MAX_DISK: f64 = 1024.0 * 1024.0 * 1024.0;
+const MAX_GPUS: u32 = 128;
+const MAX_BACKOFF_FACTOR: f64 = 100.0;
+/// Seconds: a day for one backoff step, a week for the longest launch delay.
+const MAX_BACKOFF_SECONDS: f64 = 86_400.0;
+const MAX_LAUNCH_DELAY_SECONDS: f64 = 7.0 * 86_400.0;
+/// Segments of an app id.
+const MAX_DEPTH: usize = 16;
+
+/// A body as JSON, refusing duplicate keys (serde_json would keep the last one silently, so
+/// a definition could say one thing and run another).
+fn json(body: &[u8]) -> Result<Value, Invalid> {
+    let mut de = serde_json::Deserializer::from_slice(body);
+    serde::de::DeserializeSeed::deserialize(NoDuplicates(String::new()), &mut de)
+        .and_then(|v| de.end().map(|()| v))
+        .map_err(|e| Invalid::Syntax(e.to_string()))
+}
+
+/// Reads a JSON value, failing on a key that appears twice in one object; carries the JSON
+/// pointer of where it is, for the message.
+struct NoDuplicates(String);
+
+impl<'de> serde::de::DeserializeSeed<'de> for NoDuplicates {
+    type Value = Value;
+    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<Value, D::Error> {
+        d.deserialize_any(self)
+    }
+}
+
+impl<'de> serde::de::Visitor<'de> for NoDuplicates {
+    type Value = Value;
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("a JSON value")
+    }
+    fn visit_bool<E>(self, v: bool) -> Result<Value, E> {
+        Ok(Value::Bool(v))
+    }
+    fn visit_i64<E>(self, v: i64) -> Result<Value, E> {
+        Ok(Value::from(v))
+    }
+    fn visit_u64<E>(self, v: u64) -> Result<Value, E> {
+        Ok(Value::from(v))
+    }
+    fn visit_f64<E>(self, v: f64) -> Result<Value, E> {
+        Ok(serde_json::Number::from_f64(v).map_or(Value::Null, Value::Number))
+    }
+    fn visit_str<E>(self, v: &str) -> Result<Value, E> {
+        Ok(Value::String(v.to_string()))
+    }
+    fn visit_string<E>(self, v: String) -> Result<Value, E> {
+        Ok(Value::String(v))
+    }
+    fn visit_unit<E>(self) -> Result<Value, E> {
+        Ok(Value::Null)
+    }
+    fn visit_none<E>(self) -> Result<Value, E> {
+        Ok(Value::Null)
+    }
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Value, A::Error> {
+        let mut out = Vec::new();
+        while let Some(v) =
+            seq.next_element_seed(NoDuplicates(format!("{}/{}", self.0, out.len())))?
+        {
+            out.push(v);
+        }
+        Ok(Value::Array(out))
+    }
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Value, A::Error> {
+        let mut out = Map::new();
+        while let Some(key) = map.next_key::<String>()? {
+            let at = format!("{}/{key}", self.0);
+            if out.contains_key(&key) {
+                return Err(serde::de::Error::custom(format!(
+                    "the key {at} appears twice"
+                )));
+            }
+            let value = map.next_value_seed(NoDuplicates(at))?;
+            out.insert(key, value);
+        }
+        Ok(Value::Object(out))
+    }
+}
+
 /// Parses a full app definition (`POST /v2/apps`).
 pub fn parse_app(body: &[u8]) -> Result<Parsed, Invalid> {
-    let value: Value = serde_json::from_slice(body).map_err(|e| Invalid::Syntax(e.to_string()))?;
+    let value = json(body)?;
     let Value::Object(fields) = value else {
         return Err(one("/", "an app definition must be a JSON object"));
     };
@@ -113,7 +201,7 @@ pub fn parse_app(body: &[u8]) -> Result<Parsed, Invalid> {
 /// Parses an update (`PUT /v2/apps/{id}`): the given fields replace those of `current`, the
 /// rest are kept, as Marathon does.
 pub fn parse_app_update(current: &App, body: &[u8]) -> Result<Parsed, Invalid> {
-    let value: Value = serde_json::from_slice(body).map_err(|e| Invalid::Syntax(e.to_string()))?;
+    let value = json(body)?;
     let Value::Object(update) = value else {
         return Err(one("/", "an app update must be a JSON object"));
     };
@@ -180,6 +268,7 @@ fn from_fields(mut fields: Map<String, Value>) -> Result<Parsed, Invalid> {
     if !errors.is_empty() {
         return Err(Invalid::Fields(errors));
     }
+    let given = Value::Object(fields.clone());
     let app: App = serde_path_to_error::deserialize(Value::Object(fields)).map_err(|e| {
         let path = pointer(&e.path().to_string());
         let message = e.into_inner().to_string();
@@ -197,7 +286,35 @@ fn from_fields(mut fields: Map<String, Value>) -> Result<Parsed, Invalid> {
     if !errors.is_empty() {
         return Err(Invalid::Fields(errors));
     }
+    // Nested fields that the types do not know (`/healthChecks/0/foo`) are reported with
+    // their pointer instead of vanishing.
+    if let Ok(read) = serde_json::to_value(&app) {
+        ignored_fields(&given, &read, String::new(), &mut warnings);
+    }
     Ok(Parsed { app, warnings })
+}
+
+/// The pointers of what `given` holds and `read` (the app as dcnet understood it) does not.
+fn ignored_fields(given: &Value, read: &Value, at: String, out: &mut Vec<String>) {
+    match (given, read) {
+        (Value::Object(g), Value::Object(r)) => {
+            for (key, value) in g {
+                let here = format!("{at}/{key}");
+                match r.get(key) {
+                    // A null that was left out is no field lost.
+                    None if value.is_null() => {}
+                    None => out.push(format!("{here}: not known to dcnet; ignored")),
+                    Some(read) => ignored_fields(value, read, here, out),
+                }
+            }
+        }
+        (Value::Array(g), Value::Array(r)) => {
+            for (i, (g, r)) in g.iter().zip(r).enumerate() {
+                ignored_fields(g, r, format!("{at}/{i}"), out);
+            }
+        }
+        _ => {}
+    }
 }
 
 /// serde_path_to_error's `healthChecks[0].portIndex` as a JSON pointer.
@@ -245,10 +362,86 @@ fn validate(app: &App) -> Vec<FieldError> {
             "give either `cmd` or `args`, not both".into(),
         );
     }
+    // The id's DNS label (`web-group` for `/group/web`) must fit one label whole: cut to 63
+    // characters, two apps would answer under one name.
+    let label = crate::model::clean_label(&app.id.task_name());
+    let joined = app.id.task_name().len();
+    if joined > 63 {
+        err(
+            "/id".into(),
+            format!(
+                "its DNS name `{label}...` would need {joined} characters; ids must fit one DNS label of 63"
+            ),
+        );
+    }
+    if app.id.as_str().split('/').count() - 1 > MAX_DEPTH {
+        err("/id".into(), format!("at most {MAX_DEPTH} groups deep"));
+    }
+    if app.instances > MAX_INSTANCES {
+        err(
+            "/instances".into(),
+            format!("at most {MAX_INSTANCES}, not {}", app.instances),
+        );
+    }
     if !(app.cpus.is_finite() && app.cpus >= 0.001) {
         err(
             "/cpus".into(),
             format!("must be at least 0.001, not {}", app.cpus),
+        );
+    } else if app.cpus > MAX_CPUS {
+        err(
+            "/cpus".into(),
+            format!("at most {MAX_CPUS}, not {}", app.cpus),
+        );
+    }
+    if app.mem > MAX_MEM {
+        err(
+            "/mem".into(),
+            format!("at most {MAX_MEM} MiB, not {}", app.mem),
+        );
+    }
+    if app.disk > MAX_DISK {
+        err(
+            "/disk".into(),
+            format!("at most {MAX_DISK} MiB, not {}", app.disk),
+        );
+    }
+    if app.gpus > MAX_GPUS {
+        err(
+            "/gpus".into(),
+            format!("at most {MAX_GPUS}, not {}", app.gpus),
+        );
+    }
+    if !(app.backoff_factor.is_finite() && (1.0..=MAX_BACKOFF_FACTOR).contains(&app.backoff_factor))
+    {
+        err(
+            "/backoffFactor".into(),
+            format!(
+                "must be from 1 to {MAX_BACKOFF_FACTOR}, not {}",
+                app.backoff_factor
+            ),
+        );
+    }
+    if !(app.backoff_seconds.is_finite()
+        && (0.0..=MAX_BACKOFF_SECONDS).contains(&app.backoff_seconds))
+    {
+        err(
+            "/backoffSeconds".into(),
+            format!(
+                "must be from 0 to {MAX_BACKOFF_SECONDS}, not {}",
+                app.backoff_seconds
+            ),
+        );
+    }
+    if !(app.max_launch_delay_seconds.is_finite()
+        && (0.0..=MAX_LAUNCH_DELAY_SECONDS).contains(&app.max_launch_delay_seconds))
+    {
+        err(
+            "/maxLaunchDelaySeconds".into(),
+            format!(
+                "must be from 0 to {MAX_LAUNCH_DELAY_SECONDS}, not {}",
+                app.max_launch_delay_seconds
+            ),
         );
     }
     if !(app.mem.is_finite() && app.mem >= 0.0) {
@@ -382,15 +575,6 @@ fn validate(app: &App) -> Vec<FieldError> {
             "/upgradeStrategy/maximumOverCapacity".into(),
             "must be between 0 and 1".into(),
         );
-    }
-    if !(app.backoff_seconds.is_finite() && app.backoff_seconds >= 0.0) {
-        err("/backoffSeconds".into(), "must be at least 0".into());
-    }
-    if !(app.backoff_factor.is_finite() && app.backoff_factor >= 1.0) {
-        err("/backoffFactor".into(), "must be at least 1".into());
-    }
-    if !(app.max_launch_delay_seconds.is_finite() && app.max_launch_delay_seconds >= 0.0) {
-        err("/maxLaunchDelaySeconds".into(), "must be at least 0".into());
     }
     if !(app.task_kill_grace_period_seconds.is_finite()
         && app.task_kill_grace_period_seconds >= 0.0)
@@ -579,5 +763,90 @@ mod scale_tests {
         a.instances = 4;
         assert_eq!(a, scaled);
         assert!(app.is_scale_only_change(&scaled));
+    }
+
+    #[test]
+    fn duplicate_keys_are_refused_naming_where() {
+        let err = parse_app(br#"{"id": "/a", "cmd": "x", "cmd": "rm -rf /"}"#).unwrap_err();
+        assert!(
+            matches!(&err, Invalid::Syntax(m) if m.contains("/cmd appears twice")),
+            "{err}"
+        );
+        let nested = br#"{"id": "/a", "cmd": "x", "env": {"A": "1", "A": "2"}}"#;
+        let err = parse_app(nested).unwrap_err();
+        assert!(
+            matches!(&err, Invalid::Syntax(m) if m.contains("/env/A appears twice")),
+            "{err}"
+        );
+        let deep = br#"{"id": "/a", "cmd": "x", "healthChecks": [{"protocol": "TCP", "protocol": "HTTP"}]}"#;
+        let err = parse_app(deep).unwrap_err();
+        assert!(
+            matches!(&err, Invalid::Syntax(m) if m.contains("/healthChecks/0/protocol appears twice")),
+            "{err}"
+        );
+        let current = parse_app(br#"{"id": "/a", "cmd": "x"}"#).unwrap().app;
+        assert!(parse_app_update(&current, br#"{"instances": 1, "instances": 2}"#).is_err());
+    }
+
+    #[test]
+    fn limits_as_marathon_has_them() {
+        let fields = |body: String| match parse_app(body.as_bytes()) {
+            Err(Invalid::Fields(f)) => f.into_iter().map(|e| e.path).collect::<Vec<_>>(),
+            other => panic!("{body}: {other:?}"),
+        };
+        let long = "a".repeat(62);
+        assert_eq!(
+            fields(format!(r#"{{"id": "/g/{long}", "cmd": "x"}}"#)),
+            ["/id"]
+        );
+        assert!(parse_app(format!(r#"{{"id": "/{long}", "cmd": "x"}}"#).as_bytes()).is_ok());
+        let deep = "/a".repeat(17);
+        assert!(fields(format!(r#"{{"id": "{deep}", "cmd": "x"}}"#)).contains(&"/id".to_string()));
+        for (field, value) in [
+            ("instances", "10001"),
+            ("cpus", "2048"),
+            ("mem", "1e9"),
+            ("disk", "1e10"),
+            ("gpus", "1000"),
+            ("backoffFactor", "0.5"),
+            ("backoffFactor", "1000"),
+            ("backoffSeconds", "-1"),
+            ("backoffSeconds", "1e9"),
+            ("maxLaunchDelaySeconds", "1e9"),
+        ] {
+            let body = format!(r#"{{"id": "/a", "cmd": "x", "{field}": {value}}}"#);
+            assert_eq!(fields(body), [format!("/{field}")], "{field} = {value}");
+        }
+        assert!(
+            parse_app(br#"{"id": "/a", "cmd": "x", "instances": 10000, "cpus": 1024}"#).is_ok()
+        );
+    }
+
+    #[test]
+    fn nested_fields_that_dcnet_does_not_know_are_warned_with_their_pointer() {
+        let body = br#"{"id": "/a", "cmd": "x",
+            "healthChecks": [{"protocol": "TCP", "portIndex": 0, "ipProtocol": "IPv4"}],
+            "portDefinitions": [{"port": 0, "name": null, "bogus": 1}],
+            "upgradeStrategy": {"minimumHealthCapacity": 1, "surge": true}}"#;
+        let parsed = parse_app(body).unwrap();
+        for pointer in [
+            "/healthChecks/0/ipProtocol",
+            "/portDefinitions/0/bogus",
+            "/upgradeStrategy/surge",
+        ] {
+            assert!(
+                parsed.warnings.iter().any(|w| w.starts_with(pointer)),
+                "{pointer}: {:?}",
+                parsed.warnings
+            );
+        }
+        assert!(
+            !parsed.warnings.iter().any(|w| w.contains("/name")),
+            "a null left out is not reported: {:?}",
+            parsed.warnings
+        );
+        let plain =
+            parse_app(br#"{"id": "/a", "cmd": "x", "portDefinitions": [{"port": 0}]}"#).unwrap();
+        assert!(plain.warnings.is_empty(), "{:?}", plain.warnings);
     }
 }

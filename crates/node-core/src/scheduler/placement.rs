@@ -40,7 +40,9 @@ enum Counted {
     Unique,
     /// `CLUSTER` without a value: every instance on the value the first one took.
     SameValue,
-    GroupBy,
+    /// Spread evenly; with a count, over at least that many values: until the app's tasks
+    /// hold that many values, a value that already has one takes no other.
+    GroupBy(Option<u32>),
     MaxPer(u32),
 }
 
@@ -138,7 +140,9 @@ pub fn place(app: &App, count: u32, nodes: &[&Node], active: &[&Task]) -> Placem
         };
         match c.operator {
             Operator::Unique => counted(Counted::Unique),
-            Operator::GroupBy => counted(Counted::GroupBy),
+            Operator::GroupBy => counted(Counted::GroupBy(
+                c.value.as_deref().and_then(|v| v.parse().ok()),
+            )),
             Operator::MaxPer => match c.value.as_deref().and_then(|v| v.parse().ok()) {
                 Some(max) => counted(Counted::MaxPer(max)),
                 None => continue,
@@ -255,9 +259,10 @@ pub fn place(app: &App, count: u32, nodes: &[&Node], active: &[&Task]) -> Placem
                     Counted::Unique => n == 0,
                     Counted::MaxPer(max) => n < max,
                     Counted::SameValue => n > 0 || counts[d.field].iter().all(|n| *n == 0),
-                    Counted::GroupBy => {
+                    Counted::GroupBy(want) => {
                         group_load += n;
-                        true
+                        let held = counts[d.field].iter().filter(|n| **n > 0).count();
+                        want.is_none_or(|want| n == 0 || held >= want as usize)
                     }
                 };
                 if !ok {
@@ -507,6 +512,42 @@ mod tests {
             *per_rack.entry(n.attributes["rack"].as_str()).or_default() += 1;
         }
         assert_eq!(per_rack.values().copied().collect::<Vec<_>>(), [2, 2, 2]);
+    }
+
+    /// `GROUP_BY:3` over racks of which only two exist: one instance per rack, then the rest
+    /// wait for a third rack rather than pile onto two.
+    #[test]
+    fn group_by_with_a_count_waits_for_that_many_values() {
+        let ns: Vec<Node> = (0..4)
+            .map(|n| node(n, 8.0, &[("rack", ["a", "b"][n as usize % 2])]))
+            .collect();
+        let refs: Vec<&Node> = ns.iter().collect();
+        let counted = app(
+            r#"{"id": "/a", "cmd": "x", "cpus": 0.1, "mem": 1, "constraints": [["rack", "GROUP_BY", "3"]]}"#,
+        );
+        let p = place(&counted, 4, &refs, &[]);
+        assert_eq!(p.placed.len(), 2, "{p:?}");
+        assert_eq!(p.unplaced, 2);
+        assert!(p.reason.as_deref().unwrap().contains("GROUP_BY"), "{p:?}");
+        let racks: BTreeSet<&str> = p
+            .placed
+            .iter()
+            .map(|placed| {
+                let n = ns.iter().find(|n| n.id == placed.node_id).unwrap();
+                n.attributes["rack"].as_str()
+            })
+            .collect();
+        assert_eq!(racks.len(), 2, "one per rack");
+        // With three racks, or without a count, all four are placed.
+        let more: Vec<Node> = (0..6)
+            .map(|n| node(n, 8.0, &[("rack", ["a", "b", "c"][n as usize % 3])]))
+            .collect();
+        let more: Vec<&Node> = more.iter().collect();
+        assert_eq!(place(&counted, 4, &more, &[]).placed.len(), 4);
+        let plain = app(
+            r#"{"id": "/a", "cmd": "x", "cpus": 0.1, "mem": 1, "constraints": [["rack", "GROUP_BY"]]}"#,
+        );
+        assert_eq!(place(&plain, 4, &refs, &[]).placed.len(), 4);
     }
 
     #[test]

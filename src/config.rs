@@ -39,6 +39,36 @@ pub struct AgentConfig {
     /// The VIP load balancer.
     #[serde(default)]
     pub l4lb: L4lbSection,
+    /// What is kept of what has ended.
+    #[serde(default)]
+    pub retention: RetentionSection,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RetentionSection {
+    /// Finished deployments kept per app, with the app versions they hold.
+    #[serde(default = "default_deployments_per_app")]
+    pub deployments_per_app: usize,
+    /// How long the sandbox (logs, files) of an ended task is kept.
+    #[serde(default = "default_sandbox_retention", with = "humantime_serde")]
+    pub sandboxes: Duration,
+}
+
+impl Default for RetentionSection {
+    fn default() -> Self {
+        Self {
+            deployments_per_app: default_deployments_per_app(),
+            sandboxes: default_sandbox_retention(),
+        }
+    }
+}
+
+fn default_deployments_per_app() -> usize {
+    dcnet_node_core::Retention::default().deployments_per_app
+}
+fn default_sandbox_retention() -> Duration {
+    dcnet_node_core::Retention::default().sandboxes
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -448,6 +478,11 @@ impl AgentConfig {
                 "node.ip = {ip} must be an IPv4 address (port mappings publish on it); give a dual-stack node's IPv6 address as node.ip6"
             );
         }
+        if self.retention.deployments_per_app == 0 {
+            bail!(
+                "retention.deployments_per_app must be at least 1: a rollback needs the last one"
+            );
+        }
         if self.l4lb.udp_sessions == 0 || self.l4lb.udp_sessions_per_vip == 0 {
             bail!("l4lb.udp_sessions and l4lb.udp_sessions_per_vip must be at least 1");
         }
@@ -578,14 +613,14 @@ mod tests {
         let defaults: AgentConfig = toml::from_str("").unwrap();
         let sections = |c: &AgentConfig| {
             format!(
-                "{:?}\n{:?}\n{:?}\n{:?}\n{:?}",
-                c.dns, c.containers, c.l4lb, c.runtime, c.api
+                "{:?}\n{:?}\n{:?}\n{:?}\n{:?}\n{:?}",
+                c.dns, c.containers, c.l4lb, c.runtime, c.api, c.retention
             )
         };
         assert_eq!(
             sections(&cfg),
             sections(&defaults),
-            "examples/agent.toml: dns, containers, l4lb, runtime, api"
+            "examples/agent.toml: dns, containers, l4lb, runtime, api, retention"
         );
     }
 

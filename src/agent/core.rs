@@ -77,7 +77,7 @@ pub(super) async fn open(
 
 /// Registers the node and starts node-core's loops.
 pub(super) async fn start(
-    _cfg: &AgentConfig,
+    cfg: &AgentConfig,
     node: &Node,
     store: SharedStore,
     runtime: Arc<ContainerRuntime>,
@@ -87,6 +87,10 @@ pub(super) async fn start(
     let core_cfg = dcnet_node_core::Config {
         node: node.node.clone(),
         leader_ttl: std::time::Duration::from_secs(10),
+        retention: dcnet_node_core::Retention {
+            deployments_per_app: cfg.retention.deployments_per_app,
+            sandboxes: cfg.retention.sandboxes,
+        },
     };
     NodeCore::start(core_cfg, store, runtime, registry, supervisor)
         .await

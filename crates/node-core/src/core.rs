@@ -28,6 +28,27 @@ pub struct Config {
     pub node: Node,
     /// How long a leader may be silent before another node takes over.
     pub leader_ttl: Duration,
+    /// What is kept of what has ended.
+    pub retention: Retention,
+}
+
+/// What is kept of what has ended, so that the store and the disk stay bounded.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Retention {
+    /// Finished deployments kept per app (with the app versions they hold, for rollback and
+    /// history); an app that is gone keeps its last one.
+    pub deployments_per_app: usize,
+    /// How long the sandbox of an ended task (its logs) is kept.
+    pub sandboxes: Duration,
+}
+
+impl Default for Retention {
+    fn default() -> Self {
+        Self {
+            deployments_per_app: 10,
+            sandboxes: Duration::from_secs(24 * 3600),
+        }
+    }
 }
 
 /// node-core running on one node: its loops run under the agent's [`Supervisor`], which stops
@@ -97,8 +118,10 @@ impl NodeCore {
         }
         {
             let (store, metrics, state) = (store.clone(), metrics.clone(), state.clone());
+            let retention = cfg.retention;
             supervisor.spawn("scheduler", move |ready, stop| {
-                let orchestrator = Orchestrator::new(store.clone(), metrics.clone(), Clock::new());
+                let orchestrator = Orchestrator::new(store.clone(), metrics.clone(), Clock::new())
+                    .with_history(retention.deployments_per_app);
                 let run = orchestrator.run(state.clone(), is_leader.clone(), stop);
                 async move {
                     ready.serving();
@@ -110,13 +133,15 @@ impl NodeCore {
         {
             let (store, metrics, state, node) =
                 (store.clone(), metrics.clone(), state.clone(), node.clone());
+            let retention = cfg.retention;
             supervisor.spawn("tasks", move |ready, stop| {
                 let manager = Manager::new(
                     store.clone(),
                     runtime.clone(),
                     node.clone(),
                     metrics.clone(),
-                );
+                )
+                .with_sandbox_retention(retention.sandboxes);
                 let run = manager
                     .run(state.clone(), stop)
                     .instrument(info_span!("tasks", node = %node.id));

@@ -25,7 +25,7 @@ pub mod supervisor;
 pub mod test_util;
 
 pub use self::api::ApiError;
-pub use self::core::{Config, NodeCore, StartError};
+pub use self::core::{Config, NodeCore, Retention, StartError};
 pub use self::metrics::Metrics;
 pub use self::state::ClusterState;
 pub use self::supervisor::{Planes, Ready, RestartPolicy, Supervisor};

@@ -71,6 +71,8 @@ pub(crate) struct Manager {
     rx: mpsc::UnboundedReceiver<Local>,
     /// The loop's shutdown: a store write retried through an outage gives up only on it.
     shutdown: CancellationToken,
+    /// How long the sandbox of an ended task is kept.
+    sandbox_retention: Duration,
 }
 
 impl Manager {
@@ -91,6 +93,34 @@ impl Manager {
             tx,
             rx,
             shutdown: CancellationToken::new(),
+            sandbox_retention: crate::core::Retention::default().sandboxes,
+        }
+    }
+
+    pub(crate) fn with_sandbox_retention(mut self, retention: Duration) -> Self {
+        self.sandbox_retention = retention;
+        self
+    }
+
+    /// Removes the sandboxes of this node's ended tasks past their retention.
+    async fn prune_sandboxes(&self, state: &ClusterState) {
+        let mut keep: BTreeSet<TaskId> = self.tasks.keys().cloned().collect();
+        keep.extend(
+            state
+                .tasks
+                .values()
+                .filter(|t| t.node_id == self.node.id && t.state.is_active())
+                .map(|t| t.id.clone()),
+        );
+        let removed = self
+            .runtime
+            .prune_sandboxes(&keep, self.sandbox_retention)
+            .await;
+        if removed > 0 {
+            info!(
+                removed,
+                "removed sandboxes of ended tasks past their retention"
+            );
         }
     }
 
@@ -137,11 +167,17 @@ impl Manager {
             Err(_) => return,
         };
         self.recover(&first).await;
+        // Sandboxes are pruned now and then: a minute, or the retention if it is shorter.
+        let mut prune = tokio::time::interval(
+            self.sandbox_retention
+                .clamp(Duration::from_millis(100), Duration::from_secs(60)),
+        );
         loop {
             let snap = state.borrow_and_update().clone();
             self.reconcile(&snap).await;
             tokio::select! {
                 res = state.changed() => if res.is_err() { return },
+                _ = prune.tick() => self.prune_sandboxes(&snap).await,
                 Some(event) = self.rx.recv() => self.handle(event).await,
                 () = shutdown.cancelled() => {
                     info!(tasks = self.tasks.len(), "task manager stopping; tasks keep running");

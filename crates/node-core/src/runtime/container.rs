@@ -392,6 +392,10 @@ impl Runtime for ContainerRuntime {
         debug!(%task, ip = %held.ip, "container released");
     }
 
+    async fn prune_sandboxes(&self, keep: &BTreeSet<TaskId>, retention: Duration) -> usize {
+        self.host.prune_sandboxes(keep, retention).await
+    }
+
     async fn remove_orphans(&self, keep: &BTreeSet<TaskId>) -> Vec<TaskId> {
         let mut removed = self.host.remove_orphans(keep).await;
         // Namespaces of tasks that are gone.

@@ -245,6 +245,42 @@ fn liveness(handle: &ProcessHandle, stat: std::io::Result<Option<(u64, bool)>>) 
     }
 }
 
+/// Removes the sandboxes under `dir` of tasks not in `keep` whose newest write is at least
+/// `retention` old.
+fn prune_sandboxes(dir: &std::path::Path, keep: &BTreeSet<TaskId>, retention: Duration) -> usize {
+    let Ok(entries) = fs::read_dir(dir) else {
+        return 0;
+    };
+    let mut removed = 0;
+    for entry in entries.flatten() {
+        let id = TaskId(entry.file_name().to_string_lossy().into_owned());
+        if keep.contains(&id) {
+            continue;
+        }
+        let newest = newest_write(&entry.path());
+        let age = newest.and_then(|t| t.elapsed().ok()).unwrap_or_default();
+        if newest.is_some() && age < retention {
+            continue;
+        }
+        match fs::remove_dir_all(entry.path()) {
+            Ok(()) => removed += 1,
+            Err(e) => warn!(task = %id, error = %e, "could not remove an old sandbox"),
+        }
+    }
+    removed
+}
+
+/// The latest modification time of a directory and the files directly in it.
+fn newest_write(dir: &std::path::Path) -> Option<std::time::SystemTime> {
+    let mut newest = fs::metadata(dir).and_then(|m| m.modified()).ok();
+    for entry in fs::read_dir(dir).ok()?.flatten() {
+        if let Ok(t) = entry.metadata().and_then(|m| m.modified()) {
+            newest = Some(newest.map_or(t, |n| n.max(t)));
+        }
+    }
+    newest
+}
+
 fn exit_of(status: std::process::ExitStatus) -> Exit {
     match (status.code(), status.signal()) {
         (Some(code), _) => Exit {
@@ -377,6 +413,14 @@ impl Runtime for HostRuntime {
         }
     }
 
+    async fn prune_sandboxes(&self, keep: &BTreeSet<TaskId>, retention: Duration) -> usize {
+        let dir = self.cfg.sandbox_dir.clone();
+        let keep = keep.clone();
+        tokio::task::spawn_blocking(move || prune_sandboxes(&dir, &keep, retention))
+            .await
+            .unwrap_or_default()
+    }
+
     async fn remove_orphans(&self, keep: &BTreeSet<TaskId>) -> Vec<TaskId> {
         let mut removed = Vec::new();
         for name in self.cfg.cgroups.list() {
@@ -395,6 +439,27 @@ impl Runtime for HostRuntime {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn sandboxes_of_ended_tasks_go_after_their_retention() {
+        let dir = tempfile::tempdir().unwrap();
+        for task in ["run.1", "done.1", "done.2"] {
+            fs::create_dir_all(dir.path().join(task)).unwrap();
+            fs::write(dir.path().join(task).join("stdout"), "log").unwrap();
+        }
+        let keep: BTreeSet<TaskId> = [TaskId("run.1".into())].into();
+        assert_eq!(
+            prune_sandboxes(dir.path(), &keep, Duration::from_secs(3600)),
+            0,
+            "fresh sandboxes are kept for their retention"
+        );
+        assert_eq!(prune_sandboxes(dir.path(), &keep, Duration::ZERO), 2);
+        let left: Vec<String> = fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(left, ["run.1"], "a running task's sandbox stays");
+    }
 
     #[test]
     fn a_process_whose_state_cannot_be_read_is_alive() {

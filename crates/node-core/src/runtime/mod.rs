@@ -78,4 +78,8 @@ pub trait Runtime: Send + Sync + 'static {
     /// Ends and removes whatever the runtime finds of tasks not in `keep` (leftovers of a
     /// crash); returns their ids.
     async fn remove_orphans(&self, keep: &BTreeSet<TaskId>) -> Vec<TaskId>;
+
+    /// Removes the sandboxes (logs, files) of tasks not in `keep` that were last written
+    /// `retention` ago or longer; returns how many.
+    async fn prune_sandboxes(&self, keep: &BTreeSet<TaskId>, retention: Duration) -> usize;
 }

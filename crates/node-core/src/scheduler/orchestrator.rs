@@ -32,6 +32,8 @@ pub(crate) struct Orchestrator {
     clock: Clock,
     /// The moment of the pass under way: every decision and timestamp of a pass uses it.
     now: Now,
+    /// Finished deployments kept per app.
+    history: usize,
     /// Our own last write: a snapshot older than it would make us act twice.
     written: Revision,
     unplaced: BTreeMap<AppId, String>,
@@ -121,10 +123,16 @@ impl Orchestrator {
             store,
             metrics,
             now: clock.now(),
+            history: crate::core::Retention::default().deployments_per_app,
             clock,
             written: 0,
             unplaced: BTreeMap::new(),
         }
+    }
+
+    pub(crate) fn with_history(mut self, deployments_per_app: usize) -> Self {
+        self.history = deployments_per_app;
+        self
     }
 
     pub(crate) async fn run(
@@ -258,6 +266,7 @@ impl Orchestrator {
             }
             self.progress(app, &tasks, snap).await?;
         }
+        self.prune_deployments(snap).await?;
         // Deletions finish when the last task is gone.
         for dep in snap.deployments.values().filter(|d| !d.status.is_done()) {
             if !snap.apps.contains_key(&dep.app_id) {
@@ -286,6 +295,38 @@ impl Orchestrator {
                 }
             }
         }
+        Ok(())
+    }
+
+    /// Deletes finished deployments past the newest `history` of each app (the last one of an
+    /// app that is gone), so that the store does not grow with every change ever made.
+    async fn prune_deployments(&mut self, snap: &ClusterState) -> Result<(), keys::UpdateError> {
+        let mut finished: BTreeMap<&AppId, Vec<&Deployment>> = BTreeMap::new();
+        for d in snap.deployments.values().filter(|d| d.status.is_done()) {
+            finished.entry(&d.app_id).or_default().push(d);
+        }
+        let mut ops = Vec::new();
+        for (app, mut deps) in finished {
+            let keep = if snap.apps.contains_key(app) {
+                self.history
+            } else {
+                1
+            };
+            if deps.len() <= keep {
+                continue;
+            }
+            // Newest first; the rest go.
+            deps.sort_by(|a, b| b.started_at.cmp(&a.started_at).then(b.id.0.cmp(&a.id.0)));
+            for d in &deps[keep..] {
+                ops.push(Op::delete(keys::deployment(&d.id), Precondition::Any));
+            }
+        }
+        if ops.is_empty() {
+            return Ok(());
+        }
+        debug!(deployments = ops.len(), "pruning finished deployments");
+        let rev = self.store.txn(ops).await?;
+        self.wrote(rev);
         Ok(())
     }
 
@@ -1273,5 +1314,61 @@ mod tests {
             snap.app_status[&web.id].waiting, None,
             "and says it no longer waits"
         );
+    }
+
+    /// Finished deployments (and the app versions in them) are kept per app up to the
+    /// history, the running one always; an app that is gone keeps its last one.
+    #[tokio::test]
+    async fn finished_deployments_are_pruned_past_the_history() {
+        use crate::store::Embedded;
+
+        let dir = tempfile::tempdir().unwrap();
+        let store: SharedStore = Arc::new(Embedded::open(&dir.path().join("s.redb")).unwrap());
+        let a = app(r#"{"id": "/a", "cmd": "x", "instances": 0}"#, "v1");
+        let dep = |app: &str, n: u32, status: DeploymentStatus| Deployment {
+            id: crate::model::DeploymentId(format!("{app}-{n:02}")),
+            app_id: AppId::parse(app).unwrap(),
+            kind: DeploymentKind::Update,
+            version: String::new(),
+            previous: None,
+            status,
+            reason: None,
+            started_at: format!("2026-01-01T00:{n:02}:00Z"),
+            finished_at: None,
+            target_instances: 0,
+            healthy_new: 0,
+            old_remaining: 0,
+            failed_new: 0,
+        };
+        let mut puts = vec![(keys::app(&a.id), keys::to_json(&a))];
+        for n in 0..15 {
+            puts.push((
+                keys::deployment(&dep("/a", n, DeploymentStatus::Succeeded).id),
+                keys::to_json(&dep("/a", n, DeploymentStatus::Succeeded)),
+            ));
+            puts.push((
+                keys::deployment(&dep("/gone", n, DeploymentStatus::Succeeded).id),
+                keys::to_json(&dep("/gone", n, DeploymentStatus::Succeeded)),
+            ));
+        }
+        let running = dep("/a", 99, DeploymentStatus::Running);
+        puts.push((keys::deployment(&running.id), keys::to_json(&running)));
+        for (k, v) in puts {
+            store.put(&k, v, Precondition::Absent).await.unwrap();
+        }
+        let (kvs, rev) = store.list(keys::ROOT).await.unwrap();
+        let snap = ClusterState::from_list(&kvs, rev);
+        let clock = Clock::new();
+        let metrics = Metrics::register(&prometheus::Registry::new()).unwrap();
+        let mut orch = Orchestrator::new(store.clone(), metrics, clock).with_history(10);
+        orch.pass(&snap, clock.now()).await.unwrap();
+        let (kvs, rev) = store.list(keys::ROOT).await.unwrap();
+        let after = ClusterState::from_list(&kvs, rev);
+        let mut left: Vec<&str> = after.deployments.keys().map(|d| d.0.as_str()).collect();
+        left.sort();
+        let mut want: Vec<String> = (5..15).map(|n| format!("/a-{n:02}")).collect();
+        want.push("/a-99".into());
+        want.push("/gone-14".into());
+        assert_eq!(left, want.iter().map(String::as_str).collect::<Vec<_>>());
     }
 }

@@ -151,6 +151,10 @@ pub struct DnsSection {
     /// How long an upstream gets to answer.
     #[serde(default = "default_dns_timeout", with = "humantime_serde")]
     pub timeout: Duration,
+    /// A UDP answer to a source that has not returned a DNS cookie of ours is at most this
+    /// many times the size of its query (larger ones are truncated, TC).
+    #[serde(default = "default_max_amplification")]
+    pub max_amplification: usize,
     /// Forwarded answers cached at most.
     #[serde(default = "default_cache_size")]
     pub cache_size: usize,
@@ -185,6 +189,9 @@ impl DnsSection {
     }
 }
 
+fn default_max_amplification() -> usize {
+    10
+}
 fn default_cache_size() -> usize {
     10_000
 }
@@ -218,6 +225,7 @@ impl Default for DnsSection {
             upstreams: None,
             zones: BTreeMap::new(),
             timeout: default_dns_timeout(),
+            max_amplification: default_max_amplification(),
             cache_size: default_cache_size(),
             forward_max_inflight: default_forward_max_inflight(),
             forward_sockets: default_forward_sockets(),
@@ -490,6 +498,7 @@ impl AgentConfig {
             bail!("dns.tcp_max_connections and dns.tcp_max_per_client must be at least 1");
         }
         for (name, value) in [
+            ("dns.max_amplification", self.dns.max_amplification),
             ("dns.cache_size", self.dns.cache_size),
             ("dns.forward_max_inflight", self.dns.forward_max_inflight),
             ("dns.forward_sockets", self.dns.forward_sockets),

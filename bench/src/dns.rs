@@ -125,6 +125,7 @@ fn dns_config() -> dcnet_dns::Config {
         },
         forward: None,
         tcp: dcnet_dns::TcpLimits::default(),
+        max_amplification: 10,
     }
 }
 

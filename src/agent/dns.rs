@@ -51,6 +51,7 @@ pub(super) fn start(
             },
             forward,
             tcp: cfg.dns.tcp_limits(),
+            max_amplification: cfg.dns.max_amplification,
         },
         dns::Metrics::register(registry).context("registering DNS metrics")?,
     );

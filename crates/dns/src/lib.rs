@@ -7,6 +7,7 @@
 #![deny(rust_2018_idioms, clippy::disallowed_methods, clippy::disallowed_types)]
 #![forbid(unsafe_code)]
 
+mod cookie;
 mod forward;
 mod http;
 mod metrics;
@@ -42,6 +43,9 @@ pub struct Config {
     pub forward: Option<ForwardConfig>,
     /// Bounds of the TCP server.
     pub tcp: TcpLimits,
+    /// A UDP answer to a source that has not returned a DNS cookie of ours is at most this
+    /// many times the size of its query; larger ones are truncated.
+    pub max_amplification: usize,
 }
 
 /// The DNS plane: the zone it serves and what it needs to serve it.
@@ -102,6 +106,8 @@ impl Dns {
                 None => None,
             },
             metrics: self.metrics.clone(),
+            cookies: cookie::Cookies::new(),
+            max_amplification: self.cfg.max_amplification.max(1),
         };
         let handler = Arc::new(handler);
         // UDP and TCP on loops of our own (udp.rs, tcp.rs), answering through the handler.
@@ -183,6 +189,7 @@ mod tests {
                     pool_size: 2,
                 }),
                 tcp: TcpLimits::default(),
+                max_amplification: usize::MAX,
             },
             Metrics::register(&prometheus::Registry::new()).unwrap(),
         );
@@ -265,6 +272,7 @@ mod tests {
                 },
                 forward: None,
                 tcp: TcpLimits::default(),
+                max_amplification: usize::MAX,
             },
             Metrics::register(&prometheus::Registry::new()).unwrap(),
         );
@@ -299,6 +307,11 @@ mod tests {
                 u16::from_be_bytes([reply[8], reply[9]]),
                 u16::from_be_bytes([reply[10], reply[11]]),
             ];
+            assert_eq!(
+                msg.edns.is_some(),
+                edns.is_some(),
+                "{edns:?}: the OPT record survives truncation"
+            );
             let opt = u16::from(msg.edns.is_some());
             let parsed = [
                 msg.answers.len() as u16,
@@ -311,6 +324,111 @@ mod tests {
                 "{edns:?}"
             );
         }
+        shutdown.cancel();
+        serving.await.unwrap();
+    }
+
+    /// Without a cookie of ours a UDP answer is at most ten times its query (TC beyond); a
+    /// client cookie gets a server cookie back, and with it the next answer is whole.
+    #[tokio::test]
+    async fn unverified_sources_get_small_answers_and_a_cookie_makes_them_whole() {
+        use hickory_proto::rr::rdata::opt::{EdnsCode, EdnsOption};
+
+        use crate::records::tests::{app, node, state, task};
+        let big = app(r#"{"id": "/big", "cmd": "x", "networks": [{"mode": "container"}]}"#);
+        let tasks = (0..120u8)
+            .map(|i| {
+                task(
+                    &format!("big.{i}"),
+                    &big,
+                    "node-1",
+                    &[],
+                    Some(&format!("10.128.1.{}", i + 2)),
+                )
+            })
+            .collect();
+        let mut st = state(vec![big], tasks, vec![]);
+        let n1 = node("node-1", "192.0.2.1");
+        Arc::make_mut(&mut st.nodes).insert(n1.id.clone(), Arc::new(n1));
+        let (_tx, rx) = watch::channel(Arc::new(st));
+        let server = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let addr = server.local_addr().unwrap();
+        let dns = Dns::new(
+            Config {
+                records: RecordConfig {
+                    this_node: Some(NodeId("node-1".into())),
+                    ..Default::default()
+                },
+                forward: None,
+                tcp: TcpLimits::default(),
+                max_amplification: 10,
+            },
+            Metrics::register(&prometheus::Registry::new()).unwrap(),
+        );
+        let shutdown = CancellationToken::new();
+        let serving = tokio::spawn(dns.run(rx, vec![server], Vec::new(), || {}, shutdown.clone()));
+        let client = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        client.connect(addr).await.unwrap();
+        let ask = |cookie: Option<Vec<u8>>| {
+            let mut q = Message::new(11, MessageType::Query, OpCode::Query);
+            q.add_query(Query::query(
+                Name::from_ascii("big.marathon.mesos.").unwrap(),
+                RecordType::A,
+            ));
+            let mut e = hickory_proto::op::Edns::new();
+            e.set_max_payload(1232);
+            if let Some(c) = cookie {
+                e.options_mut().insert(EdnsOption::Unknown(10, c));
+            }
+            q.set_edns(e);
+            q.to_vec().unwrap()
+        };
+        let exchange = |query: Vec<u8>| {
+            let client = &client;
+            async move {
+                client.send(&query).await.unwrap();
+                let mut buf = [0u8; 4096];
+                let n = tokio::time::timeout(Duration::from_secs(5), client.recv(&mut buf))
+                    .await
+                    .expect("an answer")
+                    .unwrap();
+                let parsed = Message::from_vec(&buf[..n]).unwrap_or_else(|e| {
+                    panic!(
+                        "{e}: {n} bytes, counts {:?}, tail {:02x?}",
+                        &buf[4..12],
+                        &buf[n.saturating_sub(60)..n]
+                    )
+                });
+                (query.len(), parsed, n)
+            }
+        };
+        // No cookie: at most ten times the query, truncated.
+        let (qlen, plain, n) = exchange(ask(None)).await;
+        assert!(n <= 10 * qlen, "{n} bytes for a {qlen}-byte query");
+        assert!(plain.metadata.truncation);
+        // A client cookie: still bounded, and the answer carries our server cookie.
+        let client_cookie = vec![1, 2, 3, 4, 5, 6, 7, 8];
+        let (qlen, first, n) = exchange(ask(Some(client_cookie.clone()))).await;
+        assert!(n <= 10 * qlen && first.metadata.truncation, "{n} bytes");
+        let Some(EdnsOption::Unknown(10, returned)) = first
+            .edns
+            .as_ref()
+            .and_then(|e| e.options().get(EdnsCode::Cookie))
+            .cloned()
+        else {
+            panic!("no cookie in {first:?}");
+        };
+        assert_eq!(returned.len(), 24);
+        assert_eq!(returned[..8], client_cookie[..], "our client cookie echoed");
+        // Returning it: verified, the whole buffer.
+        let (_, whole, n) = exchange(ask(Some(returned.clone()))).await;
+        assert!(n > 1000 && n <= 1232, "{n} bytes");
+        assert!(whole.answers.len() > 60, "{}", whole.answers.len());
+        // A forged server cookie is no better than none.
+        let mut forged = returned;
+        forged[23] ^= 0xff;
+        let (qlen, _, n) = exchange(ask(Some(forged))).await;
+        assert!(n <= 10 * qlen, "{n} bytes with a forged cookie");
         shutdown.cancel();
         serving.await.unwrap();
     }

@@ -56,6 +56,74 @@ pub(crate) fn screen(msg: &[u8]) -> Verdict {
     Verdict::Answer
 }
 
+/// Cuts an answer back to its last whole record and sets its counts to the records it then
+/// holds; returns whether an OPT record is among them. (hickory's encoder, out of room,
+/// leaves part of a record behind and counts it.)
+pub(crate) fn keep_whole_records(msg: &mut Vec<u8>) -> bool {
+    if msg.len() < HEADER {
+        return false;
+    }
+    let count = |m: &[u8], i: usize| usize::from(u16::from_be_bytes([m[i], m[i + 1]]));
+    let mut at = HEADER;
+    for _ in 0..count(msg, 4) {
+        match name_end(msg, at, true) {
+            Some(end) if end + 4 <= msg.len() => at = end + 4,
+            _ => return false,
+        }
+    }
+    let wanted = [count(msg, 6), count(msg, 8), count(msg, 10)];
+    let mut kept = [0u16; 3];
+    let mut has_opt = false;
+    'sections: for (section, want) in wanted.into_iter().enumerate() {
+        for _ in 0..want {
+            let Some(end) = name_end(msg, at, true) else {
+                break 'sections;
+            };
+            let Some(fixed) = msg.get(end..end + 10) else {
+                break 'sections;
+            };
+            let rtype = u16::from_be_bytes([fixed[0], fixed[1]]);
+            let next = end + 10 + usize::from(u16::from_be_bytes([fixed[8], fixed[9]]));
+            if next > msg.len() {
+                break 'sections;
+            }
+            has_opt |= rtype == 41;
+            kept[section] += 1;
+            at = next;
+        }
+    }
+    msg.truncate(at);
+    for (i, n) in kept.into_iter().enumerate() {
+        msg[6 + 2 * i..8 + 2 * i].copy_from_slice(&n.to_be_bytes());
+    }
+    if kept.iter().map(|n| usize::from(*n)).sum::<usize>() < wanted.iter().sum::<usize>() {
+        msg[2] |= 0x02; // TC
+    }
+    has_opt
+}
+
+/// The RDATA of a screened query's OPT record, if it has one.
+pub(crate) fn opt_rdata(msg: &[u8]) -> Option<&[u8]> {
+    let count = |i: usize| usize::from(u16::from_be_bytes([msg[i], msg[i + 1]]));
+    if msg.len() < HEADER {
+        return None;
+    }
+    let records = count(6) + count(8) + count(10);
+    let mut at = name_end(msg, HEADER, false)? + 4;
+    for _ in 0..records {
+        let end = name_end(msg, at, true)?;
+        let fixed = msg.get(end..end + 10)?;
+        let rtype = u16::from_be_bytes([fixed[0], fixed[1]]);
+        let rdlen = usize::from(u16::from_be_bytes([fixed[8], fixed[9]]));
+        let rdata = msg.get(end + 10..end + 10 + rdlen)?;
+        if rtype == 41 {
+            return Some(rdata);
+        }
+        at = end + 10 + rdlen;
+    }
+    None
+}
+
 /// Where the name at `start` ends. A pointer may end a name only where `pointers` allows it,
 /// and only to a name that starts earlier in the message, after the header.
 fn name_end(msg: &[u8], start: usize, pointers: bool) -> Option<usize> {
@@ -180,5 +248,29 @@ mod tests {
             Verdict::Drop("response"),
             "never answered in turn"
         );
+    }
+
+    #[test]
+    fn an_answer_is_cut_back_to_whole_records() {
+        let mut msg = Message::new(1, MessageType::Response, OpCode::Query);
+        let name = Name::from_ascii("a.mesos.").unwrap();
+        msg.add_query(Query::query(name.clone(), RecordType::A));
+        for i in 0..3 {
+            msg.add_answer(hickory_proto::rr::Record::from_rdata(
+                name.clone(),
+                5,
+                hickory_proto::rr::RData::A(hickory_proto::rr::rdata::A::new(10, 0, 0, i)),
+            ));
+        }
+        let whole = msg.to_vec().unwrap();
+        let mut cut = whole.clone();
+        cut.truncate(whole.len() - 3);
+        assert!(!keep_whole_records(&mut cut));
+        let reply = Message::from_vec(&cut).expect("whole records only");
+        assert_eq!(reply.answers.len(), 2);
+        assert!(reply.metadata.truncation);
+        let mut intact = whole.clone();
+        keep_whole_records(&mut intact);
+        assert_eq!(intact, whole, "a whole answer is left as it is");
     }
 }

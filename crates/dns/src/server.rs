@@ -13,6 +13,7 @@ use hickory_server::zone_handler::MessageResponseBuilder;
 use tokio::time::Instant;
 use tracing::debug;
 
+use crate::cookie::{self, Cookies};
 use crate::forward::Forwarder;
 use crate::metrics::Metrics;
 use crate::wire::{self, MAX_UDP_PAYLOAD};
@@ -22,18 +23,37 @@ pub(crate) struct Handler {
     pub(crate) zone: Arc<ArcSwap<Zone>>,
     pub(crate) forwarder: Option<Arc<Forwarder>>,
     pub(crate) metrics: Metrics,
+    pub(crate) cookies: Cookies,
+    /// A UDP answer to a source that has not shown a cookie of ours is at most this many
+    /// times its query.
+    pub(crate) max_amplification: usize,
 }
 
 impl Handler {
-    /// Answers a datagram for one of our names straight from the encoded zone into `out`.
-    /// `false`: the general path must answer it (not ours, or not a plain query).
-    pub(crate) fn answer_wire(&self, datagram: &[u8], out: &mut Vec<u8>) -> bool {
+    /// The largest UDP answer `datagram` from `src` may get: what its EDNS buffer allows if it
+    /// returned a server cookie of ours, else `max_amplification` times its size.
+    pub(crate) fn udp_cap(&self, datagram: &[u8], src: std::net::IpAddr) -> usize {
+        let verified = cookie::of_query(datagram).is_some_and(|(client, server)| {
+            self.cookies
+                .is_valid(client, server, src, cookie::unix_now())
+        });
+        if verified {
+            usize::MAX
+        } else {
+            datagram.len().saturating_mul(self.max_amplification)
+        }
+    }
+
+    /// Answers a datagram for one of our names straight from the encoded zone into `out`,
+    /// at most `cap` bytes. `false`: the general path must answer it (not ours, or not a
+    /// plain query).
+    pub(crate) fn answer_wire(&self, datagram: &[u8], cap: usize, out: &mut Vec<u8>) -> bool {
         let started = Instant::now();
         let Some(query) = wire::Query::parse(datagram) else {
             return false;
         };
         let zone = self.zone.load();
-        let Some(rcode) = wire::answer(&zone, &query, self.forwarder.is_some(), out) else {
+        let Some(rcode) = wire::answer(&zone, &query, self.forwarder.is_some(), cap, out) else {
             return false;
         };
         self.metrics.query(
@@ -80,6 +100,19 @@ impl RequestHandler for Handler {
         let edns = request.edns.as_ref().map(|req| {
             let mut e = Edns::new();
             e.set_max_payload(req.max_payload().clamp(512, MAX_UDP_PAYLOAD));
+            // A client cookie gets it back with a fresh server cookie for this client.
+            if let Some((client, _)) = cookie::of_query(request.as_slice()) {
+                let server = self
+                    .cookies
+                    .make(client, request.src().ip(), cookie::unix_now());
+                let mut value = client.to_vec();
+                value.extend_from_slice(&server);
+                e.options_mut()
+                    .insert(hickory_proto::rr::rdata::opt::EdnsOption::Unknown(
+                        cookie::OPTION,
+                        value,
+                    ));
+            }
             e
         });
         let mut builder = MessageResponseBuilder::from_message_request(request);

@@ -26,6 +26,8 @@ use crate::server::Handler;
 struct Reply {
     socket: Arc<UdpSocket>,
     dst: SocketAddr,
+    /// The amplification bound for this source (see cookie.rs).
+    cap: usize,
 }
 
 #[async_trait::async_trait]
@@ -43,14 +45,38 @@ impl ResponseHandler for Reply {
     ) -> Result<ResponseInfo, NetError> {
         // RFC 1035: 512 bytes without EDNS; else what the client advertised (capped by the
         // handler). Records that do not fit are left out and TC is set.
-        let max = response.edns().map_or(512, |e| e.max_payload().max(512));
+        let max = response
+            .edns()
+            .map_or(512, |e| e.max_payload().max(512))
+            .min(u16::try_from(self.cap).unwrap_or(u16::MAX));
+        // hickory leaves the OPT record out of an answer it truncates, and with it the
+        // cookie: keep room for it, and add it when it is missing.
+        let opt = response.edns().and_then(encode_opt);
+        let room = max.saturating_sub(opt.as_ref().map_or(0, |o| o.len() as u16));
         let mut buf = Vec::with_capacity(512);
         let mut encoder = BinEncoder::new(&mut buf);
-        encoder.set_max_size(max);
+        encoder.set_max_size(room);
         let info = response.destructive_emit(&mut encoder)?;
+        let has_opt = crate::screen::keep_whole_records(&mut buf);
+        if let Some(opt) = opt
+            && !has_opt
+        {
+            let additional = u16::from_be_bytes([buf[10], buf[11]]) + 1;
+            buf[10..12].copy_from_slice(&additional.to_be_bytes());
+            buf.extend_from_slice(&opt);
+        }
         self.socket.send_to(&buf, self.dst).await?;
         Ok(info)
     }
+}
+
+/// An OPT record in wire form.
+fn encode_opt(edns: &hickory_proto::op::Edns) -> Option<Vec<u8>> {
+    use hickory_proto::serialize::binary::BinEncodable;
+    let record = Record::from(edns);
+    let mut out = Vec::with_capacity(64);
+    record.emit(&mut BinEncoder::new(&mut out)).ok()?;
+    Some(out)
 }
 
 /// Serves one UDP socket until `shutdown`.
@@ -82,7 +108,8 @@ pub(crate) async fn serve(
                 continue;
             }
         }
-        if handler.answer_wire(&buf[..n], &mut out) {
+        let cap = handler.udp_cap(&buf[..n], src.ip());
+        if handler.answer_wire(&buf[..n], cap, &mut out) {
             let _ = socket.send_to(&out, src).await;
             continue;
         }
@@ -92,6 +119,7 @@ pub(crate) async fn serve(
         let reply = Reply {
             socket: socket.clone(),
             dst: src,
+            cap,
         };
         if handler.answers_locally(&request) {
             handler

@@ -149,8 +149,11 @@ impl<'a> Query<'a> {
                 {
                     return None;
                 }
-                let rdlen = usize::from(u16::from_be_bytes([opt[9], opt[10]]));
-                at += OPT_LEN + rdlen;
+                // Options (a cookie, say) want an answer that carries them: the general way.
+                if opt[9..11] != [0, 0] {
+                    return None;
+                }
+                at += OPT_LEN;
                 Some(u16::from_be_bytes([opt[3], opt[4]]))
             }
             _ => return None,
@@ -188,6 +191,7 @@ pub(crate) fn answer(
     zone: &Zone,
     q: &Query<'_>,
     recursion_available: bool,
+    cap: usize,
     out: &mut Vec<u8>,
 ) -> Option<ResponseCode> {
     let name = q.name();
@@ -207,10 +211,13 @@ pub(crate) fn answer(
         }
         None => None,
     };
+    // The client's buffer, and the amplification bound for a source that is not verified.
     let max = match q.payload {
         Some(p) => usize::from(p.clamp(512, MAX_UDP_PAYLOAD)),
         None => 512,
-    } - if q.payload.is_some() { OPT_LEN } else { 0 };
+    }
+    .min(cap)
+    .saturating_sub(if q.payload.is_some() { OPT_LEN } else { 0 });
 
     out.clear();
     out.extend_from_slice(&[0; HEADER]);
@@ -341,7 +348,7 @@ mod tests {
     fn ask(zone: &Zone, datagram: &[u8]) -> Option<(ResponseCode, Message, usize)> {
         let q = Query::parse(datagram)?;
         let mut out = Vec::new();
-        let rcode = answer(zone, &q, true, &mut out)?;
+        let rcode = answer(zone, &q, true, usize::MAX, &mut out)?;
         Some((rcode, Message::from_vec(&out).unwrap(), out.len()))
     }
 

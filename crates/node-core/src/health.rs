@@ -12,6 +12,9 @@ use crate::model::{HealthCheck, HealthProtocol};
 pub struct Target {
     pub addr: Option<SocketAddr>,
     pub env: Vec<(String, String)>,
+    /// A container task's process: a COMMAND check runs in its network and mount
+    /// namespaces, where the task's own view of the world is.
+    pub enter: Option<u32>,
 }
 
 /// Runs one probe; `Err` carries a one-line cause for operators.
@@ -35,7 +38,16 @@ pub async fn probe(check: &HealthCheck, target: &Target) -> Result<(), String> {
                     .as_ref()
                     .map(|c| c.value.as_str())
                     .unwrap_or("false");
-                let status = tokio::process::Command::new("/bin/sh")
+                let mut command = match target.enter {
+                    Some(pid) => {
+                        let mut c = tokio::process::Command::new("nsenter");
+                        c.arg(format!("--target={pid}"))
+                            .args(["--net", "--mount", "--", "/bin/sh"]);
+                        c
+                    }
+                    None => tokio::process::Command::new("/bin/sh"),
+                };
+                let status = command
                     .arg("-c")
                     .arg(cmd)
                     .envs(target.env.iter().map(|(k, v)| (k, v)))
@@ -219,6 +231,7 @@ mod tests {
         let target = Target {
             addr: Some(addr),
             env: vec![],
+            enter: None,
         };
         let http = |path: &str| -> HealthCheck {
             serde_json::from_value(
@@ -233,6 +246,7 @@ mod tests {
         let closed = Target {
             addr: Some("127.0.0.1:1".parse().unwrap()),
             env: vec![],
+            enter: None,
         };
         assert!(probe(&check(1), &closed).await.is_err());
         let cmd: HealthCheck = serde_json::from_value(
@@ -242,6 +256,7 @@ mod tests {
         let env = Target {
             addr: None,
             env: vec![("X".into(), "yes".into())],
+            enter: None,
         };
         assert_eq!(probe(&cmd, &env).await, Ok(()));
         assert!(
@@ -249,11 +264,64 @@ mod tests {
                 &cmd,
                 &Target {
                     addr: None,
-                    env: vec![]
+                    env: vec![],
+                    enter: None,
                 }
             )
             .await
             .is_err()
         );
+    }
+
+    /// A COMMAND check of a container task runs in the task's network namespace: there, only
+    /// loopback exists (three lines of /proc/net/dev).
+    #[tokio::test]
+    async fn command_checks_run_in_the_task_s_namespaces() {
+        let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+        let is_root = status
+            .lines()
+            .find_map(|l| l.strip_prefix("Uid:"))
+            .and_then(|uids| uids.split_whitespace().nth(1))
+            == Some("0");
+        if !is_root {
+            eprintln!("skipped: needs root");
+            return;
+        }
+        let name = format!("dcnet-test-{}-health", std::process::id());
+        let ns = dcnet_netns::NetnsGuard::create(&name).unwrap();
+        let mut task = tokio::process::Command::new("nsenter")
+            .arg(format!("--net={}", ns.path().display()))
+            .args(["sleep", "30"])
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap();
+        let pid = task.id().unwrap();
+        // nsenter becomes sleep once it has entered: wait until the namespace is its.
+        let mine = std::fs::read_link("/proc/self/ns/net").unwrap();
+        for _ in 0..100 {
+            if std::fs::read_link(format!("/proc/{pid}/ns/net")).is_ok_and(|l| l != mine) {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        let only_lo: HealthCheck = serde_json::from_value(serde_json::json!(
+            {"protocol": "COMMAND", "command": {"value": "[ $(wc -l < /proc/net/dev) -eq 3 ] && [ \"$APP\" = web ]"}}
+        ))
+        .unwrap();
+        let inside = Target {
+            addr: None,
+            env: vec![("APP".into(), "web".into())],
+            enter: Some(pid),
+        };
+        assert_eq!(probe(&only_lo, &inside).await, Ok(()));
+        let outside = Target {
+            enter: None,
+            ..inside
+        };
+        assert!(
+            probe(&only_lo, &outside).await.is_err(),
+            "the node has more than loopback"
+        );
+        task.kill().await.unwrap();
     }
 }

@@ -395,15 +395,28 @@ impl Manager {
             _ => (self.node.ip, task.ports.clone()),
         };
         let started = tokio::time::Instant::now();
-        let env: Vec<(String, String)> = ports
+        // The task's own environment, then its ports and ids, as the task sees them.
+        let env: Vec<(String, String)> = app
+            .env
             .iter()
-            .enumerate()
-            .map(|(i, p)| (format!("PORT{i}"), p.to_string()))
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .chain(
+                ports
+                    .iter()
+                    .enumerate()
+                    .map(|(i, p)| (format!("PORT{i}"), p.to_string())),
+            )
             .chain([
                 ("HOST".to_string(), ip.to_string()),
                 ("MESOS_TASK_ID".to_string(), id.to_string()),
+                ("MARATHON_APP_ID".to_string(), app.id.to_string()),
             ])
             .collect();
+        let enter = task
+            .process
+            .as_ref()
+            .filter(|_| app.is_container_network())
+            .map(|p| p.pid);
         let span = info_span!("health", task = %id);
         tokio::spawn(
             async move {
@@ -425,6 +438,7 @@ impl Manager {
                         let target = health::Target {
                             addr,
                             env: env.clone(),
+                            enter,
                         };
                         let result = health::probe(check, &target).await;
                         let in_grace = started.elapsed() < check.grace_period();

@@ -162,6 +162,13 @@ impl ContainerRuntime {
     /// time, computing the set under the same lock, so that a slower writer never puts back an
     /// older set.
     async fn apply_nat(&self) {
+        if let Err(e) = self.try_apply_nat().await {
+            warn!(error = %e, "could not apply the port mappings with nft");
+        }
+    }
+
+    /// Writes the ruleset; an error says why nft refused it.
+    async fn try_apply_nat(&self) -> Result<(), String> {
         let mut applied = self.applied.lock().await;
         let rules: Vec<NatRule> = self
             .nat
@@ -173,12 +180,11 @@ impl ContainerRuntime {
             .collect();
         let ruleset = render_nat(self.cfg.node_ip, &rules);
         if applied.as_deref() == Some(ruleset.as_str()) || (applied.is_none() && rules.is_empty()) {
-            return;
+            return Ok(());
         }
-        match run_nft(&ruleset).await {
-            Ok(()) => *applied = Some(ruleset),
-            Err(e) => warn!(error = %e, "could not apply the port mappings with nft"),
-        }
+        run_nft(&ruleset).await.map_err(|e| e.to_string())?;
+        *applied = Some(ruleset);
+        Ok(())
     }
 
     async fn setup(&self, spec: &LaunchSpec, held: &Held) -> Result<(), RuntimeError> {
@@ -300,7 +306,12 @@ impl Runtime for ContainerRuntime {
                 .lock()
                 .expect("nat lock")
                 .insert(spec.task.clone(), nat);
-            self.apply_nat().await;
+            // A task whose ports are not published does not run as if they were.
+            if let Err(e) = self.try_apply_nat().await {
+                self.nat.lock().expect("nat lock").remove(&spec.task);
+                self.cleanup(&spec.task).await;
+                return Err(net("publishing the port mappings with nft", e));
+            }
         }
         let wrapper: Vec<String> = vec![
             self.cfg.shim.display().to_string(),

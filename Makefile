@@ -9,12 +9,13 @@ export CARGO_TARGET_DIR ?= $(CURDIR)/target
 CARGO ?= cargo
 DCNET := $(CARGO_TARGET_DIR)/debug/dcnet
 
-.PHONY: help deps build test demo bench lint fmt
+.PHONY: help deps build test demo bench soak lint fmt
 
 help:
 	@echo "make demo   - build, run a single-node agent in a throw-away netns, deploy examples/, clean up"
 	@echo "make test   - every test: unit, integration and the netns end-to-end tests (as root)"
 	@echo "make bench  - benchmarks: placement, DNS (vs Knot, NSD), L4LB (vs HAProxy, direct)"
+	@echo "make soak   - a minute of DNS and API floods from a container while apps deploy; peak RSS and fds"
 	@echo "make lint   - cargo fmt --check and clippy -D warnings"
 
 deps:
@@ -41,3 +42,6 @@ bench: deps
 	$(CARGO) run --release -p dcnet-bench --bin placement
 	bench/dns.sh
 	bench/l4lb.sh
+
+soak: deps
+	bench/soak.sh

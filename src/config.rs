@@ -346,6 +346,10 @@ pub struct ApiSection {
     /// Connections open at once; past it a new one is closed at once.
     #[serde(default = "default_api_max_connections")]
     pub max_connections: usize,
+    /// Connections open at once from one client address, so that one client (a container
+    /// flooding the API) cannot take every slot from the operator.
+    #[serde(default = "default_api_max_per_client")]
+    pub max_per_client: usize,
     /// How long a client may take to send a request's headers.
     #[serde(default = "default_api_timeout", with = "humantime_serde")]
     pub header_timeout: Duration,
@@ -364,6 +368,7 @@ impl Default for ApiSection {
             token: None,
             hosts: Vec::new(),
             max_connections: default_api_max_connections(),
+            max_per_client: default_api_max_per_client(),
             header_timeout: default_api_timeout(),
             body_timeout: default_api_timeout(),
             max_body: default_api_max_body(),
@@ -373,6 +378,9 @@ impl Default for ApiSection {
 
 fn default_api_max_connections() -> usize {
     256
+}
+fn default_api_max_per_client() -> usize {
+    32
 }
 fn default_api_timeout() -> Duration {
     Duration::from_secs(10)
@@ -444,8 +452,8 @@ impl AgentConfig {
         if self.api.token.as_deref().is_some_and(|t| t != t.trim()) {
             bail!("api.token has leading or trailing white space, which no client would send");
         }
-        if self.api.max_connections == 0 || self.api.max_body == 0 {
-            bail!("api.max_connections and api.max_body must be at least 1");
+        if self.api.max_connections == 0 || self.api.max_per_client == 0 || self.api.max_body == 0 {
+            bail!("api.max_connections, api.max_per_client and api.max_body must be at least 1");
         }
         if !self.api.listen.ip().is_loopback()
             && self.api.token.as_deref().is_none_or(str::is_empty)

@@ -84,15 +84,20 @@ pub(super) fn router(
     }))
 }
 
-/// Serves `app` on `listener` as the `api` plane: at most `api.max_connections` at once (a
-/// new one past it is closed at once), each given `api.header_timeout` to send its headers.
+/// Serves `app` on `listener` as the `api` plane: at most `api.max_connections` at once and
+/// `api.max_per_client` from one address (a new one past either is closed at once), each given
+/// `api.header_timeout` to send its headers.
 pub(super) fn start(
     cfg: &AgentConfig,
     listener: std::net::TcpListener,
     app: axum::Router,
     supervisor: &mut Supervisor,
 ) {
-    let limits = (cfg.api.max_connections, cfg.api.header_timeout);
+    let limits = Limits {
+        max_connections: cfg.api.max_connections,
+        max_per_client: cfg.api.max_per_client,
+        header_timeout: cfg.api.header_timeout,
+    };
     supervisor.spawn("api", move |ready, stop| {
         let (app, listener) = (app.clone(), listener.try_clone());
         async move {
@@ -104,18 +109,61 @@ pub(super) fn start(
     });
 }
 
+#[derive(Clone, Copy)]
+struct Limits {
+    max_connections: usize,
+    max_per_client: usize,
+    header_timeout: Duration,
+}
+
+/// Connections open per client address, so that one client cannot take every slot.
+#[derive(Clone, Default)]
+struct PerClient(Arc<std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, usize>>>);
+
+struct ClientSlot(PerClient, std::net::IpAddr);
+
+impl PerClient {
+    fn take(&self, ip: std::net::IpAddr, max: usize) -> Option<ClientSlot> {
+        let mut open = self.0.lock().expect("per-client lock");
+        let n = open.entry(ip).or_default();
+        if *n >= max {
+            return None;
+        }
+        *n += 1;
+        Some(ClientSlot(self.clone(), ip))
+    }
+}
+
+impl Drop for ClientSlot {
+    fn drop(&mut self) {
+        let mut open = (self.0).0.lock().expect("per-client lock");
+        if let Some(n) = open.get_mut(&self.1) {
+            *n -= 1;
+            if *n == 0 {
+                open.remove(&self.1);
+            }
+        }
+    }
+}
+
 async fn serve(
     listener: tokio::net::TcpListener,
     app: axum::Router,
-    (max_connections, header_timeout): (usize, Duration),
+    limits: Limits,
     stop: CancellationToken,
 ) {
+    let Limits {
+        max_connections,
+        max_per_client,
+        header_timeout,
+    } = limits;
     let slots = Arc::new(Semaphore::new(max_connections));
+    let per_client = PerClient::default();
     let mut connections = JoinSet::new();
     loop {
-        let stream = tokio::select! {
+        let (stream, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
-                Ok((stream, _)) => stream,
+                Ok(accepted) => accepted,
                 Err(e) => {
                     debug!(error = %e, "API accept failed");
                     tokio::time::sleep(Duration::from_millis(50)).await;
@@ -125,6 +173,11 @@ async fn serve(
             Some(_) = connections.join_next(), if !connections.is_empty() => continue,
             () = stop.cancelled() => break,
         };
+        let Some(client_slot) = per_client.take(peer.ip(), max_per_client) else {
+            debug!(client = %peer.ip(), max_per_client, "API connection refused: too many from one client");
+            drop(stream);
+            continue;
+        };
         let Ok(slot) = slots.clone().try_acquire_owned() else {
             debug!(max_connections, "API connection refused: too many open");
             drop(stream);
@@ -132,7 +185,7 @@ async fn serve(
         };
         let (service, stop) = (TowerToHyperService::new(app.clone()), stop.clone());
         connections.spawn(async move {
-            let _slot = slot;
+            let _slots = (slot, client_slot);
             let conn = hyper::server::conn::http1::Builder::new()
                 .timer(TokioTimer::new())
                 .header_read_timeout(header_timeout)

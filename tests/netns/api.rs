@@ -54,7 +54,7 @@ fn cross_site_writes_foreign_hosts_and_half_requests_are_refused_with_json() {
     let agent = Agent::start_with(
         &ns,
         "127.0.0.1",
-        "[api]\nlisten = \"127.0.0.1:8080\"\nheader_timeout = \"1s\"\nbody_timeout = \"1s\"\nmax_body = 4096\nmax_connections = 4\n",
+        "[api]\nlisten = \"127.0.0.1:8080\"\nheader_timeout = \"3s\"\nbody_timeout = \"1s\"\nmax_body = 4096\nmax_connections = 4\nmax_per_client = 3\n",
     );
     // What a page elsewhere can send without asking: a text/plain POST, with its Origin.
     for (headers, status) in [
@@ -148,13 +148,48 @@ fn cross_site_writes_foreign_hosts_and_half_requests_are_refused_with_json() {
     let (got, v) = raw(&half);
     assert_eq!(got, 408, "{v}");
 
-    // At most four connections: a fifth is closed at once while four are held.
-    let held: Vec<TcpStream> = (0..4)
+    // At most three connections from one address, and four in all: a client that holds its
+    // three cannot shut others out, and past four nobody new gets in.
+    let curl_from = |source: &str| -> String {
+        let out = std::process::Command::new("curl")
+            .args([
+                "-s",
+                "-o",
+                "/dev/null",
+                "-w",
+                "%{http_code}",
+                "--max-time",
+                "2",
+            ])
+            .args(["--interface", source, "http://127.0.0.1:8080/ping"])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let held: Vec<TcpStream> = (0..3)
         .map(|_| TcpStream::connect("127.0.0.1:8080").unwrap())
         .collect();
     std::thread::sleep(Duration::from_millis(100));
-    let (got, _) = raw(&request("GET", "/ping", &[], ""));
-    assert_eq!(got, 0, "a fifth connection was served");
+    assert_eq!(
+        raw(&request("GET", "/ping", &[], "")).0,
+        0,
+        "a fourth from one client was served"
+    );
+    assert_eq!(curl_from("127.0.0.2"), "200", "another client is shut out");
+    let mut holder = std::process::Command::new("python3")
+        .args([
+            "-c",
+            "import socket, time; s = socket.socket(); s.bind(('127.0.0.2', 0)); s.connect(('127.0.0.1', 8080)); time.sleep(2)",
+        ])
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(
+        curl_from("127.0.0.3"),
+        "000",
+        "a fifth connection in all was served"
+    );
+    let _ = holder.wait();
     drop(held);
     let mut served = false;
     for _ in 0..50 {

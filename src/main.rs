@@ -62,6 +62,19 @@ enum Command {
     /// Inspect DNS: the records served, and lookups against the agent's server.
     #[command(subcommand)]
     Dns(cli::DnsCommand),
+    /// Start a task's command, wait for it and record its exit status (used by the agent).
+    #[command(hide = true)]
+    TaskWait {
+        /// Where the exit status is written.
+        #[arg(long)]
+        status: PathBuf,
+        /// Where the task's pid is written once it has started.
+        #[arg(long)]
+        pid: PathBuf,
+        /// The command and its arguments.
+        #[arg(last = true, required = true)]
+        argv: Vec<String>,
+    },
     /// Enter a container task's namespaces and run its command (used by the agent).
     #[command(hide = true)]
     ContainerExec {
@@ -87,6 +100,11 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Agent { config } => run_agent(&config),
+        Command::TaskWait { status, pid, argv } => {
+            let e = shim::wait(&status, &pid, &argv);
+            eprintln!("dcnet task-wait: {e:#}");
+            ExitCode::from(127)
+        }
         Command::ContainerExec {
             netns,
             resolv_conf,
@@ -107,7 +125,9 @@ fn main() -> ExitCode {
                 Command::Deployment(cmd) => cmd.run(&client, json),
                 Command::Vip(cmd) => cmd.run(&client, json),
                 Command::Dns(cmd) => cmd.run(&client, json),
-                Command::Agent { .. } | Command::ContainerExec { .. } => {
+                Command::Agent { .. }
+                | Command::ContainerExec { .. }
+                | Command::TaskWait { .. } => {
                     unreachable!("handled above")
                 }
             };

@@ -57,3 +57,49 @@ fn enter(netns: &Path, resolv_conf: &Path) -> anyhow::Result<()> {
     .context("binding the task's resolv.conf")?;
     Ok(())
 }
+
+/// `dcnet task-wait`: starts `argv` as its child, in a process group of its own (the agent
+/// signals that group, never this waiter), reports the child's pid in `pid`, waits for it,
+/// records its exit status in `status`, and exits as it did. Both files are written whole (a
+/// temporary file, then a rename). This is what lets an agent that restarted know how an
+/// adopted task ended: it is no longer the task's parent, the waiter is.
+pub fn wait(status: &Path, pid: &Path, argv: &[String]) -> anyhow::Error {
+    let mut child = match std::process::Command::new(&argv[0])
+        .args(&argv[1..])
+        .process_group(0)
+        .spawn()
+    {
+        Ok(child) => child,
+        Err(e) => return anyhow!("running {}: {e}", argv[0]),
+    };
+    if let Err(e) = write_whole(pid, child.id().to_string().as_bytes()) {
+        let _ = child.kill();
+        return e.context(format!("reporting the task's pid in {}", pid.display()));
+    }
+    let exit = match child.wait() {
+        Ok(exit) => exit,
+        Err(e) => return anyhow!("waiting for {}: {e}", argv[0]),
+    };
+    let record = dcnet_node_core::runtime::ExitStatus::of(exit);
+    let written = serde_json::to_vec(&record)
+        .map_err(anyhow::Error::from)
+        .and_then(|bytes| write_whole(status, &bytes));
+    if let Err(e) = written {
+        eprintln!(
+            "dcnet task-wait: recording the exit status in {}: {e:#}",
+            status.display()
+        );
+    }
+    use std::os::unix::process::ExitStatusExt;
+    let code = exit
+        .code()
+        .unwrap_or_else(|| 128 + exit.signal().unwrap_or(0));
+    std::process::exit(code)
+}
+
+fn write_whole(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, bytes)?;
+    std::fs::rename(&tmp, path)?;
+    Ok(())
+}

@@ -236,6 +236,7 @@ async fn converge(n: usize) -> anyhow::Result<()> {
         sandbox_dir: dir.path().join("sandboxes"),
         cgroups: Cgroups::new(Hierarchies::default(), "unused"),
         path_env: "/usr/bin:/bin".into(),
+        waiter: None,
     });
     let core = dcnet_node_core::NodeCore::start(
         dcnet_node_core::Config {

@@ -35,6 +35,7 @@ pub(super) async fn open(
         sandbox_dir: cfg.state_dir.join("sandboxes"),
         cgroups,
         path_env: std::env::var("PATH").unwrap_or_else(|_| "/usr/local/bin:/usr/bin:/bin".into()),
+        waiter: Some(std::env::current_exe().context("finding the dcnet binary for task-wait")?),
     });
     let subnet = ipam::claim_subnet(
         &*store,

@@ -522,3 +522,41 @@ fn agent_refuses_bad_config_with_ex_usage() {
     assert_eq!(out.status.code(), Some(64));
     assert!(String::from_utf8_lossy(&out.stderr).contains("api.token"));
 }
+
+/// A task the agent adopted after a crash ends with its real exit code, which its waiter
+/// (`dcnet task-wait`) recorded: not "unknown", not a made-up failure.
+#[test]
+fn a_task_adopted_after_a_crash_ends_with_its_real_exit_code() {
+    require_root();
+    let ns = NetNs::new("exitcode");
+    ns.enter();
+    let mut agent = Agent::start(&ns);
+    deploy(
+        &agent,
+        &json!({"id": "/exit/seven", "cmd": "sleep 4; exit 7", "cpus": 0.1, "mem": 32,
+                "backoffSeconds": 600}),
+    );
+    assert!(
+        wait_until(Duration::from_secs(20), || agent
+            .running("/exit/seven")
+            .len()
+            == 1),
+        "{:?}",
+        agent.tasks("/exit/seven")
+    );
+    let task = agent.running("/exit/seven").remove(0);
+    agent.crash_and_restart();
+    let mut failure = Value::Null;
+    let ended = wait_until(Duration::from_secs(30), || {
+        failure = agent.get("/v2/apps/exit/seven")["app"]["lastTaskFailure"].clone();
+        failure.is_object()
+    });
+    assert!(ended, "the task's end was never recorded");
+    assert_eq!(failure["taskId"], task["id"], "{failure}");
+    assert_eq!(failure["message"], "exited with code 7", "{failure}");
+    assert_eq!(failure["state"], "TASK_FAILED", "{failure}");
+    assert!(
+        agent.log().contains("re-adopted a running task"),
+        "the task was adopted, not relaunched"
+    );
+}

@@ -237,6 +237,12 @@ cgroup_parent = "{cgroup_parent}"
         self.spawn();
     }
 
+    /// Kills the agent with SIGKILL, as a crash would, and starts it again.
+    pub fn crash_and_restart(&mut self) {
+        self.stop(nix::sys::signal::Signal::SIGKILL);
+        self.spawn();
+    }
+
     /// Sends an HTTP request from this thread (which must have entered the namespace).
     pub fn http(
         &self,

@@ -723,6 +723,7 @@ mod tests {
             sandbox_dir: dir.path().join("sandboxes"),
             cgroups: Cgroups::new(Hierarchies::default(), "unused"),
             path_env: "/usr/bin:/bin".into(),
+            waiter: None,
         });
         let metrics = Metrics::register(&prometheus::Registry::new()).unwrap();
         let mut manager = Manager::new(store.clone(), Arc::new(runtime), node, metrics);

@@ -186,6 +186,10 @@ pub struct ProcessHandle {
     /// The process's start time in clock ticks since boot (`/proc/PID/stat` field 22), so that
     /// a recycled pid is never mistaken for the task.
     pub start_ticks: u64,
+    /// The `task-wait` process that waits for the task and records its exit status in the
+    /// sandbox (so an agent that restarted learns how an adopted task ended).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub waiter: Option<u32>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]

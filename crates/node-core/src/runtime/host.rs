@@ -24,6 +24,37 @@ pub struct HostConfig {
     pub cgroups: Cgroups,
     /// `PATH` for tasks.
     pub path_env: String,
+    /// The `dcnet` binary, whose `task-wait` starts each task, waits for it and writes its
+    /// exit status to the sandbox, so that a task adopted after an agent restart ends with its
+    /// real exit code. Without it (benchmarks), such a task's status is unknown.
+    pub waiter: Option<PathBuf>,
+}
+
+/// In a task's sandbox: the exit status `task-wait` records, and the task's pid it reports.
+pub const EXIT_STATUS_FILE: &str = "exit.json";
+pub const PID_FILE: &str = "task.pid";
+
+/// A task's exit as `task-wait` records it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ExitStatus {
+    pub code: Option<i32>,
+    pub signal: Option<i32>,
+}
+
+impl ExitStatus {
+    pub fn of(status: std::process::ExitStatus) -> Self {
+        Self {
+            code: status.code(),
+            signal: status.signal(),
+        }
+    }
+}
+
+/// The exit `task-wait` recorded in `sandbox`, if it did.
+fn recorded_exit(sandbox: &std::path::Path) -> Option<Exit> {
+    let text = fs::read(sandbox.join(EXIT_STATUS_FILE)).ok()?;
+    let status: ExitStatus = serde_json::from_slice(&text).ok()?;
+    Some(exit_from(status.code, status.signal))
 }
 
 /// Runs tasks as plain processes; see the module docs.
@@ -87,7 +118,24 @@ impl HostRuntime {
             (None, Some(args)) => args.clone(),
             (None, None) => vec!["/bin/false".into()],
         };
-        let mut command = tokio::process::Command::new("/bin/sh");
+        let _ = fs::remove_file(sandbox.join(PID_FILE));
+        let _ = fs::remove_file(sandbox.join(EXIT_STATUS_FILE));
+        // With a waiter, it is the agent's child and the task is the waiter's: the task's
+        // pid, process group and cgroup are then the task's own, as without one.
+        let mut command = match &self.cfg.waiter {
+            Some(waiter) => {
+                let mut c = tokio::process::Command::new(waiter);
+                c.arg("task-wait")
+                    .arg("--status")
+                    .arg(sandbox.join(EXIT_STATUS_FILE))
+                    .arg("--pid")
+                    .arg(sandbox.join(PID_FILE))
+                    .arg("--")
+                    .arg("/bin/sh");
+                c
+            }
+            None => tokio::process::Command::new("/bin/sh"),
+        };
         command
             .arg("-c")
             .arg(JOIN_CGROUPS)
@@ -112,12 +160,27 @@ impl HostRuntime {
                 return Err(RuntimeError::Spawn(e));
             }
         };
-        let pid = child.id().expect("a child that was just spawned has a pid");
+        let first = child.id().expect("a child that was just spawned has a pid");
+        let (pid, waiter) = match self.cfg.waiter {
+            None => (first, None),
+            Some(_) => match reported_pid(&sandbox.join(PID_FILE), &mut child) {
+                Some(pid) => (pid, Some(first)),
+                None => {
+                    let _ = child.start_kill();
+                    let _ = cgroup.remove();
+                    return Err(RuntimeError::Spawn(std::io::Error::other(
+                        "task-wait did not report the task's pid",
+                    )));
+                }
+            },
+        };
         let start_ticks = proc_stat(pid).map_or(0, |(start, _)| start);
-        info!(task = %spec.task, pid, "task started");
+        info!(task = %spec.task, pid, ?waiter, "task started");
+        let recorded_in = sandbox.clone();
         let wait: ExitFuture = Box::pin(async move {
             match child.wait().await {
-                Ok(status) => exit_of(status),
+                // The waiter's status mirrors the task's; what it recorded is exact.
+                Ok(status) => recorded_exit(&recorded_in).unwrap_or_else(|| exit_of(status)),
                 Err(e) => Exit {
                     code: None,
                     signal: None,
@@ -126,7 +189,11 @@ impl HostRuntime {
             }
         });
         Ok((
-            ProcessHandle { pid, start_ticks },
+            ProcessHandle {
+                pid,
+                start_ticks,
+                waiter,
+            },
             Self::exit_future(cgroup, wait),
         ))
     }
@@ -199,6 +266,24 @@ pub(crate) fn task_env(
     env.push(("MARATHON_APP_VERSION".into(), spec.app.version.clone()));
     env.push(("MESOS_SANDBOX".into(), sandbox.display().to_string()));
     env
+}
+
+/// The task's pid, as `task-wait` writes it once it has started the task; `None` if the
+/// waiter ends or says nothing within two seconds.
+fn reported_pid(file: &std::path::Path, waiter: &mut tokio::process::Child) -> Option<u32> {
+    for _ in 0..400 {
+        if let Some(pid) = fs::read_to_string(file)
+            .ok()
+            .and_then(|t| t.trim().parse().ok())
+        {
+            return Some(pid);
+        }
+        if waiter.try_wait().ok().flatten().is_some() {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    None
 }
 
 /// Field 22 of `/proc/PID/stat` (start time in ticks) and whether the process is a zombie.
@@ -282,7 +367,11 @@ fn newest_write(dir: &std::path::Path) -> Option<std::time::SystemTime> {
 }
 
 fn exit_of(status: std::process::ExitStatus) -> Exit {
-    match (status.code(), status.signal()) {
+    exit_from(status.code(), status.signal())
+}
+
+fn exit_from(code: Option<i32>, signal: Option<i32>) -> Exit {
+    match (code, signal) {
         (Some(code), _) => Exit {
             code: Some(code),
             signal: None,
@@ -340,16 +429,27 @@ impl Runtime for HostRuntime {
         }
         debug!(%task, pid = handle.pid, "adopting a running task");
         let handle = handle.clone();
-        // Not our child any more, so its exit status is not ours to read: poll for its end.
+        let sandbox = self.sandbox(task);
+        // Not our child any more: poll for its end, then read what its waiter recorded (it
+        // writes the status once it has reaped the task, a moment after).
         let wait: ExitFuture = Box::pin(async move {
             while is_alive(&handle) {
                 tokio::time::sleep(Duration::from_millis(200)).await;
             }
-            Exit {
+            if let Some(waiter) = handle.waiter {
+                for _ in 0..100 {
+                    let gone = !std::path::Path::new(&format!("/proc/{waiter}")).exists();
+                    if gone || sandbox.join(EXIT_STATUS_FILE).exists() {
+                        break;
+                    }
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            }
+            recorded_exit(&sandbox).unwrap_or_else(|| Exit {
                 code: None,
                 signal: None,
                 reason: "exited after an agent restart; its exit status is unknown".into(),
-            }
+            })
         });
         Some(Self::exit_future(
             self.cfg.cgroups.task(task.as_str()),
@@ -466,6 +566,7 @@ mod tests {
         let handle = ProcessHandle {
             pid: std::process::id(),
             start_ticks: proc_stat(std::process::id()).unwrap().0,
+            waiter: None,
         };
         assert!(is_alive(&handle));
         let no_fds = std::io::Error::from_raw_os_error(24);
@@ -494,11 +595,13 @@ mod tests {
         assert!(!zombie);
         assert!(is_alive(&ProcessHandle {
             pid: me,
-            start_ticks: start
+            start_ticks: start,
+            waiter: None
         }));
         assert!(!is_alive(&ProcessHandle {
             pid: me,
-            start_ticks: start + 1
+            start_ticks: start + 1,
+            waiter: None
         }));
     }
 

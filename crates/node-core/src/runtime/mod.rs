@@ -17,7 +17,7 @@ use async_trait::async_trait;
 use crate::model::{App, Exit, IpAddress, ProcessHandle, TaskId};
 
 pub use self::container::{ContainerConfig, ContainerRuntime, NatRule, render_nat};
-pub use self::host::{HostConfig, HostRuntime};
+pub use self::host::{EXIT_STATUS_FILE, ExitStatus, HostConfig, HostRuntime, PID_FILE};
 
 /// Resolves when the task's process has ended, with how it ended.
 pub type ExitFuture = Pin<Box<dyn Future<Output = Exit> + Send>>;

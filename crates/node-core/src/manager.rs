@@ -423,17 +423,14 @@ impl Manager {
                 let checks = app.health_checks.clone();
                 let mut trackers = vec![Tracker::default(); checks.len()];
                 // Each check on its own interval: when it is next due.
+                let intervals: Vec<Duration> = checks.iter().map(|c| c.interval()).collect();
                 let mut due = vec![tokio::time::Instant::now(); checks.len()];
                 loop {
                     let mut changed = false;
                     let now = tokio::time::Instant::now();
-                    for ((check, tracker), due) in
-                        checks.iter().zip(trackers.iter_mut()).zip(due.iter_mut())
-                    {
-                        if *due > now {
-                            continue;
-                        }
-                        *due = now + check.interval();
+                    let run = due_checks(&mut due, &intervals, now);
+                    for i in run {
+                        let (check, tracker) = (&checks[i], &mut trackers[i]);
                         let addr = ports.get(check.port_index).map(|p| SocketAddr::new(ip, *p));
                         let target = health::Target {
                             addr,
@@ -609,6 +606,22 @@ impl Manager {
     }
 }
 
+/// The checks due at `now`, each then due again one interval later. Pure.
+fn due_checks(
+    due: &mut [tokio::time::Instant],
+    intervals: &[Duration],
+    now: tokio::time::Instant,
+) -> Vec<usize> {
+    let mut run = Vec::new();
+    for (i, (due, interval)) in due.iter_mut().zip(intervals).enumerate() {
+        if *due <= now {
+            *due = now + *interval;
+            run.push(i);
+        }
+    }
+    run
+}
+
 fn combined(trackers: &[Tracker]) -> Health {
     let alive = if trackers.iter().any(|t| t.alive == Some(false)) {
         Some(false)
@@ -683,6 +696,22 @@ mod tests {
         async fn revision(&self) -> Result<Revision, StoreError> {
             self.inner.revision().await
         }
+    }
+
+    /// Two checks, every second and every five: over ten seconds the first runs ten times,
+    /// the second twice, each on its own interval rather than both on the shorter one.
+    #[test]
+    fn each_check_runs_on_its_own_interval() {
+        let start = tokio::time::Instant::now();
+        let intervals = [Duration::from_secs(1), Duration::from_secs(5)];
+        let mut due = [start; 2];
+        let mut runs = [0u32; 2];
+        for ms in (0..10_000).step_by(100) {
+            for i in due_checks(&mut due, &intervals, start + Duration::from_millis(ms)) {
+                runs[i] += 1;
+            }
+        }
+        assert_eq!(runs, [10, 2]);
     }
 
     /// A task's end written while the store fails three times in a row is recorded once it

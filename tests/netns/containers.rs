@@ -297,3 +297,55 @@ fn killing_the_agent_leaves_no_duplicate_and_no_orphan() {
         leftovers(&ns, &agent)
     );
 }
+
+/// A port mapping that nft refuses (here: the table `ip dcnet` already has a `prerouting`
+/// chain of another type, which nft will not redefine) fails the task's launch with the
+/// reason, instead of leaving it running with nothing published.
+#[test]
+fn a_port_mapping_nft_refuses_fails_the_task() {
+    let (ns, agent) = node("nftfail");
+    for args in [
+        vec!["add", "table", "ip", "dcnet"],
+        vec![
+            "add",
+            "chain",
+            "ip",
+            "dcnet",
+            "prerouting",
+            "{ type filter hook prerouting priority 0; }",
+        ],
+    ] {
+        let out = std::process::Command::new("nsenter")
+            .arg(format!("--net={}", ns.path()))
+            .arg("nft")
+            .args(&args)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let mut app = web("/nft/web", 1);
+    app["backoffSeconds"] = json!(600);
+    let (status, v) = agent
+        .http("POST", "/v2/apps", Some(&app.to_string()))
+        .unwrap();
+    assert_eq!(status, 201, "{v}");
+    let mut failure = Value::Null;
+    let failed = wait_until(Duration::from_secs(30), || {
+        failure = agent.get("/v2/apps/nft/web")["app"]["lastTaskFailure"].clone();
+        failure.is_object()
+    });
+    assert!(failed, "no failure recorded: {:?}", agent.tasks("/nft/web"));
+    let message = failure["message"].as_str().unwrap_or_default();
+    assert!(
+        message.contains("publishing the port mappings with nft"),
+        "{failure}"
+    );
+    assert!(
+        agent.running("/nft/web").is_empty(),
+        "nothing runs unpublished"
+    );
+}

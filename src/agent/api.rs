@@ -51,6 +51,7 @@ pub(super) fn router(
     routes: axum::Router,
     registry: Registry,
     planes: Planes,
+    refused: Refused,
 ) -> axum::Router {
     let mut app = routes
         .route(
@@ -77,7 +78,7 @@ pub(super) fn router(
                 .with_state(planes),
         );
     }
-    let guard = Arc::new(Guard::new(cfg, node));
+    let guard = Arc::new(Guard::new(cfg, node, refused));
     app.layer(middleware::from_fn(move |req: Request, next: Next| {
         let guard = guard.clone();
         async move { guard.check(req, next).await }
@@ -91,6 +92,7 @@ pub(super) fn start(
     cfg: &AgentConfig,
     listener: std::net::TcpListener,
     app: axum::Router,
+    refused: Refused,
     supervisor: &mut Supervisor,
 ) {
     let limits = Limits {
@@ -99,11 +101,11 @@ pub(super) fn start(
         header_timeout: cfg.api.header_timeout,
     };
     supervisor.spawn("api", move |ready, stop| {
-        let (app, listener) = (app.clone(), listener.try_clone());
+        let (app, listener, refused) = (app.clone(), listener.try_clone(), refused.clone());
         async move {
             let listener = tokio::net::TcpListener::from_std(listener?)?;
             ready.serving();
-            serve(listener, app, limits, stop).await;
+            serve(listener, app, limits, refused, stop).await;
             Ok(())
         }
     });
@@ -150,6 +152,7 @@ async fn serve(
     listener: tokio::net::TcpListener,
     app: axum::Router,
     limits: Limits,
+    refused: Refused,
     stop: CancellationToken,
 ) {
     let Limits {
@@ -175,11 +178,13 @@ async fn serve(
         };
         let Some(client_slot) = per_client.take(peer.ip(), max_per_client) else {
             debug!(client = %peer.ip(), max_per_client, "API connection refused: too many from one client");
+            refused.count("max_per_client");
             drop(stream);
             continue;
         };
         let Ok(slot) = slots.clone().try_acquire_owned() else {
             debug!(max_connections, "API connection refused: too many open");
+            refused.count("max_connections");
             drop(stream);
             continue;
         };
@@ -208,6 +213,29 @@ async fn serve(
     while connections.join_next().await.is_some() {}
 }
 
+/// Requests and connections refused at one of the API's bounds, by bound: a fixed set of
+/// `&'static str` labels.
+#[derive(Clone)]
+pub(super) struct Refused(prometheus::IntCounterVec);
+
+impl Refused {
+    pub(super) fn register(registry: &Registry) -> anyhow::Result<Self> {
+        let counter = prometheus::IntCounterVec::new(
+            prometheus::Opts::new(
+                "dcnet_api_refused_total",
+                "API connections and requests refused at a bound or by the guard",
+            ),
+            &["bound"],
+        )?;
+        registry.register(Box::new(counter.clone()))?;
+        Ok(Self(counter))
+    }
+
+    fn count(&self, bound: &'static str) {
+        self.0.with_label_values(&[bound]).inc();
+    }
+}
+
 /// The longest request target accepted; longer ones get 414.
 const MAX_URI: usize = 8 * 1024;
 
@@ -218,12 +246,13 @@ struct Guard {
     token: Option<String>,
     body_timeout: Duration,
     max_body: usize,
+    refused: Refused,
 }
 
 // === impl Guard ===
 
 impl Guard {
-    fn new(cfg: &AgentConfig, node: &super::Node) -> Self {
+    fn new(cfg: &AgentConfig, node: &super::Node, refused: Refused) -> Self {
         let mut hosts: BTreeSet<String> = ["localhost", "127.0.0.1", "::1"]
             .into_iter()
             .map(str::to_string)
@@ -240,13 +269,25 @@ impl Guard {
             token: cfg.api.token.clone().filter(|t| !t.is_empty()),
             body_timeout: cfg.api.body_timeout,
             max_body: cfg.api.max_body,
+            refused,
         }
     }
 
     async fn check(&self, req: Request, next: Next) -> Response {
         match self.admit(req).await {
             Ok(req) => as_json_error(next.run(req).await).await,
-            Err(refused) => refused.into_response(),
+            Err(refused) => {
+                self.refused.count(match refused.status {
+                    StatusCode::URI_TOO_LONG => "uri_too_long",
+                    StatusCode::FORBIDDEN => "foreign_host_or_origin",
+                    StatusCode::UNAUTHORIZED => "token",
+                    StatusCode::PAYLOAD_TOO_LARGE => "max_body",
+                    StatusCode::REQUEST_TIMEOUT => "body_timeout",
+                    StatusCode::UNSUPPORTED_MEDIA_TYPE => "not_json",
+                    _ => "other",
+                });
+                refused.into_response()
+            }
         }
     }
 

@@ -46,14 +46,16 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
     let dns_routes = dns::start(&cfg, &node, core.state(), &registry, &mut supervisor)?;
     let l4lb_routes =
         l4lb::start(&cfg, &node, store, core.state(), &registry, &mut supervisor).await?;
+    let refused = api::Refused::register(&registry)?;
     let app = api::router(
         &cfg,
         &node,
         core.router().merge(dns_routes).merge(l4lb_routes),
         registry,
         supervisor.planes(),
+        refused.clone(),
     );
-    api::start(&cfg, api_listener, app, &mut supervisor);
+    api::start(&cfg, api_listener, app, refused, &mut supervisor);
     info!(listen = %cfg.api.listen, "dcnet agent ready");
 
     let result = tokio::select! {

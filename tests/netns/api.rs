@@ -200,6 +200,22 @@ fn cross_site_writes_foreign_hosts_and_half_requests_are_refused_with_json() {
         std::thread::sleep(Duration::from_millis(100));
     }
     assert!(served, "slots come back when connections close");
+    let metrics = agent.http("GET", "/metrics", None).unwrap().1;
+    let metrics = metrics.as_str().unwrap();
+    for bound in [
+        "foreign_host_or_origin",
+        "not_json",
+        "max_body",
+        "uri_too_long",
+        "body_timeout",
+        "max_per_client",
+        "max_connections",
+    ] {
+        assert!(
+            metrics.contains(&format!("dcnet_api_refused_total{{bound=\"{bound}\"}}")),
+            "{bound} counted"
+        );
+    }
 }
 
 #[test]

@@ -236,6 +236,36 @@ mod tests {
         serving.await.unwrap();
     }
 
+    /// A DNS plane serving `st` on a loopback UDP socket, with `max_amplification`; its
+    /// address, the token that stops it and its task.
+    async fn serving(
+        st: ClusterState,
+        max_amplification: usize,
+    ) -> (SocketAddr, CancellationToken, tokio::task::JoinHandle<()>) {
+        let (tx, rx) = watch::channel(Arc::new(st));
+        let server = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let addr = server.local_addr().unwrap();
+        let dns = Dns::new(
+            Config {
+                records: RecordConfig {
+                    this_node: Some(NodeId("node-1".into())),
+                    ..Default::default()
+                },
+                forward: None,
+                tcp: TcpLimits::default(),
+                max_amplification,
+            },
+            Metrics::register(&prometheus::Registry::new()).unwrap(),
+        );
+        let shutdown = CancellationToken::new();
+        let stop = shutdown.clone();
+        let task = tokio::spawn(async move {
+            dns.run(rx, vec![server], Vec::new(), || {}, stop).await;
+            drop(tx);
+        });
+        (addr, shutdown, task)
+    }
+
     /// A truncated UDP answer from the general path (hickory's encoder; ANY goes that way)
     /// holds whole records only, and its header counts what it holds.
     #[tokio::test]
@@ -261,23 +291,7 @@ mod tests {
             ..serde_json::from_str(r#"{"mode": "container"}"#).unwrap()
         }];
         Arc::make_mut(&mut st.apps).insert(container.id.clone(), Arc::new(container));
-        let (_tx, rx) = watch::channel(Arc::new(st));
-        let server = UdpSocket::bind("127.0.0.1:0").await.unwrap();
-        let addr = server.local_addr().unwrap();
-        let dns = Dns::new(
-            Config {
-                records: RecordConfig {
-                    this_node: Some(NodeId("node-1".into())),
-                    ..Default::default()
-                },
-                forward: None,
-                tcp: TcpLimits::default(),
-                max_amplification: usize::MAX,
-            },
-            Metrics::register(&prometheus::Registry::new()).unwrap(),
-        );
-        let shutdown = CancellationToken::new();
-        let serving = tokio::spawn(dns.run(rx, vec![server], Vec::new(), || {}, shutdown.clone()));
+        let (addr, shutdown, serving) = serving(st, usize::MAX).await;
         let client = UdpSocket::bind("127.0.0.1:0").await.unwrap();
         client.connect(addr).await.unwrap();
         for (edns, limit) in [(None, 512), (Some(800u16), 800), (Some(8192), 1232)] {
@@ -350,23 +364,7 @@ mod tests {
         let mut st = state(vec![big], tasks, vec![]);
         let n1 = node("node-1", "192.0.2.1");
         Arc::make_mut(&mut st.nodes).insert(n1.id.clone(), Arc::new(n1));
-        let (_tx, rx) = watch::channel(Arc::new(st));
-        let server = UdpSocket::bind("127.0.0.1:0").await.unwrap();
-        let addr = server.local_addr().unwrap();
-        let dns = Dns::new(
-            Config {
-                records: RecordConfig {
-                    this_node: Some(NodeId("node-1".into())),
-                    ..Default::default()
-                },
-                forward: None,
-                tcp: TcpLimits::default(),
-                max_amplification: 10,
-            },
-            Metrics::register(&prometheus::Registry::new()).unwrap(),
-        );
-        let shutdown = CancellationToken::new();
-        let serving = tokio::spawn(dns.run(rx, vec![server], Vec::new(), || {}, shutdown.clone()));
+        let (addr, shutdown, serving) = serving(st, 10).await;
         let client = UdpSocket::bind("127.0.0.1:0").await.unwrap();
         client.connect(addr).await.unwrap();
         let ask = |cookie: Option<Vec<u8>>| {

@@ -689,8 +689,11 @@ mod tests {
         (router, store, shutdown, dir)
     }
 
-    async fn put(router: &Router, path: &str, body: &str) -> (StatusCode, Value) {
-        let req = Request::put(path)
+    /// `method path` with a JSON body; the status and the JSON answer.
+    async fn call(router: &Router, method: Method, path: &str, body: &str) -> (StatusCode, Value) {
+        let req = Request::builder()
+            .method(method)
+            .uri(path)
             .header("content-type", "application/json")
             .body(Body::from(body.to_string()))
             .unwrap();
@@ -700,6 +703,10 @@ mod tests {
             .await
             .unwrap();
         (status, serde_json::from_slice(&bytes).unwrap())
+    }
+
+    async fn put(router: &Router, path: &str, body: &str) -> (StatusCode, Value) {
+        call(router, Method::PUT, path, body).await
     }
 
     #[tokio::test]
@@ -763,16 +770,7 @@ mod tests {
     }
 
     async fn post(router: &Router, body: &str) -> (StatusCode, Value) {
-        let req = Request::post("/v2/apps")
-            .header("content-type", "application/json")
-            .body(Body::from(body.to_string()))
-            .unwrap();
-        let resp = router.clone().oneshot(req).await.unwrap();
-        let status = resp.status();
-        let bytes = axum::body::to_bytes(resp.into_body(), 1 << 20)
-            .await
-            .unwrap();
-        (status, serde_json::from_slice(&bytes).unwrap())
+        call(router, Method::POST, "/v2/apps", body).await
     }
 
     fn with_vip(id: &str, vip: &str) -> String {

@@ -739,7 +739,78 @@ fn deps_waiting(app: &App, snap: &ClusterState) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::{NodeId, parse_app};
+    use crate::model::{DeploymentId, Node, NodeId, NodeStatus, PortRange, parse_app};
+    use crate::store::Embedded;
+
+    /// A fresh embedded store (keep the directory while it is used).
+    fn embedded() -> (tempfile::TempDir, SharedStore) {
+        let dir = tempfile::tempdir().unwrap();
+        let store: SharedStore = Arc::new(Embedded::open(&dir.path().join("s.redb")).unwrap());
+        (dir, store)
+    }
+
+    async fn put_all(store: &SharedStore, kvs: Vec<(String, Vec<u8>)>) {
+        for (key, value) in kvs {
+            store.put(&key, value, Precondition::Absent).await.unwrap();
+        }
+    }
+
+    async fn snapshot(store: &SharedStore) -> ClusterState {
+        let (kvs, rev) = store.list(keys::ROOT).await.unwrap();
+        ClusterState::from_list(&kvs, rev)
+    }
+
+    fn orchestrator(store: &SharedStore, clock: Clock) -> Orchestrator {
+        let metrics = Metrics::register(&prometheus::Registry::new()).unwrap();
+        Orchestrator::new(store.clone(), metrics, clock)
+    }
+
+    /// Node `n` with these resources and host ports 31000-31099.
+    fn test_node(cpus: f64, mem: f64) -> Node {
+        Node {
+            id: NodeId("n".into()),
+            hostname: "n".into(),
+            ip: "192.0.2.1".parse().unwrap(),
+            ip6: None,
+            resources: Resources {
+                cpus,
+                mem,
+                disk: mem,
+                gpus: 0,
+                ports: vec![PortRange {
+                    begin: 31000,
+                    end: 31999,
+                }],
+            },
+            attributes: Default::default(),
+            status: NodeStatus::Active,
+            registered_at: String::new(),
+        }
+    }
+
+    fn test_deployment(
+        id: &str,
+        app: &AppId,
+        kind: DeploymentKind,
+        status: DeploymentStatus,
+        started_at: &str,
+    ) -> Deployment {
+        Deployment {
+            id: DeploymentId(id.into()),
+            app_id: app.clone(),
+            kind,
+            version: String::new(),
+            previous: None,
+            status,
+            reason: None,
+            started_at: started_at.into(),
+            finished_at: None,
+            target_instances: 1,
+            healthy_new: 0,
+            old_remaining: 0,
+            failed_new: 0,
+        }
+    }
 
     fn app(json: &str, version: &str) -> App {
         let mut app = parse_app(json.as_bytes()).unwrap().app;
@@ -941,43 +1012,24 @@ mod tests {
     /// Time moves by `advance`, never by sleeping.
     #[tokio::test(start_paused = true)]
     async fn a_failed_task_holds_launches_for_its_backoff_with_paused_time() {
-        use crate::model::{Node, NodeStatus};
-        use crate::store::Embedded;
-
-        let dir = tempfile::tempdir().unwrap();
-        let store: SharedStore = Arc::new(Embedded::open(&dir.path().join("s.redb")).unwrap());
-        let node = Node {
-            id: NodeId("n".into()),
-            hostname: "n".into(),
-            ip: "192.0.2.1".parse().unwrap(),
-            ip6: None,
-            resources: Resources {
-                cpus: 4.0,
-                mem: 4096.0,
-                disk: 1024.0,
-                ..Default::default()
-            },
-            attributes: Default::default(),
-            status: NodeStatus::Active,
-            registered_at: String::new(),
-        };
+        let (_dir, store) = embedded();
+        let node = test_node(4.0, 4096.0);
         let a = app(
             r#"{"id": "/a", "cmd": "x", "backoffSeconds": 60, "backoffFactor": 2, "maxLaunchDelaySeconds": 3600}"#,
             "v1",
         );
         let mut failed = task(1, "v1", TaskState::Failed, None);
         failed.finished_at = Some("2026-01-01T00:00:01Z".into());
-        for (key, value) in [
-            (keys::node(&node.id), keys::to_json(&node)),
-            (keys::app(&a.id), keys::to_json(&a)),
-            (keys::task(&failed.id), keys::to_json(&failed)),
-        ] {
-            store.put(&key, value, Precondition::Absent).await.unwrap();
-        }
-        let snapshot = || async {
-            let (kvs, rev) = store.list(keys::ROOT).await.unwrap();
-            ClusterState::from_list(&kvs, rev)
-        };
+        put_all(
+            &store,
+            vec![
+                (keys::node(&node.id), keys::to_json(&node)),
+                (keys::app(&a.id), keys::to_json(&a)),
+                (keys::task(&failed.id), keys::to_json(&failed)),
+            ],
+        )
+        .await;
+        let snapshot = || snapshot(&store);
         let staged = |snap: &ClusterState| -> Vec<TaskId> {
             snap.tasks
                 .values()
@@ -986,8 +1038,7 @@ mod tests {
                 .collect()
         };
         let clock = Clock::new();
-        let metrics = Metrics::register(&prometheus::Registry::new()).unwrap();
-        let mut orch = Orchestrator::new(store.clone(), metrics, clock);
+        let mut orch = orchestrator(&store, clock);
 
         let t0 = clock.now();
         orch.pass(&snapshot().await, t0).await.unwrap();
@@ -1059,30 +1110,8 @@ mod tests {
     /// placed, so no port is handed out twice and no CPU is overcommitted.
     #[tokio::test]
     async fn one_pass_never_hands_out_a_port_or_a_cpu_twice() {
-        use crate::model::{Node, NodeStatus, PortRange};
-        use crate::store::Embedded;
-
-        let dir = tempfile::tempdir().unwrap();
-        let store: SharedStore = Arc::new(Embedded::open(&dir.path().join("s.redb")).unwrap());
-        let node = Node {
-            id: NodeId("n".into()),
-            hostname: "n".into(),
-            ip: "192.0.2.1".parse().unwrap(),
-            ip6: None,
-            resources: Resources {
-                cpus: 2.0,
-                mem: 65536.0,
-                disk: 65536.0,
-                gpus: 0,
-                ports: vec![PortRange {
-                    begin: 31000,
-                    end: 31999,
-                }],
-            },
-            attributes: Default::default(),
-            status: NodeStatus::Active,
-            registered_at: String::new(),
-        };
+        let (_dir, store) = embedded();
+        let node = test_node(2.0, 65536.0);
         store
             .put(
                 &keys::node(&node.id),
@@ -1110,15 +1139,12 @@ mod tests {
                 .await
                 .unwrap();
         }
-        let (kvs, rev) = store.list(keys::ROOT).await.unwrap();
-        let snap = ClusterState::from_list(&kvs, rev);
+        let snap = snapshot(&store).await;
         let clock = Clock::new();
-        let metrics = Metrics::register(&prometheus::Registry::new()).unwrap();
-        let mut orch = Orchestrator::new(store.clone(), metrics, clock);
+        let mut orch = orchestrator(&store, clock);
         orch.pass(&snap, clock.now()).await.unwrap();
 
-        let (kvs, rev) = store.list(keys::ROOT).await.unwrap();
-        let after = ClusterState::from_list(&kvs, rev);
+        let after = snapshot(&store).await;
         let tasks: Vec<&Arc<Task>> = after.tasks.values().collect();
         let ported: Vec<u16> = tasks.iter().flat_map(|t| t.ports.clone()).collect();
         let distinct: std::collections::BTreeSet<u16> = ported.iter().copied().collect();
@@ -1136,51 +1162,30 @@ mod tests {
     /// snapshot, as after a crash before the next snapshot, counts it once.
     #[tokio::test]
     async fn a_failure_is_recorded_in_one_transaction_and_counted_once() {
-        use crate::model::{Node, NodeStatus};
-        use crate::store::Embedded;
-
-        let dir = tempfile::tempdir().unwrap();
-        let store: SharedStore = Arc::new(Embedded::open(&dir.path().join("s.redb")).unwrap());
-        let node = Node {
-            id: NodeId("n".into()),
-            hostname: "n".into(),
-            ip: "192.0.2.1".parse().unwrap(),
-            ip6: None,
-            resources: Resources::default(),
-            attributes: Default::default(),
-            status: NodeStatus::Active,
-            registered_at: String::new(),
-        };
+        let (_dir, store) = embedded();
+        let node = test_node(0.0, 0.0);
         let a = app(r#"{"id": "/a", "cmd": "x", "instances": 0}"#, "v1");
-        let dep = Deployment {
-            id: crate::model::DeploymentId("d1".into()),
-            app_id: a.id.clone(),
-            kind: DeploymentKind::Create,
-            version: a.version.clone(),
-            previous: None,
-            status: DeploymentStatus::Running,
-            reason: None,
-            started_at: "2026-01-01T00:00:00Z".into(),
-            finished_at: None,
-            target_instances: 1,
-            healthy_new: 0,
-            old_remaining: 0,
-            failed_new: 0,
-        };
+        let dep = test_deployment(
+            "d1",
+            &a.id,
+            DeploymentKind::Create,
+            DeploymentStatus::Running,
+            "2026-01-01T00:00:00Z",
+        );
         let failed = task(1, "v1", TaskState::Failed, None);
-        for (key, value) in [
-            (keys::node(&node.id), keys::to_json(&node)),
-            (keys::app(&a.id), keys::to_json(&a)),
-            (keys::deployment(&dep.id), keys::to_json(&dep)),
-            (keys::task(&failed.id), keys::to_json(&failed)),
-        ] {
-            store.put(&key, value, Precondition::Absent).await.unwrap();
-        }
-        let (kvs, rev) = store.list(keys::ROOT).await.unwrap();
-        let stale = ClusterState::from_list(&kvs, rev);
+        put_all(
+            &store,
+            vec![
+                (keys::node(&node.id), keys::to_json(&node)),
+                (keys::app(&a.id), keys::to_json(&a)),
+                (keys::deployment(&dep.id), keys::to_json(&dep)),
+                (keys::task(&failed.id), keys::to_json(&failed)),
+            ],
+        )
+        .await;
+        let stale = snapshot(&store).await;
         let clock = Clock::new();
-        let metrics = Metrics::register(&prometheus::Registry::new()).unwrap();
-        let mut orch = Orchestrator::new(store.clone(), metrics, clock);
+        let mut orch = orchestrator(&store, clock);
         orch.pass(&stale, clock.now()).await.unwrap();
         let status = store.get(&keys::app_status(&a.id)).await.unwrap().unwrap();
         let d = store
@@ -1215,30 +1220,8 @@ mod tests {
     /// one included; once the app has started, a replacement does not wait for them.
     #[tokio::test]
     async fn dependencies_gate_the_first_start_only_and_say_why() {
-        use crate::model::{Node, NodeStatus, PortRange};
-        use crate::store::Embedded;
-
-        let dir = tempfile::tempdir().unwrap();
-        let store: SharedStore = Arc::new(Embedded::open(&dir.path().join("s.redb")).unwrap());
-        let node = Node {
-            id: NodeId("n".into()),
-            hostname: "n".into(),
-            ip: "192.0.2.1".parse().unwrap(),
-            ip6: None,
-            resources: Resources {
-                cpus: 8.0,
-                mem: 8192.0,
-                disk: 8192.0,
-                gpus: 0,
-                ports: vec![PortRange {
-                    begin: 31000,
-                    end: 31099,
-                }],
-            },
-            attributes: Default::default(),
-            status: NodeStatus::Active,
-            registered_at: String::new(),
-        };
+        let (_dir, store) = embedded();
+        let node = test_node(8.0, 8192.0);
         // /db can never run here (it wants more than the node has): its dependants wait.
         let db = app(r#"{"id": "/db", "cmd": "x", "cpus": 64}"#, "v1");
         let web = app(
@@ -1249,20 +1232,14 @@ mod tests {
             r#"{"id": "/lone", "cmd": "x", "cpus": 0.1, "dependencies": ["/nope"]}"#,
             "v1",
         );
-        let creating = |a: &App| Deployment {
-            id: crate::model::DeploymentId(format!("d{}", a.id.key())),
-            app_id: a.id.clone(),
-            kind: DeploymentKind::Create,
-            version: a.version.clone(),
-            previous: None,
-            status: DeploymentStatus::Running,
-            reason: None,
-            started_at: "2026-01-01T00:00:00Z".into(),
-            finished_at: None,
-            target_instances: 1,
-            healthy_new: 0,
-            old_remaining: 0,
-            failed_new: 0,
+        let creating = |a: &App| {
+            test_deployment(
+                &format!("d{}", a.id.key()),
+                &a.id,
+                DeploymentKind::Create,
+                DeploymentStatus::Running,
+                "2026-01-01T00:00:00Z",
+            )
         };
         let mut puts = vec![(keys::node(&node.id), keys::to_json(&node))];
         for a in [&db, &web, &lone] {
@@ -1273,13 +1250,9 @@ mod tests {
         for (key, value) in puts {
             store.put(&key, value, Precondition::Absent).await.unwrap();
         }
-        let snapshot = || async {
-            let (kvs, rev) = store.list(keys::ROOT).await.unwrap();
-            ClusterState::from_list(&kvs, rev)
-        };
+        let snapshot = || snapshot(&store);
         let clock = Clock::new();
-        let metrics = Metrics::register(&prometheus::Registry::new()).unwrap();
-        let mut orch = Orchestrator::new(store.clone(), metrics, clock);
+        let mut orch = orchestrator(&store, clock);
         orch.pass(&snapshot().await, clock.now()).await.unwrap();
         let snap = snapshot().await;
         assert!(
@@ -1320,25 +1293,16 @@ mod tests {
     /// history, the running one always; an app that is gone keeps its last one.
     #[tokio::test]
     async fn finished_deployments_are_pruned_past_the_history() {
-        use crate::store::Embedded;
-
-        let dir = tempfile::tempdir().unwrap();
-        let store: SharedStore = Arc::new(Embedded::open(&dir.path().join("s.redb")).unwrap());
+        let (_dir, store) = embedded();
         let a = app(r#"{"id": "/a", "cmd": "x", "instances": 0}"#, "v1");
-        let dep = |app: &str, n: u32, status: DeploymentStatus| Deployment {
-            id: crate::model::DeploymentId(format!("{app}-{n:02}")),
-            app_id: AppId::parse(app).unwrap(),
-            kind: DeploymentKind::Update,
-            version: String::new(),
-            previous: None,
-            status,
-            reason: None,
-            started_at: format!("2026-01-01T00:{n:02}:00Z"),
-            finished_at: None,
-            target_instances: 0,
-            healthy_new: 0,
-            old_remaining: 0,
-            failed_new: 0,
+        let dep = |app: &str, n: u32, status: DeploymentStatus| {
+            test_deployment(
+                &format!("{app}-{n:02}"),
+                &AppId::parse(app).unwrap(),
+                DeploymentKind::Update,
+                status,
+                &format!("2026-01-01T00:{n:02}:00Z"),
+            )
         };
         let mut puts = vec![(keys::app(&a.id), keys::to_json(&a))];
         for n in 0..15 {
@@ -1356,14 +1320,11 @@ mod tests {
         for (k, v) in puts {
             store.put(&k, v, Precondition::Absent).await.unwrap();
         }
-        let (kvs, rev) = store.list(keys::ROOT).await.unwrap();
-        let snap = ClusterState::from_list(&kvs, rev);
+        let snap = snapshot(&store).await;
         let clock = Clock::new();
-        let metrics = Metrics::register(&prometheus::Registry::new()).unwrap();
-        let mut orch = Orchestrator::new(store.clone(), metrics, clock).with_history(10);
+        let mut orch = orchestrator(&store, clock).with_history(10);
         orch.pass(&snap, clock.now()).await.unwrap();
-        let (kvs, rev) = store.list(keys::ROOT).await.unwrap();
-        let after = ClusterState::from_list(&kvs, rev);
+        let after = snapshot(&store).await;
         let mut left: Vec<&str> = after.deployments.keys().map(|d| d.0.as_str()).collect();
         left.sort();
         let mut want: Vec<String> = (5..15).map(|n| format!("/a-{n:02}")).collect();

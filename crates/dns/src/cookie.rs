@@ -68,7 +68,11 @@ impl Cookies {
 /// The COOKIE option of a query, if it has a well-formed one: the client cookie (8 bytes) and
 /// the server cookie it returns (empty, or 8 to 32 bytes).
 pub(crate) fn of_query(msg: &[u8]) -> Option<(&[u8], &[u8])> {
-    let rdata = crate::screen::opt_rdata(msg)?;
+    of_opt(crate::screen::opt_rdata(msg)?)
+}
+
+/// The COOKIE option among the options of an OPT record's RDATA.
+pub(crate) fn of_opt(rdata: &[u8]) -> Option<(&[u8], &[u8])> {
     let mut at = 0;
     while at + 4 <= rdata.len() {
         let code = u16::from_be_bytes([rdata[at], rdata[at + 1]]);

@@ -10,7 +10,9 @@ const HEADER: usize = 12;
 /// What to do with a packet.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Verdict {
-    Answer,
+    /// A well-formed query; where its OPT record's RDATA is, if it has one (found on the way,
+    /// so that nothing walks the packet again for its cookie).
+    Answer { opt: Option<(usize, usize)> },
     /// Not a query (a response, or shorter than a header): no reply at all.
     Drop(&'static str),
     /// A query that is not well-formed: FORMERR.
@@ -36,6 +38,7 @@ pub(crate) fn screen(msg: &[u8]) -> Verdict {
     if at > msg.len() {
         return Verdict::FormErr("question");
     }
+    let mut opt = None;
     for _ in 0..records {
         let Some(end) = name_end(msg, at, true) else {
             return Verdict::FormErr("record name");
@@ -45,15 +48,19 @@ pub(crate) fn screen(msg: &[u8]) -> Verdict {
             return Verdict::FormErr("record");
         };
         let rdlen = usize::from(u16::from_be_bytes([fixed[8], fixed[9]]));
-        at = end + 10 + rdlen;
+        let rdata = end + 10;
+        at = rdata + rdlen;
         if at > msg.len() {
             return Verdict::FormErr("record data");
+        }
+        if u16::from_be_bytes([fixed[0], fixed[1]]) == 41 {
+            opt = Some((rdata, at));
         }
     }
     if at != msg.len() {
         return Verdict::FormErr("trailing bytes");
     }
-    Verdict::Answer
+    Verdict::Answer { opt }
 }
 
 /// Cuts an answer back to its last whole record and sets its counts to the records it then
@@ -184,12 +191,20 @@ mod tests {
 
     #[test]
     fn a_plain_query_passes_and_with_edns_too() {
-        assert_eq!(screen(&query()), Verdict::Answer);
+        assert_eq!(screen(&query()), Verdict::Answer { opt: None });
         let mut msg = Message::from_vec(&query()).unwrap();
         let mut edns = hickory_proto::op::Edns::new();
         edns.set_max_payload(1232);
         msg.set_edns(edns);
-        assert_eq!(screen(&msg.to_vec().unwrap()), Verdict::Answer);
+        let with_edns = msg.to_vec().unwrap();
+        let Verdict::Answer {
+            opt: Some((from, to)),
+        } = screen(&with_edns)
+        else {
+            panic!("no OPT found in {with_edns:?}");
+        };
+        assert_eq!(to - from, 0, "an OPT without options");
+        assert_eq!(opt_rdata(&with_edns), Some(&with_edns[from..to]));
     }
 
     #[test]
@@ -225,7 +240,7 @@ mod tests {
         // The same record pointing back at the question's name is fine.
         let last = forward.len() - 16;
         forward[last + 1] = 12;
-        assert_eq!(screen(&forward), Verdict::Answer);
+        assert!(matches!(screen(&forward), Verdict::Answer { .. }));
         // Its data running past the end is not.
         forward.truncate(forward.len() - 1);
         assert_eq!(screen(&forward), Verdict::FormErr("record data"));

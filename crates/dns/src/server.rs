@@ -32,11 +32,19 @@ pub(crate) struct Handler {
 impl Handler {
     /// The largest UDP answer `datagram` from `src` may get: what its EDNS buffer allows if it
     /// returned a server cookie of ours, else `max_amplification` times its size.
-    pub(crate) fn udp_cap(&self, datagram: &[u8], src: std::net::IpAddr) -> usize {
-        let verified = cookie::of_query(datagram).is_some_and(|(client, server)| {
-            self.cookies
-                .is_valid(client, server, src, cookie::unix_now())
-        });
+    /// `opt` is the RDATA of its OPT record, as the screen found it.
+    pub(crate) fn udp_cap(
+        &self,
+        datagram: &[u8],
+        opt: Option<&[u8]>,
+        src: std::net::IpAddr,
+    ) -> usize {
+        let verified = opt
+            .and_then(cookie::of_opt)
+            .is_some_and(|(client, server)| {
+                self.cookies
+                    .is_valid(client, server, src, cookie::unix_now())
+            });
         if verified {
             usize::MAX
         } else {

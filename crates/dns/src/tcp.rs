@@ -170,7 +170,7 @@ async fn connection(
         }
         out.clear();
         match screen::screen(&msg) {
-            Verdict::Answer => {}
+            Verdict::Answer { .. } => {}
             Verdict::Drop(reason) => {
                 handler.metrics.refused_packet(reason);
                 continue;

@@ -95,8 +95,8 @@ pub(crate) async fn serve(
             },
             () = shutdown.cancelled() => return,
         };
-        match crate::screen::screen(&buf[..n]) {
-            Verdict::Answer => {}
+        let opt = match crate::screen::screen(&buf[..n]) {
+            Verdict::Answer { opt } => opt,
             Verdict::Drop(reason) => {
                 handler.metrics.refused_packet(reason);
                 continue;
@@ -107,8 +107,8 @@ pub(crate) async fn serve(
                 let _ = socket.send_to(&out, src).await;
                 continue;
             }
-        }
-        let cap = handler.udp_cap(&buf[..n], src.ip());
+        };
+        let cap = handler.udp_cap(&buf[..n], opt.map(|(from, to)| &buf[from..to]), src.ip());
         if handler.answer_wire(&buf[..n], cap, &mut out) {
             let _ = socket.send_to(&out, src).await;
             continue;

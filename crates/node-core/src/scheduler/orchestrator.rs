@@ -200,13 +200,9 @@ impl Orchestrator {
         }
         let nodes: Vec<_> = snap.nodes.values().map(|n| &**n).collect();
         // What runs, plus what this pass has placed so far: every app of a pass is placed
-        // against both, so one pass never hands a port or a CPU out twice.
-        let mut active: Vec<Arc<Task>> = snap
-            .tasks
-            .values()
-            .filter(|t| t.state.is_active())
-            .cloned()
-            .collect();
+        // against both, so one pass never hands a port or a CPU out twice. Made when the
+        // first app needs placing, not on every pass.
+        let mut active: Option<Vec<Arc<Task>>> = None;
         for app in snap.apps.values() {
             let tasks: Vec<&Task> = snap.tasks_of(&app.id).map(|t| &**t).collect();
             let status = snap.app_status.get(&app.id).cloned().unwrap_or_default();
@@ -241,6 +237,13 @@ impl Orchestrator {
                 self.kill(id, *reason).await?;
             }
             if plan.launch > 0 {
+                let active = active.get_or_insert_with(|| {
+                    snap.tasks
+                        .values()
+                        .filter(|t| t.state.is_active())
+                        .cloned()
+                        .collect()
+                });
                 let placed = {
                     let refs: Vec<&Task> = active.iter().map(|t| &**t).collect();
                     place(app, plan.launch, &nodes, &refs)

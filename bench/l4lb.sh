@@ -6,6 +6,8 @@
 # The machine has two cores: the numbers are comparable within a run, not across machines.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# shellcheck source=bench/lib.sh
+source bench/lib.sh
 DURATION=${DURATION:-8}
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$PWD/target}
 scripts/install-deps.sh haproxy wrk iperf3 iproute2 dnsutils
@@ -25,15 +27,7 @@ cleanup() {
         in_ns "$DCNET" app remove /bench/iperf --wait --timeout 30s >/dev/null 2>&1
         kill "$AGENT"; wait "$AGENT" 2>/dev/null
     fi
-    for root in /sys/fs/cgroup/unified /sys/fs/cgroup/cpu /sys/fs/cgroup/memory /sys/fs/cgroup; do
-        [[ -d "$root/$CG" ]] || continue
-        for t in "$root/$CG"/*/; do
-            [[ -d "$t" ]] || continue
-            for _ in $(seq 50); do p=$(cat "$t/cgroup.procs" 2>/dev/null); [[ -z "$p" ]] && break; kill -9 $p; sleep 0.05; done
-            rmdir "$t"
-        done
-        rmdir "$root/$CG"
-    done
+    remove_cgroup_parent "$CG"
     ip netns del "$NS" 2>/dev/null
     rm -rf "$WORK"
 }

@@ -16,12 +16,12 @@ use axum::http::{Method, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
+use dcnet_node_core::slots::ConnectionSlots;
 use dcnet_node_core::{ApiError, Planes, Supervisor};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::service::TowerToHyperService;
 use prometheus::{Encoder, Registry, TextEncoder};
 use serde_json::json;
-use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::debug;
@@ -118,36 +118,6 @@ struct Limits {
     header_timeout: Duration,
 }
 
-/// Connections open per client address, so that one client cannot take every slot.
-#[derive(Clone, Default)]
-struct PerClient(Arc<std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, usize>>>);
-
-struct ClientSlot(PerClient, std::net::IpAddr);
-
-impl PerClient {
-    fn take(&self, ip: std::net::IpAddr, max: usize) -> Option<ClientSlot> {
-        let mut open = self.0.lock().expect("per-client lock");
-        let n = open.entry(ip).or_default();
-        if *n >= max {
-            return None;
-        }
-        *n += 1;
-        Some(ClientSlot(self.clone(), ip))
-    }
-}
-
-impl Drop for ClientSlot {
-    fn drop(&mut self) {
-        let mut open = (self.0).0.lock().expect("per-client lock");
-        if let Some(n) = open.get_mut(&self.1) {
-            *n -= 1;
-            if *n == 0 {
-                open.remove(&self.1);
-            }
-        }
-    }
-}
-
 async fn serve(
     listener: tokio::net::TcpListener,
     app: axum::Router,
@@ -160,8 +130,7 @@ async fn serve(
         max_per_client,
         header_timeout,
     } = limits;
-    let slots = Arc::new(Semaphore::new(max_connections));
-    let per_client = PerClient::default();
+    let slots = ConnectionSlots::new(max_connections, max_per_client);
     let mut connections = JoinSet::new();
     loop {
         let (stream, peer) = tokio::select! {
@@ -176,21 +145,18 @@ async fn serve(
             Some(_) = connections.join_next(), if !connections.is_empty() => continue,
             () = stop.cancelled() => break,
         };
-        let Some(client_slot) = per_client.take(peer.ip(), max_per_client) else {
-            debug!(client = %peer.ip(), max_per_client, "API connection refused: too many from one client");
-            refused.count("max_per_client");
-            drop(stream);
-            continue;
-        };
-        let Ok(slot) = slots.clone().try_acquire_owned() else {
-            debug!(max_connections, "API connection refused: too many open");
-            refused.count("max_connections");
-            drop(stream);
-            continue;
+        let slot = match slots.take(peer.ip()) {
+            Ok(slot) => slot,
+            Err(bound) => {
+                debug!(client = %peer.ip(), bound = bound.as_str(), "API connection refused at a bound");
+                refused.count(bound.as_str());
+                drop(stream);
+                continue;
+            }
         };
         let (service, stop) = (TowerToHyperService::new(app.clone()), stop.clone());
         connections.spawn(async move {
-            let _slots = (slot, client_slot);
+            let _slot = slot;
             let conn = hyper::server::conn::http1::Builder::new()
                 .timer(TokioTimer::new())
                 .header_read_timeout(header_timeout)

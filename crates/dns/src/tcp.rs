@@ -7,8 +7,7 @@
 //! exhausted the agent's file descriptors through hickory-server's listener, which has no
 //! cap; its error path also echoed a question count it did not send.
 
-use std::collections::HashMap;
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -24,6 +23,8 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::debug;
+
+use dcnet_node_core::slots::ConnectionSlots;
 
 use crate::screen::{self, Verdict};
 use crate::server::Handler;
@@ -50,54 +51,6 @@ impl Default for TcpLimits {
     }
 }
 
-/// The open connections, by client address.
-#[derive(Default)]
-struct Open {
-    total: usize,
-    by_client: HashMap<IpAddr, usize>,
-}
-
-/// One connection's slot, given back when the connection ends.
-struct Slot {
-    open: Arc<Mutex<Open>>,
-    client: IpAddr,
-}
-
-impl Drop for Slot {
-    fn drop(&mut self) {
-        let mut open = self.open.lock().expect("open lock");
-        open.total -= 1;
-        if let Some(n) = open.by_client.get_mut(&self.client) {
-            *n -= 1;
-            if *n == 0 {
-                open.by_client.remove(&self.client);
-            }
-        }
-    }
-}
-
-/// Takes a slot for `client`, or says which bound it hit.
-fn admit(
-    open: &Arc<Mutex<Open>>,
-    client: IpAddr,
-    limits: &TcpLimits,
-) -> Result<Slot, &'static str> {
-    let mut o = open.lock().expect("open lock");
-    if o.total >= limits.max_connections {
-        return Err("max_connections");
-    }
-    let mine = o.by_client.entry(client).or_default();
-    if *mine >= limits.max_per_client {
-        return Err("max_per_client");
-    }
-    *mine += 1;
-    o.total += 1;
-    Ok(Slot {
-        open: open.clone(),
-        client,
-    })
-}
-
 /// Serves one listener until `shutdown`; every connection ends with it.
 pub(crate) async fn serve(
     listener: TcpListener,
@@ -105,7 +58,7 @@ pub(crate) async fn serve(
     limits: TcpLimits,
     shutdown: CancellationToken,
 ) {
-    let open = Arc::new(Mutex::new(Open::default()));
+    let slots = ConnectionSlots::new(limits.max_connections, limits.max_per_client);
     let mut connections = JoinSet::new();
     loop {
         let (stream, client) = tokio::select! {
@@ -121,10 +74,10 @@ pub(crate) async fn serve(
             Some(_) = connections.join_next(), if !connections.is_empty() => continue,
             () = shutdown.cancelled() => return,
         };
-        let slot = match admit(&open, client.ip(), &limits) {
+        let slot = match slots.take(client.ip()) {
             Ok(slot) => slot,
             Err(bound) => {
-                handler.metrics.tcp_refused(bound);
+                handler.metrics.tcp_refused(bound.as_str());
                 drop(stream);
                 continue;
             }
@@ -229,33 +182,5 @@ impl ResponseHandler for Buffered {
         let info = response.destructive_emit(&mut encoder)?;
         *self.0.lock().expect("reply lock") = buf;
         Ok(info)
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn slots_are_bounded_in_total_and_per_client_and_given_back() {
-        let limits = TcpLimits {
-            max_connections: 3,
-            max_per_client: 2,
-            ..Default::default()
-        };
-        let open = Arc::new(Mutex::new(Open::default()));
-        let (a, b, c) = (
-            IpAddr::from([10, 0, 0, 1]),
-            IpAddr::from([10, 0, 0, 2]),
-            IpAddr::from([10, 0, 0, 3]),
-        );
-        let a1 = admit(&open, a, &limits).unwrap();
-        let _a2 = admit(&open, a, &limits).unwrap();
-        assert_eq!(admit(&open, a, &limits).err(), Some("max_per_client"));
-        let _b1 = admit(&open, b, &limits).unwrap();
-        assert_eq!(admit(&open, c, &limits).err(), Some("max_connections"));
-        drop(a1);
-        let _c1 = admit(&open, c, &limits).expect("a closed connection frees its slot");
-        assert_eq!(open.lock().unwrap().total, 3);
     }
 }

@@ -18,7 +18,6 @@ pub const NODES: &str = "/dcnet/nodes/";
 pub const DEPLOYMENTS: &str = "/dcnet/deployments/";
 /// Named VIPs' allocations ([`crate::model::VipAllocation`]), by VIP label.
 pub const VIPS: &str = "/dcnet/vips/";
-pub const IPAM: &str = "/dcnet/ipam/";
 /// Node subnets ([`crate::ipam::Lease`]), by network with `_` for `/`: `10.128.0.0_24`.
 pub const IPAM_SUBNETS: &str = "/dcnet/ipam/subnets/";
 /// Container addresses ([`crate::ipam::Lease`]), by address.

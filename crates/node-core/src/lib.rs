@@ -18,6 +18,7 @@ mod metrics;
 pub mod model;
 pub mod runtime;
 pub mod scheduler;
+pub mod slots;
 mod state;
 pub mod store;
 pub mod supervisor;

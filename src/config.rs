@@ -87,6 +87,37 @@ pub struct L4lbSection {
     /// A UDP session with no traffic this long is closed.
     #[serde(default = "default_udp_idle", with = "humantime_serde")]
     pub udp_idle: Duration,
+    /// `auto` (eBPF where it loads, else the userspace proxy), `ebpf` (or fail) or
+    /// `userspace`.
+    #[serde(default)]
+    pub data_plane: DataPlane,
+    /// Where the eBPF plane pins its maps and links, so they outlive the agent; a bpffs is
+    /// mounted there (or on /sys/fs/bpf for a directory under it) when none is.
+    #[serde(default = "default_bpf_pin_dir")]
+    pub bpf_pin_dir: PathBuf,
+    /// More cgroup v2 directories (relative to the cgroup2 mount) whose processes reach
+    /// VIPs through eBPF, beside the one that holds every task (`runtime.cgroup_parent`).
+    #[serde(default)]
+    pub bpf_cgroups: Vec<String>,
+    /// VIP ports the eBPF maps hold; past it a VIP is not served (and not marked ready).
+    #[serde(default = "default_bpf_max_vips")]
+    pub bpf_max_vips: u32,
+    /// Distinct backend addresses the eBPF maps hold.
+    #[serde(default = "default_bpf_max_backends")]
+    pub bpf_max_backends: u32,
+    /// Sockets whose VIP the eBPF plane remembers for getpeername() and recvfrom(); the
+    /// least recently used is forgotten first.
+    #[serde(default = "default_bpf_max_sockets")]
+    pub bpf_max_sockets: u32,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DataPlane {
+    #[default]
+    Auto,
+    Ebpf,
+    Userspace,
 }
 
 impl Default for L4lbSection {
@@ -96,11 +127,46 @@ impl Default for L4lbSection {
             udp_sessions: default_udp_sessions(),
             udp_sessions_per_vip: default_udp_sessions_per_vip(),
             udp_idle: default_udp_idle(),
+            data_plane: DataPlane::default(),
+            bpf_pin_dir: default_bpf_pin_dir(),
+            bpf_cgroups: Vec::new(),
+            bpf_max_vips: default_bpf_max_vips(),
+            bpf_max_backends: default_bpf_max_backends(),
+            bpf_max_sockets: default_bpf_max_sockets(),
         }
     }
 }
 
+fn default_bpf_pin_dir() -> PathBuf {
+    "/sys/fs/bpf/dcnet".into()
+}
+fn default_bpf_max_vips() -> u32 {
+    dcnet_l4lb::ebpf::Limits::default().services
+}
+fn default_bpf_max_backends() -> u32 {
+    dcnet_l4lb::ebpf::Limits::default().backends
+}
+fn default_bpf_max_sockets() -> u32 {
+    dcnet_l4lb::ebpf::Limits::default().reverse
+}
+
 impl L4lbSection {
+    pub fn data_plane(&self) -> dcnet_l4lb::DataPlaneMode {
+        match self.data_plane {
+            DataPlane::Auto => dcnet_l4lb::DataPlaneMode::Auto,
+            DataPlane::Ebpf => dcnet_l4lb::DataPlaneMode::Ebpf,
+            DataPlane::Userspace => dcnet_l4lb::DataPlaneMode::Userspace,
+        }
+    }
+
+    pub fn bpf_limits(&self) -> dcnet_l4lb::ebpf::Limits {
+        dcnet_l4lb::ebpf::Limits {
+            services: self.bpf_max_vips,
+            backends: self.bpf_max_backends,
+            reverse: self.bpf_max_sockets,
+        }
+    }
+
     pub fn udp_limits(&self) -> dcnet_l4lb::UdpLimits {
         dcnet_l4lb::UdpLimits {
             max_sessions: self.udp_sessions,
@@ -501,6 +567,25 @@ impl AgentConfig {
         }
         if self.l4lb.udp_sessions == 0 || self.l4lb.udp_sessions_per_vip == 0 {
             bail!("l4lb.udp_sessions and l4lb.udp_sessions_per_vip must be at least 1");
+        }
+        let l4 = &self.l4lb;
+        if l4.bpf_max_vips == 0 || l4.bpf_max_backends == 0 || l4.bpf_max_sockets == 0 {
+            bail!(
+                "l4lb.bpf_max_vips, l4lb.bpf_max_backends and l4lb.bpf_max_sockets must be at least 1"
+            );
+        }
+        if !l4.bpf_pin_dir.is_absolute() {
+            bail!(
+                "l4lb.bpf_pin_dir = {:?} must be an absolute path",
+                l4.bpf_pin_dir
+            );
+        }
+        for cg in &l4.bpf_cgroups {
+            if cg.is_empty() || cg.starts_with('/') || cg.split('/').any(|p| p == "..") {
+                bail!(
+                    "l4lb.bpf_cgroups: {cg:?} must be a cgroup path relative to the cgroup2 mount, like \"system.slice\""
+                );
+            }
         }
         if self.dns.tcp_max_connections == 0 || self.dns.tcp_max_per_client == 0 {
             bail!("dns.tcp_max_connections and dns.tcp_max_per_client must be at least 1");

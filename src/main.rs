@@ -43,6 +43,10 @@ enum Command {
         /// The agent's TOML configuration.
         #[arg(long)]
         config: PathBuf,
+        /// Instead of running: remove every BPF program, link and pin an agent with this
+        /// configuration left (after a crash, or to stop balancing for good), and exit.
+        #[arg(long)]
+        cleanup: bool,
     },
     /// Deploy and manage apps.
     #[command(subcommand)]
@@ -99,7 +103,14 @@ const EX_USAGE: u8 = 64;
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
-        Command::Agent { config } => run_agent(&config),
+        Command::Agent {
+            config,
+            cleanup: false,
+        } => run_agent(&config),
+        Command::Agent {
+            config,
+            cleanup: true,
+        } => cleanup_agent(&config),
         Command::TaskWait { status, pid, argv } => {
             let e = shim::wait(&status, &pid, &argv);
             eprintln!("dcnet task-wait: {e:#}");
@@ -138,6 +149,39 @@ fn main() -> ExitCode {
                     ExitCode::FAILURE
                 }
             }
+        }
+    }
+}
+
+/// `dcnet agent --cleanup`: what the eBPF data plane leaves pinned on purpose, removed.
+fn cleanup_agent(config: &std::path::Path) -> ExitCode {
+    let cfg = match config::AgentConfig::load(config) {
+        Ok(cfg) => cfg,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            return ExitCode::from(EX_USAGE);
+        }
+    };
+    let dir = &cfg.l4lb.bpf_pin_dir;
+    match dcnet_l4lb::ebpf::cleanup(dir) {
+        Ok(removed) if removed.is_empty() => {
+            println!("nothing to remove under {}", dir.display());
+            ExitCode::SUCCESS
+        }
+        Ok(removed) => {
+            for path in &removed {
+                println!("removed {}", path.display());
+            }
+            println!(
+                "removed {} pins under {}: no dcnet program is attached through them any more",
+                removed.len(),
+                dir.display()
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("error: cleaning up {}: {e}", dir.display());
+            ExitCode::FAILURE
         }
     }
 }

@@ -33,6 +33,12 @@ pub(super) async fn start(
             node: node.node.id.clone(),
             boot: node.boot.clone(),
             udp: cfg.l4lb.udp_limits(),
+            data_plane: cfg.l4lb.data_plane(),
+            ebpf: l4lb::EbpfConfig {
+                pin_dir: cfg.l4lb.bpf_pin_dir.clone(),
+                cgroups: bpf_cgroups(cfg),
+                limits: cfg.l4lb.bpf_limits(),
+            },
         },
         store,
         l4lb::Metrics::register(registry).context("registering L4LB metrics")?,
@@ -46,15 +52,35 @@ pub(super) async fn start(
         .context("registering the L4LB backend metrics")?;
     let routes = plane.router();
     supervisor.spawn("l4lb", move |ready, stop| {
-        let run = plane
-            .clone()
-            .run(state.clone(), move || ready.serving(), stop);
+        let detail = ready.clone();
+        let run = plane.clone().run(
+            state.clone(),
+            move || ready.serving(),
+            move |d| detail.detail(d),
+            stop,
+        );
         async move {
-            run.await;
-            Ok(())
+            run.await
+                .context("starting the eBPF data plane (l4lb.data_plane = \"ebpf\")")
+                .map_err(Into::into)
         }
     });
     Ok(routes)
+}
+
+/// The cgroup v2 directories the eBPF plane attaches to: the one every task's cgroup is
+/// made under, and the operator's. None when this machine mounts no cgroup2.
+pub(super) fn bpf_cgroups(cfg: &AgentConfig) -> Vec<std::path::PathBuf> {
+    let Ok(hierarchies) = dcnet_node_core::runtime::cgroup::Hierarchies::detect() else {
+        return Vec::new();
+    };
+    let Some(v2) = hierarchies.v2 else {
+        return Vec::new();
+    };
+    std::iter::once(cfg.runtime.cgroup_parent.as_str())
+        .chain(cfg.l4lb.bpf_cgroups.iter().map(String::as_str))
+        .map(|rel| v2.join(rel))
+        .collect()
 }
 
 /// The userspace proxy connects to a backend from one address of this node, and it closes

@@ -23,7 +23,13 @@ fn vip_rows(vips: &[Value], t: &mut Table) {
     for v in vips {
         let backends = v["backends"].as_array().cloned().unwrap_or_default();
         let healthy = backends.iter().filter(|b| b["state"] == "healthy").count();
-        let active: u64 = backends.iter().filter_map(|b| b["active"].as_u64()).sum();
+        // The eBPF data plane does not count open connections: "-".
+        let active = if backends.iter().any(|b| b["active"].is_u64()) {
+            let open: u64 = backends.iter().filter_map(|b| b["active"].as_u64()).sum();
+            open.to_string()
+        } else {
+            "-".to_string()
+        };
         let total: u64 = backends.iter().filter_map(|b| b["total"].as_u64()).sum();
         t.row([
             format!("{}:{}", s(&v["ip"]), s(&v["port"])),
@@ -56,6 +62,12 @@ fn vip_list(client: &Client, as_json: bool) -> anyhow::Result<()> {
     let mut t = vip_table();
     vip_rows(v.as_array().map(Vec::as_slice).unwrap_or_default(), &mut t);
     t.print();
+    // Which data plane serves, and why not eBPF when it is the proxy.
+    if let Ok(ready) = client.call("GET", "/ready", None)
+        && let Some(detail) = ready["planes"]["l4lb"]["detail"].as_str()
+    {
+        println!("\ndata plane: {detail}");
+    }
     Ok(())
 }
 
@@ -95,7 +107,10 @@ fn vip_show(client: &Client, name: &str, as_json: bool) -> anyhow::Result<()> {
                 format!("{}:{}", s(&be["ip"]), s(&be["port"])),
                 s(&be["state"]),
                 s(&be["weight"]),
-                s(&be["active"]),
+                match &be["active"] {
+                    Value::Null => "-".to_string(),
+                    open => s(open),
+                },
                 s(&be["total"]),
                 s(&be["failures"]),
                 s(&be["task"]),

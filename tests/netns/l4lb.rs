@@ -1,6 +1,6 @@
-//! VIPs end to end: a container resolves `web.marathon.l4lb` and connects through the
-//! userspace proxy to healthy backends; a dead backend is ejected; a new one gets traffic; UDP
-//! replies come from the VIP.
+//! VIPs end to end through the userspace proxy (the eBPF plane has its own, ebpf.rs): a
+//! container resolves `web.marathon.l4lb` and connects to healthy backends; a dead backend is
+//! ejected; a new one gets traffic; UDP replies come from the VIP.
 
 use std::collections::BTreeMap;
 use std::net::UdpSocket;
@@ -21,11 +21,11 @@ fn node(tag: &str) -> (NetNs, Agent) {
     let ns = NetNs::new(tag);
     ns.add_node_address("node0", &format!("{NODE_IP}/24"));
     ns.enter();
-    let agent = Agent::start_on(&ns, NODE_IP);
+    let agent = Agent::start_with(&ns, NODE_IP, "[l4lb]\ndata_plane = \"userspace\"");
     (ns, agent)
 }
 
-fn web(instances: u32) -> Value {
+pub(crate) fn web(instances: u32) -> Value {
     json!({
         "id": "/web", "instances": instances, "cpus": 0.05, "mem": 64,
         "cmd": "echo \"$MESOS_TASK_ID\" > index.html && exec python3 -m http.server --bind 0.0.0.0 8080",
@@ -46,15 +46,24 @@ fn in_client(agent: &Agent, script: &str) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
-/// Fetches through the VIP `n` times from the client container: backend task id -> count,
-/// and the number of failures.
-fn fetch(agent: &Agent, n: u32) -> (BTreeMap<String, u32>, u32) {
-    let out = in_client(
+/// Fetches `web.marathon.l4lb` `n` times with curl in a shell that `run` starts: backend
+/// task id -> count, and the number of failures.
+pub(crate) fn fetch_with(
+    agent: &Agent,
+    n: u32,
+    run: impl Fn(&Agent, &str) -> String,
+) -> (BTreeMap<String, u32>, u32) {
+    let out = run(
         agent,
         &format!(
             "for i in $(seq {n}); do curl -sS --max-time 3 http://web.marathon.l4lb:80/ || echo FAIL; done"
         ),
     );
+    count_answers(&out)
+}
+
+/// Backend task id -> answers, and failures, from one curl answer per line.
+pub(crate) fn count_answers(out: &str) -> (BTreeMap<String, u32>, u32) {
     let mut seen = BTreeMap::new();
     let mut failed = 0;
     for line in out.lines() {
@@ -65,6 +74,11 @@ fn fetch(agent: &Agent, n: u32) -> (BTreeMap<String, u32>, u32) {
         }
     }
     (seen, failed)
+}
+
+/// Fetches through the VIP `n` times from the client container.
+fn fetch(agent: &Agent, n: u32) -> (BTreeMap<String, u32>, u32) {
+    fetch_with(agent, n, in_client)
 }
 
 #[test]

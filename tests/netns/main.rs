@@ -4,6 +4,7 @@
 mod api;
 mod containers;
 mod dns;
+mod ebpf;
 mod l4lb;
 mod node_core;
 mod supervision;

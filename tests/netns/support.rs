@@ -114,6 +114,20 @@ impl Agent {
         let dir = tempfile::tempdir().expect("a temp dir");
         let n = NEXT.fetch_add(1, Ordering::SeqCst);
         let cgroup_parent = format!("{}/agent-{n}", run_parent());
+        // The eBPF plane pins under the agent's own directory, on a bpffs it mounts there.
+        // ...and also balances a cgroup of the test's clients (`Agent::client_cgroup`), beside
+        // the tasks' parent (whose unknown children a starting agent removes as leftovers).
+        let pin = format!(
+            "bpf_pin_dir = \"{}\"\nbpf_cgroups = [\"{cgroup_parent}-clients\"]",
+            dir.path().join("bpf").display()
+        );
+        let extra = if extra.contains("bpf_pin_dir") {
+            extra.to_string()
+        } else if extra.contains("[l4lb]") {
+            extra.replacen("[l4lb]", &format!("[l4lb]\n{pin}"), 1)
+        } else {
+            format!("[l4lb]\n{pin}\n{extra}")
+        };
         let config = format!(
             r#"state_dir = "{state}"
 shutdown_grace_period = "5s"
@@ -154,7 +168,16 @@ cgroup_parent = "{cgroup_parent}"
         ns: &NetNs,
         limit: Duration,
     ) -> (Self, Option<std::process::ExitStatus>) {
-        let mut agent = Self::configured(ns, "127.0.0.1", "", "");
+        Self::start_expecting_exit_with(ns, "", limit)
+    }
+
+    /// [`Agent::start_expecting_exit`] with `extra` appended to its configuration.
+    pub fn start_expecting_exit_with(
+        ns: &NetNs,
+        extra: &str,
+        limit: Duration,
+    ) -> (Self, Option<std::process::ExitStatus>) {
+        let mut agent = Self::configured(ns, "127.0.0.1", "", extra);
         agent.child = Some(agent.command().spawn().expect("starting the agent"));
         let mut status = None;
         wait_until(limit, || {
@@ -214,6 +237,25 @@ cgroup_parent = "{cgroup_parent}"
             .args(args)
             .output()
             .expect("running nsenter")
+    }
+
+    /// A cgroup v2 directory (made here) that the agent's eBPF plane balances but that holds
+    /// no task: where test clients run.
+    pub fn client_cgroup(&self) -> PathBuf {
+        let dir =
+            Path::new("/sys/fs/cgroup/unified").join(format!("{}-clients", self.cgroup_parent));
+        fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+
+    /// Where the agent's eBPF plane pins its maps and links.
+    pub fn pin_dir(&self) -> PathBuf {
+        self.dir.path().join("bpf")
+    }
+
+    /// The agent's configuration file.
+    pub fn config_path(&self) -> PathBuf {
+        self.dir.path().join("agent.toml")
     }
 
     pub fn log_path(&self) -> PathBuf {
@@ -353,7 +395,13 @@ cgroup_parent = "{cgroup_parent}"
 impl Drop for Agent {
     fn drop(&mut self) {
         self.stop(nix::sys::signal::Signal::SIGKILL);
+        // What the eBPF plane pinned goes with its bpffs (and so do its links).
+        let pins = self.pin_dir();
+        if dcnet_ebpf::is_bpffs(&pins) {
+            let _ = nix::mount::umount2(&pins, nix::mount::MntFlags::MNT_DETACH);
+        }
         remove_cgroup_tree(&self.cgroup_parent);
+        remove_cgroup_tree(&format!("{}-clients", self.cgroup_parent));
         // The last agent of the run takes the run's parent with it.
         for root in cgroup_roots() {
             let _ = fs::remove_dir(root.join(run_parent()));

@@ -774,6 +774,8 @@ pub(crate) mod tests {
                 node: n1.id.clone(),
                 boot: "boot-2".into(),
                 udp: Default::default(),
+                data_plane: dcnet_l4lb::DataPlaneMode::Userspace,
+                ebpf: Default::default(),
             },
             store.clone(),
             dcnet_l4lb::Metrics::register(&prometheus::Registry::new()).unwrap(),

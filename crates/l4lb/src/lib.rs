@@ -13,6 +13,7 @@ mod plane;
 mod proxy;
 mod relay;
 mod select;
+mod sock;
 mod table;
 mod view;
 
@@ -35,6 +36,8 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
+pub use dcnet_ebpf as ebpf;
+
 pub use self::metrics::{BackendMetrics, Metrics};
 pub use self::plane::{DataPlane, TableDiff, diff};
 pub use self::proxy::{Proxy, UdpLimits};
@@ -43,6 +46,38 @@ pub use self::table::{
     Backend, Entry, Lb, VipKey, VipTable, choose_address, vip_table_from, wanted_names,
 };
 pub use self::view::{BackendHealth, ServedBackend, ServedVip, ViewSlot, VipView, vip_label};
+
+/// Which data plane serves VIPs (`l4lb.data_plane`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum DataPlaneMode {
+    /// eBPF where it loads, else the userspace proxy (and the reason, logged and in `/ready`).
+    #[default]
+    Auto,
+    /// eBPF or nothing: a failure to load is the plane's failure.
+    Ebpf,
+    Userspace,
+}
+
+/// Where the eBPF data plane pins and attaches.
+#[derive(Clone, Debug)]
+pub struct EbpfConfig {
+    pub pin_dir: std::path::PathBuf,
+    /// cgroup v2 directories whose processes' sockets are balanced: the one that holds every
+    /// task, and any the operator adds for processes outside dcnet.
+    pub cgroups: Vec<std::path::PathBuf>,
+    pub limits: dcnet_ebpf::Limits,
+}
+
+impl Default for EbpfConfig {
+    /// The default pin directory, no cgroup yet (the agent adds the tasks' one).
+    fn default() -> Self {
+        Self {
+            pin_dir: "/sys/fs/bpf/dcnet".into(),
+            cgroups: Vec::new(),
+            limits: dcnet_ebpf::Limits::default(),
+        }
+    }
+}
 
 #[derive(Clone, Debug)]
 pub struct Config {
@@ -53,6 +88,8 @@ pub struct Config {
     pub boot: String,
     /// Bounds of the userspace proxy's UDP sessions.
     pub udp: UdpLimits,
+    pub data_plane: DataPlaneMode,
+    pub ebpf: EbpfConfig,
 }
 
 /// The plane: allocation, the table and the data plane, and the operator's view of them.
@@ -93,15 +130,46 @@ impl L4lb {
             .with_state(self.view.clone())
     }
 
-    /// Follows `state` until `shutdown` with the userspace proxy as the data plane.
+    /// Follows `state` until `shutdown` with the configured data plane. `detail` hears which
+    /// one serves, and why not eBPF when `auto` falls back to the proxy. Fails only when
+    /// `ebpf` was asked for and cannot be had.
     pub async fn run(
         self,
         state: watch::Receiver<Arc<ClusterState>>,
         serving: impl FnOnce() + Send,
+        detail: impl FnOnce(String) + Send,
         shutdown: CancellationToken,
-    ) {
+    ) -> Result<(), dcnet_ebpf::Error> {
+        let fallback = match self.cfg.data_plane {
+            DataPlaneMode::Userspace => "userspace (configured)".to_string(),
+            mode => {
+                let opts = dcnet_ebpf::Options {
+                    pin_dir: self.cfg.ebpf.pin_dir.clone(),
+                    cgroups: self.cfg.ebpf.cgroups.clone(),
+                    limits: self.cfg.ebpf.limits,
+                };
+                let opened = tokio::task::spawn_blocking(move || dcnet_ebpf::SockLb::open(&opts))
+                    .await
+                    .expect("the eBPF loader does not panic");
+                match opened {
+                    Ok(lb) => {
+                        detail(sock::NAME.to_string());
+                        let plane = sock::SockPlane::new(lb, self.cfg.ebpf.cgroups.clone());
+                        self.run_with(plane, state, serving, shutdown).await;
+                        return Ok(());
+                    }
+                    Err(e) if mode == DataPlaneMode::Ebpf => return Err(e),
+                    Err(e) => {
+                        warn!(reason = %e, "the eBPF data plane is unavailable; serving VIPs through the userspace proxy");
+                        format!("userspace (eBPF unavailable: {e})")
+                    }
+                }
+            }
+        };
+        detail(fallback);
         let proxy = Proxy::new(self.metrics.clone(), self.cfg.udp, shutdown.clone());
         self.run_with(proxy, state, serving, shutdown).await;
+        Ok(())
     }
 
     /// Follows `state` until `shutdown`: allocates, hands `plane` the difference between the
@@ -131,6 +199,15 @@ impl L4lb {
         let mut served = VipTable::new();
         loop {
             let snap = state.borrow_and_update().clone();
+            if !snap.is_loaded() {
+                // The placeholder before the store's first read: applying its empty table
+                // would take every VIP an eBPF plane adopted away for a moment.
+                tokio::select! {
+                    res = state.changed() => if res.is_err() { return },
+                    () = shutdown.cancelled() => return,
+                }
+                continue;
+            }
             if let Err(e) = self.allocate(&snap).await {
                 warn!(error = %e, "VIP allocation failed; retrying on the next change");
             }
@@ -144,9 +221,7 @@ impl L4lb {
                 self.metrics.vips(served.len());
             }
             self.mark_ready(&snap, &served).await;
-            if snap.is_loaded()
-                && let Some(serving) = serving.take()
-            {
+            if let Some(serving) = serving.take() {
                 serving();
             }
             let is_missing = served.len() < wanted;
@@ -352,6 +427,8 @@ mod tests {
                     node: NodeId("n1".into()),
                     boot: "b1".into(),
                     udp: UdpLimits::default(),
+                    data_plane: DataPlaneMode::Userspace,
+                    ebpf: EbpfConfig::default(),
                 },
                 store.clone(),
                 Metrics::register(&reg).unwrap(),
@@ -371,6 +448,8 @@ mod tests {
                 node: NodeId("n1".into()),
                 boot: "b1".into(),
                 udp: UdpLimits::default(),
+                data_plane: DataPlaneMode::Userspace,
+                ebpf: EbpfConfig::default(),
             },
             store.clone(),
             Metrics::register(&reg).unwrap(),
@@ -436,6 +515,8 @@ mod tests {
                 node: NodeId("n1".into()),
                 boot: "b1".into(),
                 udp: UdpLimits::default(),
+                data_plane: DataPlaneMode::Userspace,
+                ebpf: EbpfConfig::default(),
             },
             store,
             Metrics::register(&reg).unwrap(),

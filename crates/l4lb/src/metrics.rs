@@ -106,9 +106,11 @@ impl Collector for BackendMetrics {
             for b in &served.backends {
                 let backend = b.backend.addr.to_string();
                 let labels = [vip.as_str(), backend.as_str()];
-                active
-                    .with_label_values(&labels)
-                    .set(i64::try_from(b.active).unwrap_or(i64::MAX));
+                if let Some(open) = b.active {
+                    active
+                        .with_label_values(&labels)
+                        .set(i64::try_from(open).unwrap_or(i64::MAX));
+                }
                 total.with_label_values(&labels).inc_by(b.total);
                 up.with_label_values(&labels)
                     .set(i64::from(b.health == BackendHealth::Healthy));

@@ -59,7 +59,7 @@ impl VipView for ProxyView {
                     .map(|b| ServedBackend {
                         backend: b.backend.clone(),
                         health: b.health(),
-                        active: b.active.load(Ordering::Relaxed) as u64,
+                        active: Some(b.active.load(Ordering::Relaxed) as u64),
                         total: b.total.load(Ordering::Relaxed),
                         failures: b.failures.load(Ordering::Relaxed),
                     })
@@ -537,7 +537,7 @@ mod tests {
     async fn active(proxy: &Proxy, want: u64) {
         for _ in 0..200 {
             let served = proxy.view().served();
-            if served[0].backends[0].active == want {
+            if served[0].backends[0].active == Some(want) {
                 return;
             }
             tokio::time::sleep(Duration::from_millis(5)).await;

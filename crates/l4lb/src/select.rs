@@ -86,8 +86,8 @@ fn hash(bytes: &[u8], seed: u64) -> u64 {
     h
 }
 
-/// Maglev's lookup table (Eisenbud et al., 2016): each backend walks its own permutation of
-/// the slots and takes the next free one in turn.
+/// Maglev's lookup table over the backends that take new connections, as indices into
+/// `backends`.
 fn maglev_table(backends: &[Arc<BackendState>]) -> Vec<u32> {
     let live: Vec<usize> = backends
         .iter()
@@ -95,22 +95,33 @@ fn maglev_table(backends: &[Arc<BackendState>]) -> Vec<u32> {
         .filter(|(_, b)| b.backend.weight > 0)
         .map(|(i, _)| i)
         .collect();
-    if live.is_empty() {
+    let addrs: Vec<SocketAddr> = live.iter().map(|i| backends[*i].backend.addr).collect();
+    maglev_slots(&addrs, MAGLEV_SIZE)
+        .into_iter()
+        .map(|j| live[j as usize] as u32)
+        .collect()
+}
+
+/// Maglev's lookup table (Eisenbud et al., 2016) of `size` slots (a prime) over `backends`,
+/// as indices into it: each backend walks its own permutation of the slots and takes the
+/// next free one in turn. The eBPF data plane fills its maps from the same function.
+pub(crate) fn maglev_slots(backends: &[SocketAddr], size: usize) -> Vec<u32> {
+    if backends.is_empty() {
         return Vec::new();
     }
-    let m = MAGLEV_SIZE as u64;
-    let perms: Vec<(u64, u64)> = live
+    let m = size as u64;
+    let perms: Vec<(u64, u64)> = backends
         .iter()
-        .map(|i| {
-            let key = backends[*i].backend.addr.to_string();
+        .map(|addr| {
+            let key = addr.to_string();
             (
                 hash(key.as_bytes(), 1) % m,
                 hash(key.as_bytes(), 2) % (m - 1) + 1,
             )
         })
         .collect();
-    let mut next = vec![0u64; live.len()];
-    let mut table = vec![u32::MAX; MAGLEV_SIZE];
+    let mut next = vec![0u64; backends.len()];
+    let mut table = vec![u32::MAX; size];
     let mut filled = 0;
     'outer: loop {
         for (j, (offset, skip)) in perms.iter().enumerate() {
@@ -119,10 +130,10 @@ fn maglev_table(backends: &[Arc<BackendState>]) -> Vec<u32> {
                 next[j] += 1;
                 c = (offset + next[j] * skip) % m;
             }
-            table[c as usize] = live[j] as u32;
+            table[c as usize] = j as u32;
             next[j] += 1;
             filled += 1;
-            if filled == MAGLEV_SIZE {
+            if filled == size {
                 break 'outer;
             }
         }

@@ -46,8 +46,9 @@ impl BackendHealth {
 pub struct ServedBackend {
     pub backend: Backend,
     pub health: BackendHealth,
-    /// Open connections (UDP: sessions).
-    pub active: u64,
+    /// Open connections (UDP: sessions), where the data plane counts them (the proxy does;
+    /// the eBPF plane hands sockets to the kernel and does not).
+    pub active: Option<u64>,
     /// Connections (UDP: sessions) sent to it since it joined the table.
     pub total: u64,
     /// Connections that failed and ejected it.

@@ -13,6 +13,8 @@
 #![deny(rust_2018_idioms, clippy::disallowed_methods, clippy::disallowed_types)]
 #![forbid(unsafe_code)]
 
+pub mod sockets;
+
 use std::fs;
 use std::future::Future;
 use std::io;

@@ -72,6 +72,10 @@ pub struct PlaneStatus {
     pub last_error: Option<String>,
     /// When it entered `state` (RFC 3339).
     pub since: String,
+    /// How it serves, where it has a choice (the L4LB: which data plane, and why not the
+    /// other).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub detail: Option<String>,
 }
 
 #[derive(Default)]
@@ -93,12 +97,21 @@ impl Planes {
         let restarts = entry.status.as_ref().map_or(0, |s| s.restarts)
             + u32::from(state == PlaneState::Restarting);
         let last_error = error.or_else(|| entry.status.as_ref()?.last_error.clone());
+        let detail = entry.status.as_ref().and_then(|s| s.detail.clone());
         entry.status = Some(PlaneStatus {
             state,
             restarts,
             last_error,
             since: now_rfc3339(),
+            detail,
         });
+    }
+
+    fn set_detail(&self, plane: &'static str, detail: String) {
+        let mut planes = self.0.lock().expect("planes lock");
+        if let Some(status) = planes.entry(plane).or_default().status.as_mut() {
+            status.detail = Some(detail);
+        }
     }
 
     fn fault(&self, plane: &'static str) -> Arc<Notify> {
@@ -146,6 +159,11 @@ impl Ready {
     /// The plane serves now (its sockets are bound, its first state applied).
     pub fn serving(&self) {
         self.planes.set(self.plane, PlaneState::Serving, None);
+    }
+
+    /// Says how the plane serves (shown in `/ready` as `detail`).
+    pub fn detail(&self, detail: impl Into<String>) {
+        self.planes.set_detail(self.plane, detail.into());
     }
 }
 

@@ -114,6 +114,19 @@ fn a_tcp_vip_is_served_in_the_kernel_to_containers_host_tasks_and_its_own_backen
     assert_eq!(seen.len(), 3, "all three backends answer: {seen:?}");
     assert_eq!(seen.values().sum::<u32>(), 300);
 
+    // Each closed connection took its reverse entry along: the map holds open sockets only.
+    let dump = Command::new("bpftool")
+        .args(["-j", "map", "dump", "pinned"])
+        .arg(agent.pin_dir().join("maps/dcnet_reverse"))
+        .output()
+        .unwrap();
+    let dump: Value = serde_json::from_slice(&dump.stdout).expect("bpftool's JSON");
+    let entries = dump.as_array().map_or(usize::MAX, Vec::len);
+    assert!(
+        entries < 10,
+        "300 closed connections left {entries} reverse entries"
+    );
+
     // The operator's view says which data plane serves, and counts what the programs sent.
     let vips = agent.get("/v1/vips");
     assert_eq!(vips[0]["dataPlane"], "ebpf", "{vips}");
@@ -448,7 +461,7 @@ fn agent_restarts_under_load_fail_no_connection_adopt_the_maps_and_cleanup_leave
     let services_map = pinned_id(&maps.join("dcnet_services"), "map");
     assert!(!services_map.is_empty(), "the services map is pinned");
     let first_programs = attached(&cgroup);
-    assert_eq!(first_programs.len(), 8, "eight programs on the cgroup");
+    assert_eq!(first_programs.len(), 9, "nine programs on the cgroup");
 
     let dir = tempfile::tempdir().unwrap();
     let script = dir.path().join("loop.py");
@@ -508,14 +521,14 @@ fn agent_restarts_under_load_fail_no_connection_adopt_the_maps_and_cleanup_leave
     let programs = attached(&cgroup);
     assert_eq!(
         programs.len(),
-        8,
+        9,
         "the old agents' programs are gone: {programs:?}"
     );
     assert!(programs.iter().all(|p| !first_programs.contains(p)));
 
     // Clean-up: no program, link or pin is left.
     agent.stop(nix::sys::signal::Signal::SIGTERM);
-    assert_eq!(attached(&cgroup).len(), 8, "links outlive the agent");
+    assert_eq!(attached(&cgroup).len(), 9, "links outlive the agent");
     let out = Command::new(dcnet())
         .args(["agent", "--cleanup", "--config"])
         .arg(agent.config_path())

@@ -9,6 +9,10 @@
 
 #include "dcnet_lb.h"
 
+/* From linux/socket.h, which this target cannot include. */
+#define AF_INET 2
+#define AF_INET6 10
+
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
 	__uint(max_entries, 4096);
@@ -38,6 +42,50 @@ struct {
 	__type(key, __u32);
 	__type(value, __u64);
 } dcnet_connects SEC(".maps");
+
+/* A socket that closes takes its reverse entry along (cookies are never reused, so this is
+ * about the map's room, not correctness): the LRU map then holds the sockets that are open,
+ * and a busy node's connects do not pay for evictions. Unconnected UDP sockets' entries, one
+ * per backend they sent to, age out by LRU.
+ *
+ * It comes first in this file on purpose: clang 14 writes struct bpf_sock into BTF whole only
+ * if it meets it here before it meets it as a pointer inside struct bpf_sock_addr (then only as
+ * a forward declaration, which the verifier refuses as this program's argument type). */
+SEC("cgroup/sock_release")
+int dcnet_sock_release(struct bpf_sock *sk)
+{
+	struct dcnet_reverse_key rk = {};
+	if (sk->dst_port == 0)
+		return 1;
+	rk.cookie = bpf_get_socket_cookie(sk);
+	/* Each context field is read straight off `sk` (the barriers keep clang from sharing one
+	 * load through a moved pointer, which the verifier refuses). */
+	__u32 family = sk->family;
+	if (family == AF_INET) {
+		__u32 d = sk->dst_ip4;
+		asm volatile("" : "+r"(d));
+		rk.ip.w[2] = bpf_htonl(0xffff);
+		rk.ip.w[3] = d;
+	} else if (family == AF_INET6) {
+		__u32 d0 = sk->dst_ip6[0];
+		asm volatile("" : "+r"(d0));
+		__u32 d1 = sk->dst_ip6[1];
+		asm volatile("" : "+r"(d1));
+		__u32 d2 = sk->dst_ip6[2];
+		asm volatile("" : "+r"(d2));
+		__u32 d3 = sk->dst_ip6[3];
+		asm volatile("" : "+r"(d3));
+		rk.ip.w[0] = d0;
+		rk.ip.w[1] = d1;
+		rk.ip.w[2] = d2;
+		rk.ip.w[3] = d3;
+	} else {
+		return 1;
+	}
+	rk.port = (__u16)sk->dst_port;
+	bpf_map_delete_elem(&dcnet_reverse, &rk);
+	return 1;
+}
 
 static __always_inline int is_v4_mapped(const struct dcnet_addr *a)
 {

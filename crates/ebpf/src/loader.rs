@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 
 use aya::maps::{HashMap, MapData, MapError, PerCpuArray, PerCpuValues};
 use aya::programs::links::{FdLink, LinkError};
-use aya::programs::{CgroupAttachMode, CgroupSockAddr, ProgramError};
+use aya::programs::{CgroupAttachMode, CgroupSock, CgroupSockAddr, ProgramError};
 use aya::{Ebpf, EbpfLoader};
 use tracing::{debug, info, warn};
 
@@ -18,8 +18,9 @@ use crate::layout::{BackendAddr, ReverseKey, ReverseVip, Service, ServiceKey};
 
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/sock_lb.bpf.o"));
 
-/// Every program, by its function name in `sock_lb.bpf.c`.
-pub const PROGRAMS: [&str; 8] = [
+/// Every program, by its function name in `sock_lb.bpf.c`: the socket-address hooks, then
+/// [`RELEASE`].
+pub const PROGRAMS: [&str; 9] = [
     "dcnet_connect4",
     "dcnet_sendmsg4",
     "dcnet_recvmsg4",
@@ -28,7 +29,14 @@ pub const PROGRAMS: [&str; 8] = [
     "dcnet_sendmsg6",
     "dcnet_recvmsg6",
     "dcnet_getpeername6",
+    RELEASE,
 ];
+
+/// Attaches one loaded program to a cgroup and hands back its link.
+type Attach<'a> = dyn FnMut(&File) -> Result<FdLink, Error> + 'a;
+
+/// The `cgroup/sock_release` program (a `CgroupSock`, not a `CgroupSockAddr`).
+const RELEASE: &str = "dcnet_sock_release";
 
 const SERVICES: &str = "dcnet_services";
 const BACKENDS: &str = "dcnet_backends";
@@ -166,26 +174,40 @@ impl SockLb {
         let mut program_ids = Vec::new();
         for name in PROGRAMS {
             let program = |source| Error::Program { name, source };
-            let prog: &mut CgroupSockAddr = ebpf
-                .program_mut(name)
-                .ok_or(Error::Program {
-                    name,
-                    source: ProgramError::UnexpectedProgramType,
-                })?
-                .try_into()
-                .map_err(program)?;
-            prog.load().map_err(program)?;
-            program_ids.push(prog.info().map_err(program)?.id());
+            let found = ebpf.program_mut(name).ok_or(Error::Program {
+                name,
+                source: ProgramError::UnexpectedProgramType,
+            })?;
+            let mut attach: Box<Attach<'_>> = if name == RELEASE {
+                let prog: &mut CgroupSock = found.try_into().map_err(program)?;
+                prog.load().map_err(program)?;
+                program_ids.push(prog.info().map_err(program)?.id());
+                Box::new(move |cgroup| {
+                    let id = prog
+                        .attach(cgroup, CgroupAttachMode::Single)
+                        .map_err(program)?;
+                    prog.take_link(id)
+                        .map_err(program)?
+                        .try_into()
+                        .map_err(|source| Error::Link { name, source })
+                })
+            } else {
+                let prog: &mut CgroupSockAddr = found.try_into().map_err(program)?;
+                prog.load().map_err(program)?;
+                program_ids.push(prog.info().map_err(program)?.id());
+                Box::new(move |cgroup| {
+                    // A link always lets other programs run beside it (the old agent's too).
+                    let id = prog
+                        .attach(cgroup, CgroupAttachMode::Single)
+                        .map_err(program)?;
+                    prog.take_link(id)
+                        .map_err(program)?
+                        .try_into()
+                        .map_err(|source| Error::Link { name, source })
+                })
+            };
             for cgroup in &cgroups {
-                // A link always lets other programs run beside it (the old agent's too).
-                let id = prog
-                    .attach(cgroup, CgroupAttachMode::Single)
-                    .map_err(program)?;
-                let link: FdLink = prog
-                    .take_link(id)
-                    .map_err(program)?
-                    .try_into()
-                    .map_err(|source| Error::Link { name, source })?;
+                let link = attach(cgroup)?;
                 let link_id = link
                     .info()
                     .map_err(|source| Error::Link { name, source })?

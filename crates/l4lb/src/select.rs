@@ -209,6 +209,7 @@ impl Selector {
                 }
             }
             Lb::RoundRobin => pool[self.rr.fetch_add(1, Ordering::Relaxed) % pool.len()],
+            Lb::Random => pool[rand::random_range(0..pool.len())],
             _ => least_of_two(&pool),
         };
         Some(chosen.clone())

@@ -155,6 +155,9 @@ impl SockPlane {
             if self.ids.contains_key(addr) {
                 continue;
             }
+            if addr.ip().is_loopback() {
+                warn!(backend = %addr, "a VIP backend on loopback: through eBPF only clients in the node's own namespace reach it, containers do not; give node.ip a routable address (or use l4lb.data_plane = \"userspace\")");
+            }
             let id = self.free_id();
             match lb.set_backend(id, *addr, true) {
                 Ok(()) => {
@@ -254,7 +257,12 @@ impl VipView for SockView {
             .map(|(key, entry)| ServedVip {
                 key: *key,
                 name: entry.name.clone(),
-                lb: entry.lb,
+                // What the kernel really does with it.
+                lb: if entry.lb == Lb::Maglev {
+                    Lb::Maglev
+                } else {
+                    Lb::Random
+                },
                 data_plane: NAME,
                 backends: entry
                     .backends

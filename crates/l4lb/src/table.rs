@@ -19,14 +19,18 @@ pub enum Lb {
     P2c,
     RoundRobin,
     Maglev,
+    /// A uniformly random backend among those that take connections: what the eBPF plane
+    /// does for every VIP that is not Maglev (it has no connection counts at `connect()`).
+    Random,
 }
 
 impl Lb {
-    /// From the app label `DCNET_LB` (`p2c`, `roundrobin`, `maglev`).
+    /// From the app label `DCNET_LB` (`p2c`, `roundrobin`, `maglev`, `random`).
     pub fn from_label(value: Option<&String>) -> Self {
         match value.map(|v| v.to_ascii_lowercase()).as_deref() {
             Some("roundrobin" | "round-robin" | "rr") => Lb::RoundRobin,
             Some("maglev") => Lb::Maglev,
+            Some("random") => Lb::Random,
             _ => Lb::P2c,
         }
     }

@@ -109,9 +109,9 @@ fn synthetic() -> ClusterState {
     }
     ClusterState {
         revision: 1,
-        apps: Arc::new(apps),
-        tasks: Arc::new(tasks),
-        nodes: Arc::new([(n.id.clone(), Arc::new(n))].into()),
+        apps: apps.into(),
+        tasks: tasks.into(),
+        nodes: [(n.id.clone(), Arc::new(n))].into_iter().collect(),
         leader: Some(NodeId("node-1".into())),
         ..Default::default()
     }

@@ -10,6 +10,7 @@
 mod cookie;
 mod forward;
 mod http;
+mod incremental;
 mod metrics;
 mod records;
 mod screen;
@@ -27,7 +28,7 @@ use dcnet_node_core::ClusterState;
 use tokio::net::{TcpListener, UdpSocket};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 pub use self::forward::{ForwardConfig, upstreams_from_resolv_conf};
 pub use self::metrics::Metrics;
@@ -91,8 +92,15 @@ impl Dns {
         if !loaded {
             return;
         }
+        // The zone follows what changed (a first build of a big cluster takes milliseconds:
+        // off the serving threads).
         let snap = state.borrow_and_update().clone();
-        self.build_zone(snap).await;
+        let mut zone = self
+            .update_zone(
+                incremental::Incremental::new(self.cfg.records.clone()),
+                snap,
+            )
+            .await;
         let handler = server::Handler {
             zone: self.zone.clone(),
             forwarder: match self.cfg.forward.clone() {
@@ -134,22 +142,37 @@ impl Dns {
                 () = shutdown.cancelled() => break,
             }
             let snap = state.borrow_and_update().clone();
-            self.build_zone(snap).await;
+            zone = self.update_zone(zone, snap).await;
         }
     }
 
-    /// Builds the zone of `snap` off the serving threads (a big zone takes milliseconds to
-    /// make) and swaps it in.
-    async fn build_zone(&self, snap: Arc<ClusterState>) {
+    /// Brings `inc` to `snap` on a blocking thread and swaps the zone in; returns it for the
+    /// next snapshot (a fresh one, which rebuilds, if the update panicked).
+    async fn update_zone(
+        &self,
+        mut inc: incremental::Incremental,
+        snap: Arc<ClusterState>,
+    ) -> incremental::Incremental {
         let seen = tokio::time::Instant::now();
-        let cfg = self.cfg.records.clone();
-        match tokio::task::spawn_blocking(move || records_from(&snap, &cfg)).await {
-            Ok(zone) => {
+        match tokio::task::spawn_blocking(move || {
+            let (zone, how) = inc.update(&snap);
+            (inc, zone, how)
+        })
+        .await
+        {
+            Ok((inc, zone, how)) => {
                 let records = zone.records;
                 self.zone.store(Arc::new(zone));
                 self.metrics.zone(records, seen.elapsed());
+                if how == incremental::Update::Rebuild {
+                    debug!(records, "zone rebuilt whole");
+                }
+                inc
             }
-            Err(e) => warn!(error = %e, "building the zone failed"),
+            Err(e) => {
+                warn!(error = %e, "updating the zone failed; it is rebuilt from the next snapshot");
+                incremental::Incremental::new(self.cfg.records.clone())
+            }
         }
     }
 }
@@ -212,7 +235,7 @@ mod tests {
         let node = crate::records::tests::node("n1", "192.0.2.1");
         tx.send_replace(Arc::new(ClusterState {
             revision: 1,
-            nodes: Arc::new([(node.id.clone(), Arc::new(node))].into()),
+            nodes: [(node.id.clone(), Arc::new(node))].into_iter().collect(),
             leader: Some(NodeId("n1".into())),
             ..Default::default()
         }));
@@ -277,12 +300,15 @@ mod tests {
             .collect();
         let mut st = state(vec![big], tasks, vec![]);
         let n1 = node("node-1", "192.0.2.1");
-        Arc::make_mut(&mut st.nodes).insert(n1.id.clone(), Arc::new(n1));
+        st.nodes.insert(n1.id.clone(), Arc::new(n1));
         // 120 distinct addresses: an A set longer than 1232 bytes.
-        for (i, t) in Arc::make_mut(&mut st.tasks).values_mut().enumerate() {
-            Arc::make_mut(t).ip_addresses = vec![dcnet_node_core::model::IpAddress::new(
-                std::net::IpAddr::from([10, 128, 1, u8::try_from(i + 2).unwrap()]),
-            )];
+        let ids: Vec<_> = st.tasks.keys().cloned().collect();
+        for (i, id) in ids.iter().enumerate() {
+            if let Some(t) = st.tasks.get_mut(id) {
+                Arc::make_mut(t).ip_addresses = vec![dcnet_node_core::model::IpAddress::new(
+                    std::net::IpAddr::from([10, 128, 1, u8::try_from(i + 2).unwrap()]),
+                )];
+            }
         }
         let big = st.apps.values().next().unwrap().clone();
         let mut container = (*big).clone();
@@ -290,7 +316,7 @@ mod tests {
             mode: dcnet_node_core::model::NetworkMode::Container,
             ..serde_json::from_str(r#"{"mode": "container"}"#).unwrap()
         }];
-        Arc::make_mut(&mut st.apps).insert(container.id.clone(), Arc::new(container));
+        st.apps.insert(container.id.clone(), Arc::new(container));
         let (addr, shutdown, serving) = serving(st, usize::MAX).await;
         let client = UdpSocket::bind("127.0.0.1:0").await.unwrap();
         client.connect(addr).await.unwrap();
@@ -363,7 +389,7 @@ mod tests {
             .collect();
         let mut st = state(vec![big], tasks, vec![]);
         let n1 = node("node-1", "192.0.2.1");
-        Arc::make_mut(&mut st.nodes).insert(n1.id.clone(), Arc::new(n1));
+        st.nodes.insert(n1.id.clone(), Arc::new(n1));
         let (addr, shutdown, serving) = serving(st, 10).await;
         let client = UdpSocket::bind("127.0.0.1:0").await.unwrap();
         client.connect(addr).await.unwrap();

@@ -7,9 +7,10 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::{IpAddr, Ipv4Addr};
+use std::sync::Arc;
 
 use dcnet_node_core::ClusterState;
-use dcnet_node_core::model::{App, Node, NodeId, Protocol, Task, clean_label, vip_label};
+use dcnet_node_core::model::{App, Node, NodeId, Protocol, Task, TaskId, clean_label, vip_label};
 use hickory_proto::rr::rdata::{A, AAAA, NS, PTR, SOA, SRV};
 use hickory_proto::rr::{Name, RData, Record, RecordType};
 
@@ -143,143 +144,201 @@ fn task_ips(app: &App, task: &Task, node: &Node) -> Vec<IpAddr> {
     }
 }
 
-/// All records of `state`.
-pub fn records_from(state: &ClusterState, cfg: &RecordConfig) -> Zone {
-    let domain = clean_label(&cfg.domain);
-    let fw = clean_label(&cfg.framework);
-    let mut b = Builder {
-        cfg,
-        names: HashMap::new(),
-    };
+/// What contributes records: each node, task and VIP on its own, the leader's names and the
+/// zone apexes. A name's records are every contributor's, in this order (the order the full
+/// build adds them in), so that an incremental zone can rebuild one name from its
+/// contributors alone.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub(crate) enum Source {
+    Leader,
+    Node(NodeId),
+    Task(TaskId),
+    Vip(String),
+    Apex,
+}
 
-    // Nodes: the leader, masters and agents.
-    let leader = state.leader.as_ref().and_then(|id| state.nodes.get(id));
-    if let Some(leader) = leader {
-        for ip in leader.addresses() {
-            for name in ["leader", "master", "master0", fw.as_str()] {
-                b.addr(&format!("{name}.{domain}"), ip);
-            }
-        }
-    }
-    for node in state.nodes.values() {
-        let host = clean_label(&node.hostname);
-        let agent_name =
-            (!host.is_empty()).then(|| format!("{host}.agentip.dcos.thisdcos.directory"));
-        let is_this = cfg.this_node.as_ref() == Some(&node.id);
-        for ip in node.addresses() {
-            b.addr(&format!("slave.{domain}"), ip);
-            b.addr(&format!("agent.{domain}"), ip);
-            if let Some(agent_name) = &agent_name {
-                b.addr(agent_name, ip);
-                b.ptr(ip, agent_name);
-            }
-            if is_this {
-                b.addr("thisnode.thisdcos.directory", ip);
-            }
+/// The records of one source, by name.
+pub(crate) type Part = HashMap<String, RrSets>;
+
+/// The cleaned labels every name is made of.
+pub(crate) struct Labels {
+    pub(crate) domain: String,
+    pub(crate) fw: String,
+}
+
+impl Labels {
+    pub(crate) fn of(cfg: &RecordConfig) -> Self {
+        Self {
+            domain: clean_label(&cfg.domain),
+            fw: clean_label(&cfg.framework),
         }
     }
 
-    // Tasks that serve.
-    for task in state.tasks.values() {
-        let (Some(app), Some(node)) =
-            (state.apps.get(&task.app_id), state.nodes.get(&task.node_id))
-        else {
-            continue;
-        };
-        if !task.is_serving(!app.health_checks.is_empty()) {
-            continue;
-        }
-        let name = clean_label(&app.id.task_name());
-        if name.is_empty() {
-            continue;
-        }
-        let ips = task_ips(app, task, node);
-        let tail = clean_label(&node.id.0);
-        let canon = clean_label(&format!("{name}-{}-{tail}", short_hash(task.id.as_str())));
-        let container_ip = task
-            .ip_addresses
-            .first()
-            .filter(|_| app.is_container_network())
-            .map(|a| a.ip_address);
+    /// The zones dcnet is authoritative for.
+    pub(crate) fn apex_names(&self) -> [String; 3] {
+        [
+            fqdn(&self.domain),
+            "thisdcos.directory.".to_string(),
+            "l4lb.".to_string(),
+        ]
+    }
+}
 
-        for &ip in &ips {
-            b.addr(&format!("{name}.{fw}.{domain}"), ip);
-            b.addr(&format!("{canon}.{fw}.{domain}"), ip);
-            b.addr(&format!("{name}.{fw}.autoip.dcos.thisdcos.directory"), ip);
+/// Adds the records of `source` in `state` to `b`; for the apexes, returns them with their
+/// SOA records.
+fn add_source(
+    b: &mut Builder<'_>,
+    state: &ClusterState,
+    l: &Labels,
+    source: &Source,
+) -> Vec<(String, Record)> {
+    let cfg = b.cfg;
+    let (domain, fw) = (&l.domain, &l.fw);
+    match source {
+        Source::Leader => {
+            let leader = state.leader.as_ref().and_then(|id| state.nodes.get(id));
+            if let Some(leader) = leader {
+                for ip in leader.addresses() {
+                    for name in ["leader", "master", "master0", fw.as_str()] {
+                        b.addr(&format!("{name}.{domain}"), ip);
+                    }
+                }
+            }
         }
-        for ip in node.addresses() {
-            b.addr(&format!("{name}.{fw}.slave.{domain}"), ip);
-            b.addr(&format!("{canon}.{fw}.slave.{domain}"), ip);
-            b.addr(&format!("{name}.{fw}.agentip.dcos.thisdcos.directory"), ip);
-        }
-        if let Some(cip) = container_ip {
-            b.addr(
-                &format!("{name}.{fw}.containerip.dcos.thisdcos.directory"),
-                cip,
-            );
-            b.ptr(cip, &format!("{canon}.{fw}.{domain}"));
-        }
-
-        // SRV per port: host ports at the node for host networking, container ports at the
-        // container for container networking.
-        let ports: Vec<(u16, Protocol, Option<&str>, bool)> = if app.is_container_network() {
-            app.port_mappings()
-                .iter()
-                .map(|m| (m.container_port, m.protocol, m.name.as_deref(), true))
-                .collect()
-        } else {
-            app.port_definitions
-                .iter()
-                .zip(&task.ports)
-                .map(|(d, p)| (*p, d.protocol, d.name.as_deref(), false))
-                .collect()
-        };
-        for (port, proto, port_name, in_container) in ports {
-            let (target, target_ips) = if in_container {
-                (format!("{canon}.{fw}.{domain}"), ips.clone())
-            } else {
-                (
-                    format!("{canon}.{fw}.slave.{domain}"),
-                    node.addresses().collect(),
-                )
+        Source::Node(id) => {
+            let Some(node) = state.nodes.get(id) else {
+                return Vec::new();
             };
-            let proto = proto.as_str();
+            let host = clean_label(&node.hostname);
+            let agent_name =
+                (!host.is_empty()).then(|| format!("{host}.agentip.dcos.thisdcos.directory"));
+            let is_this = cfg.this_node.as_ref() == Some(&node.id);
+            for ip in node.addresses() {
+                b.addr(&format!("slave.{domain}"), ip);
+                b.addr(&format!("agent.{domain}"), ip);
+                if let Some(agent_name) = &agent_name {
+                    b.addr(agent_name, ip);
+                    b.ptr(ip, agent_name);
+                }
+                if is_this {
+                    b.addr("thisnode.thisdcos.directory", ip);
+                }
+            }
+        }
+        Source::Task(id) => {
+            if let Some(task) = state.tasks.get(id) {
+                add_task(b, state, l, task);
+            }
+        }
+        Source::Vip(label) => {
+            // Named VIPs whose data plane is ready.
+            let this = cfg.this_node.as_ref().zip(cfg.boot.as_deref());
+            let Some(alloc) = state.vips.get(label) else {
+                return Vec::new();
+            };
+            if !alloc.is_ready_on(this) {
+                return Vec::new();
+            }
+            let (name, ip) = (&alloc.name, alloc.ip);
+            let label = vip_label(name);
+            if label.is_empty() {
+                return Vec::new();
+            }
+            let long = format!("{label}.{fw}.l4lb.thisdcos.directory");
+            b.addr(&long, ip);
+            b.addr(&format!("{label}.{fw}.l4lb"), ip);
+            b.ptr(ip, &long);
+        }
+        Source::Apex => return add_apexes(b, state, l),
+    }
+    Vec::new()
+}
+
+/// A task's names, if it serves.
+fn add_task(b: &mut Builder<'_>, state: &ClusterState, l: &Labels, task: &Task) {
+    let (domain, fw) = (&l.domain, &l.fw);
+    let (Some(app), Some(node)) = (state.apps.get(&task.app_id), state.nodes.get(&task.node_id))
+    else {
+        return;
+    };
+    if !task.is_serving(!app.health_checks.is_empty()) {
+        return;
+    }
+    let name = clean_label(&app.id.task_name());
+    if name.is_empty() {
+        return;
+    }
+    let ips = task_ips(app, task, node);
+    let tail = clean_label(&node.id.0);
+    let canon = clean_label(&format!("{name}-{}-{tail}", short_hash(task.id.as_str())));
+    let container_ip = task
+        .ip_addresses
+        .first()
+        .filter(|_| app.is_container_network())
+        .map(|a| a.ip_address);
+
+    for &ip in &ips {
+        b.addr(&format!("{name}.{fw}.{domain}"), ip);
+        b.addr(&format!("{canon}.{fw}.{domain}"), ip);
+        b.addr(&format!("{name}.{fw}.autoip.dcos.thisdcos.directory"), ip);
+    }
+    for ip in node.addresses() {
+        b.addr(&format!("{name}.{fw}.slave.{domain}"), ip);
+        b.addr(&format!("{canon}.{fw}.slave.{domain}"), ip);
+        b.addr(&format!("{name}.{fw}.agentip.dcos.thisdcos.directory"), ip);
+    }
+    if let Some(cip) = container_ip {
+        b.addr(
+            &format!("{name}.{fw}.containerip.dcos.thisdcos.directory"),
+            cip,
+        );
+        b.ptr(cip, &format!("{canon}.{fw}.{domain}"));
+    }
+
+    // SRV per port: host ports at the node for host networking, container ports at the
+    // container for container networking.
+    let ports: Vec<(u16, Protocol, Option<&str>, bool)> = if app.is_container_network() {
+        app.port_mappings()
+            .iter()
+            .map(|m| (m.container_port, m.protocol, m.name.as_deref(), true))
+            .collect()
+    } else {
+        app.port_definitions
+            .iter()
+            .zip(&task.ports)
+            .map(|(d, p)| (*p, d.protocol, d.name.as_deref(), false))
+            .collect()
+    };
+    for (port, proto, port_name, in_container) in ports {
+        let (target, target_ips) = if in_container {
+            (format!("{canon}.{fw}.{domain}"), ips.clone())
+        } else {
+            (
+                format!("{canon}.{fw}.slave.{domain}"),
+                node.addresses().collect(),
+            )
+        };
+        let proto = proto.as_str();
+        b.srv(
+            &format!("_{name}._{proto}.{fw}.{domain}"),
+            port,
+            &target,
+            &target_ips,
+        );
+        if let Some(pn) = port_name.map(clean_label).filter(|p| !p.is_empty()) {
             b.srv(
-                &format!("_{name}._{proto}.{fw}.{domain}"),
+                &format!("_{pn}._{name}._{proto}.{fw}.{domain}"),
                 port,
                 &target,
                 &target_ips,
             );
-            if let Some(pn) = port_name.map(clean_label).filter(|p| !p.is_empty()) {
-                b.srv(
-                    &format!("_{pn}._{name}._{proto}.{fw}.{domain}"),
-                    port,
-                    &target,
-                    &target_ips,
-                );
-            }
         }
     }
+}
 
-    // Named VIPs whose data plane is ready.
-    let this = cfg.this_node.as_ref().zip(cfg.boot.as_deref());
-    for alloc in state.vips.values() {
-        if !alloc.is_ready_on(this) {
-            continue;
-        }
-        let (name, ip) = (&alloc.name, alloc.ip);
-        let label = vip_label(name);
-        if label.is_empty() {
-            continue;
-        }
-        let long = format!("{label}.{fw}.l4lb.thisdcos.directory");
-        b.addr(&long, ip);
-        b.addr(&format!("{label}.{fw}.l4lb"), ip);
-        b.ptr(ip, &long);
-    }
-
-    // Zone apexes with SOA and NS; every name in a zone makes its ancestors exist (they
-    // answer NODATA, not NXDOMAIN).
+/// Zone apexes with SOA and NS (the serial is the revision), and the name servers' addresses.
+fn add_apexes(b: &mut Builder<'_>, state: &ClusterState, l: &Labels) -> Vec<(String, Record)> {
+    let cfg = b.cfg;
     let serial = u32::try_from(state.revision % u64::from(u32::MAX)).unwrap_or_default();
     let ns_ips: Vec<IpAddr> = cfg
         .this_node
@@ -290,11 +349,7 @@ pub fn records_from(state: &ClusterState, cfg: &RecordConfig) -> Zone {
             |n| n.addresses().collect(),
         );
     let mut apexes = Vec::new();
-    for apex in [
-        fqdn(&domain),
-        "thisdcos.directory.".to_string(),
-        "l4lb.".to_string(),
-    ] {
+    for apex in l.apex_names() {
         let ns_name = format!("ns.{apex}");
         let (Ok(mname), Ok(rname)) = (
             Name::from_ascii(&ns_name),
@@ -317,27 +372,104 @@ pub fn records_from(state: &ClusterState, cfg: &RecordConfig) -> Zone {
         set.ns = vec![ns_rec];
         apexes.push((apex, soa_rec));
     }
-    let names: Vec<String> = b.names.keys().cloned().collect();
-    for name in names {
-        let Some((apex, _)) = apexes
-            .iter()
-            .find(|(a, _)| name.ends_with(&format!(".{a}")))
-        else {
-            continue;
-        };
-        let mut rest = name.as_str();
-        while let Some((_, parent)) = rest.split_once('.') {
-            if parent.len() <= apex.len() {
-                break;
+    apexes
+}
+
+/// The ancestors of `name` below its apex (they exist, empty: NODATA, not NXDOMAIN), if it is
+/// in one of `apexes`.
+pub(crate) fn ancestors<'a>(name: &'a str, apexes: &[String]) -> Vec<&'a str> {
+    let Some(apex) = apexes.iter().find(|a| {
+        name.len() > a.len()
+            && name.ends_with(a.as_str())
+            && name.as_bytes()[name.len() - a.len() - 1] == b'.'
+    }) else {
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    let mut rest = name;
+    while let Some((_, parent)) = rest.split_once('.') {
+        if parent.len() <= apex.len() {
+            break;
+        }
+        out.push(parent);
+        rest = parent;
+    }
+    out
+}
+
+/// The records `source` contributes to `state`, by name; and the apexes when it is
+/// [`Source::Apex`].
+pub(crate) fn part_of(
+    state: &ClusterState,
+    cfg: &RecordConfig,
+    l: &Labels,
+    source: &Source,
+) -> (Part, Vec<(String, Record)>) {
+    let mut b = Builder {
+        cfg,
+        names: HashMap::new(),
+    };
+    let apexes = add_source(&mut b, state, l, source);
+    (b.names, apexes)
+}
+
+/// Merges `from` (one contributor's records of a name) into `into`, keeping the first of
+/// equal records, as the full build does.
+pub(crate) fn merge(into: &mut RrSets, from: &RrSets) {
+    for (dst, src) in [
+        (&mut into.a, &from.a),
+        (&mut into.aaaa, &from.aaaa),
+        (&mut into.ptr, &from.ptr),
+        (&mut into.srv, &from.srv),
+        (&mut into.additional, &from.additional),
+    ] {
+        for rec in src {
+            if !dst.contains(rec) {
+                dst.push(rec.clone());
             }
+        }
+    }
+    if !from.soa.is_empty() {
+        into.soa = from.soa.clone();
+    }
+    if !from.ns.is_empty() {
+        into.ns = from.ns.clone();
+    }
+}
+
+/// Every source of `state`, in merge order.
+pub(crate) fn sources(state: &ClusterState) -> Vec<Source> {
+    let mut out = vec![Source::Leader];
+    out.extend(state.nodes.keys().cloned().map(Source::Node));
+    out.extend(state.tasks.keys().cloned().map(Source::Task));
+    out.extend(state.vips.keys().cloned().map(Source::Vip));
+    out.push(Source::Apex);
+    out
+}
+
+/// All records of `state`, built whole: what the DNS plane's incremental zone must always
+/// equal (its tests hold it to that).
+pub fn records_from(state: &ClusterState, cfg: &RecordConfig) -> Zone {
+    let l = Labels::of(cfg);
+    let mut b = Builder {
+        cfg,
+        names: HashMap::new(),
+    };
+    let mut apexes = Vec::new();
+    for source in sources(state) {
+        apexes.extend(add_source(&mut b, state, &l, &source));
+    }
+    let apex_names: Vec<String> = apexes.iter().map(|(a, _)| a.clone()).collect();
+    let names: Vec<String> = b.names.keys().cloned().collect();
+    for name in &names {
+        for parent in ancestors(name, &apex_names) {
             b.names.entry(parent.to_string()).or_default();
-            rest = parent;
         }
     }
     let records = b.names.values().map(RrSets::len).sum();
     Zone {
         revision: state.revision,
-        names: b.names,
+        names: b.names.into_iter().map(|(k, v)| (k, Arc::new(v))).collect(),
         apexes,
         records,
     }
@@ -423,37 +555,31 @@ pub(crate) mod tests {
         let nodes = [node("node-1", "192.0.2.1"), node("node-2", "2001:db8::2")];
         ClusterState {
             revision: 42,
-            apps: Arc::new(
-                apps.into_iter()
-                    .map(|a| (a.id.clone(), Arc::new(a)))
-                    .collect(),
-            ),
-            tasks: Arc::new(
-                tasks
-                    .into_iter()
-                    .map(|t| (t.id.clone(), Arc::new(t)))
-                    .collect(),
-            ),
-            nodes: Arc::new(
-                nodes
-                    .into_iter()
-                    .map(|n| (n.id.clone(), Arc::new(n)))
-                    .collect(),
-            ),
+            apps: apps
+                .into_iter()
+                .map(|a| (a.id.clone(), Arc::new(a)))
+                .collect(),
+            tasks: tasks
+                .into_iter()
+                .map(|t| (t.id.clone(), Arc::new(t)))
+                .collect(),
+            nodes: nodes
+                .into_iter()
+                .map(|n| (n.id.clone(), Arc::new(n)))
+                .collect(),
             leader: Some(NodeId("node-1".into())),
             // Allocations as l4lb stores them (`/dcnet/vips/<label>` and JSON), read as the
             // typed record the snapshot holds.
-            vips: Arc::new(
-                vips.into_iter()
-                    .map(|(k, v)| {
-                        let label = k.strip_prefix(keys::VIPS).expect("a VIP key").to_string();
-                        (
-                            label,
-                            Arc::new(serde_json::from_value(v).expect("a VIP allocation")),
-                        )
-                    })
-                    .collect(),
-            ),
+            vips: vips
+                .into_iter()
+                .map(|(k, v)| {
+                    let label = k.strip_prefix(keys::VIPS).expect("a VIP key").to_string();
+                    (
+                        label,
+                        Arc::new(serde_json::from_value(v).expect("a VIP allocation")),
+                    )
+                })
+                .collect(),
             ..Default::default()
         }
     }
@@ -582,7 +708,7 @@ pub(crate) mod tests {
         );
         let mut dual = node("node-1", "192.0.2.1");
         dual.ip6 = Some("2001:db8::1".parse().unwrap());
-        Arc::make_mut(&mut st.nodes).insert(dual.id.clone(), Arc::new(dual));
+        st.nodes.insert(dual.id.clone(), Arc::new(dual));
         let zone = records_from(&st, &cfg());
         for name in [
             "web.marathon.mesos.",

@@ -329,7 +329,7 @@ mod tests {
         );
         let mut dual = node("node-1", "192.0.2.1");
         dual.ip6 = Some("2001:db8::1".parse().unwrap());
-        Arc::make_mut(&mut st.nodes).insert(dual.id.clone(), Arc::new(dual));
+        st.nodes.insert(dual.id.clone(), Arc::new(dual));
         records_from(&st, &cfg())
     }
 

@@ -1,8 +1,7 @@
 //! The zone a DNS plane serves: every name's record sets, and their wire encoding once a name
 //! is first asked for. Plain data: `records` builds it, `wire` and `server` answer from it.
 
-use std::collections::HashMap;
-use std::sync::OnceLock;
+use std::sync::{Arc, OnceLock};
 
 use hickory_proto::rr::{Record, RecordType};
 
@@ -59,11 +58,13 @@ impl RrSets {
     }
 }
 
-/// Every name dcnet answers, by lower-case FQDN (`web-group.marathon.mesos.`).
+/// Every name dcnet answers, by lower-case FQDN (`web-group.marathon.mesos.`). A persistent
+/// map: a zone that differs from the last in a few names shares all the others with it, their
+/// wire encodings included.
 #[derive(Clone, Debug, Default)]
 pub struct Zone {
     pub revision: u64,
-    pub names: HashMap<String, RrSets>,
+    pub names: imbl::HashMap<String, Arc<RrSets>>,
     /// The zones dcnet is authoritative for, with their SOA records.
     pub apexes: Vec<(String, Record)>,
     pub records: usize,

@@ -396,8 +396,8 @@ mod tests {
             .unwrap()
             .app;
         ClusterState {
-            apps: Arc::new([(app.id.clone(), Arc::new(app))].into()),
-            vips: Arc::new(vips.into_iter().map(|(k, v)| (k, Arc::new(v))).collect()),
+            apps: [(app.id.clone(), Arc::new(app))].into_iter().collect(),
+            vips: vips.into_iter().map(|(k, v)| (k, Arc::new(v))).collect(),
             ..Default::default()
         }
     }
@@ -458,7 +458,7 @@ mod tests {
         assert_eq!(stored(&*store).await, first);
         // No app wants it any more: released.
         let mut empty = state_with(first);
-        empty.apps = Arc::default();
+        empty.apps = Default::default();
         lb.allocate(&empty).await.unwrap();
         assert!(stored(&*store).await.is_empty());
     }
@@ -526,7 +526,7 @@ mod tests {
         let mut state = state_with(vec![]);
         state.revision = 1;
         // The allocation as the store would hold it, so that the VIP has an address.
-        Arc::make_mut(&mut state.vips).insert(
+        state.vips.insert(
             "web".into(),
             Arc::new(VipAllocation {
                 name: "/web".into(),

@@ -258,21 +258,23 @@ mod tests {
             ready_on: [(NodeId("n1".into()), "b1".into())].into(),
         };
         let mut state = ClusterState {
-            apps: Arc::new([(app.id.clone(), Arc::new(app.clone()))].into()),
-            nodes: Arc::new([(node.id.clone(), Arc::new(node.clone()))].into()),
-            tasks: Arc::new(
-                tasks
-                    .iter()
-                    .map(|t| (t.id.clone(), Arc::new(t.clone())))
-                    .collect(),
-            ),
+            apps: [(app.id.clone(), Arc::new(app.clone()))]
+                .into_iter()
+                .collect(),
+            nodes: [(node.id.clone(), Arc::new(node.clone()))]
+                .into_iter()
+                .collect(),
+            tasks: tasks
+                .iter()
+                .map(|t| (t.id.clone(), Arc::new(t.clone())))
+                .collect(),
             ..Default::default()
         };
         assert!(
             vip_table_from(&state).is_empty(),
             "no address yet, no entry"
         );
-        state.vips = Arc::new([("web".to_string(), Arc::new(alloc))].into());
+        state.vips = [("web".to_string(), Arc::new(alloc))].into_iter().collect();
         let table = vip_table_from(&state);
         let (key, entry) = table.iter().next().unwrap();
         assert_eq!(key.to_string(), "198.18.0.9:80/tcp");

@@ -28,5 +28,5 @@ pub mod test_util;
 pub use self::api::ApiError;
 pub use self::core::{Config, NodeCore, Retention, StartError};
 pub use self::metrics::Metrics;
-pub use self::state::ClusterState;
+pub use self::state::{CHANGE_LOG, Changed, ClusterState, Derived, Map};
 pub use self::supervisor::{Planes, Ready, RestartPolicy, Supervisor};

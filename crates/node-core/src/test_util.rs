@@ -22,3 +22,51 @@ pub async fn follow(
         .expect("the publisher runs until shutdown");
     rx
 }
+
+/// Snapshots made the way the state loop makes them (index and change log included), one
+/// store write at a time, without a store: for tests of planes that follow changes.
+pub struct Snapshots {
+    state: ClusterState,
+}
+
+impl Default for Snapshots {
+    fn default() -> Self {
+        Self {
+            state: ClusterState::from_list(&[], 1),
+        }
+    }
+}
+
+impl Snapshots {
+    /// Writes `value` at `key` (JSON) in a revision of its own; returns the snapshot after.
+    pub fn put<T: serde::Serialize>(&mut self, key: &str, value: &T) -> Arc<ClusterState> {
+        let value = serde_json::to_vec(value).expect("serializable");
+        self.write(key, Some(value))
+    }
+
+    /// Deletes `key` in a revision of its own; returns the snapshot after.
+    pub fn delete(&mut self, key: &str) -> Arc<ClusterState> {
+        self.write(key, None)
+    }
+
+    fn write(&mut self, key: &str, value: Option<Vec<u8>>) -> Arc<ClusterState> {
+        use crate::store::{Event, KeyValue};
+        let revision = self.state.revision + 1;
+        self.state.revision = revision;
+        let event = match value {
+            Some(value) => Event::Put(KeyValue {
+                key: key.to_string(),
+                value,
+                create_revision: revision,
+                mod_revision: revision,
+                lease: None,
+            }),
+            None => Event::Delete {
+                key: key.to_string(),
+                revision,
+            },
+        };
+        self.state.apply_event(&event);
+        Arc::new(self.state.clone())
+    }
+}

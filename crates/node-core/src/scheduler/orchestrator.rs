@@ -36,7 +36,18 @@ pub(crate) struct Orchestrator {
     history: usize,
     /// Our own last write: a snapshot older than it would make us act twice.
     written: Revision,
-    unplaced: BTreeMap<AppId, String>,
+    unplaced: BTreeMap<AppId, Unplaced>,
+}
+
+/// An app whose instances did not fit, and what that was decided on.
+#[derive(Debug)]
+struct Unplaced {
+    reason: String,
+    /// The snapshot's `freed` revision then.
+    freed: Revision,
+    version: String,
+    /// How many it still wanted.
+    launch: u32,
 }
 
 /// What one app needs now.
@@ -236,7 +247,16 @@ impl Orchestrator {
             for (id, reason) in &plan.kill {
                 self.kill(id, *reason).await?;
             }
-            if plan.launch > 0 {
+            // An app that did not fit can only fit once something was freed (new tasks only
+            // take): until then it is not tried again, so a pass does not place every
+            // waiting app against every task of the cluster.
+            let is_unchanged_wait = self.unplaced.get(&app.id).is_some_and(|u| {
+                snap.freed() > 0
+                    && u.freed == snap.freed()
+                    && u.version == app.version
+                    && u.launch == plan.launch
+            });
+            if plan.launch > 0 && !is_unchanged_wait {
                 let active = active.get_or_insert_with(|| {
                     snap.tasks
                         .values()
@@ -257,11 +277,20 @@ impl Orchestrator {
                     }
                 }
                 match placed.reason {
-                    Some(reason) if self.unplaced.get(&app.id) != Some(&reason) => {
-                        warn!(app = %app.id, unplaced = placed.unplaced, %reason, "instances wait for resources");
-                        self.unplaced.insert(app.id.clone(), reason);
+                    Some(reason) => {
+                        let launch = plan.launch - placed.placed.len() as u32;
+                        let unplaced = Unplaced {
+                            reason,
+                            freed: snap.freed(),
+                            version: app.version.clone(),
+                            // What the next plan asks for once these are staged.
+                            launch,
+                        };
+                        if self.unplaced.get(&app.id).map(|u| &u.reason) != Some(&unplaced.reason) {
+                            warn!(app = %app.id, unplaced = placed.unplaced, reason = %unplaced.reason, "instances wait for resources");
+                        }
+                        self.unplaced.insert(app.id.clone(), unplaced);
                     }
-                    Some(_) => {}
                     None => {
                         self.unplaced.remove(&app.id);
                     }
@@ -865,12 +894,11 @@ mod tests {
             Arc::new(t)
         };
         let snap = |apps: &[&App], tasks: Vec<Arc<Task>>| ClusterState {
-            apps: Arc::new(
-                apps.iter()
-                    .map(|a| (a.id.clone(), Arc::new((*a).clone())))
-                    .collect(),
-            ),
-            tasks: Arc::new(tasks.into_iter().map(|t| (t.id.clone(), t)).collect()),
+            apps: apps
+                .iter()
+                .map(|a| (a.id.clone(), Arc::new((*a).clone())))
+                .collect(),
+            tasks: tasks.into_iter().map(|t| (t.id.clone(), t)).collect(),
             ..Default::default()
         };
         assert!(

@@ -1,0 +1,249 @@
+//! The zone kept up to date by what changed, not rebuilt: each source (a node, a task, a VIP,
+//! the leader, the apexes) keeps the records it contributes, and a change rebuilds only the
+//! sources it touches and the names those contribute to. The zone's map is persistent, so
+//! the zone handed to the server shares every untouched name (and its wire encoding) with
+//! the one before. [`records_from`](crate::records_from) stays as the oracle the tests hold
+//! this to.
+
+use std::collections::{BTreeSet, HashMap, HashSet};
+use std::sync::Arc;
+
+use dcnet_node_core::Changed;
+use dcnet_node_core::ClusterState;
+
+use crate::records::{Labels, Part, RecordConfig, Source, ancestors, merge, part_of, sources};
+use crate::zone::{RrSets, Zone};
+
+pub(crate) struct Incremental {
+    cfg: RecordConfig,
+    labels: Labels,
+    apex_names: Vec<String>,
+    /// The snapshot applied last (0: none yet).
+    revision: u64,
+    parts: HashMap<Source, Part>,
+    /// Which sources contribute to each name.
+    contributors: HashMap<String, BTreeSet<Source>>,
+    /// Names with records of their own.
+    real: HashSet<String>,
+    /// For each ancestor name, how many real names below it make it exist.
+    ancestor_refs: HashMap<String, usize>,
+    zone: Zone,
+}
+
+/// How an update went, for metrics and logs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Update {
+    /// Only the sources the changes touch.
+    Changes { sources: usize },
+    /// Everything (the first snapshot, or one further ahead than its change log reaches).
+    Rebuild,
+}
+
+impl Incremental {
+    pub(crate) fn new(cfg: RecordConfig) -> Self {
+        let labels = Labels::of(&cfg);
+        let apex_names = labels.apex_names().to_vec();
+        Self {
+            cfg,
+            labels,
+            apex_names,
+            revision: 0,
+            parts: HashMap::new(),
+            contributors: HashMap::new(),
+            real: HashSet::new(),
+            ancestor_refs: HashMap::new(),
+            zone: Zone::default(),
+        }
+    }
+
+    /// The zone of `snap`, from the zone of the snapshot applied before.
+    pub(crate) fn update(&mut self, snap: &ClusterState) -> (Zone, Update) {
+        let changes = (self.revision > 0)
+            .then(|| snap.changes_since(self.revision))
+            .flatten();
+        let how = match changes {
+            Some(changes) => {
+                let touched = self.touched(snap, &changes);
+                let n = touched.len();
+                for source in touched {
+                    self.replace(snap, source);
+                }
+                Update::Changes { sources: n }
+            }
+            None => {
+                self.rebuild(snap);
+                Update::Rebuild
+            }
+        };
+        // The SOA serial is the revision: the apexes change with every snapshot.
+        self.replace(snap, Source::Apex);
+        self.revision = snap.revision;
+        self.zone.revision = snap.revision;
+        (self.zone.clone(), how)
+    }
+
+    /// The sources whose records `changes` may change.
+    fn touched(&self, snap: &ClusterState, changes: &[&Changed]) -> BTreeSet<Source> {
+        let mut out = BTreeSet::new();
+        for change in changes {
+            match change {
+                Changed::Task(id) => {
+                    out.insert(Source::Task(id.clone()));
+                }
+                Changed::App(id) => {
+                    out.extend(snap.tasks_of(id).map(|t| Source::Task(t.id.clone())));
+                    // Tasks of it that this zone still has (the app may be gone).
+                    out.extend(
+                        self.parts
+                            .keys()
+                            .filter(|s| matches!(s, Source::Task(t) if snap.tasks.get(t).is_some_and(|t| &t.app_id == id)))
+                            .cloned(),
+                    );
+                }
+                Changed::Node(id) => {
+                    out.insert(Source::Node(id.clone()));
+                    out.insert(Source::Leader);
+                    // A node's addresses are in its tasks' records (rare: scan).
+                    out.extend(
+                        snap.tasks
+                            .values()
+                            .filter(|t| &t.node_id == id)
+                            .map(|t| Source::Task(t.id.clone())),
+                    );
+                }
+                Changed::Leader => {
+                    out.insert(Source::Leader);
+                }
+                Changed::Vip(label) => {
+                    out.insert(Source::Vip(label.clone()));
+                }
+                Changed::AppStatus(_)
+                | Changed::Deployment(_)
+                | Changed::Subnet(_)
+                | Changed::Address(_) => {}
+            }
+        }
+        out
+    }
+
+    fn rebuild(&mut self, snap: &ClusterState) {
+        let wanted: BTreeSet<Source> = sources(snap).into_iter().collect();
+        let stale: Vec<Source> = self
+            .parts
+            .keys()
+            .filter(|s| !wanted.contains(s))
+            .cloned()
+            .collect();
+        for source in stale.into_iter().chain(wanted) {
+            self.replace(snap, source);
+        }
+    }
+
+    /// Puts `source`'s records in `snap` in place of those it had, and rebuilds the names
+    /// either touches.
+    fn replace(&mut self, snap: &ClusterState, source: Source) {
+        let (new, apexes) = part_of(snap, &self.cfg, &self.labels, &source);
+        if source == Source::Apex {
+            self.zone.apexes = apexes;
+        }
+        let old = self.parts.remove(&source).unwrap_or_default();
+        let mut touched: Vec<String> = Vec::with_capacity(old.len() + new.len());
+        for name in old.keys() {
+            if !new.contains_key(name) {
+                if let Some(c) = self.contributors.get_mut(name) {
+                    c.remove(&source);
+                    if c.is_empty() {
+                        self.contributors.remove(name);
+                    }
+                }
+                touched.push(name.clone());
+            }
+        }
+        for (name, sets) in &new {
+            // A name whose records from this source did not change needs no rebuild.
+            if old.get(name).is_some_and(|o| same(o, sets)) {
+                continue;
+            }
+            self.contributors
+                .entry(name.clone())
+                .or_default()
+                .insert(source.clone());
+            touched.push(name.clone());
+        }
+        if !new.is_empty() {
+            self.parts.insert(source, new);
+        }
+        for name in touched {
+            self.remerge(&name);
+        }
+    }
+
+    /// Rebuilds one name from its contributors, and keeps the ancestors it makes exist.
+    fn remerge(&mut self, name: &str) {
+        let mut merged = RrSets::default();
+        if let Some(sources) = self.contributors.get(name) {
+            for source in sources {
+                if let Some(sets) = self.parts.get(source).and_then(|p| p.get(name)) {
+                    merge(&mut merged, sets);
+                }
+            }
+        }
+        let old_len = self.zone.names.get(name).map_or(0, |s| s.len());
+        let was_real = self.real.contains(name);
+        let is_real = !merged.is_empty();
+        self.zone.records = self.zone.records + merged.len() - old_len;
+        if is_real {
+            self.zone.names.insert(name.to_string(), Arc::new(merged));
+            if !was_real {
+                self.real.insert(name.to_string());
+                for parent in ancestors(name, &self.apex_names) {
+                    *self.ancestor_refs.entry(parent.to_string()).or_default() += 1;
+                    if !self.zone.names.contains_key(parent) {
+                        self.zone
+                            .names
+                            .insert(parent.to_string(), Arc::new(RrSets::default()));
+                    }
+                }
+            }
+        } else {
+            if was_real {
+                self.real.remove(name);
+                for parent in ancestors(name, &self.apex_names) {
+                    let gone = match self.ancestor_refs.get_mut(parent) {
+                        Some(n) => {
+                            *n -= 1;
+                            *n == 0
+                        }
+                        None => false,
+                    };
+                    if gone {
+                        self.ancestor_refs.remove(parent);
+                        if !self.real.contains(parent) {
+                            self.zone.names.remove(parent);
+                        }
+                    }
+                }
+            }
+            if self.ancestor_refs.contains_key(name) {
+                self.zone
+                    .names
+                    .insert(name.to_string(), Arc::new(RrSets::default()));
+            } else {
+                self.zone.names.remove(name);
+            }
+        }
+    }
+}
+
+fn same(a: &RrSets, b: &RrSets) -> bool {
+    a.a == b.a
+        && a.aaaa == b.aaaa
+        && a.srv == b.srv
+        && a.ptr == b.ptr
+        && a.soa == b.soa
+        && a.ns == b.ns
+        && a.additional == b.additional
+}
+
+#[cfg(test)]
+mod tests;

@@ -205,6 +205,15 @@ fn ask(socket: &UdpSocket, name: &Name) -> bool {
     }
 }
 
+/// User and system CPU time of this process so far.
+fn cpu_time() -> anyhow::Result<Duration> {
+    let usage = nix::sys::resource::getrusage(nix::sys::resource::UsageWho::RUSAGE_SELF)?;
+    let secs = |t: nix::sys::time::TimeVal| {
+        Duration::from_secs(t.tv_sec() as u64) + Duration::from_micros(t.tv_usec() as u64)
+    };
+    Ok(secs(usage.user_time()) + secs(usage.system_time()))
+}
+
 async fn converge(n: usize) -> anyhow::Result<()> {
     use dcnet_node_core::keys;
     use dcnet_node_core::runtime::cgroup::{Cgroups, Hierarchies};
@@ -256,6 +265,7 @@ async fn converge(n: usize) -> anyhow::Result<()> {
     tokio::spawn(dns.run(core.state(), vec![udp], vec![], || {}, shutdown.clone()));
     tokio::time::sleep(Duration::from_millis(500)).await;
 
+    let setup_cpu = cpu_time()?;
     let mut times = Vec::with_capacity(n);
     let (tx, mut rx) = tokio::sync::mpsc::channel::<Duration>(1);
     let store2 = store.clone();
@@ -300,11 +310,22 @@ async fn converge(n: usize) -> anyhow::Result<()> {
     let pct = |p: f64| {
         times[((times.len() as f64 * p) as usize).min(times.len() - 1)].as_secs_f64() * 1000.0
     };
+    // The whole process is one agent's node-core and DNS plane: its peak memory, and the CPU
+    // it spent per task written (every plane's share of one change).
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let peak_kib: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0);
+    let cpu = cpu_time()?;
     println!(
-        "convergence (task RUNNING in the store -> its name answers), {n} tasks: p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms",
+        "convergence (task RUNNING in the store -> its name answers), {n} tasks: p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms, peak RSS {} MiB, CPU {:.0} us per change",
         pct(0.5),
         pct(0.99),
-        pct(1.0)
+        pct(1.0),
+        peak_kib / 1024,
+        (cpu.as_secs_f64() - setup_cpu.as_secs_f64()) * 1e6 / n as f64,
     );
     Ok(())
 }

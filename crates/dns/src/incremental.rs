@@ -11,7 +11,9 @@ use std::sync::Arc;
 use dcnet_node_core::Changed;
 use dcnet_node_core::ClusterState;
 
-use crate::records::{Labels, Part, RecordConfig, Source, ancestors, merge, part_of, sources};
+use crate::records::{
+    Labels, Part, RecordConfig, Source, ancestors, in_part, merge, part_of, sources,
+};
 use crate::zone::{RrSets, Zone};
 
 pub(crate) struct Incremental {
@@ -21,8 +23,9 @@ pub(crate) struct Incremental {
     /// The snapshot applied last (0: none yet).
     revision: u64,
     parts: HashMap<Source, Part>,
-    /// Which sources contribute to each name.
-    contributors: HashMap<String, BTreeSet<Source>>,
+    /// Which sources contribute to each name, in merge order (most names have one: a
+    /// sorted `Vec`, not a tree node per name).
+    contributors: HashMap<String, Vec<Source>>,
     /// Names with records of their own.
     real: HashSet<String>,
     /// For each ancestor name, how many real names below it make it exist.
@@ -148,10 +151,10 @@ impl Incremental {
         }
         let old = self.parts.remove(&source).unwrap_or_default();
         let mut touched: Vec<String> = Vec::with_capacity(old.len() + new.len());
-        for name in old.keys() {
-            if !new.contains_key(name) {
+        for (name, _) in &old {
+            if in_part(&new, name).is_none() {
                 if let Some(c) = self.contributors.get_mut(name) {
-                    c.remove(&source);
+                    c.retain(|s| s != &source);
                     if c.is_empty() {
                         self.contributors.remove(name);
                     }
@@ -161,13 +164,13 @@ impl Incremental {
         }
         for (name, sets) in &new {
             // A name whose records from this source did not change needs no rebuild.
-            if old.get(name).is_some_and(|o| same(o, sets)) {
+            if in_part(&old, name).is_some_and(|o| same(o, sets)) {
                 continue;
             }
-            self.contributors
-                .entry(name.clone())
-                .or_default()
-                .insert(source.clone());
+            let c = self.contributors.entry(name.clone()).or_default();
+            if let Err(at) = c.binary_search(&source) {
+                c.insert(at, source.clone());
+            }
             touched.push(name.clone());
         }
         if !new.is_empty() {
@@ -180,20 +183,31 @@ impl Incremental {
 
     /// Rebuilds one name from its contributors, and keeps the ancestors it makes exist.
     fn remerge(&mut self, name: &str) {
-        let mut merged = RrSets::default();
-        if let Some(sources) = self.contributors.get(name) {
-            for source in sources {
-                if let Some(sets) = self.parts.get(source).and_then(|p| p.get(name)) {
+        let sets: Vec<&Arc<RrSets>> = self
+            .contributors
+            .get(name)
+            .into_iter()
+            .flatten()
+            .filter_map(|source| in_part(self.parts.get(source)?, name))
+            .collect();
+        // One contributor (most names): its sets as they are, shared with its part.
+        let merged: Arc<RrSets> = match sets.as_slice() {
+            [one] => Arc::clone(one),
+            many => {
+                let mut merged = RrSets::default();
+                for sets in many {
                     merge(&mut merged, sets);
                 }
+                merged.shrink_to_fit();
+                Arc::new(merged)
             }
-        }
+        };
         let old_len = self.zone.names.get(name).map_or(0, |s| s.len());
         let was_real = self.real.contains(name);
         let is_real = !merged.is_empty();
         self.zone.records = self.zone.records + merged.len() - old_len;
         if is_real {
-            self.zone.names.insert(name.to_string(), Arc::new(merged));
+            self.zone.names.insert(name.to_string(), merged);
             if !was_real {
                 self.real.insert(name.to_string());
                 for parent in ancestors(name, &self.apex_names) {

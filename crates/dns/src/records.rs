@@ -157,8 +157,17 @@ pub(crate) enum Source {
     Apex,
 }
 
-/// The records of one source, by name.
-pub(crate) type Part = HashMap<String, RrSets>;
+/// The records of one source, by name, sorted by name: a few names per source, so a sorted
+/// slice (no spare buckets), and each name's sets behind an `Arc` that the zone shares when
+/// the name has no other contributor (most names: a task's own).
+pub(crate) type Part = Vec<(String, Arc<RrSets>)>;
+
+/// The sets of `name` in `part`.
+pub(crate) fn in_part<'a>(part: &'a Part, name: &str) -> Option<&'a Arc<RrSets>> {
+    part.binary_search_by(|(n, _)| n.as_str().cmp(name))
+        .ok()
+        .map(|i| &part[i].1)
+}
 
 /// The cleaned labels every name is made of.
 pub(crate) struct Labels {
@@ -410,7 +419,18 @@ pub(crate) fn part_of(
         names: HashMap::new(),
     };
     let apexes = add_source(&mut b, state, l, source);
-    (b.names, apexes)
+    // A part lives as long as its source: no spare capacity (a one-record Vec keeps room for
+    // four, and records are a few hundred bytes each).
+    let mut part: Part = b
+        .names
+        .into_iter()
+        .map(|(name, mut sets)| {
+            sets.shrink_to_fit();
+            (name, Arc::new(sets))
+        })
+        .collect();
+    part.sort_by(|a, b| a.0.cmp(&b.0));
+    (part, apexes)
 }
 
 /// Merges `from` (one contributor's records of a name) into `into`, keeping the first of

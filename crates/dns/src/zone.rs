@@ -48,6 +48,21 @@ impl RrSets {
             && self.ns.is_empty()
     }
 
+    /// Drops spare capacity: a zone keeps its record sets for as long as nothing changes.
+    pub(crate) fn shrink_to_fit(&mut self) {
+        for list in [
+            &mut self.a,
+            &mut self.aaaa,
+            &mut self.srv,
+            &mut self.ptr,
+            &mut self.soa,
+            &mut self.ns,
+            &mut self.additional,
+        ] {
+            list.shrink_to_fit();
+        }
+    }
+
     pub(crate) fn len(&self) -> usize {
         self.a.len()
             + self.aaaa.len()

@@ -41,6 +41,7 @@ demo: deps
 bench: deps
 	$(CARGO) run --release -p dcnet-bench --bin placement
 	bench/dns.sh
+	bench/convergence.sh
 	bench/l4lb.sh
 
 soak: deps

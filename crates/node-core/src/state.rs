@@ -198,6 +198,25 @@ impl ClusterState {
             .filter(|a| a.name == name)
     }
 
+    /// Every deployment of an app (any state).
+    pub fn deployments_of<'a>(
+        &'a self,
+        app: &'a AppId,
+    ) -> Box<dyn Iterator<Item = &'a Arc<Deployment>> + 'a> {
+        if self.derived.by_app.is_some() {
+            Box::new(
+                self.derived
+                    .deployments_by_app
+                    .get(app)
+                    .into_iter()
+                    .flat_map(|ids| ids.iter())
+                    .filter_map(|id| self.deployments.get(id)),
+            )
+        } else {
+            Box::new(self.deployments.values().filter(move |d| &d.app_id == app))
+        }
+    }
+
     /// The running deployment of an app, if any.
     pub fn deployment_of(&self, app: &AppId) -> Option<&Arc<Deployment>> {
         let running = |d: &&Arc<Deployment>| &d.app_id == app && !d.status.is_done();

@@ -2,7 +2,7 @@
 //! one snapshot, decides with plain functions ([`plan`]) and writes the result with
 //! compare-and-swap; the next snapshot shows what happened, so a pass is always safe to repeat.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -18,7 +18,7 @@ use crate::model::{
     App, AppId, AppStatus, Deployment, DeploymentKind, DeploymentStatus, Goal, Health, KillReason,
     NodeId, Resources, Task, TaskFailure, TaskId, TaskState,
 };
-use crate::state::ClusterState;
+use crate::state::{Changed, ClusterState};
 use crate::store::{Op, Precondition, Revision, StoreError};
 
 /// New-version tasks that may fail before a deployment is given up (and rolled back).
@@ -37,6 +37,42 @@ pub(crate) struct Orchestrator {
     /// Our own last write: a snapshot older than it would make us act twice.
     written: Revision,
     unplaced: BTreeMap<AppId, Unplaced>,
+}
+
+/// How often a pass looks at everything, whatever changed.
+const FULL_PASS: Duration = Duration::from_millis(500);
+
+/// What a pass over changes looks at: the apps they touch, the tasks that changed, whether a
+/// deployment did.
+#[derive(Debug, Default)]
+pub(crate) struct Scope {
+    apps: BTreeSet<AppId>,
+    tasks: Vec<TaskId>,
+    deployments: bool,
+}
+
+impl Scope {
+    /// What changed from `before` to `snap`, or `None` when a full pass is due (no change
+    /// log that far back, a node or the leader changed).
+    fn of(snap: &ClusterState, before: &ClusterState) -> Option<Self> {
+        let changes = snap.changes_since(before.revision)?;
+        let (apps, all) = snap.apps_touched(before, &changes);
+        if all {
+            return None;
+        }
+        let mut scope = Scope {
+            apps,
+            ..Default::default()
+        };
+        for change in changes {
+            match change {
+                Changed::Task(id) => scope.tasks.push(id.clone()),
+                Changed::Deployment(_) => scope.deployments = true,
+                _ => {}
+            }
+        }
+        Some(scope)
+    }
 }
 
 /// An app whose instances did not fit, and what that was decided on.
@@ -146,19 +182,43 @@ impl Orchestrator {
         self
     }
 
+    /// Decides on every snapshot. A snapshot whose changes the last one's log covers gets a
+    /// pass over the apps those changes touch; every [`FULL_PASS`] (and after a failed pass,
+    /// a leadership change or a node change) a pass over everything, which also catches what
+    /// time alone moves (backoffs, stability timers, dependencies of other apps).
     pub(crate) async fn run(
         mut self,
         mut state: watch::Receiver<Arc<ClusterState>>,
         is_leader: watch::Receiver<bool>,
         shutdown: CancellationToken,
     ) {
+        let mut last: Option<(Arc<ClusterState>, tokio::time::Instant)> = None;
         loop {
             let snap = state.borrow_and_update().clone();
-            if *is_leader.borrow() && snap.revision >= self.written {
+            if !*is_leader.borrow() {
+                last = None;
+            } else if snap.revision >= self.written {
                 let started = tokio::time::Instant::now();
                 let now = self.clock.now();
-                if let Err(e) = self.pass(&snap, now).await {
-                    warn!(error = %e, "scheduler pass failed; retrying");
+                let scope = match &last {
+                    Some((before, full_at)) if started.duration_since(*full_at) < FULL_PASS => {
+                        Scope::of(&snap, before)
+                    }
+                    _ => None,
+                };
+                let is_full = scope.is_none();
+                match self.pass_in(&snap, now, scope.as_ref()).await {
+                    Ok(()) => {
+                        let full_at = match (&last, is_full) {
+                            (Some((_, at)), false) => *at,
+                            _ => started,
+                        };
+                        last = Some((snap.clone(), full_at));
+                    }
+                    Err(e) => {
+                        warn!(error = %e, "scheduler pass failed; retrying");
+                        last = None;
+                    }
                 }
                 self.metrics.observe_pass(started.elapsed());
             }
@@ -189,19 +249,40 @@ impl Orchestrator {
         }
     }
 
-    /// One pass over `snap` at `now`.
+    /// One pass over all of `snap` at `now` (the tests drive it pass by pass).
+    #[cfg(test)]
     pub(crate) async fn pass(
         &mut self,
         snap: &ClusterState,
         now: Now,
     ) -> Result<(), keys::UpdateError> {
+        self.pass_in(snap, now, None).await
+    }
+
+    /// One pass at `now` over what `scope` names, or over everything.
+    async fn pass_in(
+        &mut self,
+        snap: &ClusterState,
+        now: Now,
+        scope: Option<&Scope>,
+    ) -> Result<(), keys::UpdateError> {
         self.now = now;
-        if self.reap(snap).await? {
+        if self.reap(snap, scope).await? {
             // Failures changed backoff and deployments: decide on the snapshot that shows it.
             return Ok(());
         }
         // Tasks whose app is gone.
-        for task in snap.tasks.values() {
+        let orphans: Vec<Arc<Task>> = match scope {
+            None => snap.tasks.values().cloned().collect(),
+            Some(scope) => scope
+                .tasks
+                .iter()
+                .filter_map(|id| snap.tasks.get(id))
+                .chain(scope.apps.iter().flat_map(|app| snap.tasks_of(app)))
+                .cloned()
+                .collect(),
+        };
+        for task in orphans {
             if task.state.is_active()
                 && task.goal == Goal::Run
                 && !snap.apps.contains_key(&task.app_id)
@@ -214,7 +295,16 @@ impl Orchestrator {
         // against both, so one pass never hands a port or a CPU out twice. Made when the
         // first app needs placing, not on every pass.
         let mut active: Option<Vec<Arc<Task>>> = None;
-        for app in snap.apps.values() {
+        let apps: Vec<Arc<App>> = match scope {
+            None => snap.apps.values().cloned().collect(),
+            Some(scope) => scope
+                .apps
+                .iter()
+                .filter_map(|id| snap.apps.get(id))
+                .cloned()
+                .collect(),
+        };
+        for app in &apps {
             let tasks: Vec<&Task> = snap.tasks_of(&app.id).map(|t| &**t).collect();
             let status = snap.app_status.get(&app.id).cloned().unwrap_or_default();
             self.maybe_reset_backoff(app, &tasks, &status).await?;
@@ -298,9 +388,20 @@ impl Orchestrator {
             }
             self.progress(app, &tasks, snap).await?;
         }
-        self.prune_deployments(snap).await?;
+        if scope.is_none_or(|s| s.deployments) {
+            self.prune_deployments(snap).await?;
+        }
         // Deletions finish when the last task is gone.
-        for dep in snap.deployments.values().filter(|d| !d.status.is_done()) {
+        let running: Vec<Arc<Deployment>> = match scope {
+            None => snap.deployments.values().cloned().collect(),
+            Some(scope) => scope
+                .apps
+                .iter()
+                .flat_map(|app| snap.deployments_of(app))
+                .cloned()
+                .collect(),
+        };
+        for dep in running.iter().filter(|d| !d.status.is_done()) {
             if !snap.apps.contains_key(&dep.app_id) {
                 let remaining = snap
                     .tasks_of(&dep.app_id)
@@ -363,9 +464,22 @@ impl Orchestrator {
     }
 
     /// Records how tasks ended and removes them from the store; returns whether it did.
-    async fn reap(&mut self, snap: &ClusterState) -> Result<bool, keys::UpdateError> {
+    async fn reap(
+        &mut self,
+        snap: &ClusterState,
+        scope: Option<&Scope>,
+    ) -> Result<bool, keys::UpdateError> {
         let mut reaped = false;
-        for task in snap.tasks.values().filter(|t| t.state.is_terminal()) {
+        let ended: Vec<Arc<Task>> = match scope {
+            None => snap.tasks.values().cloned().collect(),
+            Some(scope) => scope
+                .tasks
+                .iter()
+                .filter_map(|id| snap.tasks.get(id))
+                .cloned()
+                .collect(),
+        };
+        for task in ended.iter().filter(|t| t.state.is_terminal()) {
             if task.is_failure() {
                 self.metrics.count_failure(task.state);
             }

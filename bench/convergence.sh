@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# Convergence as the cluster grows, on one node's embedded store: for each size, a real
+# node-core (store, state watch, scheduler, task manager) and DNS plane in one process, with N
+# apps and N tasks written one by one; the time from a task's RUNNING write to its name
+# answering over UDP, p50/p99/max, the process's peak RSS and its CPU time per change. Prints a
+# table with the p99's growth from the smallest size. The machine is shared: read the growth
+# and the ratios, not the single times.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$PWD/target}
+SIZES=${SIZES:-"1000 10000 30000"}
+cargo build --release -q -p dcnet-bench --bin dns
+BIN=$CARGO_TARGET_DIR/release/dns
+printf '%8s %9s %9s %9s %10s %15s %12s\n' "tasks" "p50 ms" "p99 ms" "max ms" "peak MiB" "CPU us/change" "p99 growth"
+base=""
+for n in $SIZES; do
+    line=$("$BIN" converge "$n" | tail -1)
+    field() { sed -E "s/.*$1 ([0-9.]+).*/\\1/" <<<"$line"; }
+    p50=$(field "p50"); p99=$(field "p99"); max=$(field "max")
+    rss=$(field "peak RSS"); cpu=$(field "CPU")
+    [[ -z "$base" ]] && base=$p99
+    growth=$(awk -v a="$p99" -v b="$base" 'BEGIN { printf "%.2fx", a / b }')
+    printf '%8s %9s %9s %9s %10s %15s %12s\n' "$n" "$p50" "$p99" "$max" "$rss" "$cpu" "$growth"
+done

@@ -182,7 +182,7 @@ impl<'a> Query<'a> {
 }
 
 fn wire_of(sets: &RrSets) -> &WireSets {
-    sets.wire.get_or_init(|| WireSets::new(sets))
+    sets.wire.get_or_init(|| Box::new(WireSets::new(sets)))
 }
 
 /// Writes the answer to `q` from `zone` into `out` and returns its response code, or `None`
@@ -430,10 +430,13 @@ mod tests {
         assert!(zone.names["leader.mesos."].wire.get().is_none());
         let q = query(name, RecordType::A, 1, None);
         let (_, first, _) = ask(&zone, &q).unwrap();
-        let encoded = zone.names[name].wire.get().unwrap() as *const WireSets;
+        let encoded = &**zone.names[name].wire.get().unwrap() as *const WireSets;
         let (_, again, _) = ask(&zone, &q).unwrap();
         assert_eq!(first.answers, again.answers);
-        assert!(std::ptr::eq(encoded, zone.names[name].wire.get().unwrap()));
+        assert!(std::ptr::eq(
+            encoded,
+            &**zone.names[name].wire.get().unwrap()
+        ));
         assert!(
             zone.names["leader.mesos."].wire.get().is_none(),
             "not asked, not encoded"

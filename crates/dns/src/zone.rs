@@ -17,7 +17,8 @@ pub struct RrSets {
     /// Address records of SRV targets, for the additional section.
     pub additional: Vec<Record>,
     /// All of the above, encoded for the UDP fast path when the name is first asked for.
-    pub(crate) wire: OnceLock<WireSets>,
+    /// Boxed: most names are never asked for, and a set stays small until one is.
+    pub(crate) wire: OnceLock<Box<WireSets>>,
 }
 
 impl RrSets {

@@ -8,6 +8,7 @@
 #![deny(rust_2018_idioms, clippy::disallowed_methods, clippy::disallowed_types)]
 #![forbid(unsafe_code)]
 
+mod incremental;
 mod metrics;
 mod plane;
 mod proxy;
@@ -39,7 +40,7 @@ use tracing::{info, warn};
 pub use dcnet_ebpf as ebpf;
 
 pub use self::metrics::{BackendMetrics, Metrics};
-pub use self::plane::{DataPlane, TableDiff, diff};
+pub use self::plane::{DataPlane, TableDiff, diff, diff_keys};
 pub use self::proxy::{Proxy, UdpLimits};
 pub use self::select::{EJECT_FOR, Selector};
 pub use self::table::{
@@ -197,6 +198,10 @@ impl L4lb {
         // What the plane serves: a VIP it failed to start is not in here, so the next diff
         // offers it again.
         let mut served = VipTable::new();
+        // The table wanted, kept by what changed.
+        let mut wanted = incremental::IncrementalTable::default();
+        let mut is_missing = false;
+        let mut is_allocation_due = true;
         loop {
             let snap = state.borrow_and_update().clone();
             if !snap.is_loaded() {
@@ -208,23 +213,44 @@ impl L4lb {
                 }
                 continue;
             }
-            if let Err(e) = self.allocate(&snap).await {
-                warn!(error = %e, "VIP allocation failed; retrying on the next change");
+            let touched = wanted.update(&snap);
+            if touched.apps_or_vips || is_allocation_due {
+                is_allocation_due = false;
+                if let Err(e) = self.allocate(&snap).await {
+                    warn!(error = %e, "VIP allocation failed; retrying on the next change");
+                    is_allocation_due = true;
+                }
             }
-            let mut desired = vip_table_from(&snap);
-            let wanted = desired.len();
-            let change = plane::diff(&served, &desired);
+            let desired = wanted.table();
+            // The whole table is compared only after a rebuild or while a VIP waits to start;
+            // otherwise only the VIPs the changes touched.
+            let change = if touched.is_rebuild || is_missing {
+                plane::diff(&served, desired)
+            } else {
+                plane::diff_keys(&served, desired, &touched.keys)
+            };
             if !change.is_empty() {
                 let started = plane.apply(&change).await;
-                desired.retain(|k, _| started.contains(k));
-                served = desired;
+                for (key, entry) in change.added.iter().chain(&change.changed) {
+                    if started.contains(key) {
+                        served.insert(*key, entry.clone());
+                    } else {
+                        served.remove(key);
+                    }
+                }
+                for key in &change.removed {
+                    served.remove(key);
+                }
+                served.retain(|k, _| started.contains(k));
                 self.metrics.vips(served.len());
             }
-            self.mark_ready(&snap, &served).await;
+            if !change.is_empty() || touched.apps_or_vips {
+                self.mark_ready(&snap, &served).await;
+            }
             if let Some(serving) = serving.take() {
                 serving();
             }
-            let is_missing = served.len() < wanted;
+            is_missing = served.len() < desired.len();
             tokio::select! {
                 res = state.changed() => if res.is_err() { return },
                 () = tokio::time::sleep(std::time::Duration::from_secs(1)), if is_missing => {}

@@ -44,6 +44,21 @@ pub fn diff(served: &VipTable, desired: &VipTable) -> TableDiff {
     d
 }
 
+/// The difference from `served` to `desired` in the VIPs `keys` names (the others are the
+/// same in both).
+pub fn diff_keys(served: &VipTable, desired: &VipTable, keys: &BTreeSet<VipKey>) -> TableDiff {
+    let mut d = TableDiff::default();
+    for key in keys {
+        match (served.get(key), desired.get(key)) {
+            (None, Some(e)) => d.added.push((*key, e.clone())),
+            (Some(old), Some(e)) if old != e => d.changed.push((*key, e.clone())),
+            (Some(_), None) => d.removed.push(*key),
+            _ => {}
+        }
+    }
+    d
+}
+
 /// A data plane: it serves VIPs, and is moved from one table to the next by diffs.
 pub trait DataPlane: Send {
     /// What `dcnet vip list` shows in its DATA PLANE column.

@@ -73,65 +73,94 @@ pub struct Entry {
 
 pub type VipTable = BTreeMap<VipKey, Entry>;
 
-/// Every VIP with an address and its backends: running tasks that serve (healthy where the
+/// What one app contributes to the VIP table: each of its VIP ports with the name and
+/// balancing the app asks for, and its tasks as backends.
+pub(crate) type Contribution = Vec<(VipKey, Entry)>;
+
+/// The VIPs of `app` in `state` and its backends: running tasks that serve (healthy where the
 /// app has checks) with weight 1, running tasks being killed with weight 0.
+pub(crate) fn contribution_of(
+    state: &ClusterState,
+    app: &dcnet_node_core::model::App,
+) -> Contribution {
+    let mut out: Contribution = Vec::new();
+    let (specs, _) = app.vips();
+    let lb = Lb::from_label(app.labels.get("DCNET_LB"));
+    for spec in specs {
+        let (ip, name) = match &spec.target {
+            VipTarget::Ip(ip) => (*ip, None),
+            VipTarget::Named(name) => match state.vip(name) {
+                Some(a) => (a.ip, Some(name.clone())),
+                None => continue,
+            },
+        };
+        let key = VipKey {
+            ip,
+            port: spec.port,
+            protocol: spec.protocol,
+        };
+        let mut backends = Vec::new();
+        let has_checks = !app.health_checks.is_empty();
+        for task in state.tasks_of(&app.id) {
+            if task.state != TaskState::Running {
+                continue;
+            }
+            let weight = match task.goal {
+                Goal::Run if task.is_serving(has_checks) => 1,
+                Goal::Run => continue,
+                Goal::Kill => 0,
+            };
+            let Some(node) = state.nodes.get(&task.node_id) else {
+                continue;
+            };
+            let addr = if app.is_container_network() {
+                let (Some(ip), Some(m)) = (
+                    task.ip_addresses.first(),
+                    app.port_mappings().get(spec.port_index),
+                ) else {
+                    continue;
+                };
+                SocketAddr::new(ip.ip_address, m.container_port)
+            } else {
+                let Some(port) = task.ports.get(spec.port_index) else {
+                    continue;
+                };
+                SocketAddr::new(node.ip, *port)
+            };
+            backends.push(Backend {
+                addr,
+                node: node.id.clone(),
+                task: task.id.clone(),
+                weight,
+            });
+        }
+        // Two ports of one app on one VIP key: one entry, as the whole build makes it.
+        match out.iter_mut().find(|(k, _)| *k == key) {
+            Some((_, entry)) => entry.backends.extend(backends),
+            None => out.push((key, Entry { name, lb, backends })),
+        }
+    }
+    out
+}
+
+/// Merges an app's entry for a key into the entry other apps (earlier in app order) made: the
+/// first app's name and balancing, everyone's backends.
+pub(crate) fn merge_entry(into: &mut Option<Entry>, from: &Entry) {
+    match into {
+        Some(entry) => entry.backends.extend(from.backends.iter().cloned()),
+        None => *into = Some(from.clone()),
+    }
+}
+
+/// Every VIP with an address and its backends, built whole: what the incremental table must
+/// always equal.
 pub fn vip_table_from(state: &ClusterState) -> VipTable {
     let mut table = VipTable::new();
     for app in state.apps.values() {
-        let (specs, _) = app.vips();
-        let lb = Lb::from_label(app.labels.get("DCNET_LB"));
-        for spec in specs {
-            let (ip, name) = match &spec.target {
-                VipTarget::Ip(ip) => (*ip, None),
-                VipTarget::Named(name) => match state.vip(name) {
-                    Some(a) => (a.ip, Some(name.clone())),
-                    None => continue,
-                },
-            };
-            let key = VipKey {
-                ip,
-                port: spec.port,
-                protocol: spec.protocol,
-            };
-            let entry = table.entry(key).or_insert_with(|| Entry {
-                name: name.clone(),
-                lb,
-                backends: Vec::new(),
-            });
-            let has_checks = !app.health_checks.is_empty();
-            for task in state.tasks_of(&app.id) {
-                if task.state != TaskState::Running {
-                    continue;
-                }
-                let weight = match task.goal {
-                    Goal::Run if task.is_serving(has_checks) => 1,
-                    Goal::Run => continue,
-                    Goal::Kill => 0,
-                };
-                let Some(node) = state.nodes.get(&task.node_id) else {
-                    continue;
-                };
-                let addr = if app.is_container_network() {
-                    let (Some(ip), Some(m)) = (
-                        task.ip_addresses.first(),
-                        app.port_mappings().get(spec.port_index),
-                    ) else {
-                        continue;
-                    };
-                    SocketAddr::new(ip.ip_address, m.container_port)
-                } else {
-                    let Some(port) = task.ports.get(spec.port_index) else {
-                        continue;
-                    };
-                    SocketAddr::new(node.ip, *port)
-                };
-                entry.backends.push(Backend {
-                    addr,
-                    node: node.id.clone(),
-                    task: task.id.clone(),
-                    weight,
-                });
-            }
+        for (key, entry) in contribution_of(state, app) {
+            let mut slot = table.remove(&key);
+            merge_entry(&mut slot, &entry);
+            table.insert(key, slot.expect("merged"));
         }
     }
     table

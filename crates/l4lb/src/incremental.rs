@@ -1,0 +1,190 @@
+//! The VIP table kept up to date by what changed: each app keeps what it contributes (its VIP
+//! ports and its tasks as backends), and a change recomputes only the apps it touches and the
+//! VIPs those contribute to. [`vip_table_from`](crate::vip_table_from) stays as the oracle the
+//! tests hold this to.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::Arc;
+
+use dcnet_node_core::model::{AppId, VipTarget, vip_label};
+use dcnet_node_core::{Changed, ClusterState};
+
+use crate::table::{Contribution, Entry, VipKey, VipTable, contribution_of, merge_entry};
+
+#[derive(Default)]
+pub(crate) struct IncrementalTable {
+    /// The snapshot applied last.
+    last: Option<Arc<ClusterState>>,
+    contributions: HashMap<AppId, Contribution>,
+    /// The apps that contribute to each VIP, in app order.
+    contributors: BTreeMap<VipKey, BTreeSet<AppId>>,
+    /// The apps that ask for each named VIP, by its label, and the labels of each app.
+    by_label: HashMap<String, BTreeSet<AppId>>,
+    labels_of: HashMap<AppId, Vec<String>>,
+    table: VipTable,
+}
+
+/// What an update changed.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub(crate) struct Touched {
+    /// Every VIP that may differ from the table before.
+    pub(crate) keys: BTreeSet<VipKey>,
+    /// Whether apps or VIP allocations changed (what allocation and readiness depend on).
+    pub(crate) apps_or_vips: bool,
+    pub(crate) is_rebuild: bool,
+}
+
+impl IncrementalTable {
+    pub(crate) fn table(&self) -> &VipTable {
+        &self.table
+    }
+
+    /// Brings the table to `snap`; returns what it touched.
+    pub(crate) fn update(&mut self, snap: &Arc<ClusterState>) -> Touched {
+        let changes = self
+            .last
+            .as_ref()
+            .and_then(|before| Some((before.clone(), snap.changes_since(before.revision)?)));
+        let mut touched = Touched::default();
+        let apps: BTreeSet<AppId> = match changes {
+            Some((before, changes)) => {
+                let (mut apps, all) = snap.apps_touched(&before, &changes);
+                if all {
+                    self.everything(snap, &mut touched)
+                } else {
+                    for change in &changes {
+                        match change {
+                            Changed::Vip(label) => {
+                                touched.apps_or_vips = true;
+                                if let Some(users) = self.by_label.get(label) {
+                                    apps.extend(users.iter().cloned());
+                                }
+                            }
+                            Changed::App(_) => touched.apps_or_vips = true,
+                            _ => {}
+                        }
+                    }
+                    apps
+                }
+            }
+            None => self.everything(snap, &mut touched),
+        };
+        for app in apps {
+            self.replace(snap, app, &mut touched.keys);
+        }
+        self.last = Some(snap.clone());
+        touched
+    }
+
+    /// Every app of `snap` and of the table: a rebuild.
+    fn everything(&mut self, snap: &ClusterState, touched: &mut Touched) -> BTreeSet<AppId> {
+        touched.is_rebuild = true;
+        touched.apps_or_vips = true;
+        snap.apps
+            .keys()
+            .cloned()
+            .chain(self.contributions.keys().cloned())
+            .collect()
+    }
+
+    /// Puts `app`'s contribution in `snap` in place of the one it had.
+    fn replace(&mut self, snap: &ClusterState, app: AppId, touched: &mut BTreeSet<VipKey>) {
+        let new = snap
+            .apps
+            .get(&app)
+            .map(|a| contribution_of(snap, a))
+            .unwrap_or_default();
+        let old = self.contributions.remove(&app).unwrap_or_default();
+        self.index_labels(snap, &app);
+        if old == new {
+            if !new.is_empty() {
+                self.contributions.insert(app, new);
+            }
+            return;
+        }
+        let mut keys: BTreeSet<VipKey> = BTreeSet::new();
+        for (key, _) in &old {
+            if !new.iter().any(|(k, _)| k == key)
+                && let Some(c) = self.contributors.get_mut(key)
+            {
+                c.remove(&app);
+                if c.is_empty() {
+                    self.contributors.remove(key);
+                }
+            }
+            keys.insert(*key);
+        }
+        for (key, _) in &new {
+            self.contributors
+                .entry(*key)
+                .or_default()
+                .insert(app.clone());
+            keys.insert(*key);
+        }
+        if !new.is_empty() {
+            self.contributions.insert(app, new);
+        }
+        for key in keys {
+            self.remerge(key);
+            touched.insert(key);
+        }
+    }
+
+    /// Which named VIPs `app` asks for, whether or not they have an address yet: a change of
+    /// one's allocation touches the app.
+    fn index_labels(&mut self, snap: &ClusterState, app: &AppId) {
+        for label in self.labels_of.remove(app).unwrap_or_default() {
+            if let Some(users) = self.by_label.get_mut(&label) {
+                users.remove(app);
+                if users.is_empty() {
+                    self.by_label.remove(&label);
+                }
+            }
+        }
+        let Some(a) = snap.apps.get(app) else {
+            return;
+        };
+        let labels: Vec<String> = a
+            .vips()
+            .0
+            .into_iter()
+            .filter_map(|spec| match spec.target {
+                VipTarget::Named(name) => Some(vip_label(&name)),
+                VipTarget::Ip(_) => None,
+            })
+            .collect();
+        for label in &labels {
+            self.by_label
+                .entry(label.clone())
+                .or_default()
+                .insert(app.clone());
+        }
+        if !labels.is_empty() {
+            self.labels_of.insert(app.clone(), labels);
+        }
+    }
+
+    fn remerge(&mut self, key: VipKey) {
+        let mut merged: Option<Entry> = None;
+        for app in self.contributors.get(&key).into_iter().flatten() {
+            if let Some((_, entry)) = self
+                .contributions
+                .get(app)
+                .and_then(|c| c.iter().find(|(k, _)| *k == key))
+            {
+                merge_entry(&mut merged, entry);
+            }
+        }
+        match merged {
+            Some(entry) => {
+                self.table.insert(key, entry);
+            }
+            None => {
+                self.table.remove(&key);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

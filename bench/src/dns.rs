@@ -55,6 +55,11 @@ fn node(id: &str, ip: &str) -> Node {
 }
 
 fn app(i: usize, instances: u32, unplaceable: bool) -> App {
+    app_with_vip(i, instances, unplaceable, None)
+}
+
+/// An app whose port is behind the named VIP `vip` (`/svc-7:80`), if given.
+fn app_with_vip(i: usize, instances: u32, unplaceable: bool, vip: Option<&str>) -> App {
     let constraint = if unplaceable {
         r#", "constraints": [["hostname", "CLUSTER", "nowhere"]]"#
     } else {
@@ -63,7 +68,10 @@ fn app(i: usize, instances: u32, unplaceable: bool) -> App {
     let json = format!(
         r#"{{"id": "/bench/app-{i}", "cmd": "x", "instances": {instances}, "cpus": 0.01, "mem": 1,
              "networks": [{{"mode": "container"}}],
-             "container": {{"portMappings": [{{"containerPort": 80, "name": "http"}}]}}{constraint}}}"#
+             "container": {{"portMappings": [{{"containerPort": 80, "name": "http"{labels}}}]}}{constraint}}}"#,
+        labels = vip
+            .map(|v| format!(r#", "labels": {{"VIP_0": "{v}"}}"#))
+            .unwrap_or_default(),
     );
     let mut app = parse_app(json.as_bytes()).expect("a valid bench app").app;
     app.version = now_rfc3339();
@@ -205,6 +213,37 @@ fn ask(socket: &UdpSocket, name: &Name) -> bool {
     }
 }
 
+/// A cgroup v2 directory and a pin directory of this run's own for the eBPF plane, removed
+/// with everything the plane pinned when dropped.
+struct BpfScratch {
+    cgroup: std::path::PathBuf,
+    pins: std::path::PathBuf,
+}
+
+impl BpfScratch {
+    fn new(dir: &Path) -> anyhow::Result<Self> {
+        let hierarchies = dcnet_node_core::runtime::cgroup::Hierarchies::detect()?;
+        let v2 = hierarchies
+            .v2
+            .ok_or_else(|| anyhow::anyhow!("no cgroup2 mount: the eBPF data plane needs one"))?;
+        let cgroup = v2.join(format!("dcnet-bench-{}", std::process::id()));
+        std::fs::create_dir_all(&cgroup)?;
+        Ok(Self {
+            cgroup,
+            pins: dir.join("bpf"),
+        })
+    }
+}
+
+impl Drop for BpfScratch {
+    fn drop(&mut self) {
+        if let Err(e) = dcnet_l4lb::ebpf::cleanup(&self.pins) {
+            eprintln!("cleaning up {}: {e}", self.pins.display());
+        }
+        let _ = std::fs::remove_dir(&self.cgroup);
+    }
+}
+
 /// User and system CPU time of this process so far.
 fn cpu_time() -> anyhow::Result<Duration> {
     let usage = nix::sys::resource::getrusage(nix::sys::resource::UsageWho::RUSAGE_SELF)?;
@@ -232,7 +271,11 @@ async fn converge(n: usize) -> anyhow::Result<()> {
             Precondition::Any,
         )
         .await?;
-    let apps: Vec<App> = (0..n).map(|i| app(i, 1, true)).collect();
+    // Every app's port is behind one of 100 named VIPs (a few hundred backends each at the
+    // largest size), served by the eBPF data plane.
+    let apps: Vec<App> = (0..n)
+        .map(|i| app_with_vip(i, 1, true, Some(&format!("/svc-{}:80", i % 100))))
+        .collect();
     for a in &apps {
         store
             .put(&keys::app(&a.id), keys::to_json(a), Precondition::Any)
@@ -263,11 +306,36 @@ async fn converge(n: usize) -> anyhow::Result<()> {
     let udp = tokio::net::UdpSocket::bind("127.0.0.1:0").await?;
     let server = udp.local_addr()?;
     tokio::spawn(dns.run(core.state(), vec![udp], vec![], || {}, shutdown.clone()));
+    // The eBPF data plane on a cgroup and bpffs of this run's own: no process is in the
+    // cgroup, so it balances nothing; it fills its maps as an agent's does.
+    let bpf = BpfScratch::new(dir.path())?;
+    let l4lb = dcnet_l4lb::L4lb::new(
+        dcnet_l4lb::Config {
+            range: "198.18.0.0/15".parse().expect("a range"),
+            node: NodeId("node-1".into()),
+            boot: "bench".into(),
+            udp: Default::default(),
+            data_plane: dcnet_l4lb::DataPlaneMode::Ebpf,
+            ebpf: dcnet_l4lb::EbpfConfig {
+                pin_dir: bpf.pins.clone(),
+                cgroups: vec![bpf.cgroup.clone()],
+                limits: Default::default(),
+            },
+        },
+        store.clone(),
+        dcnet_l4lb::Metrics::register(&registry)?,
+    );
+    let vips = l4lb.view();
+    let lb_run = tokio::spawn(l4lb.run(core.state(), || {}, |_| {}, shutdown.clone()));
     tokio::time::sleep(Duration::from_millis(500)).await;
+    if lb_run.is_finished() {
+        anyhow::bail!("the eBPF data plane did not start: {:?}", lb_run.await);
+    }
 
     let setup_cpu = cpu_time()?;
     let mut times = Vec::with_capacity(n);
-    let (tx, mut rx) = tokio::sync::mpsc::channel::<Duration>(1);
+    let mut vip_times = Vec::with_capacity(n);
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<(Duration, Duration)>(1);
     let store2 = store.clone();
     let writer = tokio::spawn(async move {
         let client = UdpSocket::bind("127.0.0.1:0").expect("a client socket");
@@ -285,31 +353,45 @@ async fn converge(n: usize) -> anyhow::Result<()> {
                 .await
                 .expect("write");
             let deadline = started + Duration::from_secs(10);
-            let answered = tokio::task::block_in_place(|| {
-                while Instant::now() < deadline {
-                    if ask(&client, &name) {
-                        return true;
+            let backend = SocketAddr::new(IpAddr::V4(ip), 80);
+            let (mut dns_at, mut vip_at) = (None, None);
+            tokio::task::block_in_place(|| {
+                while Instant::now() < deadline && (dns_at.is_none() || vip_at.is_none()) {
+                    if vip_at.is_none() && vips.serves_backend(backend) {
+                        vip_at = Some(started.elapsed());
+                    }
+                    if dns_at.is_none() && ask(&client, &name) {
+                        dns_at = Some(started.elapsed());
                     }
                 }
-                false
             });
-            if !answered || tx.send(started.elapsed()).await.is_err() {
+            let (Some(dns_at), Some(vip_at)) = (dns_at, vip_at) else {
+                return;
+            };
+            if tx.send((dns_at, vip_at)).await.is_err() {
                 return;
             }
         }
     });
-    while let Some(t) = rx.recv().await {
+    while let Some((t, v)) = rx.recv().await {
         times.push(t);
+        vip_times.push(v);
     }
     let _ = writer.await;
     shutdown.cancel();
     if times.len() != n {
-        anyhow::bail!("only {} of {n} tasks answered within 10 s", times.len());
+        anyhow::bail!(
+            "only {} of {n} tasks answered and were served within 10 s",
+            times.len()
+        );
     }
     times.sort();
-    let pct = |p: f64| {
-        times[((times.len() as f64 * p) as usize).min(times.len() - 1)].as_secs_f64() * 1000.0
+    vip_times.sort();
+    let at = |v: &[Duration], p: f64| {
+        v[((v.len() as f64 * p) as usize).min(v.len() - 1)].as_secs_f64() * 1000.0
     };
+    let pct = |p: f64| at(&times, p);
+    let vip = |p: f64| at(&vip_times, p);
     // The whole process is one agent's node-core and DNS plane: its peak memory, and the CPU
     // it spent per task written (every plane's share of one change).
     let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
@@ -320,10 +402,13 @@ async fn converge(n: usize) -> anyhow::Result<()> {
         .unwrap_or(0);
     let cpu = cpu_time()?;
     println!(
-        "convergence (task RUNNING in the store -> its name answers), {n} tasks: p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms, peak RSS {} MiB, CPU {:.0} us per change",
+        "convergence (task RUNNING in the store -> its name answers; -> its VIP backend is in the eBPF maps), {n} tasks: p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms; vip-p50 {:.2} ms, vip-p99 {:.2} ms, vip-max {:.2} ms; peak RSS {} MiB, CPU {:.0} us per change",
         pct(0.5),
         pct(0.99),
         pct(1.0),
+        vip(0.5),
+        vip(0.99),
+        vip(1.0),
         peak_kib / 1024,
         (cpu.as_secs_f64() - setup_cpu.as_secs_f64()) * 1e6 / n as f64,
     );

@@ -7,7 +7,7 @@
 //! namespace. `p2c` and `roundrobin` need per-connection state the kernel does not keep at
 //! `connect()` time; those VIPs are balanced weighted-random here.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeSet, HashMap};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, RwLock};
@@ -18,7 +18,7 @@ use tracing::{info, warn};
 
 use crate::plane::{DataPlane, TableDiff};
 use crate::select::maglev_slots;
-use crate::table::{Entry, Lb, VipKey, VipTable};
+use crate::table::{Entry, Lb, VipKey};
 use crate::view::{BackendHealth, ServedBackend, ServedVip, VipView};
 
 pub const NAME: &str = "ebpf";
@@ -36,12 +36,12 @@ fn service_key(key: &VipKey) -> ServiceKey {
 
 /// The slots of one VIP: backend ids, each as often as its weight (weight 0 drains: no new
 /// connections), or the Maglev table over those with a weight.
-pub(crate) fn slots_of(entry: &Entry, ids: &BTreeMap<SocketAddr, u32>) -> Service {
+pub(crate) fn slots_of(entry: &Entry, id_of: impl Fn(&SocketAddr) -> Option<u32>) -> Service {
     let live: Vec<(SocketAddr, u32, u32)> = entry
         .backends
         .iter()
         .filter(|b| b.weight > 0)
-        .filter_map(|b| Some((b.addr, *ids.get(&b.addr)?, b.weight)))
+        .filter_map(|b| Some((b.addr, id_of(&b.addr)?, b.weight)))
         .collect();
     if entry.lb == Lb::Maglev && !live.is_empty() {
         let addrs: Vec<SocketAddr> = live.iter().map(|(a, _, _)| *a).collect();
@@ -72,19 +72,29 @@ pub struct SockPlane {
     lb: Arc<Mutex<SockLb>>,
     /// Where the balanced sockets live: their namespaces are searched for sockets to destroy.
     cgroups: Vec<PathBuf>,
-    /// Backend address -> its id in the maps.
-    ids: BTreeMap<SocketAddr, u32>,
+    /// Backend address -> its id in the maps (persistent: the view takes a copy per change).
+    ids: imbl::OrdMap<SocketAddr, u32>,
+    /// Ids free for new backends (below `next_id`), so a new backend costs no scan.
+    free_ids: Vec<u32>,
+    next_id: u32,
+    /// How many VIPs name each backend: one that drops to none leaves the maps.
+    refs: HashMap<SocketAddr, usize>,
     /// What the maps hold of ours.
-    table: VipTable,
+    table: imbl::OrdMap<VipKey, Arc<Entry>>,
     /// Services found pinned that this agent has not written yet: removed once the first
-    /// table is in, unless it wants them.
-    stale: BTreeSet<ServiceKey>,
+    /// table is in, unless it wants them; with the pinned backends no VIP names then.
+    stale: Option<BTreeSet<ServiceKey>>,
     view: Arc<SockView>,
 }
 
+/// The VIPs the maps hold, and the ids of their backends: persistent, so the view's copy costs
+/// nothing per change.
+type Served = imbl::OrdMap<VipKey, Arc<Entry>>;
+type Ids = imbl::OrdMap<SocketAddr, u32>;
+
 struct SockView {
     lb: Arc<Mutex<SockLb>>,
-    table: RwLock<(VipTable, BTreeMap<SocketAddr, u32>)>,
+    table: RwLock<(Served, Ids)>,
 }
 
 // === impl SockPlane ===
@@ -93,11 +103,11 @@ impl SockPlane {
     /// Takes over `lb` as it is: backend ids from its maps are kept, so the VIPs an agent
     /// before this one served go on being served until the first table replaces them.
     pub fn new(lb: SockLb, cgroups: Vec<PathBuf>) -> Self {
-        let ids: BTreeMap<SocketAddr, u32> = match lb.backends() {
+        let ids: imbl::OrdMap<SocketAddr, u32> = match lb.backends() {
             Ok(b) => b.into_iter().map(|(id, addr)| (addr, id)).collect(),
             Err(e) => {
                 warn!(error = %e, "could not read the pinned backends");
-                BTreeMap::new()
+                imbl::OrdMap::new()
             }
         };
         let stale: BTreeSet<ServiceKey> = match lb.services() {
@@ -114,6 +124,9 @@ impl SockPlane {
                 "adopted the pinned eBPF maps"
             );
         }
+        let used: BTreeSet<u32> = ids.values().copied().collect();
+        let next_id = used.iter().next_back().map_or(0, |m| m + 1);
+        let free_ids = (0..next_id).filter(|i| !used.contains(i)).rev().collect();
         let lb = Arc::new(Mutex::new(lb));
         Self {
             view: Arc::new(SockView {
@@ -123,95 +136,121 @@ impl SockPlane {
             lb,
             cgroups,
             ids,
-            table: VipTable::new(),
-            stale,
+            free_ids,
+            next_id,
+            refs: HashMap::new(),
+            table: imbl::OrdMap::new(),
+            stale: Some(stale),
         }
     }
 
-    fn free_id(&self) -> u32 {
-        let used: BTreeSet<u32> = self.ids.values().copied().collect();
-        (0..)
-            .find(|i| !used.contains(i))
-            .expect("ids are bounded by the map")
+    fn take_id(&mut self) -> u32 {
+        self.free_ids.pop().unwrap_or_else(|| {
+            self.next_id += 1;
+            self.next_id - 1
+        })
     }
 
     /// Writes the maps for `diff` (backends first, then VIPs, then what went) and returns
-    /// the backends that left.
+    /// the backends that left. Costs what the diff holds, not what the table holds.
     fn write(&mut self, diff: &TableDiff) -> BTreeSet<SocketAddr> {
-        let mut next = self.table.clone();
-        for (key, entry) in diff.added.iter().chain(&diff.changed) {
-            next.insert(*key, entry.clone());
-        }
-        for key in &diff.removed {
-            next.remove(key);
-        }
-        let wanted: BTreeSet<SocketAddr> = next
-            .values()
-            .flat_map(|e| e.backends.iter().map(|b| b.addr))
-            .collect();
-        let mut lb = self.lb.lock().expect("sock lb lock");
+        let lb = self.lb.clone();
+        let mut lb = lb.lock().expect("sock lb lock");
         // 1. New backends first, so no service ever names an id that is not there.
-        for addr in &wanted {
-            if self.ids.contains_key(addr) {
-                continue;
-            }
-            if addr.ip().is_loopback() {
-                warn!(backend = %addr, "a VIP backend on loopback: through eBPF only clients in the node's own namespace reach it, containers do not; give node.ip a routable address (or use l4lb.data_plane = \"userspace\")");
-            }
-            let id = self.free_id();
-            match lb.set_backend(id, *addr, true) {
-                Ok(()) => {
-                    self.ids.insert(*addr, id);
+        for (_, entry) in diff.added.iter().chain(&diff.changed) {
+            for b in &entry.backends {
+                if self.ids.contains_key(&b.addr) {
+                    continue;
                 }
-                Err(e) => {
-                    warn!(backend = %addr, error = %e, "could not add a backend to the eBPF maps")
+                if b.addr.ip().is_loopback() {
+                    warn!(backend = %b.addr, "a VIP backend on loopback: through eBPF only clients in the node's own namespace reach it, containers do not; give node.ip a routable address (or use l4lb.data_plane = \"userspace\")");
+                }
+                let id = self.take_id();
+                match lb.set_backend(id, b.addr, true) {
+                    Ok(()) => {
+                        self.ids.insert(b.addr, id);
+                    }
+                    Err(e) => {
+                        self.free_ids.push(id);
+                        warn!(backend = %b.addr, error = %e, "could not add a backend to the eBPF maps");
+                    }
                 }
             }
         }
-        // 2. Each new or changed VIP's slots, whole.
-        let mut failed = Vec::new();
+        // 2. Each new or changed VIP's slots, whole; the references of what it names.
+        let mut released: Vec<SocketAddr> = Vec::new();
         for (key, entry) in diff.added.iter().chain(&diff.changed) {
             let skey = service_key(key);
-            if let Err(e) = lb.set_service(skey, &slots_of(entry, &self.ids)) {
-                warn!(vip = %key, error = %e, "could not write a VIP to the eBPF maps");
-                failed.push(*key);
+            if let Some(stale) = self.stale.as_mut() {
+                stale.remove(&skey);
             }
-            self.stale.remove(&skey);
+            if let Err(e) = lb.set_service(skey, &slots_of(entry, |a| self.ids.get(a).copied())) {
+                // The maps keep what they had for it (if anything): so does the table.
+                warn!(vip = %key, error = %e, "could not write a VIP to the eBPF maps");
+                continue;
+            }
+            for b in &entry.backends {
+                *self.refs.entry(b.addr).or_default() += 1;
+            }
+            if let Some(old) = self.table.insert(*key, Arc::new(entry.clone())) {
+                released.extend(old.backends.iter().map(|b| b.addr));
+            }
         }
         // 3. VIPs that went, and pinned ones no agent wants any more.
         for key in &diff.removed {
             if let Err(e) = lb.remove_service(&service_key(key)) {
                 warn!(vip = %key, error = %e, "could not remove a VIP from the eBPF maps");
+                continue;
+            }
+            if let Some(old) = self.table.remove(key) {
+                released.extend(old.backends.iter().map(|b| b.addr));
             }
         }
-        let keep: BTreeSet<ServiceKey> = next.keys().map(service_key).collect();
-        for skey in std::mem::take(&mut self.stale) {
-            if !keep.contains(&skey) {
-                let _ = lb.remove_service(&skey).inspect_err(
-                    |e| warn!(vip = %skey.addr(), error = %e, "could not remove a stale VIP"),
-                );
+        let mut candidates: BTreeSet<SocketAddr> = BTreeSet::new();
+        if let Some(stale) = self.stale.take() {
+            for skey in stale {
+                let is_ours = self.table.contains_key(&VipKey {
+                    ip: skey.addr().ip(),
+                    port: skey.addr().port(),
+                    protocol: if skey.proto == IPPROTO_UDP {
+                        Protocol::Udp
+                    } else {
+                        Protocol::Tcp
+                    },
+                });
+                if !is_ours {
+                    let _ = lb.remove_service(&skey).inspect_err(
+                        |e| warn!(vip = %skey.addr(), error = %e, "could not remove a stale VIP"),
+                    );
+                }
             }
+            // Pinned backends that no VIP of ours names.
+            candidates.extend(self.ids.keys().copied());
         }
-        for key in &failed {
-            // Whatever was there before stays out of the table we report, so it is retried.
-            next.remove(key);
+        for addr in released {
+            if let Some(n) = self.refs.get_mut(&addr) {
+                *n -= 1;
+                if *n == 0 {
+                    self.refs.remove(&addr);
+                }
+            }
+            candidates.insert(addr);
         }
         // 4. Backends no VIP names any more, then the sockets still connected to them.
-        let gone: BTreeSet<SocketAddr> = self
-            .ids
-            .keys()
-            .filter(|a| !wanted.contains(a))
-            .copied()
-            .collect();
-        for addr in &gone {
-            if let Some(id) = self.ids.remove(addr)
-                && let Err(e) = lb.remove_backend(id)
-            {
-                warn!(backend = %addr, error = %e, "could not remove a backend from the eBPF maps");
+        let mut gone = BTreeSet::new();
+        for addr in candidates {
+            if self.refs.contains_key(&addr) {
+                continue;
+            }
+            if let Some(id) = self.ids.remove(&addr) {
+                if let Err(e) = lb.remove_backend(id) {
+                    warn!(backend = %addr, error = %e, "could not remove a backend from the eBPF maps");
+                }
+                self.free_ids.push(id);
+                gone.insert(addr);
             }
         }
         drop(lb);
-        self.table = next;
         *self.view.table.write().expect("view lock") = (self.table.clone(), self.ids.clone());
         gone
     }
@@ -282,10 +321,16 @@ impl VipView for SockView {
             })
             .collect()
     }
+
+    fn serves_backend(&self, addr: SocketAddr) -> bool {
+        self.table.read().expect("view lock").1.contains_key(&addr)
+    }
 }
 
 #[cfg(test)]
 mod tests {
+    use std::collections::BTreeMap;
+
     use dcnet_node_core::model::{NodeId, TaskId};
 
     use super::*;
@@ -320,12 +365,12 @@ mod tests {
     #[test]
     fn draining_backends_get_no_slot_and_weights_repeat_ids() {
         let (e, ids) = entry(Lb::P2c, &[1, 0, 2]);
-        let s = slots_of(&e, &ids);
+        let s = slots_of(&e, |a| ids.get(a).copied());
         assert_eq!(s.used(), &[100, 102, 102]);
         assert_eq!(s.flags, 0);
         let (e, ids) = entry(Lb::RoundRobin, &[0, 0]);
         assert!(
-            slots_of(&e, &ids).used().is_empty(),
+            slots_of(&e, |a| ids.get(a).copied()).used().is_empty(),
             "all draining: no slot"
         );
     }
@@ -333,11 +378,11 @@ mod tests {
     #[test]
     fn maglev_fills_every_slot_with_live_backends_and_moves_little() {
         let (e, ids) = entry(Lb::Maglev, &[1, 1, 1, 1, 1]);
-        let five = slots_of(&e, &ids);
+        let five = slots_of(&e, |a| ids.get(a).copied());
         assert_eq!(five.count as usize, MAX_SLOTS);
         assert_eq!(five.flags, dcnet_ebpf::SVC_MAGLEV);
         let (e, ids) = entry(Lb::Maglev, &[1, 1, 1, 1, 0]);
-        let four = slots_of(&e, &ids);
+        let four = slots_of(&e, |a| ids.get(a).copied());
         assert!(
             four.used().iter().all(|id| *id != 104),
             "the draining one has no slot"

@@ -59,6 +59,13 @@ pub struct ServedBackend {
 pub trait VipView: Send + Sync {
     /// Every VIP served now, in VIP order.
     fn served(&self) -> Vec<ServedVip>;
+
+    /// Whether some VIP sends to the backend at `addr` now.
+    fn serves_backend(&self, addr: std::net::SocketAddr) -> bool {
+        self.served()
+            .iter()
+            .any(|v| v.backends.iter().any(|b| b.backend.addr == addr))
+    }
 }
 
 /// The view of the data plane that runs now: empty before one starts and after it stops, the
@@ -71,6 +78,12 @@ pub struct ViewSlot(Arc<RwLock<Option<Arc<dyn VipView>>>>);
 impl ViewSlot {
     pub(crate) fn set(&self, view: Option<Arc<dyn VipView>>) {
         *self.0.write().expect("view lock") = view;
+    }
+
+    /// Whether the data plane that runs now sends to the backend at `addr`.
+    pub fn serves_backend(&self, addr: std::net::SocketAddr) -> bool {
+        let view = self.0.read().expect("view lock").clone();
+        view.is_some_and(|v| v.serves_backend(addr))
     }
 
     /// What is served now.

@@ -251,7 +251,8 @@ impl Manager {
         let me = self.node.id.clone();
         self.finished
             .retain(|id| state.tasks.get(id).is_some_and(|t| t.state.is_active()));
-        for task in state.tasks.values().filter(|t| t.node_id == me) {
+        let mine: Vec<Arc<Task>> = state.tasks_on(&me).cloned().collect();
+        for task in &mine {
             if task.state.is_terminal() || self.finished.contains(&task.id) {
                 continue;
             }

@@ -81,6 +81,8 @@ pub struct Derived {
     by_app: Option<imbl::OrdMap<AppId, imbl::OrdSet<TaskId>>>,
     /// The deployments of each app.
     deployments_by_app: imbl::OrdMap<AppId, imbl::OrdSet<DeploymentId>>,
+    /// The tasks on each node.
+    tasks_by_node: imbl::OrdMap<NodeId, imbl::OrdSet<TaskId>>,
     /// The last revision at which resources were freed (a node joined or changed, a task
     /// ended or went): an app that could not be placed is worth trying again only after it.
     freed: Revision,
@@ -196,6 +198,25 @@ impl ClusterState {
         self.vips
             .get(&crate::model::vip_label(name))
             .filter(|a| a.name == name)
+    }
+
+    /// The tasks on one node, in id order.
+    pub fn tasks_on<'a>(
+        &'a self,
+        node: &'a NodeId,
+    ) -> Box<dyn Iterator<Item = &'a Arc<Task>> + 'a> {
+        if self.derived.by_app.is_some() {
+            Box::new(
+                self.derived
+                    .tasks_by_node
+                    .get(node)
+                    .into_iter()
+                    .flat_map(|ids| ids.iter())
+                    .filter_map(|id| self.tasks.get(id)),
+            )
+        } else {
+            Box::new(self.tasks.values().filter(move |t| &t.node_id == node))
+        }
     }
 
     /// Every deployment of an app (any state).
@@ -354,6 +375,22 @@ impl ClusterState {
         let Some(index) = self.derived.by_app.as_mut() else {
             return;
         };
+        let by_node = &mut self.derived.tasks_by_node;
+        if let Some(old) = old
+            && new.is_none_or(|n| n.node_id != old.node_id)
+            && let Some(ids) = by_node.get_mut(&old.node_id)
+        {
+            ids.remove(id);
+            if ids.is_empty() {
+                by_node.remove(&old.node_id);
+            }
+        }
+        if let Some(new) = new {
+            by_node
+                .entry(new.node_id.clone())
+                .or_default()
+                .insert(id.clone());
+        }
         if let Some(old) = old
             && new.is_none_or(|n| n.app_id != old.app_id)
             && let Some(ids) = index.get_mut(&old.app_id)
@@ -377,6 +414,7 @@ impl ClusterState {
             derived: Derived {
                 by_app: Some(imbl::OrdMap::new()),
                 deployments_by_app: imbl::OrdMap::new(),
+                tasks_by_node: imbl::OrdMap::new(),
                 freed: revision,
                 changes: ChangeLog {
                     since: revision,
@@ -560,6 +598,13 @@ mod tests {
         };
         assert_eq!(of(&state, &web), ["web.1", "web.2"]);
         assert_eq!(of(&state, &db), ["db.1"]);
+        let on = |s: &ClusterState, node: &str| -> Vec<String> {
+            s.tasks_on(&NodeId(node.into()))
+                .map(|t| t.id.0.clone())
+                .collect()
+        };
+        assert_eq!(on(&state, "n1"), ["db.1", "web.1", "web.2"]);
+        assert!(on(&state, "n2").is_empty());
         assert_eq!(state.freed(), 1, "new tasks free nothing");
         // A task that ends frees its resources; one that goes leaves the index.
         ev(&mut state, |r| {
@@ -575,6 +620,7 @@ mod tests {
             revision: r,
         });
         assert_eq!(of(&state, &web), ["web.2"]);
+        assert_eq!(on(&state, "n1"), ["db.1", "web.2"]);
         // What changed since revision 3: web.2, web.1 twice, oldest first.
         let since: Vec<&Changed> = state.changes_since(3).unwrap();
         let web1 = Changed::Task(TaskId("web.1".into()));

@@ -69,12 +69,8 @@ impl Metrics {
     }
 
     pub(crate) fn observe_state(&self, state: &ClusterState) {
-        let mut counts = [0i64; TaskState::ALL.len()];
-        for task in state.tasks.values() {
-            if let Some(i) = TaskState::ALL.iter().position(|s| *s == task.state) {
-                counts[i] += 1;
-            }
-        }
+        // Counted as the snapshot changes, not by walking every task.
+        let counts = state.task_state_counts();
         for (state, count) in TaskState::ALL.iter().zip(counts) {
             self.tasks.with_label_values(&[state.as_str()]).set(count);
         }

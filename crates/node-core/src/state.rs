@@ -23,7 +23,8 @@ use tracing::{debug, warn};
 use crate::ipam::{Lease, Subnet};
 use crate::keys;
 use crate::model::{
-    App, AppId, AppStatus, Deployment, DeploymentId, Node, NodeId, Task, TaskId, VipAllocation,
+    App, AppId, AppStatus, Deployment, DeploymentId, Node, NodeId, Task, TaskId, TaskState,
+    VipAllocation,
 };
 use crate::store::{Event, KeyValue, Revision, Store, StoreError};
 
@@ -83,6 +84,8 @@ pub struct Derived {
     deployments_by_app: imbl::OrdMap<AppId, imbl::OrdSet<DeploymentId>>,
     /// The tasks on each node.
     tasks_by_node: imbl::OrdMap<NodeId, imbl::OrdSet<TaskId>>,
+    /// How many tasks are in each state, in `TaskState::ALL` order.
+    task_states: [i64; TaskState::ALL.len()],
     /// The last revision at which resources were freed (a node joined or changed, a task
     /// ended or went): an app that could not be placed is worth trying again only after it.
     freed: Revision,
@@ -149,7 +152,12 @@ impl ClusterState {
             .take_while(|(rev, _)| *rev > since)
             .count();
         let start = log.entries.len() - newer;
-        Some(log.entries.iter().skip(start).map(|(_, c)| c).collect())
+        // By index: skipping through the vector's iterator would walk the whole log.
+        Some(
+            (start..log.entries.len())
+                .filter_map(|i| log.entries.get(i).map(|(_, c)| c))
+                .collect(),
+        )
     }
 
     /// The apps that `changes` touch (an app, its status, one of its tasks in this snapshot
@@ -198,6 +206,20 @@ impl ClusterState {
         self.vips
             .get(&crate::model::vip_label(name))
             .filter(|a| a.name == name)
+    }
+
+    /// How many tasks are in each state, in `TaskState::ALL` order.
+    pub fn task_state_counts(&self) -> [i64; TaskState::ALL.len()] {
+        if self.derived.by_app.is_some() {
+            return self.derived.task_states;
+        }
+        let mut counts = [0; TaskState::ALL.len()];
+        for task in self.tasks.values() {
+            if let Some(i) = TaskState::ALL.iter().position(|s| *s == task.state) {
+                counts[i] += 1;
+            }
+        }
+        counts
     }
 
     /// The tasks on one node, in id order.
@@ -375,6 +397,13 @@ impl ClusterState {
         let Some(index) = self.derived.by_app.as_mut() else {
             return;
         };
+        let slot = |t: &Task| TaskState::ALL.iter().position(|s| *s == t.state);
+        if let Some(i) = old.and_then(slot) {
+            self.derived.task_states[i] -= 1;
+        }
+        if let Some(i) = new.and_then(slot) {
+            self.derived.task_states[i] += 1;
+        }
         let by_node = &mut self.derived.tasks_by_node;
         if let Some(old) = old
             && new.is_none_or(|n| n.node_id != old.node_id)
@@ -415,6 +444,7 @@ impl ClusterState {
                 by_app: Some(imbl::OrdMap::new()),
                 deployments_by_app: imbl::OrdMap::new(),
                 tasks_by_node: imbl::OrdMap::new(),
+                task_states: [0; TaskState::ALL.len()],
                 freed: revision,
                 changes: ChangeLog {
                     since: revision,
@@ -621,6 +651,16 @@ mod tests {
         });
         assert_eq!(of(&state, &web), ["web.2"]);
         assert_eq!(on(&state, "n1"), ["db.1", "web.2"]);
+        let running = TaskState::ALL
+            .iter()
+            .position(|s| *s == TaskState::Running)
+            .unwrap();
+        let failed = TaskState::ALL
+            .iter()
+            .position(|s| *s == TaskState::Failed)
+            .unwrap();
+        let counts = state.task_state_counts();
+        assert_eq!((counts[running], counts[failed]), (2, 0), "{counts:?}");
         // What changed since revision 3: web.2, web.1 twice, oldest first.
         let since: Vec<&Changed> = state.changes_since(3).unwrap();
         let web1 = Changed::Task(TaskId("web.1".into()));

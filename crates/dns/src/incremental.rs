@@ -94,25 +94,14 @@ impl Incremental {
                     out.insert(Source::Task(id.clone()));
                 }
                 Changed::App(id) => {
+                    // Its tasks that are gone from the snapshot have changes of their own.
                     out.extend(snap.tasks_of(id).map(|t| Source::Task(t.id.clone())));
-                    // Tasks of it that this zone still has (the app may be gone).
-                    out.extend(
-                        self.parts
-                            .keys()
-                            .filter(|s| matches!(s, Source::Task(t) if snap.tasks.get(t).is_some_and(|t| &t.app_id == id)))
-                            .cloned(),
-                    );
                 }
                 Changed::Node(id) => {
                     out.insert(Source::Node(id.clone()));
                     out.insert(Source::Leader);
-                    // A node's addresses are in its tasks' records (rare: scan).
-                    out.extend(
-                        snap.tasks
-                            .values()
-                            .filter(|t| &t.node_id == id)
-                            .map(|t| Source::Task(t.id.clone())),
-                    );
+                    // A node's addresses are in its tasks' records.
+                    out.extend(snap.tasks_on(id).map(|t| Source::Task(t.id.clone())));
                 }
                 Changed::Leader => {
                     out.insert(Source::Leader);

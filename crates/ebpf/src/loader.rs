@@ -32,9 +32,6 @@ pub const PROGRAMS: [&str; 9] = [
     RELEASE,
 ];
 
-/// Attaches one loaded program to a cgroup and hands back its link.
-type Attach<'a> = dyn FnMut(&File) -> Result<FdLink, Error> + 'a;
-
 /// The `cgroup/sock_release` program (a `CgroupSock`, not a `CgroupSockAddr`).
 const RELEASE: &str = "dcnet_sock_release";
 
@@ -178,36 +175,34 @@ impl SockLb {
                 name,
                 source: ProgramError::UnexpectedProgramType,
             })?;
-            let mut attach: Box<Attach<'_>> = if name == RELEASE {
-                let prog: &mut CgroupSock = found.try_into().map_err(program)?;
-                prog.load().map_err(program)?;
-                program_ids.push(prog.info().map_err(program)?.id());
-                Box::new(move |cgroup| {
-                    let id = prog
-                        .attach(cgroup, CgroupAttachMode::Single)
-                        .map_err(program)?;
-                    prog.take_link(id)
-                        .map_err(program)?
-                        .try_into()
-                        .map_err(|source| Error::Link { name, source })
-                })
+            // The same calls on two program types that share no trait.
+            macro_rules! load_and_attach {
+                ($ty:ty) => {{
+                    let prog: &mut $ty = found.try_into().map_err(program)?;
+                    prog.load().map_err(program)?;
+                    program_ids.push(prog.info().map_err(program)?.id());
+                    let mut links: Vec<FdLink> = Vec::with_capacity(cgroups.len());
+                    for cgroup in &cgroups {
+                        // A link always lets other programs run beside it (the old agent's
+                        // too).
+                        let id = prog
+                            .attach(cgroup, CgroupAttachMode::Single)
+                            .map_err(program)?;
+                        let link = prog.take_link(id).map_err(program)?;
+                        links.push(
+                            link.try_into()
+                                .map_err(|source| Error::Link { name, source })?,
+                        );
+                    }
+                    links
+                }};
+            }
+            let attached = if name == RELEASE {
+                load_and_attach!(CgroupSock)
             } else {
-                let prog: &mut CgroupSockAddr = found.try_into().map_err(program)?;
-                prog.load().map_err(program)?;
-                program_ids.push(prog.info().map_err(program)?.id());
-                Box::new(move |cgroup| {
-                    // A link always lets other programs run beside it (the old agent's too).
-                    let id = prog
-                        .attach(cgroup, CgroupAttachMode::Single)
-                        .map_err(program)?;
-                    prog.take_link(id)
-                        .map_err(program)?
-                        .try_into()
-                        .map_err(|source| Error::Link { name, source })
-                })
+                load_and_attach!(CgroupSockAddr)
             };
-            for cgroup in &cgroups {
-                let link = attach(cgroup)?;
+            for link in attached {
                 let link_id = link
                     .info()
                     .map_err(|source| Error::Link { name, source })?

@@ -208,17 +208,9 @@ impl SockPlane {
         }
         let mut candidates: BTreeSet<SocketAddr> = BTreeSet::new();
         if let Some(stale) = self.stale.take() {
+            let ours: BTreeSet<ServiceKey> = self.table.keys().map(service_key).collect();
             for skey in stale {
-                let is_ours = self.table.contains_key(&VipKey {
-                    ip: skey.addr().ip(),
-                    port: skey.addr().port(),
-                    protocol: if skey.proto == IPPROTO_UDP {
-                        Protocol::Udp
-                    } else {
-                        Protocol::Tcp
-                    },
-                });
-                if !is_ours {
+                if !ours.contains(&skey) {
                     let _ = lb.remove_service(&skey).inspect_err(
                         |e| warn!(vip = %skey.addr(), error = %e, "could not remove a stale VIP"),
                     );

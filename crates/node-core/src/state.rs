@@ -261,21 +261,10 @@ impl ClusterState {
     }
 
     /// The running deployment of an app, if any.
-    pub fn deployment_of(&self, app: &AppId) -> Option<&Arc<Deployment>> {
-        let running = |d: &&Arc<Deployment>| &d.app_id == app && !d.status.is_done();
-        let newest = |a: &&Arc<Deployment>, b: &&Arc<Deployment>| a.started_at.cmp(&b.started_at);
-        if self.derived.by_app.is_some() {
-            self.derived
-                .deployments_by_app
-                .get(app)
-                .into_iter()
-                .flat_map(|ids| ids.iter())
-                .filter_map(|id| self.deployments.get(id))
-                .filter(running)
-                .max_by(newest)
-        } else {
-            self.deployments.values().filter(running).max_by(newest)
-        }
+    pub fn deployment_of<'a>(&'a self, app: &'a AppId) -> Option<&'a Arc<Deployment>> {
+        self.deployments_of(app)
+            .filter(|d| !d.status.is_done())
+            .max_by(|a, b| a.started_at.cmp(&b.started_at))
     }
 
     #[cfg(any(test, feature = "test-util"))]

@@ -517,54 +517,24 @@ pub fn listing(zone: &Zone, filter: Option<&str>) -> BTreeMap<String, Vec<String
 
 #[cfg(test)]
 pub(crate) mod tests {
-    use std::collections::BTreeMap;
     use std::sync::Arc;
 
     use dcnet_node_core::keys;
-    use dcnet_node_core::model::{
-        Goal, Health, IpAddress, NodeStatus, Resources, TaskId, TaskState, parse_app,
-    };
+    use dcnet_node_core::model::{Goal, IpAddress, TaskState, parse_app};
 
     use super::*;
 
-    pub(crate) fn node(id: &str, ip: &str) -> Node {
-        Node {
-            id: NodeId(id.into()),
-            hostname: id.into(),
-            ip: ip.parse().unwrap(),
-            ip6: None,
-            resources: Resources::default(),
-            attributes: BTreeMap::new(),
-            status: NodeStatus::Active,
-            registered_at: String::new(),
-        }
-    }
+    pub(crate) use dcnet_node_core::test_util::node;
 
     pub(crate) fn task(id: &str, app: &App, node: &str, ports: &[u16], ip: Option<&str>) -> Task {
-        Task {
-            id: TaskId(id.into()),
-            app_id: app.id.clone(),
-            version: app.version_info.last_config_change_at.clone(),
-            node_id: NodeId(node.into()),
-            host: node.into(),
-            state: TaskState::Running,
-            goal: Goal::Run,
-            kill_reason: None,
-            health: Health {
-                alive: Some(true),
-                ..Default::default()
-            },
-            ports: ports.to_vec(),
-            ip_addresses: ip
-                .map(|i| vec![IpAddress::new(i.parse().unwrap())])
-                .unwrap_or_default(),
-            staged_at: String::new(),
-            started_at: None,
-            finished_at: None,
-            exit: None,
-            process: None,
-            resources: Resources::default(),
-        }
+        let mut t = dcnet_node_core::test_util::task(id, &app.id, node);
+        t.version = app.version_info.last_config_change_at.clone();
+        t.health.alive = Some(true);
+        t.ports = ports.to_vec();
+        t.ip_addresses = ip
+            .map(|i| vec![IpAddress::new(i.parse().unwrap())])
+            .unwrap_or_default();
+        t
     }
 
     pub(crate) fn state(

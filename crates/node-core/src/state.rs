@@ -554,30 +554,10 @@ mod tests {
     }
 
     fn task_json(id: &str, app: &AppId, state: &str) -> Vec<u8> {
-        use crate::model::{Goal, Health, Resources, TaskState};
-        let task = Task {
-            id: TaskId(id.into()),
-            app_id: app.clone(),
-            version: "v".into(),
-            node_id: NodeId("n1".into()),
-            host: "n1".into(),
-            state: if state == "TASK_FAILED" {
-                TaskState::Failed
-            } else {
-                TaskState::Running
-            },
-            goal: Goal::Run,
-            kill_reason: None,
-            health: Health::default(),
-            ports: vec![],
-            ip_addresses: vec![],
-            staged_at: String::new(),
-            started_at: None,
-            finished_at: None,
-            exit: None,
-            process: None,
-            resources: Resources::default(),
-        };
+        let mut task = crate::test_util::task(id, app, "n1");
+        if state == "TASK_FAILED" {
+            task.state = TaskState::Failed;
+        }
         serde_json::to_vec(&task).unwrap()
     }
 

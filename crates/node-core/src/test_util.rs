@@ -7,6 +7,9 @@ use tokio_util::sync::CancellationToken;
 
 use crate::ClusterState;
 use crate::keys::SharedStore;
+use crate::model::{
+    AppId, Goal, Health, Node, NodeId, NodeStatus, Resources, Task, TaskId, TaskState,
+};
 
 /// Follows `store` into a `ClusterState` watch until `shutdown`, as an agent does, and
 /// returns once the first snapshot is loaded. The store needs at least one key (an agent
@@ -68,5 +71,43 @@ impl Snapshots {
         };
         self.state.apply_event(&event);
         Arc::new(self.state.clone())
+    }
+}
+
+/// An active node at `ip` with no resources, attributes or IPv6 address.
+pub fn node(id: &str, ip: &str) -> Node {
+    Node {
+        id: NodeId(id.into()),
+        hostname: id.into(),
+        ip: ip.parse().expect("an IP address"),
+        ip6: None,
+        resources: Resources::default(),
+        attributes: Default::default(),
+        status: NodeStatus::Active,
+        registered_at: String::new(),
+    }
+}
+
+/// A running task of `app` on `node`, meant to run, with no ports, addresses or health yet:
+/// tests set what they look at.
+pub fn task(id: &str, app: &AppId, node: &str) -> Task {
+    Task {
+        id: TaskId(id.into()),
+        app_id: app.clone(),
+        version: "v".into(),
+        node_id: NodeId(node.into()),
+        host: node.into(),
+        state: TaskState::Running,
+        goal: Goal::Run,
+        kill_reason: None,
+        health: Health::default(),
+        ports: vec![],
+        ip_addresses: vec![],
+        staged_at: String::new(),
+        started_at: None,
+        finished_at: None,
+        exit: None,
+        process: None,
+        resources: Resources::default(),
     }
 }

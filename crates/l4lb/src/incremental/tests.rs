@@ -1,32 +1,17 @@
 //! The incremental VIP table always equals the table built whole from the same snapshot.
 
-use std::collections::BTreeMap;
 use std::net::IpAddr;
 
 use dcnet_node_core::keys;
 use dcnet_node_core::model::{
-    App, Goal, Health, IpAddress, Node, NodeId, NodeStatus, Resources, Task, TaskId, TaskState,
-    VipAllocation, parse_app,
+    App, Goal, Health, IpAddress, Task, TaskId, TaskState, VipAllocation, parse_app,
 };
-use dcnet_node_core::test_util::Snapshots;
+use dcnet_node_core::test_util::{self, Snapshots, node};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
 use super::*;
 use crate::table::vip_table_from;
-
-fn node(id: &str, ip: &str) -> Node {
-    Node {
-        id: NodeId(id.into()),
-        hostname: id.into(),
-        ip: ip.parse().unwrap(),
-        ip6: None,
-        resources: Resources::default(),
-        attributes: BTreeMap::new(),
-        status: NodeStatus::Active,
-        registered_at: String::new(),
-    }
-}
 
 fn apps() -> Vec<App> {
     let defs = [
@@ -42,32 +27,20 @@ fn apps() -> Vec<App> {
 }
 
 fn task(id: &str, app: &App, node: &str, port: u16, ip: &str, rng: &mut StdRng) -> Task {
-    Task {
-        id: TaskId(id.into()),
-        app_id: app.id.clone(),
-        version: "v".into(),
-        node_id: NodeId(node.into()),
-        host: node.into(),
-        state: [TaskState::Running, TaskState::Running, TaskState::Staging][rng.random_range(0..3)],
-        goal: if rng.random_bool(0.8) {
-            Goal::Run
-        } else {
-            Goal::Kill
-        },
-        kill_reason: None,
-        health: Health {
-            alive: Some(rng.random_bool(0.7)),
-            ..Default::default()
-        },
-        ports: vec![port, port + 1],
-        ip_addresses: vec![IpAddress::new(ip.parse::<IpAddr>().unwrap())],
-        staged_at: String::new(),
-        started_at: None,
-        finished_at: None,
-        exit: None,
-        process: None,
-        resources: Resources::default(),
-    }
+    let mut t = test_util::task(id, &app.id, node);
+    t.state = [TaskState::Running, TaskState::Running, TaskState::Staging][rng.random_range(0..3)];
+    t.goal = if rng.random_bool(0.8) {
+        Goal::Run
+    } else {
+        Goal::Kill
+    };
+    t.health = Health {
+        alive: Some(rng.random_bool(0.7)),
+        ..Default::default()
+    };
+    t.ports = vec![port, port + 1];
+    t.ip_addresses = vec![IpAddress::new(ip.parse::<IpAddr>().unwrap())];
+    t
 }
 
 fn alloc(name: &str, ip: &str) -> VipAllocation {

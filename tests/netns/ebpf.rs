@@ -17,7 +17,7 @@ use std::time::Duration;
 use serde_json::{Value, json};
 
 use crate::l4lb::{count_answers, fetch_with, web};
-use crate::support::{Agent, NetNs, dcnet, wait_until};
+use crate::support::{Agent, NetNs, cgroup2_root, dcnet, wait_until};
 
 const NODE_IP: &str = "192.0.2.10";
 
@@ -39,7 +39,7 @@ fn node(tag: &str, l4lb: &str) -> (NetNs, Agent) {
 
 /// The agent's cgroup v2 parent, where the programs are attached.
 fn attach_dir(agent: &Agent) -> PathBuf {
-    Path::new("/sys/fs/cgroup/unified").join(&agent.cgroup_parent)
+    cgroup2_root().join(&agent.cgroup_parent)
 }
 
 /// A shell command that joins the agent's client cgroup, then the namespaces of `pid`, and

@@ -242,8 +242,7 @@ cgroup_parent = "{cgroup_parent}"
     /// A cgroup v2 directory (made here) that the agent's eBPF plane balances but that holds
     /// no task: where test clients run.
     pub fn client_cgroup(&self) -> PathBuf {
-        let dir =
-            Path::new("/sys/fs/cgroup/unified").join(format!("{}-clients", self.cgroup_parent));
+        let dir = cgroup2_root().join(format!("{}-clients", self.cgroup_parent));
         fs::create_dir_all(&dir).unwrap();
         dir
     }
@@ -414,6 +413,14 @@ impl Drop for Agent {
             );
         }
     }
+}
+
+/// Where this machine mounts cgroup2, found as the agent finds it.
+pub fn cgroup2_root() -> PathBuf {
+    dcnet_node_core::runtime::cgroup::Hierarchies::detect()
+        .expect("reading mountinfo")
+        .v2
+        .expect("a cgroup2 mount (the eBPF tests attach to one)")
 }
 
 /// The roots of the hierarchies the agent may use (v2, and v1 cpu and memory).

@@ -697,6 +697,9 @@ mod tests {
         async fn revision(&self) -> Result<Revision, StoreError> {
             self.inner.revision().await
         }
+        async fn compact(&self, revision: Revision) -> Result<(), StoreError> {
+            self.inner.compact(revision).await
+        }
     }
 
     /// Two checks, every second and every five: over ten seconds the first runs ten times,

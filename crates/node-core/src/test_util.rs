@@ -111,3 +111,135 @@ pub fn task(id: &str, app: &AppId, node: &str) -> Task {
         resources: Resources::default(),
     }
 }
+
+/// One etcd member of a test, started from Debian's `etcd` (never a system service), with a
+/// data directory of its own, stopped by its PID when dropped.
+pub struct EtcdProcess {
+    child: std::process::Child,
+    /// The member's client URL.
+    pub url: String,
+    _dir: tempfile::TempDir,
+}
+
+/// What an etcd member listens on and which cluster it belongs to.
+#[derive(Clone, Debug)]
+pub struct EtcdMember {
+    pub name: String,
+    /// `http://ADDR:PORT` for clients and for peers.
+    pub client_url: String,
+    pub peer_url: String,
+    /// Every member as `name=peer_url`, comma-separated.
+    pub initial_cluster: String,
+}
+
+impl EtcdMember {
+    /// The arguments that start this member with its data in `data_dir`: quick heartbeats,
+    /// so that a test's failover takes a second or two, and only warnings in the log.
+    pub fn args(&self, data_dir: &std::path::Path) -> Vec<String> {
+        [
+            "--name",
+            &self.name,
+            "--data-dir",
+            &data_dir.display().to_string(),
+            "--listen-client-urls",
+            &self.client_url,
+            "--advertise-client-urls",
+            &self.client_url,
+            "--listen-peer-urls",
+            &self.peer_url,
+            "--initial-advertise-peer-urls",
+            &self.peer_url,
+            "--initial-cluster",
+            &self.initial_cluster,
+            "--initial-cluster-state",
+            "new",
+            "--initial-cluster-token",
+            &format!("dcnet-test-{}", std::process::id()),
+            "--heartbeat-interval",
+            "100",
+            "--election-timeout",
+            "1000",
+            "--logger",
+            "zap",
+            "--log-level",
+            "warn",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect()
+    }
+}
+
+/// A free TCP port on loopback (the kernel picks it; etcd binds it right after).
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("binding loopback")
+        .port()
+}
+
+impl EtcdProcess {
+    /// A one-member cluster on loopback, answering once this returns.
+    pub async fn start() -> Self {
+        let (client, peer) = (free_port(), free_port());
+        let member = EtcdMember {
+            name: "t".into(),
+            client_url: format!("http://127.0.0.1:{client}"),
+            peer_url: format!("http://127.0.0.1:{peer}"),
+            initial_cluster: format!("t=http://127.0.0.1:{peer}"),
+        };
+        let dir = tempfile::tempdir().expect("a temp dir");
+        let log = std::fs::File::create(dir.path().join("etcd.log")).expect("etcd's log");
+        let child = std::process::Command::new("etcd")
+            .args(member.args(&dir.path().join("data")))
+            .stdin(std::process::Stdio::null())
+            .stdout(log.try_clone().expect("etcd's log"))
+            .stderr(log)
+            .spawn()
+            .expect("starting etcd (Debian's etcd-server: `make deps` installs it)");
+        let etcd = Self {
+            child,
+            url: member.client_url,
+            _dir: dir,
+        };
+        etcd.wait_ready().await;
+        etcd
+    }
+
+    /// A store on this member.
+    pub async fn store(&self) -> crate::store::Etcd {
+        let cfg = crate::store::EtcdConfig::new(vec![self.url.clone()]);
+        crate::store::Etcd::connect(&cfg)
+            .await
+            .expect("connecting to the test etcd")
+    }
+
+    async fn wait_ready(&self) {
+        use crate::store::Store;
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(20);
+        loop {
+            if let Ok(store) =
+                crate::store::Etcd::connect(&crate::store::EtcdConfig::new(vec![self.url.clone()]))
+                    .await
+                && store.revision().await.is_ok()
+            {
+                return;
+            }
+            let log =
+                std::fs::read_to_string(self._dir.path().join("etcd.log")).unwrap_or_default();
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "etcd at {} did not answer in 20 s; log:\n{log}",
+                self.url
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+    }
+}
+
+impl Drop for EtcdProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

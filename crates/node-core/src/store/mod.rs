@@ -7,12 +7,20 @@
 //! live changes, and leases delete their keys when they are not kept alive.
 
 mod embedded;
+mod etcd;
+#[cfg(test)]
+mod tests;
 
 use std::time::Duration;
 
 use async_trait::async_trait;
 
 pub use self::embedded::Embedded;
+pub use self::etcd::{Etcd, EtcdConfig};
+
+/// The most ops one transaction may hold, in every backend (etcd's default `--max-txn-ops`):
+/// a writer with more splits them into transactions that each stand alone.
+pub const MAX_TXN_OPS: usize = 128;
 
 pub type Revision = u64;
 pub type LeaseId = u64;
@@ -78,6 +86,8 @@ pub enum Action {
         lease: Option<LeaseId>,
     },
     Delete,
+    /// Writes nothing: the op only adds its precondition to the transaction (a fence).
+    Check,
 }
 
 impl Op {
@@ -94,6 +104,15 @@ impl Op {
             key: key.into(),
             when,
             action: Action::Delete,
+        }
+    }
+
+    /// A precondition on a key that the transaction does not write.
+    pub fn check(key: impl Into<String>, when: Precondition) -> Self {
+        Self {
+            key: key.into(),
+            when,
+            action: Action::Check,
         }
     }
 }
@@ -119,6 +138,12 @@ pub enum StoreError {
     /// A watcher could not keep up and was dropped; list again and watch from there.
     #[error("the watch fell behind and was closed")]
     WatchLagged,
+    #[error("a transaction of {ops} ops is more than the {max} a store takes")]
+    TooLarge { ops: usize, max: usize },
+    /// A write of the scheduler was fenced off: this node no longer holds the leadership it
+    /// wrote under.
+    #[error("not the scheduler leader (leadership moved or expired)")]
+    NotLeader,
     #[error("store backend: {0}")]
     Backend(String),
 }
@@ -150,6 +175,10 @@ pub trait Store: Send + Sync + 'static {
 
     /// The revision of the last committed transaction.
     async fn revision(&self) -> Result<Revision, StoreError>;
+
+    /// Forgets history before `revision`: a watch from an earlier revision is
+    /// [`StoreError::Compacted`] from then on.
+    async fn compact(&self, revision: Revision) -> Result<(), StoreError>;
 
     async fn put(
         &self,

@@ -42,6 +42,128 @@ pub struct AgentConfig {
     /// What is kept of what has ended.
     #[serde(default)]
     pub retention: RetentionSection,
+    /// Where the cluster's state lives: the embedded store (one node) or etcd (a cluster).
+    #[serde(default)]
+    pub store: StoreSection,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StoreSection {
+    /// How long this node may be cut off from the store (or gone) before it is LOST: its
+    /// tasks leave every node's DNS and VIP tables and are placed elsewhere.
+    #[serde(default = "default_node_ttl", with = "humantime_serde")]
+    pub node_ttl: Duration,
+    /// How long the scheduler leader may be silent before another node takes over.
+    #[serde(default = "default_leader_ttl", with = "humantime_serde")]
+    pub leader_ttl: Duration,
+    /// The etcd cluster to keep the state in, instead of the embedded store (`--etcd`
+    /// overrides its endpoints).
+    #[serde(default)]
+    pub etcd: Option<EtcdSection>,
+}
+
+impl Default for StoreSection {
+    fn default() -> Self {
+        Self {
+            node_ttl: default_node_ttl(),
+            leader_ttl: default_leader_ttl(),
+            etcd: None,
+        }
+    }
+}
+
+impl StoreSection {
+    fn validate(&self) -> anyhow::Result<()> {
+        for (name, ttl) in [("node_ttl", self.node_ttl), ("leader_ttl", self.leader_ttl)] {
+            if !(Duration::from_secs(1)..=Duration::from_secs(3600)).contains(&ttl) {
+                bail!(
+                    "store.{name} = {} must be between 1s and 1h",
+                    humantime::format_duration(ttl)
+                );
+            }
+        }
+        let Some(etcd) = &self.etcd else {
+            return Ok(());
+        };
+        if etcd.endpoints.is_empty() {
+            bail!(
+                "store.etcd.endpoints is empty: give the members' client URLs, like \"http://10.0.0.1:2379\""
+            );
+        }
+        for e in &etcd.endpoints {
+            let Some(rest) = e
+                .strip_prefix("http://")
+                .or_else(|| e.strip_prefix("https://"))
+            else {
+                bail!("store.etcd endpoint {e:?} must start with http:// or https://");
+            };
+            if rest.is_empty() || rest.contains('/') && !rest.ends_with('/') {
+                bail!("store.etcd endpoint {e:?} must be a URL like http://10.0.0.1:2379");
+            }
+            if e.starts_with("https://") && etcd.ca.is_none() {
+                bail!(
+                    "store.etcd endpoint {e:?} is https: set store.etcd.ca to the CA that signed the members' certificates"
+                );
+            }
+        }
+        if etcd.cert.is_some() != etcd.key.is_some() {
+            bail!("store.etcd.cert and store.etcd.key go together: set both or neither");
+        }
+        for path in [&etcd.ca, &etcd.cert, &etcd.key].into_iter().flatten() {
+            if !path.is_file() {
+                bail!(
+                    "store.etcd: {} does not exist or is not a file",
+                    path.display()
+                );
+            }
+        }
+        if etcd.request_timeout < Duration::from_millis(100) {
+            bail!("store.etcd.request_timeout must be at least 100ms");
+        }
+        Ok(())
+    }
+}
+
+fn default_node_ttl() -> Duration {
+    Duration::from_secs(5)
+}
+fn default_leader_ttl() -> Duration {
+    Duration::from_secs(5)
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EtcdSection {
+    /// The members' client URLs: `http://10.0.0.1:2379`, or `https://...` with `ca`.
+    pub endpoints: Vec<String>,
+    /// The CA that signed the members' certificates (PEM).
+    #[serde(default)]
+    pub ca: Option<PathBuf>,
+    /// A client certificate and its key (PEM), for members that require one.
+    #[serde(default)]
+    pub cert: Option<PathBuf>,
+    #[serde(default)]
+    pub key: Option<PathBuf>,
+    /// How long one request may take; past it the API answers 503.
+    #[serde(default = "default_etcd_timeout", with = "humantime_serde")]
+    pub request_timeout: Duration,
+}
+
+fn default_etcd_timeout() -> Duration {
+    Duration::from_secs(3)
+}
+
+impl EtcdSection {
+    pub fn to_config(&self) -> dcnet_node_core::store::EtcdConfig {
+        dcnet_node_core::store::EtcdConfig {
+            endpoints: self.endpoints.clone(),
+            ca: self.ca.clone(),
+            cert: self.cert.clone(),
+            key: self.key.clone(),
+            request_timeout: self.request_timeout,
+        }
+    }
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -505,8 +627,32 @@ impl AgentConfig {
         cfg.validate()
     }
 
+    /// `--etcd URL[,URL...]`: keep the state in etcd at these endpoints (TLS settings, if
+    /// any, stay those of the file).
+    pub fn with_etcd(mut self, endpoints: &str) -> anyhow::Result<Self> {
+        let endpoints: Vec<String> = endpoints
+            .split(',')
+            .map(|e| e.trim().to_string())
+            .filter(|e| !e.is_empty())
+            .collect();
+        match &mut self.store.etcd {
+            Some(etcd) => etcd.endpoints = endpoints,
+            None => {
+                self.store.etcd = Some(EtcdSection {
+                    endpoints,
+                    ca: None,
+                    cert: None,
+                    key: None,
+                    request_timeout: default_etcd_timeout(),
+                })
+            }
+        }
+        self.validate()
+    }
+
     /// Refuses what would be unsafe or cannot work, naming the setting.
     pub fn validate(self) -> anyhow::Result<Self> {
+        self.store.validate()?;
         if self
             .api
             .token

@@ -47,6 +47,10 @@ enum Command {
         /// configuration left (after a crash, or to stop balancing for good), and exit.
         #[arg(long)]
         cleanup: bool,
+        /// Keep the cluster state in etcd at these client URLs (comma-separated), instead of
+        /// the embedded store; overrides `store.etcd.endpoints`.
+        #[arg(long, value_name = "URL[,URL...]")]
+        etcd: Option<String>,
     },
     /// Deploy and manage apps.
     #[command(subcommand)]
@@ -106,10 +110,12 @@ fn main() -> ExitCode {
         Command::Agent {
             config,
             cleanup: false,
-        } => run_agent(&config),
+            etcd,
+        } => run_agent(&config, etcd.as_deref()),
         Command::Agent {
             config,
             cleanup: true,
+            ..
         } => cleanup_agent(&config),
         Command::TaskWait { status, pid, argv } => {
             let e = shim::wait(&status, &pid, &argv);
@@ -186,8 +192,11 @@ fn cleanup_agent(config: &std::path::Path) -> ExitCode {
     }
 }
 
-fn run_agent(config: &std::path::Path) -> ExitCode {
-    let cfg = match config::AgentConfig::load(config) {
+fn run_agent(config: &std::path::Path, etcd: Option<&str>) -> ExitCode {
+    let cfg = match config::AgentConfig::load(config).and_then(|cfg| match etcd {
+        Some(endpoints) => cfg.with_etcd(endpoints),
+        None => Ok(cfg),
+    }) {
         Ok(cfg) => cfg,
         Err(e) => {
             eprintln!("error: {e:#}");

@@ -305,6 +305,7 @@ async fn converge(n: usize) -> anyhow::Result<()> {
         dcnet_node_core::Config {
             node: node("node-1", "127.0.0.1"),
             leader_ttl: Duration::from_secs(10),
+            node_ttl: Duration::from_secs(10),
             retention: Default::default(),
         },
         store.clone(),

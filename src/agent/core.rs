@@ -8,7 +8,7 @@ use dcnet_node_core::ipam;
 use dcnet_node_core::keys::SharedStore;
 use dcnet_node_core::runtime::cgroup::{Cgroups, Hierarchies};
 use dcnet_node_core::runtime::{ContainerConfig, ContainerRuntime, HostConfig, HostRuntime};
-use dcnet_node_core::store::Embedded;
+use dcnet_node_core::store::{Embedded, Etcd};
 use dcnet_node_core::{NodeCore, Supervisor};
 use prometheus::Registry;
 use tracing::info;
@@ -24,10 +24,22 @@ pub(super) async fn open(
     let node = cfg.node()?;
     std::fs::create_dir_all(&cfg.state_dir)
         .with_context(|| format!("creating {}", cfg.state_dir.display()))?;
-    let store: SharedStore = Arc::new(
-        Embedded::open(&cfg.state_dir.join("store.redb"))
-            .with_context(|| format!("opening the store in {}", cfg.state_dir.display()))?,
-    );
+    let store: SharedStore = match &cfg.store.etcd {
+        None => Arc::new(
+            Embedded::open(&cfg.state_dir.join("store.redb"))
+                .with_context(|| format!("opening the store in {}", cfg.state_dir.display()))?,
+        ),
+        Some(etcd) => {
+            let store = Etcd::connect(&etcd.to_config()).await.with_context(|| {
+                format!(
+                    "connecting to etcd at {} (is it running and reachable from this node?)",
+                    etcd.endpoints.join(",")
+                )
+            })?;
+            info!(endpoints = %etcd.endpoints.join(","), "store: etcd");
+            Arc::new(store)
+        }
+    };
     let hierarchies = Hierarchies::detect().context("reading /proc/self/mountinfo for cgroups")?;
     let cgroups = Cgroups::new(hierarchies, &cfg.runtime.cgroup_parent);
     info!(cgroups = %cgroups.describe(), parent = %cfg.runtime.cgroup_parent, "cgroups");
@@ -87,7 +99,8 @@ pub(super) async fn start(
 ) -> anyhow::Result<NodeCore> {
     let core_cfg = dcnet_node_core::Config {
         node: node.node.clone(),
-        leader_ttl: std::time::Duration::from_secs(10),
+        leader_ttl: cfg.store.leader_ttl,
+        node_ttl: cfg.store.node_ttl,
         retention: dcnet_node_core::Retention {
             deployments_per_app: cfg.retention.deployments_per_app,
             sandboxes: cfg.retention.sandboxes,

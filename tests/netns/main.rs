@@ -2,6 +2,7 @@
 //! cgroups of the test run's own (`dcnet-test-<pid>`). Run as root by `make test`.
 
 mod api;
+mod cluster;
 mod containers;
 mod dns;
 mod ebpf;

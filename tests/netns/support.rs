@@ -109,8 +109,19 @@ impl Agent {
         agent
     }
 
+    /// Starts the agent of node `id` (one of a cluster) whose address is `node_ip`.
+    pub fn start_node(ns: &NetNs, id: &str, node_ip: &str, extra: &str) -> Self {
+        let mut agent = Self::configured_as(ns, id, node_ip, "", extra);
+        agent.spawn();
+        agent
+    }
+
     /// An agent's state dir and configuration, not started.
     fn configured(ns: &NetNs, node_ip: &str, node_extra: &str, extra: &str) -> Self {
+        Self::configured_as(ns, "node-1", node_ip, node_extra, extra)
+    }
+
+    fn configured_as(ns: &NetNs, id: &str, node_ip: &str, node_extra: &str, extra: &str) -> Self {
         let dir = tempfile::tempdir().expect("a temp dir");
         let n = NEXT.fetch_add(1, Ordering::SeqCst);
         let cgroup_parent = format!("{}/agent-{n}", run_parent());
@@ -132,8 +143,8 @@ impl Agent {
             r#"state_dir = "{state}"
 shutdown_grace_period = "5s"
 [node]
-id = "node-1"
-hostname = "node-1"
+id = "{id}"
+hostname = "{id}"
 ip = "{node_ip}"
 cpus = 8
 mem = 4096
@@ -284,8 +295,27 @@ cgroup_parent = "{cgroup_parent}"
         self.spawn();
     }
 
-    /// Sends an HTTP request from this thread (which must have entered the namespace).
+    /// Sends an HTTP request to the agent, from a thread in the agent's namespace (so that a
+    /// test can talk to the agents of several hosts).
     pub fn http(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<&str>,
+    ) -> Result<(u16, Value), String> {
+        std::thread::scope(|scope| {
+            scope
+                .spawn(|| {
+                    dcnet_netns::enter(Path::new(&self.netns))
+                        .map_err(|e| format!("entering {}: {e}", self.netns))?;
+                    self.http_here(method, path, body)
+                })
+                .join()
+                .expect("the request thread")
+        })
+    }
+
+    fn http_here(
         &self,
         method: &str,
         path: &str,

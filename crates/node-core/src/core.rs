@@ -7,19 +7,19 @@ use axum::extract::{MatchedPath, Request};
 use axum::middleware::{self, Next};
 use axum::response::Response;
 use tokio::sync::watch;
-use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, info, info_span, warn};
 
 use crate::api::{self, Api};
 use crate::clock::Clock;
 use crate::keys::{self, SharedStore};
+use crate::leader::{self, Fenced};
 use crate::manager::Manager;
 use crate::metrics::Metrics;
 use crate::model::{Node, NodeId, now_rfc3339};
 use crate::runtime::Runtime;
 use crate::scheduler::Orchestrator;
 use crate::state::{self, ClusterState};
-use crate::store::{Action, Op, Precondition, StoreError};
+use crate::store::{Action, LeaseId, Op, Precondition, StoreError};
 use crate::supervisor::Supervisor;
 
 #[derive(Clone, Debug)]
@@ -28,6 +28,9 @@ pub struct Config {
     pub node: Node,
     /// How long a leader may be silent before another node takes over.
     pub leader_ttl: Duration,
+    /// How long this node may be silent (cut off from the store, or gone) before it is LOST:
+    /// its tasks leave every node's DNS and VIP tables and are placed elsewhere.
+    pub node_ttl: Duration,
     /// What is kept of what has ended.
     pub retention: Retention,
 }
@@ -79,21 +82,29 @@ impl NodeCore {
         supervisor: &mut Supervisor,
     ) -> Result<Self, StartError> {
         let metrics = Metrics::register(registry)?;
-        let mut node = cfg.node.clone();
-        let registered = keys::update::<Node, _>(&*store, &keys::node(&node.id), |old| {
-            node.registered_at = old.map(|o| o.registered_at).unwrap_or_else(now_rfc3339);
-            Some(node.clone())
-        })
-        .await
-        .map_err(|error| StartError::Register {
-            node: cfg.node.id.clone(),
-            error,
-        })?;
-        let node = Arc::new(registered.map_or(node, |(n, _)| n));
-        info!(node = %node.id, ip = %node.ip, "node registered");
+        let (node, lease) = register(&*store, &cfg.node, cfg.node_ttl)
+            .await
+            .map_err(|error| StartError::Register {
+                node: cfg.node.id.clone(),
+                error,
+            })?;
+        let node = Arc::new(node);
+        info!(node = %node.id, ip = %node.ip, ttl = ?cfg.node_ttl, "node registered");
+        {
+            let (store, node, ttl) = (store.clone(), node.clone(), cfg.node_ttl);
+            let lease = Arc::new(std::sync::Mutex::new(lease));
+            supervisor.spawn("node", move |ready, stop| {
+                let (store, node, lease) = (store.clone(), node.clone(), lease.clone());
+                async move {
+                    ready.serving();
+                    stay_registered(&*store, &node, ttl, &lease, stop).await;
+                    Ok(())
+                }
+            });
+        }
 
         let (tx, state) = watch::channel(Arc::new(ClusterState::default()));
-        let (leader_tx, is_leader) = watch::channel(false);
+        let (term_tx, term) = watch::channel(None);
         {
             let (store, tx) = (store.clone(), tx.clone());
             supervisor.spawn("state", move |ready, stop| {
@@ -108,7 +119,7 @@ impl NodeCore {
         {
             let (store, me, ttl) = (store.clone(), node.id.clone(), cfg.leader_ttl);
             supervisor.spawn("leader", move |ready, stop| {
-                let fut = leadership(store.clone(), me.clone(), ttl, leader_tx.clone(), stop);
+                let fut = leader::leadership(store.clone(), me.clone(), ttl, term_tx.clone(), stop);
                 async move {
                     ready.serving();
                     fut.await;
@@ -120,9 +131,10 @@ impl NodeCore {
             let (store, metrics, state) = (store.clone(), metrics.clone(), state.clone());
             let retention = cfg.retention;
             supervisor.spawn("scheduler", move |ready, stop| {
-                let orchestrator = Orchestrator::new(store.clone(), metrics.clone(), Clock::new())
+                let fenced = Fenced::new(store.clone(), term.clone());
+                let orchestrator = Orchestrator::new(fenced, metrics.clone(), Clock::new())
                     .with_history(retention.deployments_per_app);
-                let run = orchestrator.run(state.clone(), is_leader.clone(), stop);
+                let run = orchestrator.run(state.clone(), term.clone(), stop);
                 async move {
                     ready.serving();
                     run.await;
@@ -225,76 +237,62 @@ async fn count(metrics: Metrics, req: Request, next: Next) -> Response {
     response
 }
 
-/// Holds the leader key with a lease while this node leads; a node that finds its own id
-/// there (it restarted) takes the key back at once instead of waiting out the old lease.
-async fn leadership(
-    store: SharedStore,
-    me: NodeId,
+/// Writes this node's record under a new lease of `ttl`, keeping when it first registered.
+async fn register(
+    store: &dyn crate::store::Store,
+    node: &Node,
     ttl: Duration,
-    is_leader: watch::Sender<bool>,
-    shutdown: CancellationToken,
+) -> Result<(Node, LeaseId), keys::UpdateError> {
+    let lease = store.grant_lease(ttl).await?;
+    let key = keys::node(&node.id);
+    let mut node = node.clone();
+    let old = keys::get_json::<Node>(store, &key).await?;
+    node.registered_at = old.map_or_else(now_rfc3339, |(o, _)| o.registered_at);
+    store
+        .txn(vec![Op {
+            key,
+            when: Precondition::Any,
+            action: Action::Put {
+                value: keys::to_json(&node),
+                lease: Some(lease),
+            },
+        }])
+        .await?;
+    Ok((node, lease))
+}
+
+/// Keeps this node's lease alive; when it expired anyway (the node was cut off from the
+/// store for longer than its TTL and is LOST to the others), registers it again, and the
+/// task manager then stops whatever the scheduler replaced meanwhile.
+async fn stay_registered(
+    store: &dyn crate::store::Store,
+    node: &Node,
+    ttl: Duration,
+    lease: &std::sync::Mutex<LeaseId>,
+    shutdown: tokio_util::sync::CancellationToken,
 ) {
-    let value = keys::to_json(&me);
     loop {
-        let attempt = async {
-            let lease = store.grant_lease(ttl).await?;
-            let current = store.get(keys::LEADER).await?;
-            let when = match &current {
-                None => Precondition::Absent,
-                Some(kv) if kv.value == value => Precondition::Revision(kv.mod_revision),
-                Some(_) => {
-                    store.revoke_lease(lease).await?;
-                    return Ok::<_, StoreError>(None);
-                }
-            };
-            let op = Op {
-                key: keys::LEADER.into(),
-                when,
-                action: Action::Put {
-                    value: value.clone(),
-                    lease: Some(lease),
-                },
-            };
-            match store.txn(vec![op]).await {
-                Ok(_) => Ok(Some(lease)),
-                Err(StoreError::Conflict { .. }) => {
-                    store.revoke_lease(lease).await?;
-                    Ok(None)
-                }
-                Err(e) => Err(e),
-            }
-        };
-        match attempt.await {
-            Ok(Some(lease)) => {
-                info!(node = %me, "leading the scheduler");
-                is_leader.send_replace(true);
-                loop {
-                    tokio::select! {
-                        () = tokio::time::sleep(ttl / 3) => {}
-                        () = shutdown.cancelled() => {
-                            is_leader.send_replace(false);
-                            let _ = store.revoke_lease(lease).await;
-                            return;
-                        }
-                    }
-                    if let Err(e) = store.keep_alive(lease).await {
-                        warn!(error = %e, "lost the leader lease");
-                        is_leader.send_replace(false);
-                        break;
+        tokio::select! {
+            () = tokio::time::sleep(ttl / 3) => {}
+            // The lease is left to run out: an agent that restarts within its TTL keeps its
+            // tasks without anyone noticing, one that does not is LOST.
+            () = shutdown.cancelled() => return,
+        }
+        let current = *lease.lock().expect("lease lock");
+        match store.keep_alive(current).await {
+            Ok(()) => {}
+            Err(StoreError::LeaseNotFound(_)) => {
+                warn!(node = %node.id, "this node's lease expired (it was cut off from the store); registering again");
+                match register(store, node, ttl).await {
+                    Ok((_, new)) => *lease.lock().expect("lease lock") = new,
+                    Err(e) => {
+                        warn!(node = %node.id, error = %e, "registering again failed; retrying")
                     }
                 }
-            }
-            Ok(None) => {
-                is_leader.send_replace(false);
             }
             Err(e) => {
-                warn!(error = %e, "leader election failed; retrying");
-                is_leader.send_replace(false);
+                warn!(node = %node.id, error = %e, "keeping this node's lease failed; retrying")
             }
-        }
-        tokio::select! {
-            () = tokio::time::sleep(ttl / 2) => {}
-            () = shutdown.cancelled() => return,
         }
     }
 }

@@ -13,6 +13,7 @@ mod core;
 mod health;
 pub mod ipam;
 pub mod keys;
+mod leader;
 mod manager;
 mod metrics;
 pub mod model;

@@ -223,6 +223,23 @@ impl ClusterState {
     }
 
     /// The tasks on one node, in id order.
+    /// The active tasks of nodes that are gone from the store (their lease expired): LOST
+    /// with their node, but not yet marked so.
+    pub fn tasks_of_lost_nodes(&self) -> Vec<&Arc<Task>> {
+        let active = |t: &&Arc<Task>| t.state.is_active() && !self.nodes.contains_key(&t.node_id);
+        if self.derived.by_app.is_some() {
+            self.derived
+                .tasks_by_node
+                .iter()
+                .filter(|(node, _)| !self.nodes.contains_key(*node))
+                .flat_map(|(_, ids)| ids.iter().filter_map(|id| self.tasks.get(id)))
+                .filter(active)
+                .collect()
+        } else {
+            self.tasks.values().filter(active).collect()
+        }
+    }
+
     pub fn tasks_on<'a>(
         &'a self,
         node: &'a NodeId,

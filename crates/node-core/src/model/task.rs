@@ -116,6 +116,9 @@ pub enum KillReason {
     Unhealthy,
     /// Its app is gone, or its node no longer knows it.
     Orphan,
+    /// Its node's lease expired: the node is LOST, and so is the task.
+    #[serde(rename = "node_lost")]
+    NodeLost,
 }
 
 impl KillReason {
@@ -127,6 +130,7 @@ impl KillReason {
             KillReason::Delete => "delete",
             KillReason::Unhealthy => "unhealthy",
             KillReason::Orphan => "orphan",
+            KillReason::NodeLost => "node_lost",
         }
     }
 }

@@ -15,11 +15,11 @@ use crate::clock::{Clock, Now};
 use crate::keys::{self, SharedStore};
 use crate::metrics::Metrics;
 use crate::model::{
-    App, AppId, AppStatus, Deployment, DeploymentKind, DeploymentStatus, Goal, Health, KillReason,
-    NodeId, Resources, Task, TaskFailure, TaskId, TaskState,
+    App, AppId, AppStatus, Deployment, DeploymentKind, DeploymentStatus, Exit, Goal, Health,
+    KillReason, NodeId, Resources, Task, TaskFailure, TaskId, TaskState,
 };
 use crate::state::{Changed, ClusterState};
-use crate::store::{Op, Precondition, Revision, StoreError};
+use crate::store::{MAX_TXN_OPS, Op, Precondition, Revision, StoreError};
 
 /// New-version tasks that may fail before a deployment is given up (and rolled back).
 pub const DEPLOYMENT_FAILURE_LIMIT: u32 = 3;
@@ -189,13 +189,19 @@ impl Orchestrator {
     pub(crate) async fn run(
         mut self,
         mut state: watch::Receiver<Arc<ClusterState>>,
-        is_leader: watch::Receiver<bool>,
+        term: watch::Receiver<Option<Revision>>,
         shutdown: CancellationToken,
     ) {
         let mut last: Option<(Arc<ClusterState>, tokio::time::Instant)> = None;
         loop {
             let snap = state.borrow_and_update().clone();
-            if !*is_leader.borrow() {
+            let fence = *term.borrow();
+            if let Some(fence) = fence {
+                // A new term acts only on a snapshot that has everything the last leader
+                // wrote: all of it came before the leader key changed hands.
+                self.wrote(fence);
+            }
+            if fence.is_none() {
                 last = None;
             } else if snap.revision >= self.written {
                 let started = tokio::time::Instant::now();
@@ -267,6 +273,10 @@ impl Orchestrator {
         scope: Option<&Scope>,
     ) -> Result<(), keys::UpdateError> {
         self.now = now;
+        // Node changes always get a full pass: that is when a node's tasks are found LOST.
+        if scope.is_none() && self.mark_lost(snap).await? {
+            return Ok(());
+        }
         if self.reap(snap, scope).await? {
             // Failures changed backoff and deployments: decide on the snapshot that shows it.
             return Ok(());
@@ -458,8 +468,13 @@ impl Orchestrator {
             return Ok(());
         }
         debug!(deployments = ops.len(), "pruning finished deployments");
-        let rev = self.store.txn(ops).await?;
-        self.wrote(rev);
+        // Each delete stands alone: a transaction per bounded chunk.
+        let mut ops = ops.into_iter().peekable();
+        while ops.peek().is_some() {
+            let chunk: Vec<Op> = ops.by_ref().take(MAX_TXN_OPS).collect();
+            let rev = self.store.txn(chunk).await?;
+            self.wrote(rev);
+        }
         Ok(())
     }
 
@@ -588,6 +603,38 @@ impl Orchestrator {
             self.wrote_update(result)?;
         }
         Ok(())
+    }
+
+    /// Marks the tasks of nodes that are gone LOST (which reaps and replaces them next);
+    /// returns whether it marked any.
+    async fn mark_lost(&mut self, snap: &ClusterState) -> Result<bool, keys::UpdateError> {
+        let lost: Vec<Arc<Task>> = snap.tasks_of_lost_nodes().into_iter().cloned().collect();
+        let mut marked = false;
+        for task in lost {
+            let reason = format!("its node {} was lost (its lease expired)", task.node_id);
+            let at = self.now.rfc3339();
+            let result =
+                keys::update_existing::<Task, _>(&*self.store, &keys::task(&task.id), |t| {
+                    if !t.state.is_active() {
+                        return false;
+                    }
+                    t.state = TaskState::Lost;
+                    t.kill_reason = Some(KillReason::NodeLost);
+                    t.finished_at = Some(at.clone());
+                    t.exit = Some(Exit {
+                        code: None,
+                        signal: None,
+                        reason: reason.clone(),
+                    });
+                    true
+                })
+                .await;
+            if self.wrote_update(result)? {
+                warn!(task = %task.id, node = %task.node_id, "task LOST with its node");
+                marked = true;
+            }
+        }
+        Ok(marked)
     }
 
     async fn kill(&mut self, id: &TaskId, reason: KillReason) -> Result<(), keys::UpdateError> {

@@ -1,0 +1,688 @@
+//! A cluster on one machine: hosts and etcd members are network namespaces plugged into one
+//! bridge (an underlay of their own with no default route), etcd is started here from
+//! Debian's `etcd-server`, and every host runs a `dcnet agent` on it. Everything goes when
+//! the `Cluster` is dropped, also when a test fails.
+
+use std::fs;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+use dcnet_node_core::test_util::EtcdMember;
+use serde_json::{Value, json};
+
+use crate::support::{Agent, NetNs, wait_until};
+
+/// The underlay: members at .1.., hosts at .11.., the control namespace at .254.
+const UNDERLAY: &str = "10.99.0";
+/// How long a node or leader may be silent: etcd's shortest lease with the test timing.
+const TTL: Duration = Duration::from_secs(2);
+
+/// One etcd member in a namespace of its own.
+pub struct Member {
+    pub ns: NetNs,
+    spec: EtcdMember,
+    dir: tempfile::TempDir,
+    child: Option<Child>,
+}
+
+impl Member {
+    fn spawn(&mut self) {
+        let log = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join("etcd.log"))
+            .unwrap();
+        let child = Command::new("nsenter")
+            .arg(format!("--net={}", self.ns.path()))
+            .arg("etcd")
+            .args(self.spec.args(&self.dir.path().join("data")))
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("starting etcd (Debian's etcd-server)");
+        self.child = Some(child);
+    }
+
+    /// SIGKILL, as a crash would.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts the member again on its data (it rejoins its cluster).
+    pub fn restart(&mut self) {
+        self.kill();
+        self.spawn();
+    }
+
+    fn log(&self) -> String {
+        fs::read_to_string(self.dir.path().join("etcd.log")).unwrap_or_default()
+    }
+}
+
+impl Drop for Member {
+    fn drop(&mut self) {
+        self.kill();
+        if std::thread::panicking() {
+            eprintln!("--- etcd {} log ---\n{}", self.spec.name, self.log());
+        }
+    }
+}
+
+/// A host: its namespace, underlay address and agent.
+pub struct Host {
+    pub agent: Agent,
+    pub ns: NetNs,
+    pub ip: String,
+    /// The host's port on the bridge (in the control namespace): down is a partition.
+    link: String,
+}
+
+pub struct Cluster {
+    pub hosts: Vec<Host>,
+    pub members: Vec<Member>,
+    /// Holds the bridge; dropped last.
+    ctl: NetNs,
+}
+
+impl Cluster {
+    /// `members` etcd members and `hosts` agents, each agent registered and seeing every
+    /// node when this returns.
+    pub fn start(hosts: usize, members: usize) -> Self {
+        assert!(
+            nix::unistd::Uid::effective().is_root(),
+            "needs root (make test)"
+        );
+        let started = Instant::now();
+        let ctl = NetNs::new("ctl");
+        ctl.ip(&["link", "add", "br0", "type", "bridge"]);
+        ctl.ip(&["addr", "add", &format!("{UNDERLAY}.254/24"), "dev", "br0"]);
+        ctl.ip(&["link", "set", "br0", "up"]);
+        let mut cluster = Cluster {
+            hosts: Vec::new(),
+            members: Vec::new(),
+            ctl,
+        };
+        let initial_cluster = (1..=members)
+            .map(|i| format!("m{i}=http://{UNDERLAY}.{i}:2380"))
+            .collect::<Vec<_>>()
+            .join(",");
+        for i in 1..=members {
+            let ns = NetNs::new(&format!("etcd{i}"));
+            cluster.plug(&ns, &format!("m{i}"), &format!("{UNDERLAY}.{i}"));
+            let spec = EtcdMember {
+                name: format!("m{i}"),
+                client_url: format!("http://{UNDERLAY}.{i}:2379"),
+                peer_url: format!("http://{UNDERLAY}.{i}:2380"),
+                initial_cluster: initial_cluster.clone(),
+            };
+            let mut member = Member {
+                ns,
+                spec,
+                dir: tempfile::tempdir().unwrap(),
+                child: None,
+            };
+            member.spawn();
+            cluster.members.push(member);
+        }
+        let healthy = wait_until(Duration::from_secs(30), || cluster.etcd_is_healthy());
+        assert!(healthy, "etcd did not become healthy");
+        let extra = format!(
+            r#"[store]
+node_ttl = "{ttl}s"
+leader_ttl = "{ttl}s"
+[store.etcd]
+endpoints = [{endpoints}]
+request_timeout = "2s"
+"#,
+            ttl = TTL.as_secs(),
+            endpoints = cluster
+                .members
+                .iter()
+                .map(|m| format!("\"{}\"", m.spec.client_url))
+                .collect::<Vec<_>>()
+                .join(", "),
+        );
+        for i in 1..=hosts {
+            let ns = NetNs::new(&format!("host{i}"));
+            let ip = format!("{UNDERLAY}.{}", 10 + i);
+            let link = format!("h{i}");
+            cluster.plug(&ns, &link, &ip);
+            let agent = Agent::start_node(&ns, &format!("node-{i}"), &ip, &extra);
+            cluster.hosts.push(Host {
+                agent,
+                ns,
+                ip,
+                link,
+            });
+        }
+        let all = wait_until(Duration::from_secs(20), || {
+            cluster.hosts.iter().all(|h| {
+                let nodes = h.agent.get("/v1/nodes");
+                nodes["nodes"].as_array().map_or(0, Vec::len) == hosts
+                    && nodes["nodes"]
+                        .as_array()
+                        .is_some_and(|ns| ns.iter().any(|n| n["leader"] == true))
+            })
+        });
+        assert!(all, "every agent sees every node and a leader");
+        eprintln!(
+            "cluster of {hosts} hosts on {members} etcd member(s) up in {:.1?}",
+            started.elapsed()
+        );
+        cluster
+    }
+
+    /// A veth from the bridge to `ns`, `ip`/24 on the far end.
+    fn plug(&self, ns: &NetNs, link: &str, ip: &str) {
+        self.ctl.ip(&[
+            "link", "add", link, "type", "veth", "peer", "name", "eth0", "netns", &ns.name,
+        ]);
+        self.ctl.ip(&["link", "set", link, "master", "br0", "up"]);
+        ns.ip(&["addr", "add", &format!("{ip}/24"), "dev", "eth0"]);
+        ns.ip(&["link", "set", "eth0", "up"]);
+        ns.ip(&["link", "set", "lo", "up"]);
+    }
+
+    /// `etcdctl` from the control namespace against every member.
+    pub fn etcdctl(&self, args: &[&str]) -> std::process::Output {
+        let endpoints: Vec<&str> = self
+            .members
+            .iter()
+            .map(|m| m.spec.client_url.as_str())
+            .collect();
+        Command::new("nsenter")
+            .arg(format!("--net={}", self.ctl.path()))
+            .args(["etcdctl", "--dial-timeout=1s", "--command-timeout=3s"])
+            .arg(format!("--endpoints={}", endpoints.join(",")))
+            .args(args)
+            .env("ETCDCTL_API", "3")
+            .output()
+            .expect("running etcdctl (Debian's etcd-client)")
+    }
+
+    fn etcd_is_healthy(&self) -> bool {
+        self.etcdctl(&["endpoint", "health"]).status.success()
+    }
+
+    /// Takes a host off the underlay (its link on the bridge goes down).
+    pub fn partition(&self, host: usize) {
+        self.ctl
+            .ip(&["link", "set", &self.hosts[host].link, "down"]);
+    }
+
+    pub fn restore(&self, host: usize) {
+        self.ctl.ip(&["link", "set", &self.hosts[host].link, "up"]);
+    }
+
+    /// `dig +short TYPE name` against host `host`'s DNS server: the answers, sorted.
+    pub fn dig(&self, host: usize, rtype: &str, name: &str) -> Vec<String> {
+        let out = Command::new("nsenter")
+            .arg(format!("--net={}", self.hosts[host].ns.path()))
+            .args([
+                "dig",
+                "@127.0.0.1",
+                "+time=1",
+                "+tries=1",
+                "+short",
+                rtype,
+                name,
+            ])
+            .output()
+            .expect("dig from dnsutils");
+        let mut v: Vec<String> = String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .map(str::to_string)
+            .collect();
+        v.sort();
+        v
+    }
+
+    /// The backends of every VIP in host `host`'s table, as `ip:port`, sorted.
+    pub fn vip_backends(&self, host: usize) -> Vec<String> {
+        let vips = self.hosts[host].agent.get("/v1/vips");
+        let mut v: Vec<String> = vips
+            .as_array()
+            .into_iter()
+            .flatten()
+            .flat_map(|vip| vip["backends"].as_array().cloned().unwrap_or_default())
+            .map(|b| format!("{}:{}", b["ip"].as_str().unwrap_or(""), b["port"]))
+            .collect();
+        v.sort();
+        v
+    }
+
+    /// Active tasks of `app` by node, from host `host`'s view.
+    pub fn placement(&self, host: usize, app: &str) -> Vec<(String, usize)> {
+        let mut by_node = std::collections::BTreeMap::new();
+        for t in self.hosts[host].agent.tasks(app) {
+            let state = t["state"].as_str().unwrap_or("");
+            if ["TASK_STAGING", "TASK_STARTING", "TASK_RUNNING"].contains(&state) {
+                *by_node
+                    .entry(t["nodeId"].as_str().unwrap_or("?").to_string())
+                    .or_insert(0) += 1;
+            }
+        }
+        by_node.into_iter().collect()
+    }
+
+    /// The index of the host whose node leads the scheduler.
+    pub fn leader(&self) -> Option<usize> {
+        for h in &self.hosts {
+            let Ok((200, nodes)) = h.agent.http("GET", "/v1/nodes", None) else {
+                continue;
+            };
+            let leader = nodes["nodes"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .find(|n| n["leader"] == true)
+                .and_then(|n| n["id"].as_str().map(str::to_string));
+            if let Some(id) = leader {
+                return self.hosts.iter().position(|h| h.node_id() == id);
+            }
+        }
+        None
+    }
+}
+
+impl Host {
+    pub fn node_id(&self) -> String {
+        let n: usize = self.link.trim_start_matches('h').parse().unwrap();
+        format!("node-{n}")
+    }
+}
+
+/// A host-networked app of `n` instances, one port with a VIP, spread by hostname.
+fn spread_app(id: &str, n: u32) -> Value {
+    json!({
+        "id": id,
+        "cmd": "exec sleep 3600",
+        "instances": n,
+        "cpus": 0.1,
+        "mem": 16,
+        "constraints": [["hostname", "GROUP_BY"]],
+        "portDefinitions": [{"port": 0, "protocol": "tcp", "labels": {"VIP_0": "/web:80"}}]
+    })
+}
+
+/// Where an app's running tasks are reached, as `ip:port`, sorted, from the API.
+fn task_addresses(agent: &Agent, app: &str) -> Vec<String> {
+    let mut v: Vec<String> = agent
+        .running(app)
+        .iter()
+        .map(|t| {
+            let ip = t["ipAddresses"][0]["ipAddress"].as_str().unwrap_or("");
+            format!("{ip}:{}", t["ports"][0])
+        })
+        .collect();
+    v.sort();
+    v
+}
+
+/// Whether host `host` answers exactly `want` (sorted `ip:port`) in its VIP table and `n`
+/// SRV records and the nodes of `want` as the app's A records.
+fn serves(c: &Cluster, host: usize, want: &[String]) -> bool {
+    let mut ips: Vec<String> = want
+        .iter()
+        .map(|a| a.split(':').next().unwrap().to_string())
+        .collect();
+    ips.dedup();
+    c.vip_backends(host) == want
+        && c.dig(host, "SRV", "_web._tcp.marathon.mesos").len() == want.len()
+        && c.dig(host, "A", "web.marathon.mesos") == ips
+}
+
+/// The pids of an app's running tasks on `node`.
+fn pids_on(agent: &Agent, app: &str, node: &str) -> Vec<u64> {
+    agent
+        .running(app)
+        .iter()
+        .filter(|t| t["nodeId"] == node)
+        .filter_map(|t| t["process"]["pid"].as_u64())
+        .collect()
+}
+
+#[test]
+fn three_nodes_spread_and_a_killed_agent_s_tasks_move_without_duplicates() {
+    let mut c = Cluster::start(3, 1);
+    c.hosts[0]
+        .agent
+        .put_and_wait("/web", &spread_app("/web", 6));
+    let placement = c.placement(0, "/web");
+    let per_node = |p: &[(String, usize)]| p.iter().map(|(_, n)| *n).collect::<Vec<_>>();
+    assert_eq!(placement.len(), 3, "{placement:?}");
+    assert_eq!(
+        per_node(&placement),
+        [2, 2, 2],
+        "GROUP_BY hostname spreads 2-2-2"
+    );
+    let all = task_addresses(&c.hosts[0].agent, "/web");
+    assert_eq!(all.len(), 6, "{all:?}");
+    for host in 0..3 {
+        let ok = wait_until(Duration::from_secs(10), || serves(&c, host, &all));
+        assert!(
+            ok,
+            "host {host} serves all 6: VIPs {:?}, SRV {:?}",
+            c.vip_backends(host),
+            c.dig(host, "SRV", "_web._tcp.marathon.mesos")
+        );
+    }
+
+    // SIGKILL node-3's agent: its tasks go LOST with its lease.
+    let orphaned = pids_on(&c.hosts[0].agent, "/web", "node-3");
+    assert_eq!(orphaned.len(), 2);
+    let lost_ip = format!("{}:", c.hosts[2].ip);
+    c.hosts[2].agent.stop(nix::sys::signal::Signal::SIGKILL);
+    let killed = Instant::now();
+    // (Replacements may join meanwhile: what counts is that nothing of node-3 is left.)
+    let gone = wait_until(TTL + Duration::from_secs(15), || {
+        (0..2).all(|host| {
+            !c.vip_backends(host).iter().any(|b| b.starts_with(&lost_ip))
+                && !c
+                    .dig(host, "A", "web.marathon.mesos")
+                    .contains(&c.hosts[2].ip)
+        })
+    });
+    let took = killed.elapsed();
+    assert!(
+        gone,
+        "node-3's tasks left node-1's and node-2's DNS and VIP tables"
+    );
+    eprintln!(
+        "node-3's tasks left every other node's DNS and VIP tables {took:.2?} after its agent died (lease TTL {TTL:?})"
+    );
+    let moved = wait_until(Duration::from_secs(20), || {
+        let p = c.placement(0, "/web");
+        c.hosts[0].agent.running("/web").len() == 6 && p.iter().all(|(n, _)| n != "node-3")
+    });
+    assert!(
+        moved,
+        "rescheduled on the others: {:?}",
+        c.placement(0, "/web")
+    );
+    let moved_to = task_addresses(&c.hosts[0].agent, "/web");
+    for host in 0..2 {
+        let ok = wait_until(Duration::from_secs(10), || serves(&c, host, &moved_to));
+        assert!(
+            ok,
+            "host {host} serves the replacements: {:?}",
+            c.vip_backends(host)
+        );
+    }
+
+    // node-3 comes back: what it ran was replaced, so it runs none of it.
+    c.hosts[2].agent.restart();
+    let stopped = wait_until(Duration::from_secs(15), || {
+        orphaned.iter().all(|pid| !crate::support::is_alive(*pid))
+    });
+    assert!(
+        stopped,
+        "the agent stopped its replaced tasks: {orphaned:?}"
+    );
+    let back = wait_until(Duration::from_secs(10), || {
+        c.hosts[2].agent.get("/v1/nodes")["nodes"]
+            .as_array()
+            .is_some_and(|n| n.len() == 3)
+    });
+    assert!(back, "node-3 registered again");
+    std::thread::sleep(Duration::from_secs(1));
+    let tasks = c.hosts[2].agent.tasks("/web");
+    assert_eq!(tasks.len(), 6, "no duplicate: {tasks:?}");
+    assert_eq!(task_addresses(&c.hosts[2].agent, "/web"), moved_to);
+    assert!(
+        serves(&c, 2, &moved_to),
+        "node-3 serves the cluster's view again: {:?}",
+        c.vip_backends(2)
+    );
+}
+
+/// PUTs an app without waiting; its deployment's id.
+fn put_app(agent: &Agent, def: &Value) -> String {
+    let id = def["id"].as_str().unwrap().trim_matches('/');
+    let (status, v) = agent
+        .http("PUT", &format!("/v2/apps/{id}"), Some(&def.to_string()))
+        .unwrap();
+    assert!(status == 200 || status == 201, "{status}: {v}");
+    v["deploymentId"]
+        .as_str()
+        .or(v["deployments"][0]["id"].as_str())
+        .unwrap()
+        .to_string()
+}
+
+/// Waits for a deployment to end; whether it succeeded.
+fn deployed(agent: &Agent, dep: &str) -> bool {
+    let mut last = Value::Null;
+    wait_until(Duration::from_secs(60), || {
+        last = agent
+            .http("GET", &format!("/v2/deployments/{dep}"), None)
+            .map(|(_, v)| v)
+            .unwrap_or(Value::Null);
+        last["status"] == "succeeded" || last["status"] == "failed"
+    });
+    last["status"] == "succeeded"
+}
+
+/// Every active task of `app` on a distinct (node, port), and `n` of them.
+fn no_double_placement(agent: &Agent, app: &str, n: usize) -> Result<(), String> {
+    let tasks = agent.tasks(app);
+    let active: Vec<&Value> = tasks
+        .iter()
+        .filter(|t| {
+            ["TASK_STAGING", "TASK_STARTING", "TASK_RUNNING"]
+                .contains(&t["state"].as_str().unwrap_or(""))
+                && t["goal"] == "run"
+        })
+        .collect();
+    let mut slots: Vec<String> = active
+        .iter()
+        .map(|t| format!("{}:{}", t["nodeId"], t["ports"][0]))
+        .collect();
+    slots.sort();
+    slots.dedup();
+    if active.len() != n || slots.len() != n {
+        return Err(format!(
+            "{} active, {} distinct slots: {tasks:?}",
+            active.len(),
+            slots.len()
+        ));
+    }
+    Ok(())
+}
+
+#[test]
+fn the_leader_dies_another_takes_over_and_a_scale_up_completes_once() {
+    let mut c = Cluster::start(3, 1);
+    c.hosts[0]
+        .agent
+        .put_and_wait("/web", &spread_app("/web", 3));
+    let old = c.leader().expect("a leader");
+    let other = (old + 1) % 3;
+    c.hosts[old].agent.stop(nix::sys::signal::Signal::SIGKILL);
+    let killed = Instant::now();
+    let mut new = None;
+    let took_over = wait_until(TTL + Duration::from_secs(15), || {
+        new = c.leader().filter(|l| *l != old);
+        new.is_some()
+    });
+    assert!(took_over, "another node leads");
+    eprintln!(
+        "{} took over from {} {:.2?} after it was killed (leader TTL {TTL:?})",
+        c.hosts[new.unwrap()].node_id(),
+        c.hosts[old].node_id(),
+        killed.elapsed()
+    );
+    // The dead leader's task is replaced, and a scale-up made now completes, each once.
+    let dep = put_app(&c.hosts[other].agent, &spread_app("/web", 6));
+    assert!(
+        deployed(&c.hosts[other].agent, &dep),
+        "the scale-up completes"
+    );
+    let settled = wait_until(Duration::from_secs(20), || {
+        no_double_placement(&c.hosts[other].agent, "/web", 6).is_ok()
+            && c.hosts[other].agent.running("/web").len() == 6
+    });
+    assert!(
+        settled,
+        "{:?}",
+        no_double_placement(&c.hosts[other].agent, "/web", 6)
+    );
+    // The old leader comes back as a follower and places nothing twice.
+    c.hosts[old].agent.restart();
+    std::thread::sleep(TTL);
+    no_double_placement(&c.hosts[old].agent, "/web", 6).unwrap();
+    assert_eq!(c.hosts[old].agent.running("/web").len(), 6);
+    assert_ne!(c.leader(), None);
+}
+
+/// etcd's current revision, from a write outside dcnet's keys.
+fn etcd_revision(c: &Cluster) -> u64 {
+    let out = c.etcdctl(&["put", "/dcnet-test/mark", "x", "-w", "json"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    v["header"]["revision"].as_u64().unwrap()
+}
+
+#[test]
+fn a_partitioned_node_behind_a_compaction_lists_again_and_runs_no_duplicate() {
+    let c = Cluster::start(3, 1);
+    c.hosts[0]
+        .agent
+        .put_and_wait("/web", &spread_app("/web", 3));
+    let orphaned = pids_on(&c.hosts[0].agent, "/web", "node-3");
+    assert_eq!(orphaned.len(), 1);
+    c.partition(2);
+    // Cut off, node-3 is LOST to the others: its task is replaced on node-1 or node-2.
+    let replaced = wait_until(TTL + Duration::from_secs(15), || {
+        let p = c.placement(0, "/web");
+        c.hosts[0].agent.running("/web").len() == 3 && p.iter().all(|(n, _)| n != "node-3")
+    });
+    assert!(replaced, "{:?}", c.placement(0, "/web"));
+    // Meanwhile more happens, and etcd forgets the history node-3 would need.
+    c.hosts[0].agent.put_and_wait(
+        "/other",
+        &json!({"id": "/other", "cmd": "exec sleep 3600", "instances": 2, "cpus": 0.1, "mem": 16}),
+    );
+    let rev = etcd_revision(&c);
+    let out = c.etcdctl(&["compact", &rev.to_string()]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // Restore once node-3 has noticed: its watch broke and cannot resume from where it was.
+    let noticed = wait_until(Duration::from_secs(20), || {
+        c.hosts[2]
+            .agent
+            .log()
+            .contains("etcd watch cannot resume yet")
+    });
+    assert!(noticed, "node-3's watch noticed the partition");
+    c.restore(2);
+    // node-3 lists again (its watch is past the compaction), re-registers, and stops what
+    // was replaced.
+    let caught_up = wait_until(Duration::from_secs(30), || {
+        c.hosts[2]
+            .agent
+            .http("GET", "/v2/apps/other/tasks", None)
+            .is_ok_and(|(s, v)| s == 200 && v["tasks"].as_array().is_some_and(|t| t.len() == 2))
+    });
+    assert!(caught_up, "node-3 sees what happened while it was cut off");
+    let stopped = wait_until(Duration::from_secs(15), || {
+        orphaned.iter().all(|pid| !crate::support::is_alive(*pid))
+    });
+    assert!(stopped, "node-3 stopped its replaced task");
+    let log = c.hosts[2].agent.log();
+    assert!(
+        log.contains("is compacted"),
+        "node-3's watch hit the compaction and listed again: {}",
+        log.lines()
+            .filter(|l| l.contains("WARN"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+    let back = wait_until(Duration::from_secs(10), || {
+        c.hosts[0].agent.get("/v1/nodes")["nodes"]
+            .as_array()
+            .is_some_and(|n| n.len() == 3)
+    });
+    assert!(back, "node-3 registered again");
+    no_double_placement(&c.hosts[2].agent, "/web", 3).unwrap();
+    no_double_placement(&c.hosts[0].agent, "/web", 3).unwrap();
+}
+
+#[test]
+fn three_etcd_members_lose_one_then_quorum_and_recover() {
+    let mut c = Cluster::start(3, 3);
+    // One member dies during a deployment: it completes, nothing is lost.
+    let dep = put_app(&c.hosts[0].agent, &spread_app("/web", 6));
+    c.members[0].kill();
+    assert!(
+        deployed(&c.hosts[0].agent, &dep),
+        "the deployment completes on 2 of 3 members"
+    );
+    let all = task_addresses(&c.hosts[0].agent, "/web");
+    assert_eq!(all.len(), 6);
+    no_double_placement(&c.hosts[0].agent, "/web", 6).unwrap();
+    for host in 0..3 {
+        let ok = wait_until(Duration::from_secs(10), || serves(&c, host, &all));
+        assert!(ok, "host {host} serves all 6: {:?}", c.vip_backends(host));
+    }
+
+    // Quorum goes: every node keeps serving its last state and refuses writes with a 503.
+    c.members[1].kill();
+    let other =
+        json!({"id": "/other", "cmd": "exec sleep 3600", "instances": 1, "cpus": 0.1, "mem": 16});
+    for host in 0..3 {
+        let (status, body) = c.hosts[host]
+            .agent
+            .http("PUT", "/v2/apps/other", Some(&other.to_string()))
+            .unwrap();
+        assert_eq!(status, 503, "host {host}: {body}");
+        assert!(
+            body["message"]
+                .as_str()
+                .is_some_and(|m| m.contains("store")),
+            "the refusal names the store: {body}"
+        );
+    }
+    for host in 0..3 {
+        assert!(
+            serves(&c, host, &all),
+            "host {host} still serves: {:?}",
+            c.vip_backends(host)
+        );
+    }
+
+    // Quorum returns: writes go through again and nothing was lost.
+    c.members[0].restart();
+    c.members[1].restart();
+    let mut dep = None;
+    let accepted = wait_until(Duration::from_secs(30), || {
+        dep = c.hosts[1]
+            .agent
+            .http("PUT", "/v2/apps/other", Some(&other.to_string()))
+            .ok()
+            .filter(|(s, _)| *s == 200 || *s == 201)
+            .and_then(|(_, v)| v["deploymentId"].as_str().map(str::to_string));
+        dep.is_some()
+    });
+    assert!(accepted, "writes are taken again once quorum is back");
+    assert!(deployed(&c.hosts[1].agent, &dep.unwrap()));
+    no_double_placement(&c.hosts[1].agent, "/web", 6).unwrap();
+    assert_eq!(
+        task_addresses(&c.hosts[1].agent, "/web"),
+        all,
+        "no task was lost"
+    );
+}

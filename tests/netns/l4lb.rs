@@ -271,6 +271,7 @@ fn a_udp_vip_answers_from_the_vip_address() {
     // serves the VIP (its readiness is recorded with the new agent's boot id), at the same
     // address, and the VIP answers.
     let mut agent = agent;
+    let boot_before = agent.get("/v1/state")["vipReady"]["node-1"]["boot"].clone();
     agent.stop(nix::sys::signal::Signal::SIGTERM);
     agent.restart();
     let back = wait_until(Duration::from_secs(10), || {
@@ -281,8 +282,12 @@ fn a_udp_vip_answers_from_the_vip_address() {
         String::from_utf8_lossy(&out.stdout).trim() == vip
     });
     assert!(back, "the UDP VIP did not come back after a restart");
-    let alloc = agent.get("/v1/state")["vips"]["echo"].clone();
-    assert_eq!(alloc["readyOn"].as_object().unwrap().len(), 1, "{alloc}");
+    let ready = agent.get("/v1/state")["vipReady"]["node-1"].clone();
+    assert_eq!(ready["vips"], serde_json::json!(["echo"]), "{ready}");
+    assert_ne!(
+        ready["boot"], boot_before,
+        "recorded by the new agent: {ready}"
+    );
     let socket = UdpSocket::bind("0.0.0.0:0").unwrap();
     socket.connect(format!("{vip}:53")).unwrap();
     socket

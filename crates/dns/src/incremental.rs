@@ -109,7 +109,15 @@ impl Incremental {
                 Changed::Vip(label) => {
                     out.insert(Source::Vip(label.clone()));
                 }
-                Changed::AppStatus(_)
+                // Only this node's readiness decides its VIP names (any node's, with none
+                // configured).
+                Changed::VipReady(node)
+                    if self.cfg.this_node.as_ref().is_none_or(|me| me == node) =>
+                {
+                    out.extend(snap.vips.keys().map(|label| Source::Vip(label.clone())));
+                }
+                Changed::VipReady(_)
+                | Changed::AppStatus(_)
                 | Changed::Deployment(_)
                 | Changed::Subnet(_)
                 | Changed::Address(_) => {}

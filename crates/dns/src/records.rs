@@ -245,7 +245,7 @@ fn add_source(
             let Some(alloc) = state.vips.get(label) else {
                 return Vec::new();
             };
-            if !alloc.is_ready_on(this) {
+            if !state.is_vip_ready(label, this) {
                 return Vec::new();
             }
             let (name, ip) = (&alloc.name, alloc.ip);
@@ -558,16 +558,26 @@ pub(crate) mod tests {
                 .map(|n| (n.id.clone(), Arc::new(n)))
                 .collect(),
             leader: Some(NodeId("node-1".into())),
-            // Allocations as l4lb stores them (`/dcnet/vips/<label>` and JSON), read as the
-            // typed record the snapshot holds.
+            // Allocations and readiness as l4lb stores them (`/dcnet/vips/<label>`,
+            // `/dcnet/vipready/<node>`, JSON), read as the typed records the snapshot holds.
             vips: vips
-                .into_iter()
-                .map(|(k, v)| {
-                    let label = k.strip_prefix(keys::VIPS).expect("a VIP key").to_string();
-                    (
+                .iter()
+                .filter_map(|(k, v)| {
+                    let label = k.strip_prefix(keys::VIPS)?.to_string();
+                    Some((
                         label,
-                        Arc::new(serde_json::from_value(v).expect("a VIP allocation")),
-                    )
+                        Arc::new(serde_json::from_value(v.clone()).expect("a VIP allocation")),
+                    ))
+                })
+                .collect(),
+            vip_ready: vips
+                .iter()
+                .filter_map(|(k, v)| {
+                    let node = NodeId(k.strip_prefix(keys::VIP_READY)?.to_string());
+                    Some((
+                        node,
+                        Arc::new(serde_json::from_value(v.clone()).expect("a VIP readiness")),
+                    ))
                 })
                 .collect(),
             ..Default::default()
@@ -793,22 +803,33 @@ pub(crate) mod tests {
             vec![
                 (
                     "/dcnet/vips/a",
-                    serde_json::json!({"name": "/mygroup/myapp", "ip": "198.18.0.7",
-                                       "readyOn": {"node-1": "boot-2", "node-2": "boot-9"}}),
+                    serde_json::json!({"name": "/mygroup/myapp", "ip": "198.18.0.7"}),
                 ),
                 (
                     "/dcnet/vips/b",
-                    serde_json::json!({"name": "/notyet", "ip": "198.18.0.8", "readyOn": {}}),
+                    serde_json::json!({"name": "/notyet", "ip": "198.18.0.8"}),
                 ),
                 (
                     "/dcnet/vips/c",
-                    serde_json::json!({"name": "/elsewhere", "ip": "198.18.0.9",
-                                       "readyOn": {"node-2": "boot-9"}}),
+                    serde_json::json!({"name": "/elsewhere", "ip": "198.18.0.9"}),
                 ),
                 (
                     "/dcnet/vips/d",
+                    // An older store's per-VIP readiness is ignored.
                     serde_json::json!({"name": "/beforerestart", "ip": "198.18.0.10",
-                                       "readyOn": {"node-1": "boot-1"}}),
+                                       "readyOn": {"node-1": "boot-2"}}),
+                ),
+                (
+                    "/dcnet/vipready/node-1",
+                    serde_json::json!({"boot": "boot-2", "vips": ["a"]}),
+                ),
+                (
+                    "/dcnet/vipready/node-2",
+                    serde_json::json!({"boot": "boot-9", "vips": ["a", "c"]}),
+                ),
+                (
+                    "/dcnet/vipready/node-3",
+                    serde_json::json!({"boot": "boot-1", "vips": ["d"]}),
                 ),
             ],
         );
@@ -825,7 +846,7 @@ pub(crate) mod tests {
         );
         assert!(
             !zone.names.contains_key("beforerestart.marathon.l4lb."),
-            "marked by this node's agent before it restarted"
+            "marked only by another node, and in the old per-VIP field"
         );
         assert!(
             zone.names["7.0.18.198.in-addr.arpa."].ptr[0]
@@ -867,7 +888,7 @@ pub(crate) mod tests {
     }
 
     #[tokio::test]
-    async fn a_vip_allocation_written_by_l4lb_is_read_by_dns_as_the_typed_record() {
+    async fn a_vip_allocation_and_readiness_written_by_l4lb_are_read_by_dns_as_typed_records() {
         use dcnet_node_core::store::{Embedded, Precondition};
         let dir = tempfile::tempdir().unwrap();
         let store: dcnet_node_core::keys::SharedStore =
@@ -903,14 +924,15 @@ pub(crate) mod tests {
             shutdown.clone(),
         ));
         let snap = state
-            .wait_for(|s| s.vips.values().any(|a| !a.ready_on.is_empty()))
+            .wait_for(|s| s.vip_ready.values().any(|r| !r.vips.is_empty()))
             .await
             .unwrap()
             .clone();
         // The record as the snapshot holds it: typed, under its label.
         let alloc = &snap.vips["my-groupweb"];
         assert_eq!(alloc.name, "/my_group/web");
-        assert!(alloc.is_ready_on(Some((&n1.id, "boot-2"))));
+        assert!(snap.is_vip_ready("my-groupweb", Some((&n1.id, "boot-2"))));
+        assert_eq!(snap.vip_ready[&n1.id].boot, "boot-2", "node-1's own key");
         let zone = records_from(&snap, &cfg());
         let ip = alloc.ip.to_string();
         assert_eq!(addrs(&zone, "my-groupweb.marathon.l4lb."), [ip.as_str()]);

@@ -322,10 +322,16 @@ mod tests {
         let mut st = state(
             vec![web, ctr, big],
             tasks,
-            vec![(
-                "/dcnet/vips/web",
-                serde_json::json!({"name": "/web", "ip": "198.18.0.7", "readyOn": {"node-1": "boot-2"}}),
-            )],
+            vec![
+                (
+                    "/dcnet/vips/web",
+                    serde_json::json!({"name": "/web", "ip": "198.18.0.7"}),
+                ),
+                (
+                    "/dcnet/vipready/node-1",
+                    serde_json::json!({"boot": "boot-2", "vips": ["web"]}),
+                ),
+            ],
         );
         let mut dual = node("node-1", "192.0.2.1");
         dual.ip6 = Some("2001:db8::1".parse().unwrap());

@@ -18,7 +18,7 @@ mod sock;
 mod table;
 mod view;
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 use std::net::IpAddr;
 use std::sync::Arc;
 
@@ -30,7 +30,7 @@ use axum::routing::get;
 use dcnet_node_core::ClusterState;
 use dcnet_node_core::ipam::Subnet;
 use dcnet_node_core::keys::{self, SharedStore};
-use dcnet_node_core::model::{NodeId, VipAllocation};
+use dcnet_node_core::model::{NodeId, VipAllocation, VipReadiness};
 use dcnet_node_core::store::{Precondition, StoreError};
 use serde_json::{Value, json};
 use tokio::sync::watch;
@@ -202,6 +202,7 @@ impl L4lb {
         let mut wanted = incremental::IncrementalTable::default();
         let mut is_missing = false;
         let mut is_allocation_due = true;
+        let mut is_readiness_due = false;
         loop {
             let snap = state.borrow_and_update().clone();
             if !snap.is_loaded() {
@@ -244,8 +245,8 @@ impl L4lb {
                 served.retain(|k, _| started.contains(k));
                 self.metrics.vips(served.len());
             }
-            if !change.is_empty() || touched.apps_or_vips {
-                self.mark_ready(&snap, &served).await;
+            if !change.is_empty() || touched.apps_or_vips || is_readiness_due {
+                is_readiness_due = !self.mark_ready(&snap, &served).await;
             }
             if let Some(serving) = serving.take() {
                 serving();
@@ -253,39 +254,58 @@ impl L4lb {
             is_missing = served.len() < desired.len();
             tokio::select! {
                 res = state.changed() => if res.is_err() { return },
-                () = tokio::time::sleep(std::time::Duration::from_secs(1)), if is_missing => {}
+                () = tokio::time::sleep(std::time::Duration::from_secs(1)), if is_missing || is_readiness_due => {}
                 () = shutdown.cancelled() => return,
             }
         }
     }
 
-    /// Records, for each named VIP, whether this agent's data plane serves it, so that DNS
-    /// on this node answers exactly the VIPs served here.
-    async fn mark_ready(&self, snap: &ClusterState, served: &VipTable) {
+    /// Records which named VIPs this agent's data plane serves, in this node's readiness key,
+    /// so that DNS on this node answers exactly the VIPs served here; whether it is recorded.
+    async fn mark_ready(&self, snap: &ClusterState, served: &VipTable) -> bool {
         let serving: BTreeSet<&str> = served.values().filter_map(|e| e.name.as_deref()).collect();
         let (node, boot) = (&self.cfg.node, &self.cfg.boot);
-        for (label, alloc) in snap.vips.iter() {
-            let is_marked = alloc.is_ready_on(Some((node, boot)));
-            let is_served = serving.contains(alloc.name.as_str());
-            if is_marked == is_served {
-                continue;
+        let ready = VipReadiness {
+            boot: boot.clone(),
+            vips: snap
+                .vips
+                .iter()
+                .filter(|(_, alloc)| serving.contains(alloc.name.as_str()))
+                .map(|(label, _)| label.clone())
+                .collect(),
+        };
+        let current = snap.vip_ready.get(node);
+        if current.is_some_and(|c| **c == ready) || (current.is_none() && ready.vips.is_empty()) {
+            return true;
+        }
+        // This node's key has one writer, this plane.
+        let key = keys::vip_ready(node);
+        match self
+            .store
+            .put(&key, keys::to_json(&ready), Precondition::Any)
+            .await
+        {
+            Ok(_) => {
+                let before = current.map(|c| &c.vips);
+                for label in ready
+                    .vips
+                    .iter()
+                    .filter(|l| before.is_none_or(|b| !b.contains(*l)))
+                {
+                    info!(vip = %label, "VIP ready");
+                }
+                for label in before
+                    .into_iter()
+                    .flatten()
+                    .filter(|l| !ready.vips.contains(*l))
+                {
+                    info!(vip = %label, "VIP no longer served here");
+                }
+                true
             }
-            let key = format!("{}{label}", keys::VIPS);
-            let result = keys::update_existing::<VipAllocation, _>(&*self.store, &key, |a| {
-                if is_served {
-                    a.ready_on.insert(node.clone(), boot.clone()) != Some(boot.clone())
-                } else {
-                    a.ready_on.remove(node).is_some()
-                }
-            })
-            .await;
-            match result {
-                Ok(Some(_)) if is_served => info!(vip = %alloc.name, ip = %alloc.ip, "VIP ready"),
-                Ok(Some(_)) => info!(vip = %alloc.name, "VIP no longer served here"),
-                Ok(None) => {}
-                Err(e) => {
-                    warn!(vip = %alloc.name, error = %e, "could not record the VIP's readiness")
-                }
+            Err(e) => {
+                warn!(error = %e, "could not record which VIPs are ready here; retrying");
+                false
             }
         }
     }
@@ -312,7 +332,6 @@ impl L4lb {
             let alloc = VipAllocation {
                 name: name.clone(),
                 ip: IpAddr::V4(ip),
-                ready_on: BTreeMap::new(),
             };
             match self
                 .store
@@ -557,7 +576,6 @@ mod tests {
             Arc::new(VipAllocation {
                 name: "/web".into(),
                 ip: "198.18.0.9".parse().unwrap(),
-                ready_on: BTreeMap::new(),
             }),
         );
         let (_tx, rx) = watch::channel(Arc::new(state));

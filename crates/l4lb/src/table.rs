@@ -284,7 +284,6 @@ mod tests {
         let alloc = VipAllocation {
             name: "/web".into(),
             ip: "198.18.0.9".parse().unwrap(),
-            ready_on: [(NodeId("n1".into()), "b1".into())].into(),
         };
         let mut state = ClusterState {
             apps: [(app.id.clone(), Arc::new(app.clone()))]

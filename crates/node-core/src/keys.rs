@@ -18,6 +18,8 @@ pub const NODES: &str = "/dcnet/nodes/";
 pub const DEPLOYMENTS: &str = "/dcnet/deployments/";
 /// Named VIPs' allocations ([`crate::model::VipAllocation`]), by VIP label.
 pub const VIPS: &str = "/dcnet/vips/";
+/// Which VIPs each node's data plane serves ([`crate::model::VipReadiness`]), by node.
+pub const VIP_READY: &str = "/dcnet/vipready/";
 /// Node subnets ([`crate::ipam::Lease`]), by network with `_` for `/`: `10.128.0.0_24`.
 pub const IPAM_SUBNETS: &str = "/dcnet/ipam/subnets/";
 /// Container addresses ([`crate::ipam::Lease`]), by address.
@@ -42,6 +44,10 @@ pub fn deployment(id: &DeploymentId) -> String {
 /// A named VIP's allocation, under its label ([`crate::model::vip_label`]).
 pub fn vip(name: &str) -> String {
     format!("{VIPS}{}", crate::model::vip_label(name))
+}
+/// The VIPs `node`'s data plane serves.
+pub fn vip_ready(node: &NodeId) -> String {
+    format!("{VIP_READY}{node}")
 }
 pub fn subnet(subnet: &Subnet) -> String {
     format!("{IPAM_SUBNETS}{}_{}", subnet.network, subnet.prefix)

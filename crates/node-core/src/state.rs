@@ -24,7 +24,7 @@ use crate::ipam::{Lease, Subnet};
 use crate::keys;
 use crate::model::{
     App, AppId, AppStatus, Deployment, DeploymentId, Node, NodeId, Task, TaskId, TaskState,
-    VipAllocation,
+    VipAllocation, VipReadiness,
 };
 use crate::store::{Event, KeyValue, Revision, Store, StoreError};
 
@@ -44,6 +44,8 @@ pub enum Changed {
     Deployment(DeploymentId),
     Leader,
     Vip(String),
+    /// Which VIPs a node's data plane serves.
+    VipReady(NodeId),
     Subnet(Subnet),
     Address(Ipv4Addr),
 }
@@ -64,6 +66,9 @@ pub struct ClusterState {
     /// Named VIPs' addresses and readiness, by VIP label (`mygroupmyapp`), as l4lb writes
     /// them.
     pub vips: Map<String, VipAllocation>,
+    /// Which named VIPs each node's data plane serves, by node, as its l4lb writes it.
+    #[serde(rename = "vipReady")]
+    pub vip_ready: Map<NodeId, VipReadiness>,
     /// Each node's container subnet.
     pub subnets: Map<Subnet, Lease>,
     /// Container addresses and the tasks that hold them.
@@ -111,6 +116,7 @@ impl PartialEq for ClusterState {
             && self.deployments == other.deployments
             && self.leader == other.leader
             && self.vips == other.vips
+            && self.vip_ready == other.vip_ready
             && self.subnets == other.subnets
             && self.addresses == other.addresses
     }
@@ -190,7 +196,10 @@ impl ClusterState {
                     }
                 }
                 Changed::Node(_) | Changed::Leader => all = true,
-                Changed::Vip(_) | Changed::Subnet(_) | Changed::Address(_) => {}
+                Changed::Vip(_)
+                | Changed::VipReady(_)
+                | Changed::Subnet(_)
+                | Changed::Address(_) => {}
             }
         }
         (apps, all)
@@ -202,6 +211,18 @@ impl ClusterState {
     }
 
     /// The allocation of a named VIP (`/web`), if it has one.
+    /// Whether the data plane of `node`'s agent of boot `boot` serves the VIP `label`; with
+    /// no node given, whether any node's does.
+    pub fn is_vip_ready(&self, label: &str, node: Option<(&NodeId, &str)>) -> bool {
+        match node {
+            Some((node, boot)) => self
+                .vip_ready
+                .get(node)
+                .is_some_and(|r| r.serves(label, boot)),
+            None => self.vip_ready.values().any(|r| r.vips.contains(label)),
+        }
+    }
+
     pub fn vip(&self, name: &str) -> Option<&Arc<VipAllocation>> {
         self.vips
             .get(&crate::model::vip_label(name))
@@ -386,6 +407,10 @@ impl ClusterState {
         } else if let Some(rest) = key.strip_prefix(keys::VIPS) {
             set(&mut self.vips, rest.to_string(), key, value)?;
             Some(Changed::Vip(rest.to_string()))
+        } else if let Some(rest) = key.strip_prefix(keys::VIP_READY) {
+            let node = NodeId(rest.to_string());
+            set(&mut self.vip_ready, node.clone(), key, value)?;
+            Some(Changed::VipReady(node))
         } else if let Some(rest) = key.strip_prefix(keys::IPAM_SUBNETS) {
             let subnet = keys::subnet_of(rest)?;
             set(&mut self.subnets, subnet, key, value)?;

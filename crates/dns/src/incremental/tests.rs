@@ -3,7 +3,7 @@
 use std::collections::BTreeSet;
 
 use dcnet_node_core::keys;
-use dcnet_node_core::model::{App, Task, TaskState, VipAllocation};
+use dcnet_node_core::model::{App, Task, TaskState, VipAllocation, VipReadiness};
 use dcnet_node_core::test_util::Snapshots;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -39,12 +39,19 @@ fn container_app(n: usize) -> App {
     ))
 }
 
-fn vip(name: &str, ip: &str, ready: bool) -> VipAllocation {
-    serde_json::from_value(serde_json::json!({
-        "name": name, "ip": ip,
-        "readyOn": if ready { serde_json::json!({"node-1": "boot-2"}) } else { serde_json::json!({}) },
-    }))
-    .unwrap()
+fn vip(name: &str, ip: &str) -> VipAllocation {
+    VipAllocation {
+        name: name.into(),
+        ip: ip.parse().unwrap(),
+    }
+}
+
+/// What `node`'s data plane (of `boot`) serves.
+fn ready(boot: &str, labels: &[&str]) -> VipReadiness {
+    VipReadiness {
+        boot: boot.into(),
+        vips: labels.iter().map(|l| l.to_string()).collect(),
+    }
 }
 
 #[test]
@@ -85,16 +92,23 @@ fn every_kind_of_change_gives_the_zone_built_whole() {
     check(
         &log.put(
             &(keys::VIPS.to_string() + "web"),
-            &vip("/web", "198.18.0.7", false),
+            &vip("/web", "198.18.0.7"),
         ),
         "a VIP not ready",
     );
+    let node1 = dcnet_node_core::model::NodeId("node-1".into());
+    let node2 = dcnet_node_core::model::NodeId("node-2".into());
     check(
-        &log.put(
-            &(keys::VIPS.to_string() + "web"),
-            &vip("/web", "198.18.0.7", true),
-        ),
-        "the VIP ready",
+        &log.put(&keys::vip_ready(&node2), &ready("boot-2", &["web"])),
+        "the VIP ready on another node only",
+    );
+    check(
+        &log.put(&keys::vip_ready(&node1), &ready("boot-1", &["web"])),
+        "the VIP ready here, by an earlier boot",
+    );
+    check(
+        &log.put(&keys::vip_ready(&node1), &ready("boot-2", &["web"])),
+        "the VIP ready here",
     );
     t1.state = TaskState::Killing;
     check(&log.put(&keys::task(&t1.id), &t1), "a task being killed");
@@ -144,7 +158,20 @@ fn random_changes_applied_one_by_one_or_folded_give_the_zone_built_whole() {
                         log.delete(&keys::node(&n.id))
                     }
                 }
-                1 => log.put(keys::LEADER, &nodes[rng.random_range(0..2)].id),
+                1 if rng.random_bool(0.5) => {
+                    log.put(keys::LEADER, &nodes[rng.random_range(0..2)].id)
+                }
+                1 => {
+                    // Which VIPs a node serves, by this boot or an earlier one.
+                    let n = &nodes[rng.random_range(0..2)];
+                    let labels: Vec<String> = (0..3)
+                        .filter(|_| rng.random_bool(0.6))
+                        .map(|i| format!("v{i}"))
+                        .collect();
+                    let labels: Vec<&str> = labels.iter().map(String::as_str).collect();
+                    let boot = ["boot-1", "boot-2"][rng.random_range(0..2)];
+                    log.put(&keys::vip_ready(&n.id), &ready(boot, &labels))
+                }
                 2 => {
                     let a = &apps[rng.random_range(0..apps.len())];
                     if rng.random_bool(0.7) {
@@ -157,10 +184,9 @@ fn random_changes_applied_one_by_one_or_folded_give_the_zone_built_whole() {
                     let label = format!("v{}", rng.random_range(0..3));
                     if rng.random_bool(0.7) {
                         let ip = format!("198.18.0.{}", rng.random_range(1..4));
-                        let ready = rng.random_bool(0.6);
                         log.put(
                             &(keys::VIPS.to_string() + &label),
-                            &vip(&format!("/{label}"), &ip, ready),
+                            &vip(&format!("/{label}"), &ip),
                         )
                     } else {
                         log.delete(&(keys::VIPS.to_string() + &label))

@@ -44,7 +44,10 @@ fn task(id: &str, app: &App, node: &str, port: u16, ip: &str, rng: &mut StdRng) 
 }
 
 fn alloc(name: &str, ip: &str) -> VipAllocation {
-    serde_json::from_value(serde_json::json!({"name": name, "ip": ip, "readyOn": {}})).unwrap()
+    VipAllocation {
+        name: name.into(),
+        ip: ip.parse().unwrap(),
+    }
 }
 
 #[test]

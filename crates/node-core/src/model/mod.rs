@@ -20,7 +20,7 @@ pub use self::task::{
     IpAddress, KillReason, Node, NodeId, NodeStatus, PortRange, ProcessHandle, Resources, Task,
     TaskFailure, TaskId, TaskState,
 };
-pub use self::vip::{VipAllocation, VipSpec, VipTarget, parse_vip};
+pub use self::vip::{VipAllocation, VipReadiness, VipSpec, VipTarget, parse_vip};
 
 /// The current wall-clock time as RFC 3339 with milliseconds, Marathon's timestamp form.
 pub fn now_rfc3339() -> String {

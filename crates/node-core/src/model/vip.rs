@@ -1,36 +1,40 @@
 //! VIP labels as DC/OS writes them on ports: a key starting with `VIP` whose value is
 //! `/name:port` (a named VIP, groups allowed: `/mygroup/myapp:80`) or `ip:port` (an IP VIP).
 
-use std::collections::BTreeMap;
 use std::net::IpAddr;
 
 use serde::{Deserialize, Serialize};
 
-use super::{App, AppId, NodeId, Protocol};
+use super::{App, AppId, Protocol};
 
 /// A named VIP's address, written by the l4lb plane at `/dcnet/vips/<label>` (see
-/// [`crate::keys::vip`]) and read by every plane through `ClusterState::vips`.
+/// [`crate::keys::vip`]) and read by every plane through `ClusterState::vips`. Older stores
+/// also kept each node's readiness here (`readyOn`); it is ignored, see [`VipReadiness`].
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct VipAllocation {
     /// The VIP's name as the app's label gives it, lower case: `/mygroup/myapp`.
     pub name: String,
     pub ip: IpAddr,
-    /// The nodes whose data plane serves the VIP, each with the boot id of the agent that
-    /// said so. DNS on a node answers the VIP only while its own agent's data plane serves
-    /// it: an entry from before a restart (another boot id) does not count.
-    #[serde(default, rename = "readyOn")]
-    pub ready_on: BTreeMap<NodeId, String>,
 }
 
-impl VipAllocation {
-    /// Whether the data plane of `node`'s agent of boot `boot` serves this VIP; with no node
-    /// given, whether any node's does.
-    pub fn is_ready_on(&self, node: Option<(&NodeId, &str)>) -> bool {
-        match node {
-            Some((node, boot)) => self.ready_on.get(node).map(String::as_str) == Some(boot),
-            None => !self.ready_on.is_empty(),
-        }
+/// Which named VIPs one node's data plane serves, written by that node's l4lb plane alone at
+/// `/dcnet/vipready/<node>` (see [`crate::keys::vip_ready`]). DNS on a node answers a VIP only
+/// while its own agent's data plane serves it; an entry of an earlier boot does not count.
+/// (One key per node, not a set of nodes in each VIP's key: with many nodes, every node
+/// compare-and-swapping every VIP's one key made O(nodes x VIPs) contended writes, each sent
+/// to every node.)
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VipReadiness {
+    /// The boot id of the agent that wrote it.
+    pub boot: String,
+    /// The labels (`mygroupmyapp`) of the VIPs it serves.
+    pub vips: std::collections::BTreeSet<String>,
+}
+
+impl VipReadiness {
+    /// Whether the agent of boot `boot` serves the VIP `label`.
+    pub fn serves(&self, label: &str, boot: &str) -> bool {
+        self.boot == boot && self.vips.contains(label)
     }
 }
 

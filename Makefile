@@ -3,7 +3,7 @@ SHELL := /bin/bash
 .DEFAULT_GOAL := help
 
 # Debian packages the build, the tests and the demo use.
-DEBIAN_PACKAGES := clang libbpf-dev bpftool cmake protobuf-compiler etcd-server etcd-client iproute2 nftables dnsutils curl python3 util-linux procps
+DEBIAN_PACKAGES := clang libbpf-dev bpftool cmake protobuf-compiler etcd-server etcd-client openssl iproute2 nftables dnsutils curl python3 util-linux procps
 # One target dir for every build, test and demo: nothing is built twice.
 export CARGO_TARGET_DIR ?= $(CURDIR)/target
 CARGO ?= cargo
@@ -14,7 +14,7 @@ DCNET := $(CARGO_TARGET_DIR)/debug/dcnet
 help:
 	@echo "make demo   - build, run a single-node agent in a throw-away netns, deploy examples/, clean up"
 	@echo "make test   - every test: unit, integration and the netns end-to-end tests (as root)"
-	@echo "make bench  - benchmarks: placement, DNS (vs Knot, NSD), L4LB (vs HAProxy, direct)"
+	@echo "make bench  - benchmarks: placement, DNS (vs Knot, NSD), convergence (embedded, 3 nodes on etcd), scale (simulated nodes), L4LB (vs HAProxy, direct)"
 	@echo "make soak   - a minute of DNS and API floods from a container while apps deploy; peak RSS and fds"
 	@echo "make lint   - cargo fmt --check and clippy -D warnings"
 
@@ -42,6 +42,7 @@ bench: deps
 	$(CARGO) run --release -p dcnet-bench --bin placement
 	bench/dns.sh
 	bench/convergence.sh
+	bench/scale.sh
 	bench/l4lb.sh
 
 soak: deps

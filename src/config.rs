@@ -861,15 +861,59 @@ mod tests {
         let defaults: AgentConfig = toml::from_str("").unwrap();
         let sections = |c: &AgentConfig| {
             format!(
-                "{:?}\n{:?}\n{:?}\n{:?}\n{:?}\n{:?}",
-                c.dns, c.containers, c.l4lb, c.runtime, c.api, c.retention
+                "{:?}\n{:?}\n{:?}\n{:?}\n{:?}\n{:?}\n{:?}",
+                c.dns, c.containers, c.l4lb, c.runtime, c.api, c.retention, c.store
             )
         };
         assert_eq!(
             sections(&cfg),
             sections(&defaults),
-            "examples/agent.toml: dns, containers, l4lb, runtime, api, retention"
+            "examples/agent.toml: dns, containers, l4lb, runtime, api, retention, store"
         );
+    }
+
+    #[test]
+    fn etcd_settings_are_checked_and_the_flag_overrides_the_endpoints() {
+        let bad = [
+            (
+                "[store.etcd]\nendpoints = []",
+                "store.etcd.endpoints is empty",
+            ),
+            (
+                "[store.etcd]\nendpoints = [\"10.0.0.1:2379\"]",
+                "must start with http://",
+            ),
+            (
+                "[store.etcd]\nendpoints = [\"https://10.0.0.1:2379\"]",
+                "set store.etcd.ca",
+            ),
+            (
+                "[store.etcd]\nendpoints = [\"http://a:2379\"]\ncert = \"/etc/hostname\"",
+                "cert and store.etcd.key go together",
+            ),
+            (
+                "[store.etcd]\nendpoints = [\"https://a:2379\"]\nca = \"/nonexistent/ca.pem\"",
+                "/nonexistent/ca.pem does not exist",
+            ),
+            ("[store]\nnode_ttl = \"100ms\"", "store.node_ttl = 100ms"),
+        ];
+        for (toml_text, want) in bad {
+            let cfg: AgentConfig = toml::from_str(toml_text).unwrap();
+            let err = cfg.validate().unwrap_err().to_string();
+            assert!(err.contains(want), "{toml_text:?}: {err}");
+        }
+        let cfg: AgentConfig = toml::from_str("").unwrap();
+        assert!(cfg.store.etcd.is_none(), "the embedded store by default");
+        let cfg = cfg
+            .with_etcd("http://10.0.0.1:2379, http://10.0.0.2:2379")
+            .unwrap();
+        let etcd = cfg.store.etcd.as_ref().unwrap();
+        assert_eq!(
+            etcd.endpoints,
+            ["http://10.0.0.1:2379", "http://10.0.0.2:2379"]
+        );
+        let err = cfg.with_etcd("10.0.0.1:2379").unwrap_err().to_string();
+        assert!(err.contains("must start with http://"), "{err}");
     }
 
     #[test]

@@ -4,8 +4,13 @@
 //!   processes), turned into records by the real `records_from` and served by the real DNS
 //!   plane on 127.0.0.1:PORT. Writes the same `mesos.` zone as a master file (for Knot and NSD)
 //!   and a dnsperf query file to DIR, prints `ready <records>`, and serves until killed.
-//! - `dns converge N`: a real node-core (embedded store, state watch) and DNS plane; writes N
-//!   tasks as RUNNING into the store one by one and times how long each takes to answer.
+//! - `dns converge N [--nodes K] [--etcd]`: K real node-cores with their DNS and eBPF VIP
+//!   planes (on the embedded store, or each with its own connection to an etcd member started
+//!   for the run); writes N tasks as RUNNING into the store one by one and times how long
+//!   each takes to answer and be served on every node.
+//! - `dns scale NODES TASKS`: one etcd and NODES simulated nodes (each registers under a
+//!   lease, follows the state and builds its DNS zone and VIP table as an agent does, without
+//!   running tasks); the same timing on every node, and etcd's CPU and bytes sent per change.
 #![allow(
     clippy::disallowed_types,
     reason = "a benchmark measures wall time with std's monotonic clock"
@@ -230,12 +235,12 @@ struct BpfScratch {
 }
 
 impl BpfScratch {
-    fn new(dir: &Path) -> anyhow::Result<Self> {
+    fn new(dir: &Path, k: usize) -> anyhow::Result<Self> {
         let hierarchies = dcnet_node_core::runtime::cgroup::Hierarchies::detect()?;
         let v2 = hierarchies
             .v2
             .ok_or_else(|| anyhow::anyhow!("no cgroup2 mount: the eBPF data plane needs one"))?;
-        let cgroup = v2.join(format!("dcnet-bench-{}", std::process::id()));
+        let cgroup = v2.join(format!("dcnet-bench-{}-{k}", std::process::id()));
         std::fs::create_dir_all(&cgroup)?;
         Ok(Self {
             cgroup,
@@ -262,48 +267,38 @@ fn cpu_time() -> anyhow::Result<Duration> {
     Ok(secs(usage.user_time()) + secs(usage.system_time()))
 }
 
-async fn converge(n: usize) -> anyhow::Result<()> {
-    use dcnet_node_core::keys;
+/// One node of the convergence run: its node-core, DNS server and eBPF VIP table.
+struct BenchNode {
+    dns: SocketAddr,
+    vips: dcnet_l4lb::ViewSlot,
+    _bpf: BpfScratch,
+}
+
+/// Starts node `k` of a convergence run on `store`: node-core, the DNS plane on a loopback
+/// UDP port and the eBPF data plane on a cgroup and bpffs of the run's own (no process is in
+/// the cgroup, so it balances nothing; it fills its maps as an agent's does).
+async fn bench_node(
+    k: usize,
+    dir: &Path,
+    store: Arc<dyn dcnet_node_core::store::Store>,
+    supervisor: &mut dcnet_node_core::Supervisor,
+    shutdown: &CancellationToken,
+) -> anyhow::Result<BenchNode> {
     use dcnet_node_core::runtime::cgroup::{Cgroups, Hierarchies};
     use dcnet_node_core::runtime::{HostConfig, HostRuntime};
-    use dcnet_node_core::store::{Embedded, Precondition, Store};
-
-    let dir = tempfile::tempdir()?;
-    let store: Arc<dyn Store> = Arc::new(Embedded::open(&dir.path().join("store.redb"))?);
-    // The tasks live on a second node that no process of this benchmark runs, and their apps
-    // cannot be placed, so nothing but the records follows the writes.
-    let other = node("bench-node-2", "192.0.2.2");
-    store
-        .put(
-            &keys::node(&other.id),
-            keys::to_json(&other),
-            Precondition::Any,
-        )
-        .await?;
-    // Every app's port is behind one of 100 named VIPs (a few hundred backends each at the
-    // largest size), served by the eBPF data plane.
-    // The writer keeps only what a task needs of its app (an agent holds the apps, the
-    // benchmark should not hold a second copy in the memory it reports).
-    let mut apps: Vec<App> = Vec::with_capacity(n);
-    for i in 0..n {
-        let a = app_with_vip(i, 1, true, Some(&format!("/svc-{}:80", i % 100)));
-        store
-            .put(&keys::app(&a.id), keys::to_json(&a), Precondition::Any)
-            .await?;
-        apps.push(slim(a));
-    }
-    let shutdown = CancellationToken::new();
-    let mut supervisor = dcnet_node_core::Supervisor::new(shutdown.clone(), Default::default());
     let registry = prometheus::Registry::new();
+    let dir = dir.join(format!("node-{k}"));
+    std::fs::create_dir_all(&dir)?;
     let runtime = HostRuntime::new(HostConfig {
-        sandbox_dir: dir.path().join("sandboxes"),
+        sandbox_dir: dir.join("sandboxes"),
         cgroups: Cgroups::new(Hierarchies::default(), "unused"),
         path_env: "/usr/bin:/bin".into(),
         waiter: None,
     });
+    let id = format!("node-{k}");
     let core = dcnet_node_core::NodeCore::start(
         dcnet_node_core::Config {
-            node: node("node-1", "127.0.0.1"),
+            node: node(&id, &format!("127.0.0.{k}")),
             leader_ttl: Duration::from_secs(10),
             node_ttl: Duration::from_secs(10),
             retention: Default::default(),
@@ -311,20 +306,18 @@ async fn converge(n: usize) -> anyhow::Result<()> {
         store.clone(),
         Arc::new(runtime),
         &registry,
-        &mut supervisor,
+        supervisor,
     )
     .await?;
     let dns = dcnet_dns::Dns::new(dns_config(), dcnet_dns::Metrics::register(&registry)?);
     let udp = tokio::net::UdpSocket::bind("127.0.0.1:0").await?;
     let server = udp.local_addr()?;
     tokio::spawn(dns.run(core.state(), vec![udp], vec![], || {}, shutdown.clone()));
-    // The eBPF data plane on a cgroup and bpffs of this run's own: no process is in the
-    // cgroup, so it balances nothing; it fills its maps as an agent's does.
-    let bpf = BpfScratch::new(dir.path())?;
+    let bpf = BpfScratch::new(&dir, k)?;
     let l4lb = dcnet_l4lb::L4lb::new(
         dcnet_l4lb::Config {
             range: "198.18.0.0/15".parse().expect("a range"),
-            node: NodeId("node-1".into()),
+            node: NodeId(id),
             boot: "bench".into(),
             udp: Default::default(),
             data_plane: dcnet_l4lb::DataPlaneMode::Ebpf,
@@ -334,7 +327,7 @@ async fn converge(n: usize) -> anyhow::Result<()> {
                 limits: Default::default(),
             },
         },
-        store.clone(),
+        store,
         dcnet_l4lb::Metrics::register(&registry)?,
     );
     let vips = l4lb.view();
@@ -343,21 +336,97 @@ async fn converge(n: usize) -> anyhow::Result<()> {
     if lb_run.is_finished() {
         anyhow::bail!("the eBPF data plane did not start: {:?}", lb_run.await);
     }
+    Ok(BenchNode {
+        dns: server,
+        vips,
+        _bpf: bpf,
+    })
+}
+
+/// `converge N [--nodes K] [--etcd]`: K nodes (each its own node-core, DNS plane and eBPF
+/// VIP table, and with `--etcd` its own etcd connection) in one process, on the embedded
+/// store or on an etcd member started for the run. N apps and N tasks are written one by one;
+/// each task's time is until its name answers and its VIP backend is served on every node.
+async fn converge(n: usize, nodes: usize, on_etcd: bool) -> anyhow::Result<()> {
+    use dcnet_node_core::keys;
+    use dcnet_node_core::store::{Embedded, Op, Precondition, Store};
+
+    let dir = tempfile::tempdir()?;
+    let etcd = if on_etcd {
+        Some(dcnet_node_core::test_util::EtcdProcess::start().await)
+    } else {
+        None
+    };
+    let embedded: Option<Arc<dyn Store>> = match &etcd {
+        None => Some(Arc::new(Embedded::open(&dir.path().join("store.redb"))?)),
+        Some(_) => None,
+    };
+    // Each node has its own connection to etcd, as each agent does.
+    let connect = || async {
+        match (&embedded, &etcd) {
+            (Some(store), _) => store.clone(),
+            (_, Some(etcd)) => Arc::new(etcd.store().await) as Arc<dyn Store>,
+            (None, None) => unreachable!("one of the two"),
+        }
+    };
+    let store = connect().await;
+    // The tasks live on a node that no process of this benchmark runs, and their apps
+    // cannot be placed, so nothing but the records follows the writes.
+    let other = node("bench-node-x", "192.0.2.2");
+    store
+        .put(
+            &keys::node(&other.id),
+            keys::to_json(&other),
+            Precondition::Any,
+        )
+        .await?;
+    // Every app's port is behind one of 100 named VIPs (a few hundred backends each at the
+    // largest size), served by the eBPF data plane. Apps go in in transactions of 100.
+    // The writer keeps only what a task needs of its app (an agent holds the apps, the
+    // benchmark should not hold a second copy in the memory it reports).
+    let mut apps: Vec<App> = Vec::with_capacity(n);
+    let mut ops = Vec::new();
+    for i in 0..n {
+        let a = app_with_vip(i, 1, true, Some(&format!("/svc-{}:80", i % 100)));
+        ops.push(Op::put(
+            keys::app(&a.id),
+            keys::to_json(&a),
+            Precondition::Any,
+        ));
+        apps.push(slim(a));
+        if ops.len() == 100 || i + 1 == n {
+            store.txn(std::mem::take(&mut ops)).await?;
+        }
+    }
+    let shutdown = CancellationToken::new();
+    let mut supervisor = dcnet_node_core::Supervisor::new(shutdown.clone(), Default::default());
+    let mut members = Vec::new();
+    for k in 1..=nodes {
+        members.push(bench_node(k, dir.path(), connect().await, &mut supervisor, &shutdown).await?);
+    }
 
     let setup_cpu = cpu_time()?;
     let mut times = Vec::with_capacity(n);
     let mut vip_times = Vec::with_capacity(n);
     let (tx, mut rx) = tokio::sync::mpsc::channel::<(Duration, Duration)>(1);
     let store2 = store.clone();
+    let targets: Vec<(SocketAddr, dcnet_l4lb::ViewSlot)> =
+        members.iter().map(|m| (m.dns, m.vips.clone())).collect();
     let writer = tokio::spawn(async move {
-        let client = UdpSocket::bind("127.0.0.1:0").expect("a client socket");
-        client.connect(server).expect("connect");
-        client
-            .set_read_timeout(Some(Duration::from_millis(200)))
-            .expect("timeout");
+        let clients: Vec<UdpSocket> = targets
+            .iter()
+            .map(|(server, _)| {
+                let client = UdpSocket::bind("127.0.0.1:0").expect("a client socket");
+                client.connect(server).expect("connect");
+                client
+                    .set_read_timeout(Some(Duration::from_millis(200)))
+                    .expect("timeout");
+                client
+            })
+            .collect();
         for (i, a) in apps.iter().enumerate() {
             let ip = Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 130, 0, 2)) + i as u32);
-            let t = task(a, 0, "bench-node-2", ip);
+            let t = task(a, 0, "bench-node-x", ip);
             let name = Name::from_ascii(format!("app-{i}-bench.marathon.mesos.")).expect("a name");
             let started = Instant::now();
             store2
@@ -366,18 +435,31 @@ async fn converge(n: usize) -> anyhow::Result<()> {
                 .expect("write");
             let deadline = started + Duration::from_secs(10);
             let backend = SocketAddr::new(IpAddr::V4(ip), 80);
-            let (mut dns_at, mut vip_at) = (None, None);
+            // When the last node answered, and when the last node served the backend.
+            let mut dns_at = vec![None; clients.len()];
+            let mut vip_at = vec![None; clients.len()];
             tokio::task::block_in_place(|| {
-                while Instant::now() < deadline && (dns_at.is_none() || vip_at.is_none()) {
-                    if vip_at.is_none() && vips.serves_backend(backend) {
-                        vip_at = Some(started.elapsed());
-                    }
-                    if dns_at.is_none() && ask(&client, &name) {
-                        dns_at = Some(started.elapsed());
+                while Instant::now() < deadline
+                    && (dns_at.iter().any(Option::is_none) || vip_at.iter().any(Option::is_none))
+                {
+                    for k in 0..clients.len() {
+                        if vip_at[k].is_none() && targets[k].1.serves_backend(backend) {
+                            vip_at[k] = Some(started.elapsed());
+                        }
+                        if dns_at[k].is_none() && ask(&clients[k], &name) {
+                            dns_at[k] = Some(started.elapsed());
+                        }
                     }
                 }
             });
-            let (Some(dns_at), Some(vip_at)) = (dns_at, vip_at) else {
+            let last = |v: &[Option<Duration>]| {
+                v.iter()
+                    .copied()
+                    .collect::<Option<Vec<_>>>()?
+                    .into_iter()
+                    .max()
+            };
+            let (Some(dns_at), Some(vip_at)) = (last(&dns_at), last(&vip_at)) else {
                 return;
             };
             if tx.send((dns_at, vip_at)).await.is_err() {
@@ -393,7 +475,7 @@ async fn converge(n: usize) -> anyhow::Result<()> {
     shutdown.cancel();
     if times.len() != n {
         anyhow::bail!(
-            "only {} of {n} tasks answered and were served within 10 s",
+            "only {} of {n} tasks answered and were served on every node within 10 s",
             times.len()
         );
     }
@@ -404,8 +486,8 @@ async fn converge(n: usize) -> anyhow::Result<()> {
     };
     let pct = |p: f64| at(&times, p);
     let vip = |p: f64| at(&vip_times, p);
-    // The whole process is one agent's node-core and DNS plane: its peak memory, and the CPU
-    // it spent per task written (every plane's share of one change).
+    // The whole process is the nodes' node-cores and planes: its peak memory per node, and
+    // the CPU it spent per task written (every plane's share of one change, on every node).
     let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
     let peak_kib: u64 = status
         .lines()
@@ -413,16 +495,314 @@ async fn converge(n: usize) -> anyhow::Result<()> {
         .and_then(|v| v.split_whitespace().next()?.parse().ok())
         .unwrap_or(0);
     let cpu = cpu_time()?;
+    let store_name = if on_etcd { "etcd" } else { "embedded" };
     println!(
-        "convergence (task RUNNING in the store -> its name answers; -> its VIP backend is in the eBPF maps), {n} tasks: p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms; vip-p50 {:.2} ms, vip-p99 {:.2} ms, vip-max {:.2} ms; peak RSS {} MiB, CPU {:.0} us per change",
+        "convergence on {nodes} node(s), {store_name} store (task RUNNING in the store -> its name answers; -> its VIP backend is in the eBPF maps, on every node), {n} tasks: p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms; vip-p50 {:.2} ms, vip-p99 {:.2} ms, vip-max {:.2} ms; peak RSS {} MiB, CPU {:.0} us per change",
         pct(0.5),
         pct(0.99),
         pct(1.0),
         vip(0.5),
         vip(0.99),
         vip(1.0),
-        peak_kib / 1024,
+        peak_kib / 1024 / nodes as u64,
         (cpu.as_secs_f64() - setup_cpu.as_secs_f64()) * 1e6 / n as f64,
+    );
+    drop(members);
+    drop(etcd);
+    Ok(())
+}
+
+/// The VIP table a simulated node's L4LB plane hands it: what an agent's data plane would
+/// be told to serve, kept in memory instead of a kernel.
+#[derive(Clone, Default)]
+struct TablePlane(Arc<std::sync::Mutex<dcnet_l4lb::VipTable>>);
+
+struct TableView(Arc<std::sync::Mutex<dcnet_l4lb::VipTable>>);
+
+impl dcnet_l4lb::VipView for TableView {
+    fn served(&self) -> Vec<dcnet_l4lb::ServedVip> {
+        let table = self.0.lock().expect("table lock");
+        table
+            .iter()
+            .map(|(k, e)| dcnet_l4lb::ServedVip {
+                key: *k,
+                name: e.name.clone(),
+                lb: e.lb,
+                data_plane: "table",
+                backends: Vec::new(),
+            })
+            .collect()
+    }
+
+    fn serves_backend(&self, addr: SocketAddr) -> bool {
+        let table = self.0.lock().expect("table lock");
+        table
+            .values()
+            .any(|e| e.backends.iter().any(|b| b.addr == addr))
+    }
+}
+
+impl dcnet_l4lb::DataPlane for TablePlane {
+    fn name(&self) -> &'static str {
+        "table"
+    }
+
+    fn view(&self) -> Arc<dyn dcnet_l4lb::VipView> {
+        Arc::new(TableView(self.0.clone()))
+    }
+
+    async fn apply(
+        &mut self,
+        diff: &dcnet_l4lb::TableDiff,
+    ) -> std::collections::BTreeSet<dcnet_l4lb::VipKey> {
+        let mut table = self.0.lock().expect("table lock");
+        for (k, e) in diff.added.iter().chain(&diff.changed) {
+            table.insert(*k, e.clone());
+        }
+        for k in &diff.removed {
+            table.remove(k);
+        }
+        table.keys().copied().collect()
+    }
+}
+
+/// CPU seconds a process has used (user + system), from /proc.
+fn process_cpu(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .map(|(_, rest)| rest.split_whitespace().collect())
+        .unwrap_or_default();
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|f| f.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    // utime and stime are fields 14 and 15 of stat, 11 and 12 after the command.
+    (ticks(11) + ticks(12)) / 100.0
+}
+
+/// One counter from etcd's Prometheus endpoint (on its client URL), summed over its labels.
+fn etcd_metric(url: &str, name: &str) -> f64 {
+    use std::io::{Read, Write};
+    let addr = url.trim_start_matches("http://");
+    let Ok(mut conn) = std::net::TcpStream::connect(addr) else {
+        return 0.0;
+    };
+    let _ = write!(conn, "GET /metrics HTTP/1.0\r\nHost: {addr}\r\n\r\n");
+    let mut body = String::new();
+    let _ = conn.read_to_string(&mut body);
+    body.lines()
+        .filter(|l| l.starts_with(name) && !l.starts_with('#'))
+        .filter_map(|l| l.rsplit_once(' ')?.1.parse::<f64>().ok())
+        .sum()
+}
+
+/// `scale NODES TASKS`: one etcd member and NODES simulated nodes in this process, each with
+/// its own etcd connection, registered under a lease it keeps alive, following the state and
+/// building the DNS zone (served on a loopback UDP port by the real DNS plane) and the VIP
+/// table (by the real L4LB plane, into memory) as an agent does, without running tasks.
+/// TASKS apps and tasks are written one by one; each task's time is until every node answers
+/// its name and has its VIP backend. Also etcd's CPU and the bytes it sent per change.
+async fn scale(nodes: usize, n: usize) -> anyhow::Result<()> {
+    use dcnet_node_core::keys;
+    use dcnet_node_core::store::{Op, Precondition, Store};
+
+    let dir = tempfile::tempdir()?;
+    let etcd = dcnet_node_core::test_util::EtcdProcess::start().await;
+    let store: Arc<dyn Store> = Arc::new(etcd.store().await);
+    let other = node("bench-node-x", "192.0.2.2");
+    store
+        .put(
+            &keys::node(&other.id),
+            keys::to_json(&other),
+            Precondition::Any,
+        )
+        .await?;
+    let mut apps: Vec<App> = Vec::with_capacity(n);
+    let mut ops = Vec::new();
+    for i in 0..n {
+        let a = app_with_vip(i, 1, true, Some(&format!("/svc-{}:80", i % 100)));
+        ops.push(Op::put(
+            keys::app(&a.id),
+            keys::to_json(&a),
+            Precondition::Any,
+        ));
+        apps.push(slim(a));
+        if ops.len() == 100 || i + 1 == n {
+            store.txn(std::mem::take(&mut ops)).await?;
+        }
+    }
+    let shutdown = CancellationToken::new();
+    let started = Instant::now();
+    let mut targets: Vec<(SocketAddr, dcnet_l4lb::ViewSlot)> = Vec::with_capacity(nodes);
+    let mut states = Vec::with_capacity(nodes);
+    for k in 1..=nodes {
+        let store: Arc<dyn Store> = Arc::new(etcd.store().await);
+        let me = node(&format!("sim-{k}"), "192.0.2.3");
+        let ttl = Duration::from_secs(10);
+        let (me, lease) = dcnet_node_core::register_node(&*store, &me, ttl).await?;
+        {
+            let (store, shutdown) = (store.clone(), shutdown.clone());
+            let lease = std::sync::Mutex::new(lease);
+            tokio::spawn(async move {
+                dcnet_node_core::stay_registered(&*store, &me, ttl, &lease, shutdown).await
+            });
+        }
+        let state = dcnet_node_core::test_util::follow(store.clone(), shutdown.clone()).await;
+        let registry = prometheus::Registry::new();
+        let mut dns_cfg = dns_config();
+        dns_cfg.records.this_node = Some(NodeId(format!("sim-{k}")));
+        let dns = dcnet_dns::Dns::new(dns_cfg, dcnet_dns::Metrics::register(&registry)?);
+        let udp = tokio::net::UdpSocket::bind("127.0.0.1:0").await?;
+        let server = udp.local_addr()?;
+        tokio::spawn(dns.run(state.clone(), vec![udp], vec![], || {}, shutdown.clone()));
+        let l4lb = dcnet_l4lb::L4lb::new(
+            dcnet_l4lb::Config {
+                range: "198.18.0.0/15".parse().expect("a range"),
+                node: NodeId(format!("sim-{k}")),
+                boot: "bench".into(),
+                udp: Default::default(),
+                data_plane: dcnet_l4lb::DataPlaneMode::Userspace,
+                ebpf: dcnet_l4lb::EbpfConfig {
+                    pin_dir: dir.path().join("unused"),
+                    cgroups: vec![],
+                    limits: Default::default(),
+                },
+            },
+            store,
+            dcnet_l4lb::Metrics::register(&registry)?,
+        );
+        targets.push((server, l4lb.view()));
+        tokio::spawn(l4lb.run_with(
+            TablePlane::default(),
+            state.clone(),
+            || {},
+            shutdown.clone(),
+        ));
+        states.push(state);
+        if k % 10 == 0 || k == nodes {
+            eprint!("\r{k}/{nodes} nodes up");
+        }
+    }
+    eprintln!();
+    // Every node has seen every node, every app and every VIP's address before the clock
+    // starts.
+    for state in &mut states {
+        state
+            .wait_for(|s| {
+                s.nodes.len() == nodes + 1 && s.apps.len() == n && s.vips.len() == n.min(100)
+            })
+            .await?;
+    }
+    let joined = started.elapsed();
+    let (etcd_cpu0, sent0) = (
+        process_cpu(etcd.pid()),
+        etcd_metric(&etcd.url, "etcd_network_client_grpc_sent_bytes_total"),
+    );
+    let cpu0 = cpu_time()?;
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<(Duration, Duration)>(1);
+    let store2 = store.clone();
+    let writer = tokio::spawn(async move {
+        let clients: Vec<UdpSocket> = targets
+            .iter()
+            .map(|(server, _)| {
+                let client = UdpSocket::bind("127.0.0.1:0").expect("a client socket");
+                client.connect(server).expect("connect");
+                client
+                    .set_read_timeout(Some(Duration::from_millis(20)))
+                    .expect("timeout");
+                client
+            })
+            .collect();
+        for (i, a) in apps.iter().enumerate() {
+            let ip = Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 130, 0, 2)) + i as u32);
+            let t = task(a, 0, "bench-node-x", ip);
+            let name = Name::from_ascii(format!("app-{i}-bench.marathon.mesos.")).expect("a name");
+            let started = Instant::now();
+            store2
+                .put(&keys::task(&t.id), keys::to_json(&t), Precondition::Absent)
+                .await
+                .expect("write");
+            let deadline = started + Duration::from_secs(30);
+            let backend = SocketAddr::new(IpAddr::V4(ip), 80);
+            let mut dns_at = vec![None; clients.len()];
+            let mut vip_at = vec![None; clients.len()];
+            tokio::task::block_in_place(|| {
+                while Instant::now() < deadline
+                    && (dns_at.iter().any(Option::is_none) || vip_at.iter().any(Option::is_none))
+                {
+                    for k in 0..clients.len() {
+                        if vip_at[k].is_none() && targets[k].1.serves_backend(backend) {
+                            vip_at[k] = Some(started.elapsed());
+                        }
+                        if dns_at[k].is_none() && ask(&clients[k], &name) {
+                            dns_at[k] = Some(started.elapsed());
+                        }
+                    }
+                }
+            });
+            let last = |v: &[Option<Duration>]| {
+                v.iter()
+                    .copied()
+                    .collect::<Option<Vec<_>>>()?
+                    .into_iter()
+                    .max()
+            };
+            let (Some(d), Some(v)) = (last(&dns_at), last(&vip_at)) else {
+                let missing = |v: &[Option<Duration>]| v.iter().filter(|t| t.is_none()).count();
+                eprintln!(
+                    "task {i}: {} nodes never answered its name, {} never served its VIP backend",
+                    missing(&dns_at),
+                    missing(&vip_at)
+                );
+                return;
+            };
+            if tx.send((d, v)).await.is_err() {
+                return;
+            }
+        }
+    });
+    let mut times = Vec::with_capacity(n);
+    let mut vip_times = Vec::with_capacity(n);
+    while let Some((t, v)) = rx.recv().await {
+        times.push(t);
+        vip_times.push(v);
+    }
+    let _ = writer.await;
+    let etcd_cpu = process_cpu(etcd.pid()) - etcd_cpu0;
+    let sent = etcd_metric(&etcd.url, "etcd_network_client_grpc_sent_bytes_total") - sent0;
+    let cpu = cpu_time()?.as_secs_f64() - cpu0.as_secs_f64();
+    shutdown.cancel();
+    if times.len() != n {
+        anyhow::bail!(
+            "only {} of {n} tasks answered and were served on every node within 30 s",
+            times.len()
+        );
+    }
+    times.sort();
+    vip_times.sort();
+    let at = |v: &[Duration], p: f64| {
+        v[((v.len() as f64 * p) as usize).min(v.len() - 1)].as_secs_f64() * 1000.0
+    };
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let peak_kib: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0);
+    println!(
+        "scale: {nodes} simulated nodes on one etcd, {n} tasks: joined in {:.1} s; p50 {:.2} ms, p99 {:.2} ms; vip-p50 {:.2} ms, vip-p99 {:.2} ms; etcd CPU {:.0} us per change, etcd sent {:.0} KiB per change; nodes' CPU {:.0} us per change per node; peak RSS {} MiB per node",
+        joined.as_secs_f64(),
+        at(&times, 0.5),
+        at(&times, 0.99),
+        at(&vip_times, 0.5),
+        at(&vip_times, 0.99),
+        etcd_cpu * 1e6 / n as f64,
+        sent / 1024.0 / n as f64,
+        cpu * 1e6 / n as f64 / nodes as f64,
+        peak_kib / 1024 / nodes as u64,
     );
     Ok(())
 }
@@ -445,15 +825,33 @@ fn main() -> ExitCode {
         }
         Some("converge") => {
             let n = args.get(2).and_then(|n| n.parse().ok()).unwrap_or(1000);
+            let nodes = args
+                .iter()
+                .position(|a| a == "--nodes")
+                .and_then(|i| args.get(i + 1)?.parse().ok())
+                .unwrap_or(1);
+            let on_etcd = args.iter().any(|a| a == "--etcd");
             let rt = tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(2)
                 .enable_all()
                 .build()
                 .expect("runtime");
-            rt.block_on(converge(n))
+            rt.block_on(converge(n, nodes, on_etcd))
+        }
+        Some("scale") => {
+            let nodes = args.get(2).and_then(|n| n.parse().ok()).unwrap_or(10);
+            let n = args.get(3).and_then(|n| n.parse().ok()).unwrap_or(1000);
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()
+                .expect("runtime");
+            rt.block_on(scale(nodes, n))
         }
         _ => {
-            eprintln!("usage: dns serve DIR PORT | dns converge [N]");
+            eprintln!(
+                "usage: dns serve DIR PORT | dns converge [N] [--nodes K] [--etcd] | dns scale [NODES] [TASKS]"
+            );
             return ExitCode::from(64);
         }
     };

@@ -220,6 +220,16 @@ request_timeout = "2s"
         self.ctl.ip(&["link", "set", &self.hosts[host].link, "up"]);
     }
 
+    /// Takes etcd member `i` (0-based) off the underlay, and puts it back.
+    pub fn partition_member(&self, i: usize) {
+        self.ctl
+            .ip(&["link", "set", &format!("m{}", i + 1), "down"]);
+    }
+
+    pub fn restore_member(&self, i: usize) {
+        self.ctl.ip(&["link", "set", &format!("m{}", i + 1), "up"]);
+    }
+
     /// `dig +short TYPE name` against host `host`'s DNS server: the answers, sorted.
     pub fn dig(&self, host: usize, rtype: &str, name: &str) -> Vec<String> {
         let out = Command::new("nsenter")
@@ -639,8 +649,9 @@ fn three_etcd_members_lose_one_then_quorum_and_recover() {
         assert!(ok, "host {host} serves all 6: {:?}", c.vip_backends(host));
     }
 
-    // Quorum goes: every node keeps serving its last state and refuses writes with a 503.
-    c.members[1].kill();
+    // Quorum goes (the second of three members is cut off): every node keeps serving its
+    // last state and refuses writes with a 503.
+    c.partition_member(1);
     let other =
         json!({"id": "/other", "cmd": "exec sleep 3600", "instances": 1, "cpus": 0.1, "mem": 16});
     for host in 0..3 {
@@ -666,7 +677,7 @@ fn three_etcd_members_lose_one_then_quorum_and_recover() {
 
     // Quorum returns: writes go through again and nothing was lost.
     c.members[0].restart();
-    c.members[1].restart();
+    c.restore_member(1);
     let mut dep = None;
     let accepted = wait_until(Duration::from_secs(30), || {
         dep = c.hosts[1]

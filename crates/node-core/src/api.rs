@@ -621,10 +621,7 @@ async fn list_nodes(State(api): State<Api>) -> Json<Value> {
         .values()
         .map(|n| {
             let mut v = serde_json::to_value(n).unwrap_or_default();
-            let tasks = state
-                .tasks
-                .values()
-                .filter(|t| t.node_id == n.id && t.state.is_active());
+            let tasks = state.tasks_on(&n.id).filter(|t| t.state.is_active());
             let (mut cpus, mut mem, mut count) = (0.0, 0.0, 0);
             for t in tasks {
                 cpus += t.resources.cpus;

@@ -238,7 +238,7 @@ async fn count(metrics: Metrics, req: Request, next: Next) -> Response {
 }
 
 /// Writes this node's record under a new lease of `ttl`, keeping when it first registered.
-async fn register(
+pub async fn register(
     store: &dyn crate::store::Store,
     node: &Node,
     ttl: Duration,
@@ -264,7 +264,7 @@ async fn register(
 /// Keeps this node's lease alive; when it expired anyway (the node was cut off from the
 /// store for longer than its TTL and is LOST to the others), registers it again, and the
 /// task manager then stops whatever the scheduler replaced meanwhile.
-async fn stay_registered(
+pub async fn stay_registered(
     store: &dyn crate::store::Store,
     node: &Node,
     ttl: Duration,

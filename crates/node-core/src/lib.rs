@@ -27,7 +27,9 @@ pub mod supervisor;
 pub mod test_util;
 
 pub use self::api::ApiError;
-pub use self::core::{Config, NodeCore, Retention, StartError};
+pub use self::core::{
+    Config, NodeCore, Retention, StartError, register as register_node, stay_registered,
+};
 pub use self::metrics::Metrics;
 pub use self::state::{CHANGE_LOG, Changed, ClusterState, Derived, Map};
 pub use self::supervisor::{Planes, Ready, RestartPolicy, Supervisor};

@@ -118,6 +118,9 @@ pub struct EtcdProcess {
     child: std::process::Child,
     /// The member's client URL.
     pub url: String,
+    /// How a client reaches it (TLS files included, for a TLS member).
+    pub config: crate::store::EtcdConfig,
+    args: Vec<String>,
     _dir: tempfile::TempDir,
 }
 
@@ -189,27 +192,166 @@ impl EtcdProcess {
             initial_cluster: format!("t=http://127.0.0.1:{peer}"),
         };
         let dir = tempfile::tempdir().expect("a temp dir");
-        let log = std::fs::File::create(dir.path().join("etcd.log")).expect("etcd's log");
-        let child = std::process::Command::new("etcd")
-            .args(member.args(&dir.path().join("data")))
-            .stdin(std::process::Stdio::null())
-            .stdout(log.try_clone().expect("etcd's log"))
-            .stderr(log)
-            .spawn()
-            .expect("starting etcd (Debian's etcd-server: `make deps` installs it)");
+        let args = member.args(&dir.path().join("data"));
+        let config = crate::store::EtcdConfig::new(vec![member.client_url.clone()]);
+        Self::launch(dir, member.client_url, config, args).await
+    }
+
+    /// A one-member cluster that speaks TLS to clients and requires a client certificate:
+    /// a CA, the member's certificate (for 127.0.0.1) and a client's, made with `openssl`.
+    pub async fn start_tls() -> Self {
+        let (client, peer) = (free_port(), free_port());
+        let member = EtcdMember {
+            name: "t".into(),
+            client_url: format!("https://127.0.0.1:{client}"),
+            peer_url: format!("http://127.0.0.1:{peer}"),
+            initial_cluster: format!("t=http://127.0.0.1:{peer}"),
+        };
+        let dir = tempfile::tempdir().expect("a temp dir");
+        let d = dir.path();
+        let openssl = |args: &[&str]| {
+            let out = std::process::Command::new("openssl")
+                .args(args)
+                .current_dir(d)
+                .output()
+                .expect("running openssl");
+            assert!(
+                out.status.success(),
+                "openssl {args:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        };
+        let ec = [
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+        ];
+        openssl(
+            &[
+                &["req", "-x509"][..],
+                &ec,
+                &[
+                    "-keyout",
+                    "ca.key",
+                    "-out",
+                    "ca.pem",
+                    "-days",
+                    "1",
+                    "-subj",
+                    "/CN=dcnet-test-ca",
+                ],
+            ]
+            .concat(),
+        );
+        for (name, ext) in [
+            (
+                "server",
+                "subjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth",
+            ),
+            ("client", "extendedKeyUsage=clientAuth"),
+        ] {
+            std::fs::write(d.join(format!("{name}.ext")), ext).expect("writing");
+            openssl(
+                &[
+                    &["req"][..],
+                    &ec,
+                    &[
+                        "-keyout",
+                        &format!("{name}.key"),
+                        "-out",
+                        &format!("{name}.csr"),
+                        "-subj",
+                        &format!("/CN=dcnet-test-{name}"),
+                    ],
+                ]
+                .concat(),
+            );
+            openssl(&[
+                "x509",
+                "-req",
+                "-in",
+                &format!("{name}.csr"),
+                "-CA",
+                "ca.pem",
+                "-CAkey",
+                "ca.key",
+                "-CAcreateserial",
+                "-out",
+                &format!("{name}.pem"),
+                "-days",
+                "1",
+                "-extfile",
+                &format!("{name}.ext"),
+            ]);
+        }
+        let mut args = member.args(&d.join("data"));
+        for (flag, file) in [
+            ("--cert-file", "server.pem"),
+            ("--key-file", "server.key"),
+            ("--trusted-ca-file", "ca.pem"),
+        ] {
+            args.push(flag.into());
+            args.push(d.join(file).display().to_string());
+        }
+        args.push("--client-cert-auth".into());
+        let mut config = crate::store::EtcdConfig::new(vec![member.client_url.clone()]);
+        config.ca = Some(d.join("ca.pem"));
+        config.cert = Some(d.join("client.pem"));
+        config.key = Some(d.join("client.key"));
+        Self::launch(dir, member.client_url, config, args).await
+    }
+
+    async fn launch(
+        dir: tempfile::TempDir,
+        url: String,
+        config: crate::store::EtcdConfig,
+        args: Vec<String>,
+    ) -> Self {
+        let child = Self::spawn(&args, dir.path());
         let etcd = Self {
             child,
-            url: member.client_url,
+            url,
+            config,
+            args,
             _dir: dir,
         };
         etcd.wait_ready().await;
         etcd
     }
 
+    fn spawn(args: &[String], dir: &std::path::Path) -> std::process::Child {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(dir.join("etcd.log"))
+            .expect("etcd's log");
+        std::process::Command::new("etcd")
+            .args(args)
+            .stdin(std::process::Stdio::null())
+            .stdout(log.try_clone().expect("etcd's log"))
+            .stderr(log)
+            .spawn()
+            .expect("starting etcd (Debian's etcd-server: `make deps` installs it)")
+    }
+
+    /// The process id, for reading what it costs (`/proc/PID/stat`).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Kills the member (SIGKILL) and starts it again on its data and ports.
+    pub async fn restart(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        self.child = Self::spawn(&self.args, self._dir.path());
+        self.wait_ready().await;
+    }
+
     /// A store on this member.
     pub async fn store(&self) -> crate::store::Etcd {
-        let cfg = crate::store::EtcdConfig::new(vec![self.url.clone()]);
-        crate::store::Etcd::connect(&cfg)
+        crate::store::Etcd::connect(&self.config)
             .await
             .expect("connecting to the test etcd")
     }
@@ -218,9 +360,7 @@ impl EtcdProcess {
         use crate::store::Store;
         let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(20);
         loop {
-            if let Ok(store) =
-                crate::store::Etcd::connect(&crate::store::EtcdConfig::new(vec![self.url.clone()]))
-                    .await
+            if let Ok(store) = crate::store::Etcd::connect(&self.config).await
                 && store.revision().await.is_ok()
             {
                 return;

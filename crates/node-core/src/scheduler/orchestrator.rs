@@ -1349,6 +1349,93 @@ mod tests {
         assert_eq!(big, 1, "one cpus: 1 app fits, not six");
     }
 
+    /// A node whose record is gone (its lease expired) is LOST: a full pass marks its active
+    /// tasks LOST (not a failure of the app: no backoff, no failure count), the next reaps
+    /// them, and the one after places the replacements on the nodes that are left.
+    #[tokio::test]
+    async fn a_lost_node_s_tasks_are_marked_lost_and_replaced_elsewhere() {
+        let (_dir, store) = embedded();
+        let mut a = test_node(4.0, 4096.0);
+        a.id = NodeId("a".into());
+        a.hostname = "a".into();
+        let mut b = a.clone();
+        b.id = NodeId("b".into());
+        b.hostname = "b".into();
+        let web = app(
+            r#"{"id": "/web", "cmd": "x", "instances": 2, "cpus": 0.1, "mem": 1}"#,
+            "v1",
+        );
+        let mut on_a = task(1, "v1", TaskState::Running, None);
+        on_a.node_id = a.id.clone();
+        let mut on_b = task(2, "v1", TaskState::Running, None);
+        on_b.node_id = b.id.clone();
+        for t in [&mut on_a, &mut on_b] {
+            t.app_id = web.id.clone();
+            t.resources.cpus = 0.1;
+        }
+        put_all(
+            &store,
+            vec![
+                (keys::node(&a.id), keys::to_json(&a)),
+                (keys::node(&b.id), keys::to_json(&b)),
+                (keys::app(&web.id), keys::to_json(&web)),
+                (keys::task(&on_a.id), keys::to_json(&on_a)),
+                (keys::task(&on_b.id), keys::to_json(&on_b)),
+            ],
+        )
+        .await;
+        // Node b's lease runs out.
+        store
+            .delete(&keys::node(&b.id), Precondition::Any)
+            .await
+            .unwrap();
+        let clock = Clock::new();
+        let mut orch = orchestrator(&store, clock);
+        let snap = snapshot(&store).await;
+        assert_eq!(snap.tasks_of_lost_nodes().len(), 1);
+        orch.pass(&snap, clock.now()).await.unwrap();
+        let lost = snapshot(&store).await.tasks[&on_b.id].clone();
+        assert_eq!(lost.state, TaskState::Lost);
+        assert_eq!(lost.kill_reason, Some(KillReason::NodeLost));
+        assert!(!lost.is_failure(), "losing a node is not the app's failure");
+        assert!(
+            lost.exit
+                .as_ref()
+                .is_some_and(|e| e.reason.contains("node b was lost")),
+            "{:?}",
+            lost.exit
+        );
+        for _ in 0..3 {
+            let snap = snapshot(&store).await;
+            orch.pass(&snap, clock.now()).await.unwrap();
+        }
+        let after = snapshot(&store).await;
+        let active: Vec<&Arc<Task>> = after
+            .tasks
+            .values()
+            .filter(|t| t.state.is_active())
+            .collect();
+        assert_eq!(active.len(), 2, "{active:?}");
+        assert!(
+            active.iter().all(|t| t.node_id == a.id),
+            "replaced on the node that is left"
+        );
+        assert!(
+            !after.tasks.contains_key(&on_b.id),
+            "the LOST task was reaped"
+        );
+        let status = after
+            .app_status
+            .get(&web.id)
+            .map(|s| (**s).clone())
+            .unwrap_or_default();
+        assert_eq!(
+            status,
+            AppStatus::default(),
+            "no failure, no backoff: {status:?}"
+        );
+    }
+
     /// A failed task is recorded whole in one transaction (its removal, the app's failure
     /// count and backoff, the deployment's failure count), and a pass repeated on the same
     /// snapshot, as after a crash before the next snapshot, counts it once.

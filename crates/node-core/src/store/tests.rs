@@ -344,3 +344,70 @@ async fn leases_expire_keep_alive_and_revoke(s: &dyn Store) {
     s.revoke_lease(kept).await.unwrap();
     assert!(s.get("/l/kept").await.unwrap().is_none());
 }
+
+/// etcd only: a watch outlives its member's restart, resuming after the last revision it
+/// delivered, with nothing lost or repeated.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_etcd_watch_resumes_after_its_member_restarts() {
+    let mut etcd = crate::test_util::EtcdProcess::start().await;
+    let s = etcd.store().await;
+    let from = s.revision().await.unwrap() + 1;
+    let mut rx = s.watch("/r/", from).await.unwrap();
+    for i in 0..5u8 {
+        s.put(&format!("/r/{i}"), vec![i], Precondition::Any)
+            .await
+            .unwrap();
+    }
+    for _ in 0..5 {
+        next(&mut rx).await;
+    }
+    etcd.restart().await;
+    let mut wrote = false;
+    for _ in 0..100 {
+        if s.put("/r/5", vec![5], Precondition::Any).await.is_ok() {
+            wrote = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(wrote, "the client reconnects to the restarted member");
+    for i in 6..10u8 {
+        s.put(&format!("/r/{i}"), vec![i], Precondition::Any)
+            .await
+            .unwrap();
+    }
+    let mut after = Vec::new();
+    for _ in 0..5 {
+        match next(&mut rx).await {
+            Event::Put(kv) => after.push(kv.value[0]),
+            e => panic!("{e:?}"),
+        }
+    }
+    assert_eq!(
+        after,
+        [5, 6, 7, 8, 9],
+        "every event after the restart, once, in order"
+    );
+}
+
+/// etcd only: a member that speaks TLS and requires client certificates takes a client with
+/// the CA, a certificate and its key, and refuses one without a certificate.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn etcd_over_tls_with_a_client_certificate() {
+    let etcd = crate::test_util::EtcdProcess::start_tls().await;
+    assert!(etcd.url.starts_with("https://"));
+    let s = etcd.store().await;
+    let rev = s
+        .put("/tls/a", b"1".to_vec(), Precondition::Absent)
+        .await
+        .unwrap();
+    assert_eq!(s.get("/tls/a").await.unwrap().unwrap().mod_revision, rev);
+    let mut without_cert = etcd.config.clone();
+    without_cert.cert = None;
+    without_cert.key = None;
+    let refused = match super::Etcd::connect(&without_cert).await {
+        Err(_) => true,
+        Ok(s) => s.get("/tls/a").await.is_err(),
+    };
+    assert!(refused, "a client without a certificate gets nothing");
+}

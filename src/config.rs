@@ -45,6 +45,78 @@ pub struct AgentConfig {
     /// Where the cluster's state lives: the embedded store (one node) or etcd (a cluster).
     #[serde(default)]
     pub store: StoreSection,
+    /// The WireGuard overlay that makes every container address reachable from every node.
+    #[serde(default)]
+    pub overlay: OverlaySection,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OverlaySection {
+    /// Whether this node runs the overlay; unset: on when the state is in etcd (a cluster),
+    /// off on the embedded store (one node has no other node to reach).
+    #[serde(default)]
+    pub enabled: Option<bool>,
+    /// The TUN device's name (its WireGuard UAPI socket is `/var/run/wireguard/<name>.sock`).
+    #[serde(default = "default_overlay_device")]
+    pub device: String,
+    /// The UDP port WireGuard listens on; peers reach it at `node.ip`.
+    #[serde(default = "default_overlay_port")]
+    pub port: u16,
+    /// The device's MTU: the underlay's minus WireGuard's 60 bytes (IPv4), or less.
+    #[serde(default = "default_overlay_mtu")]
+    pub mtu: u32,
+}
+
+impl Default for OverlaySection {
+    fn default() -> Self {
+        Self {
+            enabled: None,
+            device: default_overlay_device(),
+            port: default_overlay_port(),
+            mtu: default_overlay_mtu(),
+        }
+    }
+}
+
+fn default_overlay_device() -> String {
+    "dcnet-wg".into()
+}
+fn default_overlay_port() -> u16 {
+    51820
+}
+fn default_overlay_mtu() -> u32 {
+    1420
+}
+
+impl OverlaySection {
+    fn validate(&self) -> anyhow::Result<()> {
+        let d = &self.device;
+        if d.is_empty()
+            || d.len() > 15
+            || !d
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+        {
+            bail!(
+                "overlay.device = {d:?} must be 1 to 15 letters, digits, `-` or `_` (a Linux link name)"
+            );
+        }
+        if self.port == 0 {
+            bail!("overlay.port must be a port (1-65535)");
+        }
+        if !(576..=9000).contains(&self.mtu) {
+            bail!("overlay.mtu = {} must be between 576 and 9000", self.mtu);
+        }
+        Ok(())
+    }
+}
+
+impl AgentConfig {
+    /// Whether this node runs the overlay (see [`OverlaySection::enabled`]).
+    pub fn is_overlay_on(&self) -> bool {
+        self.overlay.enabled.unwrap_or(self.store.etcd.is_some())
+    }
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -653,6 +725,7 @@ impl AgentConfig {
     /// Refuses what would be unsafe or cannot work, naming the setting.
     pub fn validate(self) -> anyhow::Result<Self> {
         self.store.validate()?;
+        self.overlay.validate()?;
         if self
             .api
             .token
@@ -790,6 +863,7 @@ impl AgentConfig {
             attributes: self.node.attributes.clone(),
             status: NodeStatus::Active,
             registered_at: String::new(),
+            overlay: None,
         })
     }
 }
@@ -861,14 +935,14 @@ mod tests {
         let defaults: AgentConfig = toml::from_str("").unwrap();
         let sections = |c: &AgentConfig| {
             format!(
-                "{:?}\n{:?}\n{:?}\n{:?}\n{:?}\n{:?}\n{:?}",
-                c.dns, c.containers, c.l4lb, c.runtime, c.api, c.retention, c.store
+                "{:?}\n{:?}\n{:?}\n{:?}\n{:?}\n{:?}\n{:?}\n{:?}",
+                c.dns, c.containers, c.l4lb, c.runtime, c.api, c.retention, c.store, c.overlay
             )
         };
         assert_eq!(
             sections(&cfg),
             sections(&defaults),
-            "examples/agent.toml: dns, containers, l4lb, runtime, api, retention, store"
+            "examples/agent.toml: dns, containers, l4lb, runtime, api, retention, store, overlay"
         );
     }
 

@@ -56,6 +56,7 @@ fn node(id: &str, ip: &str) -> Node {
         attributes: BTreeMap::new(),
         status: NodeStatus::Active,
         registered_at: String::new(),
+        overlay: None,
     }
 }
 

@@ -43,6 +43,7 @@ fn nodes() -> Vec<Node> {
             ]),
             status: NodeStatus::Active,
             registered_at: String::new(),
+            overlay: None,
         })
         .collect()
 }

@@ -21,9 +21,22 @@ use crate::config::AgentConfig;
 pub(super) async fn open(
     cfg: &AgentConfig,
 ) -> anyhow::Result<(SharedStore, Arc<ContainerRuntime>, Node)> {
-    let node = cfg.node()?;
+    let mut node = cfg.node()?;
     std::fs::create_dir_all(&cfg.state_dir)
         .with_context(|| format!("creating {}", cfg.state_dir.display()))?;
+    // The overlay's key pair: made once, kept here; only the public half is published.
+    let overlay_key = if cfg.is_overlay_on() {
+        let path = cfg.state_dir.join("overlay.key");
+        let key = dcnet_overlay::keys::load_or_create(&path)
+            .with_context(|| format!("the overlay's private key at {}", path.display()))?;
+        node.overlay = Some(dcnet_node_core::model::OverlayEndpoint {
+            public_key: key.public_base64(),
+            port: cfg.overlay.port,
+        });
+        Some(key)
+    } else {
+        None
+    };
     let store: SharedStore = match &cfg.store.etcd {
         None => Arc::new(
             Embedded::open(&cfg.state_dir.join("store.redb"))
@@ -84,6 +97,7 @@ pub(super) async fn open(
         node,
         boot: format!("{:016x}", rand::random::<u64>()),
         subnet,
+        overlay_key,
     };
     Ok((store, Arc::new(runtime), node))
 }

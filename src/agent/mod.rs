@@ -8,6 +8,7 @@ mod api;
 mod core;
 mod dns;
 mod l4lb;
+mod overlay;
 
 use dcnet_node_core::{RestartPolicy, Supervisor};
 use prometheus::Registry;
@@ -23,6 +24,8 @@ pub(crate) struct Node {
     /// data plane serves it, never on the word of the agent that ran here before.
     pub(crate) boot: String,
     pub(crate) subnet: dcnet_node_core::ipam::Subnet,
+    /// This node's overlay key, when it runs the overlay.
+    pub(crate) overlay_key: Option<dcnet_overlay::keys::PrivateKey>,
 }
 
 pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
@@ -46,11 +49,15 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
     let dns_routes = dns::start(&cfg, &node, core.state(), &registry, &mut supervisor)?;
     let l4lb_routes =
         l4lb::start(&cfg, &node, store, core.state(), &registry, &mut supervisor).await?;
+    let overlay_routes = overlay::start(&cfg, &node, core.state(), &mut supervisor).await?;
     let refused = api::Refused::register(&registry)?;
     let app = api::router(
         &cfg,
         &node,
-        core.router().merge(dns_routes).merge(l4lb_routes),
+        core.router()
+            .merge(dns_routes)
+            .merge(l4lb_routes)
+            .merge(overlay_routes),
         registry,
         supervisor.planes(),
         refused.clone(),

@@ -81,6 +81,16 @@ pub struct Host {
     pub ip: String,
     /// The host's port on the bridge (in the control namespace): down is a partition.
     link: String,
+    /// The overlay's WireGuard device.
+    pub device: String,
+}
+
+impl Drop for Host {
+    fn drop(&mut self) {
+        // The agent is killed right after this (its field drops next); the socket it made at
+        // start, which nothing removes on a SIGKILL, goes here.
+        let _ = fs::remove_file(format!("/var/run/wireguard/{}.sock", self.device));
+    }
 }
 
 pub struct Cluster {
@@ -153,12 +163,16 @@ request_timeout = "2s"
             let ip = format!("{UNDERLAY}.{}", 10 + i);
             let link = format!("h{i}");
             cluster.plug(&ns, &link, &ip);
+            // The overlay device's UAPI socket is machine-wide: a name of this run's own.
+            let device = format!("dw{}-{i}", std::process::id() % 1_000_000);
+            let extra = format!("{extra}[overlay]\nenabled = true\ndevice = \"{device}\"\n");
             let agent = Agent::start_node(&ns, &format!("node-{i}"), &ip, &extra);
             cluster.hosts.push(Host {
                 agent,
                 ns,
                 ip,
                 link,
+                device,
             });
         }
         let all = wait_until(Duration::from_secs(20), || {
@@ -696,4 +710,306 @@ fn three_etcd_members_lose_one_then_quorum_and_recover() {
         all,
         "no task was lost"
     );
+}
+
+/// Container apps of `n` instances, one per host, each serving a page that names it.
+fn container_app(id: &str, n: u32) -> Value {
+    json!({
+        "id": id, "instances": n, "cpus": 0.1, "mem": 64,
+        "cmd": "echo \"hello from $MESOS_TASK_ID\" > index.html && exec python3 -m http.server --bind 0.0.0.0 8080",
+        "networks": [{"mode": "container"}],
+        "container": {"portMappings": [{"containerPort": 8080, "name": "http", "labels": {"VIP_0": "/cweb:80"}}]},
+        "constraints": [["hostname", "GROUP_BY"]]
+    })
+}
+
+/// `curl` from inside the container task `task` of host `host`.
+fn curl_from(c: &Cluster, host: usize, task: &str, url: &str) -> Result<String, String> {
+    let out = c.hosts[host]
+        .agent
+        .in_task(task, &["curl", "-sS", "--max-time", "3", url]);
+    if out.status.success() {
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    } else {
+        Err(String::from_utf8_lossy(&out.stderr).into_owned())
+    }
+}
+
+#[test]
+fn containers_on_every_node_reach_each_other_over_the_overlay() {
+    let c = Cluster::start(3, 1);
+    c.hosts[0]
+        .agent
+        .put_and_wait("/cweb", &container_app("/cweb", 3));
+    let tasks = c.hosts[0].agent.running("/cweb");
+    assert_eq!(tasks.len(), 3);
+    // (host index, task id, container address) for each node's container.
+    let mut containers: Vec<(usize, String, String)> = tasks
+        .iter()
+        .map(|t| {
+            let node = t["nodeId"].as_str().unwrap();
+            let host = c.hosts.iter().position(|h| h.node_id() == node).unwrap();
+            (
+                host,
+                t["id"].as_str().unwrap().to_string(),
+                t["ipAddresses"][0]["ipAddress"]
+                    .as_str()
+                    .unwrap()
+                    .to_string(),
+            )
+        })
+        .collect();
+    containers.sort();
+    assert_eq!(
+        containers.iter().map(|(h, ..)| *h).collect::<Vec<_>>(),
+        [0, 1, 2],
+        "one container per host"
+    );
+    // Every container reaches every other one by its address, across nodes.
+    for (from_host, from_task, _) in &containers {
+        for (to_host, to_task, to_ip) in &containers {
+            if from_host == to_host {
+                continue;
+            }
+            let url = format!("http://{to_ip}:8080/");
+            let mut last = Err(String::new());
+            let ok = wait_until(Duration::from_secs(15), || {
+                last = curl_from(&c, *from_host, from_task, &url);
+                last.as_ref()
+                    .is_ok_and(|page| page.contains(to_task.as_str()))
+            });
+            assert!(ok, "host {from_host} -> {to_ip} (host {to_host}): {last:?}");
+        }
+    }
+    // A container on node-1 reaches a VIP whose tasks all run on node-2 and node-3, through
+    // the eBPF data plane and the overlay; on the underlay there is only WireGuard.
+    c.hosts[0].agent.put_and_wait(
+        "/remote",
+        &json!({
+            "id": "/remote", "instances": 2, "cpus": 0.1, "mem": 64,
+            "cmd": "echo \"hello from $MESOS_TASK_ID\" > index.html && exec python3 -m http.server --bind 0.0.0.0 8080",
+            "networks": [{"mode": "container"}],
+            "container": {"portMappings": [{"containerPort": 8080, "name": "http", "labels": {"VIP_0": "/rweb:80"}}]},
+            "constraints": [["hostname", "UNLIKE", "node-1"], ["hostname", "UNIQUE"]]
+        }),
+    );
+    let remote: Vec<String> = c.hosts[0]
+        .agent
+        .running("/remote")
+        .iter()
+        .map(|t| t["id"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(remote.len(), 2);
+    let client_pid = tasks
+        .iter()
+        .find(|t| t["nodeId"] == "node-1")
+        .and_then(|t| t["process"]["pid"].as_u64())
+        .unwrap();
+    let capture = Capture::start(&c, 0);
+    let mut answered = Vec::new();
+    let served = wait_until(Duration::from_secs(15), || {
+        let out = in_container(
+            &c.hosts[0].agent,
+            client_pid,
+            "curl -sS --max-time 2 http://rweb.marathon.l4lb/",
+        )
+        .output()
+        .unwrap();
+        let page = String::from_utf8_lossy(&out.stdout).into_owned();
+        if let Some(task) = remote.iter().find(|t| page.contains(t.as_str())) {
+            answered.push(task.clone());
+        }
+        answered.len() >= 6
+    });
+    assert!(served, "rweb.marathon.l4lb from node-1: {answered:?}");
+    let (plain, sealed) = capture.stop();
+    assert!(
+        plain.is_empty(),
+        "no plaintext container packet on the underlay: {plain:?}"
+    );
+    assert!(
+        !sealed.is_empty(),
+        "the VIP traffic crossed the underlay as WireGuard"
+    );
+    // `wg show` (Debian's wireguard-tools) reads each device through its UAPI socket.
+    for (i, h) in c.hosts.iter().enumerate() {
+        let out = Command::new("wg")
+            .args(["show", &h.device, "peers"])
+            .output()
+            .expect("wg from wireguard-tools");
+        let peers = String::from_utf8_lossy(&out.stdout);
+        assert_eq!(
+            peers.lines().count(),
+            2,
+            "host {i}: {peers} {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let status = h.agent.get("/v1/overlay");
+        assert_eq!(
+            status["peers"].as_array().map(Vec::len),
+            Some(2),
+            "{status}"
+        );
+        assert!(
+            status["peers"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .all(|p| p["rxBytes"].as_u64() > Some(0)),
+            "every peer has sent something: {status}"
+        );
+    }
+}
+
+/// `script` in the network and mount namespaces of the process `pid` (a container task),
+/// from the agent's balanced client cgroup (so that its VIP connections go through eBPF).
+fn in_container(agent: &Agent, pid: u64, script: &str) -> Command {
+    let mut cmd = Command::new("sh");
+    cmd.args([
+        "-c",
+        "echo $$ > \"$1/cgroup.procs\" && exec nsenter --target \"$2\" --net --mount sh -c \"$3\"",
+        "sh",
+    ])
+    .arg(agent.client_cgroup())
+    .arg(pid.to_string())
+    .arg(script);
+    cmd
+}
+
+/// tcpdump (Debian's) on a host's port of the underlay bridge: what crosses it in plain
+/// text (container addresses) and as WireGuard (UDP to the overlay port).
+struct Capture {
+    plain: Option<Child>,
+    sealed: Option<Child>,
+}
+
+impl Capture {
+    fn start(c: &Cluster, host: usize) -> Self {
+        let tcpdump = |filter: &str| {
+            Command::new("nsenter")
+                .arg(format!("--net={}", c.ctl.path()))
+                .args(["tcpdump", "-i", &c.hosts[host].link, "-n", "-l", "-q"])
+                .arg(filter)
+                .stdout(Stdio::piped())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("tcpdump")
+        };
+        let capture = Capture {
+            plain: Some(tcpdump("net 10.128.0.0/9")),
+            sealed: Some(tcpdump("udp port 51820")),
+        };
+        // tcpdump needs a moment before it sees packets.
+        std::thread::sleep(Duration::from_millis(500));
+        capture
+    }
+
+    /// Stops both captures; the packets each saw, one line each.
+    fn stop(mut self) -> (Vec<String>, Vec<String>) {
+        std::thread::sleep(Duration::from_millis(300));
+        let count = |child: Option<Child>| {
+            let Some(child) = child else {
+                return Vec::new();
+            };
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(child.id() as i32),
+                nix::sys::signal::Signal::SIGINT,
+            );
+            let out = child.wait_with_output().unwrap();
+            // (tcpdump ends with an empty line when interrupted.)
+            String::from_utf8_lossy(&out.stdout)
+                .lines()
+                .filter(|l| !l.trim().is_empty())
+                .map(str::to_string)
+                .collect::<Vec<_>>()
+        };
+        (count(self.plain.take()), count(self.sealed.take()))
+    }
+}
+
+impl Drop for Capture {
+    fn drop(&mut self) {
+        for child in [self.plain.as_mut(), self.sealed.as_mut()]
+            .into_iter()
+            .flatten()
+        {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// The peers `wg show` lists on host `host`'s device.
+fn wg_peers(c: &Cluster, host: usize) -> usize {
+    let out = Command::new("wg")
+        .args(["show", &c.hosts[host].device, "peers"])
+        .output()
+        .expect("wg from wireguard-tools");
+    String::from_utf8_lossy(&out.stdout).lines().count()
+}
+
+#[test]
+fn overlay_peers_follow_the_nodes_and_an_agent_restart_is_a_short_gap() {
+    let mut c = Cluster::start(3, 1);
+    c.hosts[0]
+        .agent
+        .put_and_wait("/cweb", &container_app("/cweb", 3));
+    let tasks = c.hosts[0].agent.running("/cweb");
+    let on = |node: &str| {
+        let t = tasks.iter().find(|t| t["nodeId"] == node).unwrap();
+        (
+            t["id"].as_str().unwrap().to_string(),
+            t["ipAddresses"][0]["ipAddress"]
+                .as_str()
+                .unwrap()
+                .to_string(),
+        )
+    };
+    let (from_task, _) = on("node-1");
+    let (to_task, to_ip) = on("node-2");
+    let url = format!("http://{to_ip}:8080/");
+    let reaches =
+        |c: &Cluster| curl_from(c, 0, &from_task, &url).is_ok_and(|p| p.contains(to_task.as_str()));
+    assert!(
+        wait_until(Duration::from_secs(15), || reaches(&c)),
+        "node-1 reaches node-2's container"
+    );
+
+    // node-2's agent restarts: its device is made anew (the TUN goes with the process), its
+    // container keeps running, and node-1 reaches it again after a short gap.
+    let restarted = Instant::now();
+    c.hosts[1].agent.restart();
+    let back = wait_until(Duration::from_secs(20), || reaches(&c));
+    assert!(
+        back,
+        "node-1 reaches node-2's container after node-2's agent restarted"
+    );
+    eprintln!(
+        "node-2's agent restart: node-1 reached its container again {:.2?} after the restart began (agent stop, start, device, handshake)",
+        restarted.elapsed()
+    );
+
+    // node-3 goes: its peer and its route leave every other node.
+    c.hosts[2].agent.stop(nix::sys::signal::Signal::SIGKILL);
+    let removed = wait_until(TTL + Duration::from_secs(15), || {
+        (0..2).all(|h| wg_peers(&c, h) == 1)
+    });
+    assert!(
+        removed,
+        "node-3's peer left node-1 and node-2: {} {}",
+        wg_peers(&c, 0),
+        wg_peers(&c, 1)
+    );
+    let routes = c.hosts[0].ns.ip(&["route"]);
+    assert!(
+        !routes.contains("10.128.2.0/24"),
+        "node-3's route is gone: {routes}"
+    );
+    // And comes back: a peer again, without any device restarting.
+    c.hosts[2].agent.restart();
+    let again = wait_until(Duration::from_secs(20), || {
+        (0..2).all(|h| wg_peers(&c, h) == 2)
+    });
+    assert!(again, "node-3 is a peer again");
+    assert!(reaches(&c), "node-1 still reaches node-2");
 }

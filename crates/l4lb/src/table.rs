@@ -256,6 +256,7 @@ mod tests {
             attributes: Default::default(),
             status: NodeStatus::Active,
             registered_at: String::new(),
+            overlay: None,
         };
         let task = |n: u16, state: TaskState, goal: Goal| Task {
             id: TaskId(format!("t{n}")),

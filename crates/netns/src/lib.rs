@@ -33,6 +33,7 @@ pub const NAMED_DIR: &str = "/run/netns";
 
 const EEXIST: i32 = -17;
 const ENODEV: i32 = -19;
+const ESRCH: i32 = -3;
 
 fn nix_io(e: nix::Error) -> io::Error {
     io::Error::from_raw_os_error(e as i32)
@@ -331,6 +332,49 @@ impl Netlink {
             .output_interface(lo)
             .build();
         ignore_exists(self.handle.route().add(route).execute().await)
+    }
+
+    /// Sets a link's MTU and brings it up.
+    pub async fn set_mtu_up(&self, name: &str, mtu: u32) -> io::Result<()> {
+        let index = self.index_of_existing(name).await?;
+        self.handle
+            .link()
+            .set(LinkUnspec::new_with_index(index).mtu(mtu).up().build())
+            .execute()
+            .await
+            .map_err(netlink_io)
+    }
+
+    /// Routes `network/prefix` out of the link `name` (replacing a route that was there).
+    pub async fn replace_route(&self, network: Ipv4Addr, prefix: u8, name: &str) -> io::Result<()> {
+        let index = self.index_of_existing(name).await?;
+        let route = RouteMessageBuilder::<Ipv4Addr>::new()
+            .destination_prefix(network, prefix)
+            .output_interface(index)
+            .build();
+        self.handle
+            .route()
+            .add(route)
+            .replace()
+            .execute()
+            .await
+            .map_err(netlink_io)
+    }
+
+    /// Removes the route of `network/prefix` out of the link `name`; one that is not there
+    /// (or a link that is gone) is fine.
+    pub async fn delete_route(&self, network: Ipv4Addr, prefix: u8, name: &str) -> io::Result<()> {
+        let Some(index) = self.index_of(name).await? else {
+            return Ok(());
+        };
+        let route = RouteMessageBuilder::<Ipv4Addr>::new()
+            .destination_prefix(network, prefix)
+            .output_interface(index)
+            .build();
+        match self.handle.route().del(route).execute().await {
+            Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == ESRCH => Ok(()),
+            other => other.map_err(netlink_io),
+        }
     }
 
     /// Deletes a link; one that is not there is fine.

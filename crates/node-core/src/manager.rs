@@ -737,6 +737,7 @@ mod tests {
             attributes: Default::default(),
             status: NodeStatus::Active,
             registered_at: String::new(),
+            overlay: None,
         });
         let task: Task = serde_json::from_value(serde_json::json!({
             "id": "a.1", "appId": "/a", "version": "v1", "nodeId": "n", "host": "n",

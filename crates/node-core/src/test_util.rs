@@ -85,6 +85,7 @@ pub fn node(id: &str, ip: &str) -> Node {
         attributes: Default::default(),
         status: NodeStatus::Active,
         registered_at: String::new(),
+        overlay: None,
     }
 }
 

@@ -17,8 +17,8 @@ pub use self::names::{clean_label, vip_label};
 pub use self::parse::{FieldError, Invalid, Parsed, parse_app, parse_app_update};
 pub use self::task::{
     AppStatus, Deployment, DeploymentId, DeploymentKind, DeploymentStatus, Exit, Goal, Health,
-    IpAddress, KillReason, Node, NodeId, NodeStatus, PortRange, ProcessHandle, Resources, Task,
-    TaskFailure, TaskId, TaskState,
+    IpAddress, KillReason, Node, NodeId, NodeStatus, OverlayEndpoint, PortRange, ProcessHandle,
+    Resources, Task, TaskFailure, TaskId, TaskState,
 };
 pub use self::vip::{VipAllocation, VipReadiness, VipSpec, VipTarget, parse_vip};
 

@@ -326,6 +326,19 @@ pub struct Node {
     pub status: NodeStatus,
     #[serde(default)]
     pub registered_at: String,
+    /// How other nodes reach this node's containers: its WireGuard public key and port (the
+    /// endpoint is `ip` and this port). None on a node without the overlay.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub overlay: Option<OverlayEndpoint>,
+}
+
+/// A node's WireGuard identity as its peers need it; the private key never leaves the node.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct OverlayEndpoint {
+    /// The public key, base64 as `wg` prints it.
+    pub public_key: String,
+    pub port: u16,
 }
 
 impl Node {

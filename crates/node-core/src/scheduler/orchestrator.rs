@@ -978,6 +978,7 @@ mod tests {
             attributes: Default::default(),
             status: NodeStatus::Active,
             registered_at: String::new(),
+            overlay: None,
         }
     }
 

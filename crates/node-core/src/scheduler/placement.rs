@@ -379,6 +379,7 @@ mod tests {
                 .collect(),
             status: NodeStatus::Active,
             registered_at: String::new(),
+            overlay: None,
         }
     }
 

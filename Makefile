@@ -3,7 +3,7 @@ SHELL := /bin/bash
 .DEFAULT_GOAL := help
 
 # Debian packages the build, the tests and the demo use.
-DEBIAN_PACKAGES := clang libbpf-dev bpftool cmake protobuf-compiler etcd-server etcd-client openssl wireguard-tools tcpdump iproute2 nftables dnsutils curl python3 util-linux procps
+DEBIAN_PACKAGES := clang libbpf-dev bpftool cmake protobuf-compiler etcd-server etcd-client openssl wireguard-tools wireguard-go iperf3 tcpdump iproute2 nftables dnsutils curl python3 util-linux procps
 # One target dir for every build, test and demo: nothing is built twice.
 export CARGO_TARGET_DIR ?= $(CURDIR)/target
 CARGO ?= cargo
@@ -44,6 +44,7 @@ bench: deps
 	bench/convergence.sh
 	bench/scale.sh
 	bench/l4lb.sh
+	bench/overlay.sh
 
 soak: deps
 	bench/soak.sh

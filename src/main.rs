@@ -70,6 +70,9 @@ enum Command {
     /// Inspect DNS: the records served, and lookups against the agent's server.
     #[command(subcommand)]
     Dns(cli::DnsCommand),
+    /// The WireGuard overlay: this node's device and its peers.
+    #[command(subcommand)]
+    Overlay(cli::OverlayCommand),
     /// Start a task's command, wait for it and record its exit status (used by the agent).
     #[command(hide = true)]
     TaskWait {
@@ -142,6 +145,7 @@ fn main() -> ExitCode {
                 Command::Deployment(cmd) => cmd.run(&client, json),
                 Command::Vip(cmd) => cmd.run(&client, json),
                 Command::Dns(cmd) => cmd.run(&client, json),
+                Command::Overlay(cmd) => cmd.run(&client, json),
                 Command::Agent { .. }
                 | Command::ContainerExec { .. }
                 | Command::TaskWait { .. } => {

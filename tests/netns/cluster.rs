@@ -4,6 +4,7 @@
 //! the `Cluster` is dropped, also when a test fails.
 
 use std::fs;
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
@@ -18,6 +19,15 @@ use crate::support::{Agent, NetNs, wait_until};
 const UNDERLAY: &str = "10.99.0";
 /// How long a node or leader may be silent: etcd's shortest lease with the test timing.
 const TTL: Duration = Duration::from_secs(2);
+
+/// A tag for WireGuard device names, distinct for every device this test process makes:
+/// their UAPI sockets (`/var/run/wireguard/<name>.sock`) are machine-wide, and tests of one
+/// process run in parallel. Short: a link name has at most 15 bytes.
+fn device_tag() -> String {
+    static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    format!("{}x{n}", std::process::id() % 100_000)
+}
 
 /// One etcd member in a namespace of its own.
 pub struct Member {
@@ -164,7 +174,7 @@ request_timeout = "2s"
             let link = format!("h{i}");
             cluster.plug(&ns, &link, &ip);
             // The overlay device's UAPI socket is machine-wide: a name of this run's own.
-            let device = format!("dw{}-{i}", std::process::id() % 1_000_000);
+            let device = format!("dw{}", device_tag());
             let extra = format!("{extra}[overlay]\nenabled = true\ndevice = \"{device}\"\n");
             let agent = Agent::start_node(&ns, &format!("node-{i}"), &ip, &extra);
             cluster.hosts.push(Host {
@@ -844,6 +854,12 @@ fn containers_on_every_node_reach_each_other_over_the_overlay() {
             "host {i}: {peers} {}",
             String::from_utf8_lossy(&out.stderr)
         );
+        let (ok, table, err) = h.agent.cli(&["overlay", "status"]);
+        assert!(ok, "{err}");
+        assert!(
+            table.contains("HANDSHAKE") && table.contains("node-"),
+            "{table}"
+        );
         let status = h.agent.get("/v1/overlay");
         assert_eq!(
             status["peers"].as_array().map(Vec::len),
@@ -1012,4 +1028,315 @@ fn overlay_peers_follow_the_nodes_and_an_agent_restart_is_a_short_gap() {
     });
     assert!(again, "node-3 is a peer again");
     assert!(reaches(&c), "node-1 still reaches node-2");
+}
+
+/// Processes a benchmark started (iperf3 servers, wireguard-go), ended by their PIDs.
+#[derive(Default)]
+struct Started(Vec<Child>);
+
+impl Drop for Started {
+    fn drop(&mut self) {
+        for child in &mut self.0 {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// Runs `args` in the namespace at `ns`, expecting success; its stdout.
+fn run_in_ns(ns: &str, args: &[&str]) -> String {
+    let out = Command::new("nsenter")
+        .arg(format!("--net={ns}"))
+        .args(args)
+        .output()
+        .expect("nsenter");
+    assert!(
+        out.status.success(),
+        "{args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// iperf3 from the namespace `ns` to `server:port` for 5 s with `streams` streams: Gbit/s
+/// received.
+fn iperf(ns: &str, server: &str, port: u16, streams: u32) -> f64 {
+    let mut last = String::new();
+    for _ in 0..20 {
+        let out = Command::new("nsenter")
+            .arg(format!("--net={ns}"))
+            .args([
+                "iperf3",
+                "-c",
+                server,
+                "-p",
+                &port.to_string(),
+                "-t",
+                "5",
+                "-J",
+            ])
+            .args(["-P", &streams.to_string()])
+            .output()
+            .expect("iperf3 (Debian's)");
+        if out.status.success() {
+            let v: Value = serde_json::from_slice(&out.stdout).expect("iperf3's JSON");
+            return v["end"]["sum_received"]["bits_per_second"]
+                .as_f64()
+                .unwrap_or(0.0)
+                / 1e9;
+        }
+        // The server may not listen yet.
+        last = String::from_utf8_lossy(&out.stdout).into_owned();
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    panic!("iperf3 to {server}:{port} from {ns} never ran: {last}");
+}
+
+fn cpu_secs(pid: u32) -> f64 {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .map(|(_, rest)| rest.split_whitespace().collect())
+        .unwrap_or_default();
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|f| f.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    (ticks(11) + ticks(12)) / 100.0
+}
+
+/// bench/overlay.sh runs this (`--ignored`, release build): iperf3 container to container
+/// across two hosts over dcnet's overlay, host to host over Debian's wireguard-go on the
+/// same underlay, and over the bare underlay veth, one stream and four, in one run.
+#[test]
+#[ignore = "a benchmark: bench/overlay.sh runs it on a release build"]
+fn overlay_bench() {
+    let c = Cluster::start(2, 1);
+    let mut started = Started::default();
+    let (h1, h2) = (c.hosts[0].ns.path(), c.hosts[1].ns.path());
+    c.hosts[0].agent.put_and_wait(
+        "/iperf",
+        &json!({"id": "/iperf", "cmd": "exec iperf3 -s -p 5201", "cpus": 0.5, "mem": 256,
+                "networks": [{"mode": "container"}], "constraints": [["hostname", "CLUSTER", "node-2"]]}),
+    );
+    c.hosts[0].agent.put_and_wait(
+        "/client",
+        &json!({"id": "/client", "cmd": "exec sleep 3600", "cpus": 0.5, "mem": 256,
+                "networks": [{"mode": "container"}], "constraints": [["hostname", "CLUSTER", "node-1"]]}),
+    );
+    let server = c.hosts[0].agent.running("/iperf")[0]["ipAddresses"][0]["ipAddress"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let client = c.hosts[0].agent.running("/client")[0]["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let client_ns = c.hosts[0].agent.task_netns(&client).display().to_string();
+
+    // The bare underlay: an iperf3 server in host 2's namespace.
+    started.0.push(
+        Command::new("nsenter")
+            .arg(format!("--net={h2}"))
+            .args(["iperf3", "-s", "-p", "5202"])
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    // wireguard-go between the two hosts, on a port and addresses of its own.
+    let wgo = [format!("wg{}", device_tag()), format!("wg{}", device_tag())];
+    let dir = tempfile::tempdir().unwrap();
+    let mut publics = Vec::new();
+    for (i, (ns, dev)) in [(&h1, &wgo[0]), (&h2, &wgo[1])].into_iter().enumerate() {
+        publics.push(wireguard_go(ns, dev, 51821, &mut started, dir.path()));
+        run_in_ns(
+            ns,
+            &[
+                "ip",
+                "addr",
+                "add",
+                &format!("10.201.0.{}/24", i + 1),
+                "dev",
+                dev,
+            ],
+        );
+        run_in_ns(ns, &["ip", "link", "set", dev, "mtu", "1420", "up"]);
+    }
+    for (i, (ns, dev)) in [(&h1, &wgo[0]), (&h2, &wgo[1])].into_iter().enumerate() {
+        let other = 1 - i;
+        run_in_ns(
+            ns,
+            &[
+                "wg",
+                "set",
+                dev,
+                "peer",
+                &publics[other],
+                "endpoint",
+                &format!("{}:51821", c.hosts[other].ip),
+                "allowed-ips",
+                &format!("10.201.0.{}/32", other + 1),
+            ],
+        );
+    }
+    started.0.push(
+        Command::new("nsenter")
+            .arg(format!("--net={h2}"))
+            .args(["iperf3", "-s", "-p", "5203", "-B", "10.201.0.2"])
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+
+    let pids: Vec<u32> = c.hosts.iter().filter_map(|h| h.agent.pid()).collect();
+    println!(
+        "{:<40} {:>7} {:>8} {:>14} {:>7} {:>18}",
+        "path", "streams", "Gbit/s", "x wireguard-go", "x bare", "agents' CPU s/Gbit"
+    );
+    for streams in [1, 4] {
+        let bare = iperf(&h1, &c.hosts[1].ip, 5202, streams);
+        let wg_go = iperf(&h1, "10.201.0.2", 5203, streams);
+        let cpu0: f64 = pids.iter().map(|p| cpu_secs(*p)).sum();
+        let dcnet = iperf(&client_ns, &server, 5201, streams);
+        let cpu = pids.iter().map(|p| cpu_secs(*p)).sum::<f64>() - cpu0;
+        let row = |name: &str, g: f64, cpu: Option<f64>| {
+            println!(
+                "{name:<40} {streams:>7} {g:>8.2} {:>14.2} {:>7.2} {:>18}",
+                g / wg_go,
+                g / bare,
+                cpu.map_or_else(|| "-".to_string(), |c| format!("{:.2}", c / (g * 5.0)))
+            );
+        };
+        row("bare underlay veth (host to host)", bare, None);
+        row("wireguard-go (host to host)", wg_go, None);
+        row("dcnet overlay (container to container)", dcnet, Some(cpu));
+    }
+    drop(started);
+    for dev in &wgo {
+        let _ = fs::remove_file(format!("/var/run/wireguard/{dev}.sock"));
+    }
+}
+
+/// A WireGuard device of Debian's wireguard-go in the namespace `ns`, with a new key; its
+/// public key. The process is added to `started`.
+fn wireguard_go(ns: &str, dev: &str, port: u16, started: &mut Started, dir: &Path) -> String {
+    started.0.push(
+        Command::new("nsenter")
+            .arg(format!("--net={ns}"))
+            .args(["wireguard-go", "-f", dev])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("wireguard-go (Debian's)"),
+    );
+    let key = Command::new("wg").arg("genkey").output().unwrap().stdout;
+    let path = dir.join(format!("{dev}.key"));
+    fs::write(&path, &key).unwrap();
+    let mut pubkey = Command::new("wg")
+        .arg("pubkey")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    {
+        use std::io::Write;
+        pubkey.stdin.take().unwrap().write_all(&key).unwrap();
+    }
+    let public = String::from_utf8(pubkey.wait_with_output().unwrap().stdout).unwrap();
+    let sock = format!("/var/run/wireguard/{dev}.sock");
+    assert!(
+        wait_until(Duration::from_secs(5), || Path::new(&sock).exists()),
+        "wireguard-go made {sock}"
+    );
+    run_in_ns(
+        ns,
+        &[
+            "wg",
+            "set",
+            dev,
+            "listen-port",
+            &port.to_string(),
+            "private-key",
+            &path.display().to_string(),
+        ],
+    );
+    public.trim().to_string()
+}
+
+#[test]
+fn a_host_whose_key_is_not_in_the_store_reaches_no_container() {
+    let c = Cluster::start(2, 1);
+    c.hosts[0]
+        .agent
+        .put_and_wait("/cweb", &container_app("/cweb", 2));
+    let tasks = c.hosts[0].agent.running("/cweb");
+    let on = |node: &str| tasks.iter().find(|t| t["nodeId"] == node).unwrap().clone();
+    let (t1, t2) = (on("node-1"), on("node-2"));
+    let ip1 = t1["ipAddresses"][0]["ipAddress"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let url = format!("http://{ip1}:8080/");
+    // The control: node-2's container reaches node-1's.
+    let t2_id = t2["id"].as_str().unwrap();
+    assert!(
+        wait_until(Duration::from_secs(15), || curl_from(&c, 1, t2_id, &url)
+            .is_ok()),
+        "node-2's container reaches node-1's"
+    );
+    // A host on the underlay with a WireGuard key of its own, pretending to be node-2's
+    // subnet and pointing at node-1, gets no handshake and reaches nothing.
+    let rogue = NetNs::new("rogue");
+    c.plug(&rogue, "r1", &format!("{UNDERLAY}.50"));
+    let mut started = Started::default();
+    let dir = tempfile::tempdir().unwrap();
+    let dev = format!("wr{}", device_tag());
+    wireguard_go(&rogue.path(), &dev, 51822, &mut started, dir.path());
+    let node1_key = c.hosts[0].agent.get("/v1/overlay")["publicKey"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    run_in_ns(
+        &rogue.path(),
+        &[
+            "wg",
+            "set",
+            &dev,
+            "peer",
+            &node1_key,
+            "endpoint",
+            &format!("{}:51820", c.hosts[0].ip),
+            "allowed-ips",
+            "10.128.0.0/16",
+            "persistent-keepalive",
+            "1",
+        ],
+    );
+    run_in_ns(
+        &rogue.path(),
+        &["ip", "addr", "add", "10.128.1.200/32", "dev", &dev],
+    );
+    run_in_ns(&rogue.path(), &["ip", "link", "set", &dev, "up"]);
+    run_in_ns(
+        &rogue.path(),
+        &["ip", "route", "add", "10.128.0.0/24", "dev", &dev],
+    );
+    let out = Command::new("nsenter")
+        .arg(format!("--net={}", rogue.path()))
+        .args(["curl", "-sS", "--max-time", "3", &url])
+        .output()
+        .unwrap();
+    assert!(
+        !out.status.success(),
+        "the rogue host reached node-1's container"
+    );
+    let shown = run_in_ns(&rogue.path(), &["wg", "show", &dev, "latest-handshakes"]);
+    assert!(
+        shown.split_whitespace().nth(1) == Some("0"),
+        "node-1 never completed a handshake with an unknown key: {shown}"
+    );
+    drop(started);
+    let _ = fs::remove_file(format!("/var/run/wireguard/{dev}.sock"));
 }

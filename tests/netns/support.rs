@@ -268,6 +268,11 @@ cgroup_parent = "{cgroup_parent}"
         self.dir.path().join("agent.toml")
     }
 
+    /// The agent's process id (nsenter execs it), while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
     pub fn log_path(&self) -> PathBuf {
         self.dir.path().join("agent.log")
     }

@@ -36,6 +36,8 @@ pub use self::peers::{PeerSpec, Peers, peers_from};
 /// How often a peer is sent a keepalive, so that its endpoint stays known through NAT and
 /// a dead one is noticed.
 const KEEPALIVE_SECS: u16 = 25;
+/// The WireGuard UDP socket's buffers.
+const UDP_BUFFER: usize = 4 << 20;
 
 #[derive(Clone, Debug)]
 pub struct Config {
@@ -91,6 +93,10 @@ impl Overlay {
             })?;
         let device = DeviceBuilder::new()
             .with_default_udp()
+            // A bulk stream fills the default buffers between two reads (the kernel caps
+            // these at net.core.{r,w}mem_max).
+            .udp_recv_buffer_size(UDP_BUFFER)
+            .udp_send_buffer_size(UDP_BUFFER)
             .with_listen_port(cfg.port)
             .create_tun(&cfg.device)
             .map_err(device_err)?

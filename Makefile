@@ -12,7 +12,7 @@ DCNET := $(CARGO_TARGET_DIR)/debug/dcnet
 .PHONY: help deps build test demo bench soak lint fmt
 
 help:
-	@echo "make demo   - build, run a single-node agent in a throw-away netns, deploy examples/, clean up"
+	@echo "make demo   - build, run two nodes on etcd in throw-away netns (DNS, eBPF VIPs, the overlay), deploy examples/, clean up"
 	@echo "make test   - every test: unit, integration and the netns end-to-end tests (as root)"
 	@echo "make bench  - benchmarks: placement, DNS (vs Knot, NSD), convergence (embedded, 3 nodes on etcd), scale (simulated nodes), L4LB (vs HAProxy, direct)"
 	@echo "make soak   - a minute of DNS and API floods from a container while apps deploy; peak RSS and fds"

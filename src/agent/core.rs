@@ -80,6 +80,7 @@ pub(super) async fn open(
             node: node.id.clone(),
             node_ip,
             subnet,
+            range: cfg.containers.range,
             bridge: cfg.containers.bridge.clone(),
             mtu: cfg.containers.mtu,
             netns_dir: cfg.state_dir.join("netns"),

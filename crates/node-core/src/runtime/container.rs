@@ -38,6 +38,10 @@ pub struct ContainerConfig {
     pub node_ip: Ipv4Addr,
     /// The node's container subnet; its first address is the gateway and DNS server.
     pub subnet: Subnet,
+    /// Every node's container subnets: what containers reach with their own address (over
+    /// the overlay); anything else they reach from the node's address (masquerade), so that
+    /// answers come back the way the request went.
+    pub range: Subnet,
     pub bridge: String,
     pub mtu: u32,
     /// Where namespace files are mounted, one per task.
@@ -86,8 +90,17 @@ fn tag(task: &TaskId) -> String {
     format!("{:011x}", h & 0xfff_ffff_ffff)
 }
 
-/// The nftables ruleset that publishes `rules` on `node_ip`, replacing the table whole.
-pub fn render_nat(node_ip: Ipv4Addr, rules: &[NatRule]) -> String {
+/// The nftables ruleset, replacing the table whole: `rules` published on `node_ip`, and the
+/// masquerade of what containers of `subnet` send outside `range` and their bridge (a host
+/// task on another node answers the node, over the underlay, rather than a container address
+/// it would route into the overlay).
+pub fn render_nat(
+    node_ip: Ipv4Addr,
+    subnet: Subnet,
+    range: Subnet,
+    bridge: &str,
+    rules: &[NatRule],
+) -> String {
     let mut out = String::from("table ip dcnet {}\nflush table ip dcnet\ntable ip dcnet {\n");
     for (chain, hook, priority) in [
         ("prerouting", "prerouting", "dstnat"),
@@ -107,6 +120,9 @@ pub fn render_nat(node_ip: Ipv4Addr, rules: &[NatRule]) -> String {
         }
         out.push_str("  }\n");
     }
+    out.push_str(&format!(
+        "  chain postrouting {{\n    type nat hook postrouting priority srcnat; policy accept;\n    ip saddr {subnet} ip daddr != {range} oifname != \"{bridge}\" masquerade\n  }}\n"
+    ));
     out.push_str("}\n");
     out
 }
@@ -162,13 +178,19 @@ impl ContainerRuntime {
     /// time, computing the set under the same lock, so that a slower writer never puts back an
     /// older set.
     async fn apply_nat(&self) {
-        if let Err(e) = self.try_apply_nat().await {
+        if let Err(e) = self.write_nat(false).await {
             warn!(error = %e, "could not apply the port mappings with nft");
         }
     }
 
     /// Writes the ruleset; an error says why nft refused it.
     async fn try_apply_nat(&self) -> Result<(), String> {
+        self.write_nat(false).await
+    }
+
+    /// Writes the ruleset if it changed; with nothing published and nothing written yet,
+    /// only when `is_needed` (a container starts: it needs the masquerade).
+    async fn write_nat(&self, is_needed: bool) -> Result<(), String> {
         let mut applied = self.applied.lock().await;
         let rules: Vec<NatRule> = self
             .nat
@@ -178,8 +200,16 @@ impl ContainerRuntime {
             .flatten()
             .cloned()
             .collect();
-        let ruleset = render_nat(self.cfg.node_ip, &rules);
-        if applied.as_deref() == Some(ruleset.as_str()) || (applied.is_none() && rules.is_empty()) {
+        let ruleset = render_nat(
+            self.cfg.node_ip,
+            self.cfg.subnet,
+            self.cfg.range,
+            &self.cfg.bridge,
+            &rules,
+        );
+        if applied.as_deref() == Some(ruleset.as_str())
+            || (applied.is_none() && rules.is_empty() && !is_needed)
+        {
             return Ok(());
         }
         run_nft(&ruleset).await.map_err(|e| e.to_string())?;
@@ -312,6 +342,9 @@ impl Runtime for ContainerRuntime {
                 self.cleanup(&spec.task).await;
                 return Err(net("publishing the port mappings with nft", e));
             }
+        } else if let Err(e) = self.write_nat(true).await {
+            // The masquerade, for what the container sends off the cluster's container range.
+            warn!(error = %e, "could not apply the container masquerade with nft");
         }
         let wrapper: Vec<String> = vec![
             self.cfg.shim.display().to_string(),
@@ -458,14 +491,31 @@ mod tests {
             ip: Ipv4Addr::new(10, 128, 0, 2),
             container_port: 80,
         }];
-        let text = render_nat(Ipv4Addr::new(192, 0, 2, 10), &rules);
+        let (subnet, range) = (
+            "10.128.0.0/24".parse().unwrap(),
+            "10.128.0.0/9".parse().unwrap(),
+        );
+        let text = render_nat(
+            Ipv4Addr::new(192, 0, 2, 10),
+            subnet,
+            range,
+            "dcnet0",
+            &rules,
+        );
         assert!(text.starts_with("table ip dcnet {}\nflush table ip dcnet\n"));
         assert_eq!(
             text.matches("ip daddr 192.0.2.10 tcp dport 31000 dnat to 10.128.0.2:80")
                 .count(),
             2
         );
-        assert!(render_nat(Ipv4Addr::LOCALHOST, &[]).contains("chain output"));
+        let empty = render_nat(Ipv4Addr::LOCALHOST, subnet, range, "dcnet0", &[]);
+        assert!(empty.contains("chain output"));
+        assert!(
+            empty.contains(
+                "ip saddr 10.128.0.0/24 ip daddr != 10.128.0.0/9 oifname != \"dcnet0\" masquerade"
+            ),
+            "{empty}"
+        );
     }
 
     #[test]

@@ -49,7 +49,8 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
     let dns_routes = dns::start(&cfg, &node, core.state(), &registry, &mut supervisor)?;
     let l4lb_routes =
         l4lb::start(&cfg, &node, store, core.state(), &registry, &mut supervisor).await?;
-    let overlay_routes = overlay::start(&cfg, &node, core.state(), &mut supervisor).await?;
+    let overlay_routes =
+        overlay::start(&cfg, &node, core.state(), &registry, &mut supervisor).await?;
     let refused = api::Refused::register(&registry)?;
     let app = api::router(
         &cfg,

@@ -16,18 +16,23 @@ pub(super) async fn start(
     cfg: &AgentConfig,
     node: &Node,
     state: watch::Receiver<Arc<ClusterState>>,
+    registry: &prometheus::Registry,
     supervisor: &mut Supervisor,
 ) -> anyhow::Result<axum::Router> {
     let Some(key) = node.overlay_key.clone() else {
         return Ok(axum::Router::new());
     };
-    let plane = overlay::Overlay::start(overlay::Config {
-        node: node.node.id.clone(),
-        device: cfg.overlay.device.clone(),
-        port: cfg.overlay.port,
-        mtu: cfg.overlay.mtu,
-        private_key: key,
-    })
+    let metrics = overlay::Metrics::register(registry).context("registering overlay metrics")?;
+    let plane = overlay::Overlay::start(
+        overlay::Config {
+            node: node.node.id.clone(),
+            device: cfg.overlay.device.clone(),
+            port: cfg.overlay.port,
+            mtu: cfg.overlay.mtu,
+            private_key: key,
+        },
+        metrics,
+    )
     .await
     .with_context(|| {
         format!(

@@ -874,6 +874,26 @@ fn containers_on_every_node_reach_each_other_over_the_overlay() {
                 .all(|p| p["rxBytes"].as_u64() > Some(0)),
             "every peer has sent something: {status}"
         );
+        // The same, per peer, in Prometheus (sampled every 5 s).
+        let others: Vec<String> = c
+            .hosts
+            .iter()
+            .filter(|o| o.device != h.device)
+            .map(Host::node_id)
+            .collect();
+        let mut text = String::new();
+        let sampled = wait_until(Duration::from_secs(10), || {
+            text = h
+                .agent
+                .http("GET", "/metrics", None)
+                .map(|(_, v)| v.as_str().unwrap_or_default().to_string())
+                .unwrap_or_default();
+            text.contains("dcnet_overlay_peers 2")
+                && others.iter().all(|n| {
+                    text.contains(&format!("dcnet_overlay_peer_receive_bytes{{node=\"{n}\"}}"))
+                })
+        });
+        assert!(sampled, "host {i}'s /metrics has a series per peer: {text}");
     }
 }
 

@@ -14,6 +14,7 @@
 #![forbid(unsafe_code)]
 
 pub mod keys;
+mod metrics;
 mod peers;
 
 use std::collections::BTreeMap;
@@ -31,11 +32,14 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
+pub use self::metrics::Metrics;
 pub use self::peers::{PeerSpec, Peers, peers_from};
 
 /// How often a peer is sent a keepalive, so that its endpoint stays known through NAT and
 /// a dead one is noticed.
 const KEEPALIVE_SECS: u16 = 25;
+/// How often the peers' counters are read into the metrics.
+const SAMPLE_EVERY: std::time::Duration = std::time::Duration::from_secs(5);
 /// The WireGuard UDP socket's buffers.
 const UDP_BUFFER: usize = 4 << 20;
 
@@ -76,12 +80,13 @@ pub struct Overlay {
     device: Arc<Device<DefaultDeviceTransports>>,
     netlink: dcnet_netns::Netlink,
     applied: tokio::sync::Mutex<Peers>,
+    metrics: Metrics,
 }
 
 impl Overlay {
     /// Creates the TUN device and the WireGuard device on it, up, with no peers yet. Call
     /// on the node's namespace (the agent runs in it).
-    pub async fn start(cfg: Config) -> Result<Self, Error> {
+    pub async fn start(cfg: Config, metrics: Metrics) -> Result<Self, Error> {
         let device_err = |error| Error::Device {
             device: cfg.device.clone(),
             error,
@@ -126,6 +131,7 @@ impl Overlay {
             device: Arc::new(device),
             netlink,
             applied: tokio::sync::Mutex::new(Peers::new()),
+            metrics,
         })
     }
 
@@ -147,18 +153,42 @@ impl Overlay {
         mut state: watch::Receiver<Arc<ClusterState>>,
         shutdown: CancellationToken,
     ) {
+        let mut sample = tokio::time::interval(SAMPLE_EVERY);
+        sample.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             let snap = state.borrow_and_update().clone();
             if snap.is_loaded() {
                 let desired = peers_from(&snap, &self.cfg.node);
                 let mut applied = self.applied.lock().await;
                 if desired != *applied {
-                    *applied = self.apply(&applied, &desired).await;
+                    let next = self.apply(&applied, &desired).await;
+                    for gone in applied.iter().filter(|(k, _)| !next.contains_key(*k)) {
+                        self.metrics.forget(&gone.1.node.0);
+                    }
+                    self.metrics.peers(next.len());
+                    *applied = next;
                 }
             }
             tokio::select! {
                 res = state.changed() => if res.is_err() { return },
+                _ = sample.tick() => self.sample().await,
                 () = shutdown.cancelled() => return,
+            }
+        }
+    }
+
+    /// Reads every peer's counters into the metrics.
+    async fn sample(&self) {
+        let applied = self.applied.lock().await.clone();
+        for p in self.device.peers().await {
+            let key = keys::public_to_base64(&p.peer.public_key);
+            if let Some(spec) = applied.get(&key) {
+                self.metrics.observe(
+                    &spec.node.0,
+                    p.stats.rx_bytes as u64,
+                    p.stats.tx_bytes as u64,
+                    p.stats.last_handshake.map(|d| d.as_secs()),
+                );
             }
         }
     }

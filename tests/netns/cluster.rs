@@ -152,38 +152,8 @@ impl Cluster {
         }
         let healthy = wait_until(Duration::from_secs(30), || cluster.etcd_is_healthy());
         assert!(healthy, "etcd did not become healthy");
-        let extra = format!(
-            r#"[store]
-node_ttl = "{ttl}s"
-leader_ttl = "{ttl}s"
-[store.etcd]
-endpoints = [{endpoints}]
-request_timeout = "2s"
-"#,
-            ttl = TTL.as_secs(),
-            endpoints = cluster
-                .members
-                .iter()
-                .map(|m| format!("\"{}\"", m.spec.client_url))
-                .collect::<Vec<_>>()
-                .join(", "),
-        );
-        for i in 1..=hosts {
-            let ns = NetNs::new(&format!("host{i}"));
-            let ip = format!("{UNDERLAY}.{}", 10 + i);
-            let link = format!("h{i}");
-            cluster.plug(&ns, &link, &ip);
-            // The overlay device's UAPI socket is machine-wide: a name of this run's own.
-            let device = format!("dw{}", device_tag());
-            let extra = format!("{extra}[overlay]\nenabled = true\ndevice = \"{device}\"\n");
-            let agent = Agent::start_node(&ns, &format!("node-{i}"), &ip, &extra);
-            cluster.hosts.push(Host {
-                agent,
-                ns,
-                ip,
-                link,
-                device,
-            });
+        for _ in 0..hosts {
+            cluster.add_host();
         }
         let all = wait_until(Duration::from_secs(20), || {
             cluster.hosts.iter().all(|h| {
@@ -200,6 +170,44 @@ request_timeout = "2s"
             started.elapsed()
         );
         cluster
+    }
+
+    /// Starts one more host (`node-<n>`, on the underlay at .1n) with its agent, and returns
+    /// its index.
+    pub fn add_host(&mut self) -> usize {
+        let i = self.hosts.len() + 1;
+        let extra = format!(
+            r#"[store]
+node_ttl = "{ttl}s"
+leader_ttl = "{ttl}s"
+[store.etcd]
+endpoints = [{endpoints}]
+request_timeout = "2s"
+"#,
+            ttl = TTL.as_secs(),
+            endpoints = self
+                .members
+                .iter()
+                .map(|m| format!("\"{}\"", m.spec.client_url))
+                .collect::<Vec<_>>()
+                .join(", "),
+        );
+        let ns = NetNs::new(&format!("host{i}"));
+        let ip = format!("{UNDERLAY}.{}", 10 + i);
+        let link = format!("h{i}");
+        self.plug(&ns, &link, &ip);
+        // The overlay device's UAPI socket is machine-wide: a name of this run's own.
+        let device = format!("dw{}", device_tag());
+        let extra = format!("{extra}[overlay]\nenabled = true\ndevice = \"{device}\"\n");
+        let agent = Agent::start_node(&ns, &format!("node-{i}"), &ip, &extra);
+        self.hosts.push(Host {
+            agent,
+            ns,
+            ip,
+            link,
+            device,
+        });
+        i - 1
     }
 
     /// A veth from the bridge to `ns`, `ip`/24 on the far end.
@@ -1359,4 +1367,73 @@ fn a_host_whose_key_is_not_in_the_store_reaches_no_container() {
     );
     drop(started);
     let _ = fs::remove_file(format!("/var/run/wireguard/{dev}.sock"));
+}
+
+/// The interface index of host `host`'s overlay device: the same index means the same device
+/// (a device made anew gets a new one).
+fn device_index(c: &Cluster, host: usize) -> String {
+    let line = c.hosts[host]
+        .ns
+        .ip(&["-o", "link", "show", &c.hosts[host].device]);
+    line.split(':')
+        .next()
+        .unwrap_or_default()
+        .trim()
+        .to_string()
+}
+
+#[test]
+fn a_fourth_host_joins_the_overlay_without_restarting_any_device_and_leaves_it() {
+    let mut c = Cluster::start(3, 1);
+    c.hosts[0]
+        .agent
+        .put_and_wait("/cweb", &container_app("/cweb", 3));
+    let before: Vec<String> = (0..3).map(|h| device_index(&c, h)).collect();
+    let fourth = c.add_host();
+    // Every device now has the new node as a peer.
+    let joined = wait_until(Duration::from_secs(15), || {
+        (0..4).all(|h| wg_peers(&c, h) == 3)
+    });
+    assert!(
+        joined,
+        "every host has 3 peers: {:?}",
+        (0..4).map(|h| wg_peers(&c, h)).collect::<Vec<_>>()
+    );
+    // A fourth instance goes to the new node (GROUP_BY), and node-1's container reaches it.
+    c.hosts[0]
+        .agent
+        .put_and_wait("/cweb", &json!({"instances": 4}));
+    let tasks = c.hosts[0].agent.running("/cweb");
+    let new = tasks
+        .iter()
+        .find(|t| t["nodeId"] == "node-4")
+        .expect("an instance on node-4");
+    let from = tasks.iter().find(|t| t["nodeId"] == "node-1").unwrap();
+    let (new_id, new_ip) = (
+        new["id"].as_str().unwrap(),
+        new["ipAddresses"][0]["ipAddress"].as_str().unwrap(),
+    );
+    let url = format!("http://{new_ip}:8080/");
+    let reached = wait_until(Duration::from_secs(15), || {
+        curl_from(&c, 0, from["id"].as_str().unwrap(), &url).is_ok_and(|p| p.contains(new_id))
+    });
+    assert!(reached, "node-1's container reaches node-4's");
+    let after: Vec<String> = (0..3).map(|h| device_index(&c, h)).collect();
+    assert_eq!(before, after, "no device was made anew for the new peer");
+    // The fourth host goes: its peer and its route leave every other host.
+    let subnet = new_ip.rsplit_once('.').unwrap().0.to_string() + ".0/24";
+    c.hosts[fourth]
+        .agent
+        .stop(nix::sys::signal::Signal::SIGKILL);
+    let left = wait_until(TTL + Duration::from_secs(15), || {
+        (0..3).all(|h| wg_peers(&c, h) == 2)
+    });
+    assert!(left, "node-4's peer is gone everywhere");
+    for h in 0..3 {
+        let routes = c.hosts[h].ns.ip(&["route"]);
+        assert!(
+            !routes.contains(&subnet),
+            "host {h} still routes {subnet}: {routes}"
+        );
+    }
 }

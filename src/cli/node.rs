@@ -6,12 +6,33 @@ use super::*;
 pub enum NodeCommand {
     /// List nodes with their resources and use.
     List,
+    /// Forget a node that is gone for good (its agent stopped and its lease expired): its
+    /// container subnet is freed for a new node.
+    Remove {
+        /// The node's id.
+        id: String,
+    },
 }
 
 impl NodeCommand {
     pub fn run(self, client: &Client, json: bool) -> anyhow::Result<()> {
         match self {
             NodeCommand::List => node_list(client, json),
+            NodeCommand::Remove { id } => {
+                let v = client.call("DELETE", &format!("/v1/nodes/{id}"), None)?;
+                if json {
+                    println!("{v}");
+                } else {
+                    let freed: Vec<String> = v["freedSubnets"]
+                        .as_array()
+                        .into_iter()
+                        .flatten()
+                        .map(s)
+                        .collect();
+                    println!("removed node {id}; freed subnets: {}", freed.join(", "));
+                }
+                Ok(())
+            }
         }
     }
 }

@@ -458,6 +458,39 @@ fn three_nodes_spread_and_a_killed_agent_s_tasks_move_without_duplicates() {
         );
     }
 
+    // An operator cannot remove a node whose agent is alive, nor one that never was; a lost
+    // node's container subnet is freed by removing it.
+    let (status, body) = c.hosts[0]
+        .agent
+        .http("DELETE", "/v1/nodes/node-1", None)
+        .unwrap();
+    assert_eq!(status, 409, "{body}");
+    assert!(
+        body["message"].as_str().unwrap().contains("is registered"),
+        "{body}"
+    );
+    let (status, body) = c.hosts[0]
+        .agent
+        .http("DELETE", "/v1/nodes/node-9", None)
+        .unwrap();
+    assert_eq!(status, 404, "{body}");
+    let holds = |c: &Cluster| {
+        let subnets = c.hosts[0].agent.get("/v1/state")["subnets"].clone();
+        subnets
+            .as_object()
+            .unwrap()
+            .values()
+            .any(|l| l["node"] == "node-3")
+    };
+    assert!(
+        holds(&c),
+        "a lost node keeps its subnet until it is removed"
+    );
+    let (ok, out, err) = c.hosts[0].agent.cli(&["node", "remove", "node-3"]);
+    assert!(ok, "{err}");
+    assert!(out.contains("freed subnets: 10.128."), "{out}");
+    assert!(!holds(&c), "node-3's subnet is free");
+
     // node-3 comes back: what it ran was replaced, so it runs none of it.
     c.hosts[2].agent.restart();
     let stopped = wait_until(Duration::from_secs(15), || {

@@ -18,8 +18,8 @@ use tokio::sync::watch;
 
 use crate::keys::{self, SharedStore};
 use crate::model::{
-    App, AppId, Deployment, DeploymentId, DeploymentKind, DeploymentStatus, Invalid, Parsed, Task,
-    now_rfc3339, parse_app, parse_app_update,
+    App, AppId, Deployment, DeploymentId, DeploymentKind, DeploymentStatus, Invalid, NodeId,
+    Parsed, Task, now_rfc3339, parse_app, parse_app_update,
 };
 use crate::state::ClusterState;
 use crate::store::{Op, Precondition, StoreError};
@@ -135,6 +135,7 @@ pub(crate) fn router(api: Api) -> Router {
         .route("/v2/deployments", get(list_deployments))
         .route("/v2/deployments/{id}", get(get_deployment))
         .route("/v1/nodes", get(list_nodes))
+        .route("/v1/nodes/{id}", axum::routing::delete(remove_node))
         .route("/v1/state", get(get_state))
         .route("/v1/state/watch", get(watch_state))
         .with_state(api)
@@ -634,6 +635,57 @@ async fn list_nodes(State(api): State<Api>) -> Json<Value> {
         })
         .collect();
     Json(json!({"nodes": nodes}))
+}
+
+/// `DELETE /v1/nodes/{id}`: forgets a node that is gone for good, freeing its container
+/// subnet for a new node and dropping its VIP readiness. A registered node (its agent keeps its
+/// lease) is refused, in the same transaction as the removal, so that an agent starting again
+/// meanwhile keeps what it holds.
+async fn remove_node(State(api): State<Api>, Path(id): Path<String>) -> ApiResult {
+    let node = NodeId(id.clone());
+    let state = api.state.borrow().clone();
+    let registered = || {
+        ApiError::new(
+            StatusCode::CONFLICT,
+            format!(
+                "node `{id}` is registered (its agent keeps its lease): stop its agent, and remove the node once it is lost"
+            ),
+        )
+    };
+    if state.nodes.contains_key(&node) {
+        return Err(registered());
+    }
+    let subnets: Vec<String> = state
+        .subnets
+        .iter()
+        .filter(|(_, lease)| lease.node == node)
+        .map(|(subnet, _)| subnet.to_string())
+        .collect();
+    let mut ops: Vec<Op> = state
+        .subnets
+        .iter()
+        .filter(|(_, lease)| lease.node == node)
+        .map(|(subnet, _)| Op::delete(keys::subnet(subnet), Precondition::Any))
+        .collect();
+    if state.vip_ready.contains_key(&node) {
+        ops.push(Op::delete(keys::vip_ready(&node), Precondition::Any));
+    }
+    if ops.is_empty() {
+        return Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            format!("node `{id}` is not known: nothing of it is left to remove"),
+        ));
+    }
+    ops.push(Op::check(keys::node(&node), Precondition::Absent));
+    let rev = match api.store.txn(ops).await {
+        Ok(rev) => rev,
+        Err(StoreError::Conflict { key, .. }) if key == keys::node(&node) => {
+            return Err(registered());
+        }
+        Err(e) => return Err(e.into()),
+    };
+    api.caught_up(rev).await;
+    Ok(Json(json!({"node": id, "freedSubnets": subnets})).into_response())
 }
 
 async fn get_state(State(api): State<Api>) -> Json<Value> {

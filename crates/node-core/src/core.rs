@@ -228,6 +228,7 @@ async fn count(metrics: Metrics, req: Request, next: Next) -> Response {
         Some("/v2/deployments") => "/v2/deployments",
         Some("/v2/deployments/{id}") => "/v2/deployments/{id}",
         Some("/v1/nodes") => "/v1/nodes",
+        Some("/v1/nodes/{id}") => "/v1/nodes/{id}",
         Some("/v1/state") => "/v1/state",
         Some("/v1/state/watch") => "/v1/state/watch",
         Some("/ping") => "/ping",

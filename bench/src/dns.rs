@@ -344,35 +344,16 @@ async fn bench_node(
     })
 }
 
-/// `converge N [--nodes K] [--etcd]`: K nodes (each its own node-core, DNS plane and eBPF
-/// VIP table, and with `--etcd` its own etcd connection) in one process, on the embedded
-/// store or on an etcd member started for the run. N apps and N tasks are written one by one;
-/// each task's time is until its name answers and its VIP backend is served on every node.
-async fn converge(n: usize, nodes: usize, on_etcd: bool) -> anyhow::Result<()> {
+/// Writes the node the benchmark's tasks live on (no process of the benchmark runs it) and
+/// `n` apps that cannot be placed, each port behind one of 100 named VIPs, in transactions of
+/// 100; returns only what a task needs of each app (an agent holds the apps, the benchmark
+/// should not hold a second copy in the memory it reports).
+async fn write_apps(
+    store: &dyn dcnet_node_core::store::Store,
+    n: usize,
+) -> anyhow::Result<Vec<App>> {
     use dcnet_node_core::keys;
-    use dcnet_node_core::store::{Embedded, Op, Precondition, Store};
-
-    let dir = tempfile::tempdir()?;
-    let etcd = if on_etcd {
-        Some(dcnet_node_core::test_util::EtcdProcess::start().await)
-    } else {
-        None
-    };
-    let embedded: Option<Arc<dyn Store>> = match &etcd {
-        None => Some(Arc::new(Embedded::open(&dir.path().join("store.redb"))?)),
-        Some(_) => None,
-    };
-    // Each node has its own connection to etcd, as each agent does.
-    let connect = || async {
-        match (&embedded, &etcd) {
-            (Some(store), _) => store.clone(),
-            (_, Some(etcd)) => Arc::new(etcd.store().await) as Arc<dyn Store>,
-            (None, None) => unreachable!("one of the two"),
-        }
-    };
-    let store = connect().await;
-    // The tasks live on a node that no process of this benchmark runs, and their apps
-    // cannot be placed, so nothing but the records follows the writes.
+    use dcnet_node_core::store::{Op, Precondition};
     let other = node("bench-node-x", "192.0.2.2");
     store
         .put(
@@ -381,10 +362,6 @@ async fn converge(n: usize, nodes: usize, on_etcd: bool) -> anyhow::Result<()> {
             Precondition::Any,
         )
         .await?;
-    // Every app's port is behind one of 100 named VIPs (a few hundred backends each at the
-    // largest size), served by the eBPF data plane. Apps go in in transactions of 100.
-    // The writer keeps only what a task needs of its app (an agent holds the apps, the
-    // benchmark should not hold a second copy in the memory it reports).
     let mut apps: Vec<App> = Vec::with_capacity(n);
     let mut ops = Vec::new();
     for i in 0..n {
@@ -399,20 +376,27 @@ async fn converge(n: usize, nodes: usize, on_etcd: bool) -> anyhow::Result<()> {
             store.txn(std::mem::take(&mut ops)).await?;
         }
     }
-    let shutdown = CancellationToken::new();
-    let mut supervisor = dcnet_node_core::Supervisor::new(shutdown.clone(), Default::default());
-    let mut members = Vec::new();
-    for k in 1..=nodes {
-        members.push(bench_node(k, dir.path(), connect().await, &mut supervisor, &shutdown).await?);
-    }
+    Ok(apps)
+}
 
-    let setup_cpu = cpu_time()?;
-    let mut times = Vec::with_capacity(n);
-    let mut vip_times = Vec::with_capacity(n);
+/// Each node's DNS server and VIP view.
+type Targets = Vec<(SocketAddr, dcnet_l4lb::ViewSlot)>;
+
+/// Writes a RUNNING task of each app, one by one, and times each until its name answers on
+/// every target's DNS server and its VIP backend is in every target's view: the times of the
+/// last node, DNS and VIP, each sorted. A task that is not everywhere within `limit` ends the
+/// run with an error naming how many nodes lacked it.
+async fn time_tasks(
+    store: Arc<dyn dcnet_node_core::store::Store>,
+    apps: Vec<App>,
+    targets: Targets,
+    read_timeout: Duration,
+    limit: Duration,
+) -> anyhow::Result<(Vec<Duration>, Vec<Duration>)> {
+    use dcnet_node_core::keys;
+    use dcnet_node_core::store::Precondition;
+    let n = apps.len();
     let (tx, mut rx) = tokio::sync::mpsc::channel::<(Duration, Duration)>(1);
-    let store2 = store.clone();
-    let targets: Vec<(SocketAddr, dcnet_l4lb::ViewSlot)> =
-        members.iter().map(|m| (m.dns, m.vips.clone())).collect();
     let writer = tokio::spawn(async move {
         let clients: Vec<UdpSocket> = targets
             .iter()
@@ -420,7 +404,7 @@ async fn converge(n: usize, nodes: usize, on_etcd: bool) -> anyhow::Result<()> {
                 let client = UdpSocket::bind("127.0.0.1:0").expect("a client socket");
                 client.connect(server).expect("connect");
                 client
-                    .set_read_timeout(Some(Duration::from_millis(200)))
+                    .set_read_timeout(Some(read_timeout))
                     .expect("timeout");
                 client
             })
@@ -430,13 +414,13 @@ async fn converge(n: usize, nodes: usize, on_etcd: bool) -> anyhow::Result<()> {
             let t = task(a, 0, "bench-node-x", ip);
             let name = Name::from_ascii(format!("app-{i}-bench.marathon.mesos.")).expect("a name");
             let started = Instant::now();
-            store2
+            store
                 .put(&keys::task(&t.id), keys::to_json(&t), Precondition::Absent)
                 .await
                 .expect("write");
-            let deadline = started + Duration::from_secs(10);
+            let deadline = started + limit;
             let backend = SocketAddr::new(IpAddr::V4(ip), 80);
-            // When the last node answered, and when the last node served the backend.
+            // When each node answered, and when each node served the backend.
             let mut dns_at = vec![None; clients.len()];
             let mut vip_at = vec![None; clients.len()];
             tokio::task::block_in_place(|| {
@@ -460,41 +444,104 @@ async fn converge(n: usize, nodes: usize, on_etcd: bool) -> anyhow::Result<()> {
                     .into_iter()
                     .max()
             };
-            let (Some(dns_at), Some(vip_at)) = (last(&dns_at), last(&vip_at)) else {
+            let (Some(d), Some(v)) = (last(&dns_at), last(&vip_at)) else {
+                let missing = |v: &[Option<Duration>]| v.iter().filter(|t| t.is_none()).count();
+                eprintln!(
+                    "task {i}: {} nodes never answered its name, {} never served its VIP backend",
+                    missing(&dns_at),
+                    missing(&vip_at)
+                );
                 return;
             };
-            if tx.send((dns_at, vip_at)).await.is_err() {
+            if tx.send((d, v)).await.is_err() {
                 return;
             }
         }
     });
+    let mut times = Vec::with_capacity(n);
+    let mut vip_times = Vec::with_capacity(n);
     while let Some((t, v)) = rx.recv().await {
         times.push(t);
         vip_times.push(v);
     }
     let _ = writer.await;
-    shutdown.cancel();
     if times.len() != n {
         anyhow::bail!(
-            "only {} of {n} tasks answered and were served on every node within 10 s",
+            "only {} of {n} tasks answered and were served on every node within {limit:?}",
             times.len()
         );
     }
     times.sort();
     vip_times.sort();
-    let at = |v: &[Duration], p: f64| {
-        v[((v.len() as f64 * p) as usize).min(v.len() - 1)].as_secs_f64() * 1000.0
-    };
-    let pct = |p: f64| at(&times, p);
-    let vip = |p: f64| at(&vip_times, p);
-    // The whole process is the nodes' node-cores and planes: its peak memory per node, and
-    // the CPU it spent per task written (every plane's share of one change, on every node).
+    Ok((times, vip_times))
+}
+
+/// The `p` quantile of sorted times, in milliseconds.
+fn quantile_ms(sorted: &[Duration], p: f64) -> f64 {
+    sorted[((sorted.len() as f64 * p) as usize).min(sorted.len() - 1)].as_secs_f64() * 1000.0
+}
+
+/// This process's peak resident memory, in KiB.
+fn peak_rss_kib() -> u64 {
     let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    let peak_kib: u64 = status
+    status
         .lines()
         .find_map(|l| l.strip_prefix("VmHWM:"))
         .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        .unwrap_or(0);
+        .unwrap_or(0)
+}
+
+/// `converge N [--nodes K] [--etcd]`: K nodes (each its own node-core, DNS plane and eBPF
+/// VIP table, and with `--etcd` its own etcd connection) in one process, on the embedded
+/// store or on an etcd member started for the run. N apps and N tasks are written one by one;
+/// each task's time is until its name answers and its VIP backend is served on every node.
+async fn converge(n: usize, nodes: usize, on_etcd: bool) -> anyhow::Result<()> {
+    use dcnet_node_core::store::{Embedded, Store};
+
+    let dir = tempfile::tempdir()?;
+    let etcd = if on_etcd {
+        Some(dcnet_node_core::test_util::EtcdProcess::start().await)
+    } else {
+        None
+    };
+    let embedded: Option<Arc<dyn Store>> = match &etcd {
+        None => Some(Arc::new(Embedded::open(&dir.path().join("store.redb"))?)),
+        Some(_) => None,
+    };
+    // Each node has its own connection to etcd, as each agent does.
+    let connect = || async {
+        match (&embedded, &etcd) {
+            (Some(store), _) => store.clone(),
+            (_, Some(etcd)) => Arc::new(etcd.store().await) as Arc<dyn Store>,
+            (None, None) => unreachable!("one of the two"),
+        }
+    };
+    let store = connect().await;
+    // Nothing but the records follows the task writes: their apps cannot be placed.
+    let apps = write_apps(&*store, n).await?;
+    let shutdown = CancellationToken::new();
+    let mut supervisor = dcnet_node_core::Supervisor::new(shutdown.clone(), Default::default());
+    let mut members = Vec::new();
+    for k in 1..=nodes {
+        members.push(bench_node(k, dir.path(), connect().await, &mut supervisor, &shutdown).await?);
+    }
+
+    let setup_cpu = cpu_time()?;
+    let targets: Targets = members.iter().map(|m| (m.dns, m.vips.clone())).collect();
+    let timed = time_tasks(
+        store,
+        apps,
+        targets,
+        Duration::from_millis(200),
+        Duration::from_secs(10),
+    )
+    .await;
+    shutdown.cancel();
+    let (times, vip_times) = timed?;
+    let pct = |p: f64| quantile_ms(&times, p);
+    let vip = |p: f64| quantile_ms(&vip_times, p);
+    // The whole process is the nodes' node-cores and planes: its peak memory per node, and
+    // the CPU it spent per task written (every plane's share of one change, on every node).
     let cpu = cpu_time()?;
     let store_name = if on_etcd { "etcd" } else { "embedded" };
     println!(
@@ -505,7 +552,7 @@ async fn converge(n: usize, nodes: usize, on_etcd: bool) -> anyhow::Result<()> {
         vip(0.5),
         vip(0.99),
         vip(1.0),
-        peak_kib / 1024 / nodes as u64,
+        peak_rss_kib() / 1024 / nodes as u64,
         (cpu.as_secs_f64() - setup_cpu.as_secs_f64()) * 1e6 / n as f64,
     );
     drop(members);
@@ -567,23 +614,6 @@ impl dcnet_l4lb::DataPlane for TablePlane {
     }
 }
 
-/// CPU seconds a process has used (user + system), from /proc.
-fn process_cpu(pid: u32) -> f64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    let fields: Vec<&str> = stat
-        .rsplit_once(')')
-        .map(|(_, rest)| rest.split_whitespace().collect())
-        .unwrap_or_default();
-    let ticks = |i: usize| {
-        fields
-            .get(i)
-            .and_then(|f| f.parse::<f64>().ok())
-            .unwrap_or(0.0)
-    };
-    // utime and stime are fields 14 and 15 of stat, 11 and 12 after the command.
-    (ticks(11) + ticks(12)) / 100.0
-}
-
 /// One counter from etcd's Prometheus endpoint (on its client URL), summed over its labels.
 fn etcd_metric(url: &str, name: &str) -> f64 {
     use std::io::{Read, Write};
@@ -607,37 +637,15 @@ fn etcd_metric(url: &str, name: &str) -> f64 {
 /// TASKS apps and tasks are written one by one; each task's time is until every node answers
 /// its name and has its VIP backend. Also etcd's CPU and the bytes it sent per change.
 async fn scale(nodes: usize, n: usize) -> anyhow::Result<()> {
-    use dcnet_node_core::keys;
-    use dcnet_node_core::store::{Op, Precondition, Store};
+    use dcnet_node_core::store::Store;
 
     let dir = tempfile::tempdir()?;
     let etcd = dcnet_node_core::test_util::EtcdProcess::start().await;
     let store: Arc<dyn Store> = Arc::new(etcd.store().await);
-    let other = node("bench-node-x", "192.0.2.2");
-    store
-        .put(
-            &keys::node(&other.id),
-            keys::to_json(&other),
-            Precondition::Any,
-        )
-        .await?;
-    let mut apps: Vec<App> = Vec::with_capacity(n);
-    let mut ops = Vec::new();
-    for i in 0..n {
-        let a = app_with_vip(i, 1, true, Some(&format!("/svc-{}:80", i % 100)));
-        ops.push(Op::put(
-            keys::app(&a.id),
-            keys::to_json(&a),
-            Precondition::Any,
-        ));
-        apps.push(slim(a));
-        if ops.len() == 100 || i + 1 == n {
-            store.txn(std::mem::take(&mut ops)).await?;
-        }
-    }
+    let apps = write_apps(&*store, n).await?;
     let shutdown = CancellationToken::new();
     let started = Instant::now();
-    let mut targets: Vec<(SocketAddr, dcnet_l4lb::ViewSlot)> = Vec::with_capacity(nodes);
+    let mut targets: Targets = Vec::with_capacity(nodes);
     let mut states = Vec::with_capacity(nodes);
     for k in 1..=nodes {
         let store: Arc<dyn Store> = Arc::new(etcd.store().await);
@@ -699,111 +707,34 @@ async fn scale(nodes: usize, n: usize) -> anyhow::Result<()> {
     }
     let joined = started.elapsed();
     let (etcd_cpu0, sent0) = (
-        process_cpu(etcd.pid()),
+        dcnet_node_core::test_util::process_cpu_secs(etcd.pid()),
         etcd_metric(&etcd.url, "etcd_network_client_grpc_sent_bytes_total"),
     );
     let cpu0 = cpu_time()?;
-    let (tx, mut rx) = tokio::sync::mpsc::channel::<(Duration, Duration)>(1);
-    let store2 = store.clone();
-    let writer = tokio::spawn(async move {
-        let clients: Vec<UdpSocket> = targets
-            .iter()
-            .map(|(server, _)| {
-                let client = UdpSocket::bind("127.0.0.1:0").expect("a client socket");
-                client.connect(server).expect("connect");
-                client
-                    .set_read_timeout(Some(Duration::from_millis(20)))
-                    .expect("timeout");
-                client
-            })
-            .collect();
-        for (i, a) in apps.iter().enumerate() {
-            let ip = Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 130, 0, 2)) + i as u32);
-            let t = task(a, 0, "bench-node-x", ip);
-            let name = Name::from_ascii(format!("app-{i}-bench.marathon.mesos.")).expect("a name");
-            let started = Instant::now();
-            store2
-                .put(&keys::task(&t.id), keys::to_json(&t), Precondition::Absent)
-                .await
-                .expect("write");
-            let deadline = started + Duration::from_secs(30);
-            let backend = SocketAddr::new(IpAddr::V4(ip), 80);
-            let mut dns_at = vec![None; clients.len()];
-            let mut vip_at = vec![None; clients.len()];
-            tokio::task::block_in_place(|| {
-                while Instant::now() < deadline
-                    && (dns_at.iter().any(Option::is_none) || vip_at.iter().any(Option::is_none))
-                {
-                    for k in 0..clients.len() {
-                        if vip_at[k].is_none() && targets[k].1.serves_backend(backend) {
-                            vip_at[k] = Some(started.elapsed());
-                        }
-                        if dns_at[k].is_none() && ask(&clients[k], &name) {
-                            dns_at[k] = Some(started.elapsed());
-                        }
-                    }
-                }
-            });
-            let last = |v: &[Option<Duration>]| {
-                v.iter()
-                    .copied()
-                    .collect::<Option<Vec<_>>>()?
-                    .into_iter()
-                    .max()
-            };
-            let (Some(d), Some(v)) = (last(&dns_at), last(&vip_at)) else {
-                let missing = |v: &[Option<Duration>]| v.iter().filter(|t| t.is_none()).count();
-                eprintln!(
-                    "task {i}: {} nodes never answered its name, {} never served its VIP backend",
-                    missing(&dns_at),
-                    missing(&vip_at)
-                );
-                return;
-            };
-            if tx.send((d, v)).await.is_err() {
-                return;
-            }
-        }
-    });
-    let mut times = Vec::with_capacity(n);
-    let mut vip_times = Vec::with_capacity(n);
-    while let Some((t, v)) = rx.recv().await {
-        times.push(t);
-        vip_times.push(v);
-    }
-    let _ = writer.await;
-    let etcd_cpu = process_cpu(etcd.pid()) - etcd_cpu0;
+    let timed = time_tasks(
+        store,
+        apps,
+        targets,
+        Duration::from_millis(20),
+        Duration::from_secs(30),
+    )
+    .await;
+    let etcd_cpu = dcnet_node_core::test_util::process_cpu_secs(etcd.pid()) - etcd_cpu0;
     let sent = etcd_metric(&etcd.url, "etcd_network_client_grpc_sent_bytes_total") - sent0;
     let cpu = cpu_time()?.as_secs_f64() - cpu0.as_secs_f64();
     shutdown.cancel();
-    if times.len() != n {
-        anyhow::bail!(
-            "only {} of {n} tasks answered and were served on every node within 30 s",
-            times.len()
-        );
-    }
-    times.sort();
-    vip_times.sort();
-    let at = |v: &[Duration], p: f64| {
-        v[((v.len() as f64 * p) as usize).min(v.len() - 1)].as_secs_f64() * 1000.0
-    };
-    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    let peak_kib: u64 = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
-        .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        .unwrap_or(0);
+    let (times, vip_times) = timed?;
     println!(
         "scale: {nodes} simulated nodes on one etcd, {n} tasks: joined in {:.1} s; p50 {:.2} ms, p99 {:.2} ms; vip-p50 {:.2} ms, vip-p99 {:.2} ms; etcd CPU {:.0} us per change, etcd sent {:.0} KiB per change; nodes' CPU {:.0} us per change per node; peak RSS {} MiB per node",
         joined.as_secs_f64(),
-        at(&times, 0.5),
-        at(&times, 0.99),
-        at(&vip_times, 0.5),
-        at(&vip_times, 0.99),
+        quantile_ms(&times, 0.5),
+        quantile_ms(&times, 0.99),
+        quantile_ms(&vip_times, 0.5),
+        quantile_ms(&vip_times, 0.99),
         etcd_cpu * 1e6 / n as f64,
         sent / 1024.0 / n as f64,
         cpu * 1e6 / n as f64 / nodes as f64,
-        peak_kib / 1024 / nodes as u64,
+        peak_rss_kib() / 1024 / nodes as u64,
     );
     Ok(())
 }

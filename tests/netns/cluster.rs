@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use dcnet_node_core::test_util::EtcdMember;
+use dcnet_node_core::test_util::{EtcdMember, process_cpu_secs};
 use serde_json::{Value, json};
 
 use crate::support::{Agent, NetNs, wait_until};
@@ -1153,21 +1153,6 @@ fn iperf(ns: &str, server: &str, port: u16, streams: u32) -> f64 {
     panic!("iperf3 to {server}:{port} from {ns} never ran: {last}");
 }
 
-fn cpu_secs(pid: u32) -> f64 {
-    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    let fields: Vec<&str> = stat
-        .rsplit_once(')')
-        .map(|(_, rest)| rest.split_whitespace().collect())
-        .unwrap_or_default();
-    let ticks = |i: usize| {
-        fields
-            .get(i)
-            .and_then(|f| f.parse::<f64>().ok())
-            .unwrap_or(0.0)
-    };
-    (ticks(11) + ticks(12)) / 100.0
-}
-
 /// bench/overlay.sh runs this (`--ignored`, release build): iperf3 container to container
 /// across two hosts over dcnet's overlay, host to host over Debian's wireguard-go on the
 /// same underlay, and over the bare underlay veth, one stream and four, in one run.
@@ -1259,9 +1244,9 @@ fn overlay_bench() {
     for streams in [1, 4] {
         let bare = iperf(&h1, &c.hosts[1].ip, 5202, streams);
         let wg_go = iperf(&h1, "10.201.0.2", 5203, streams);
-        let cpu0: f64 = pids.iter().map(|p| cpu_secs(*p)).sum();
+        let cpu0: f64 = pids.iter().map(|p| process_cpu_secs(*p)).sum();
         let dcnet = iperf(&client_ns, &server, 5201, streams);
-        let cpu = pids.iter().map(|p| cpu_secs(*p)).sum::<f64>() - cpu0;
+        let cpu = pids.iter().map(|p| process_cpu_secs(*p)).sum::<f64>() - cpu0;
         let row = |name: &str, g: f64, cpu: Option<f64>| {
             println!(
                 "{name:<40} {streams:>7} {g:>8.2} {:>14.2} {:>7.2} {:>18}",

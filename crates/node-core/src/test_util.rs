@@ -384,3 +384,20 @@ impl Drop for EtcdProcess {
         let _ = self.child.wait();
     }
 }
+
+/// CPU seconds a process has used (user + system), from `/proc/PID/stat`; 0 once it is gone.
+pub fn process_cpu_secs(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .map(|(_, rest)| rest.split_whitespace().collect())
+        .unwrap_or_default();
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|f| f.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    // utime and stime are fields 14 and 15 of stat, 11 and 12 after the command.
+    (ticks(11) + ticks(12)) / 100.0
+}

@@ -353,12 +353,7 @@ impl Inner {
                         .transpose()?,
                 };
                 let actual = existing.as_ref().map(|s| s.modified);
-                let holds = match op.when {
-                    Precondition::Any => true,
-                    Precondition::Absent => existing.is_none(),
-                    Precondition::Revision(r) => actual == Some(r),
-                };
-                if !holds {
+                if !op.when.holds(actual) {
                     return Err(StoreError::Conflict {
                         key: op.key.clone(),
                         expected: op.when,

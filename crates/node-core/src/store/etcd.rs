@@ -159,12 +159,7 @@ impl Etcd {
                 TxnOpResponse::Get(get) => get.kvs().first().map(|kv| kv.mod_revision() as u64),
                 _ => continue,
             };
-            let holds = match op.when {
-                Precondition::Any => true,
-                Precondition::Absent => actual.is_none(),
-                Precondition::Revision(r) => actual == Some(r),
-            };
-            if !holds {
+            if !op.when.holds(actual) {
                 return StoreError::Conflict {
                     key: op.key.clone(),
                     expected: op.when,

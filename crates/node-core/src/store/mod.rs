@@ -71,6 +71,17 @@ pub enum Precondition {
     Revision(Revision),
 }
 
+impl Precondition {
+    /// Whether it holds of a key whose `mod_revision` is `actual` (`None`: absent).
+    pub fn holds(self, actual: Option<Revision>) -> bool {
+        match self {
+            Precondition::Any => true,
+            Precondition::Absent => actual.is_none(),
+            Precondition::Revision(r) => actual == Some(r),
+        }
+    }
+}
+
 /// One write of a transaction.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Op {

@@ -280,7 +280,13 @@ pub async fn stay_registered(
             () = shutdown.cancelled() => return,
         }
         let current = *lease.lock().expect("lease lock");
-        match store.keep_alive(current).await {
+        // Each attempt gets a third of the TTL: one that hangs (a member that lost its leader,
+        // a connection being re-made) must not hold back the next until the lease is gone.
+        let Ok(attempt) = tokio::time::timeout(ttl / 3, store.keep_alive(current)).await else {
+            warn!(node = %node.id, "keeping this node's lease took longer than a third of its TTL; retrying");
+            continue;
+        };
+        match attempt {
             Ok(()) => {}
             Err(StoreError::LeaseNotFound(_)) => {
                 warn!(node = %node.id, "this node's lease expired (it was cut off from the store); registering again");

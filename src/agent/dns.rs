@@ -55,7 +55,15 @@ pub(super) fn start(
         },
         dns::Metrics::register(registry).context("registering DNS metrics")?,
     );
-    let routes = plane.router();
+    // The lookup route asks the first address (an unspecified one through loopback).
+    let own_server = addrs.first().map(|a| match a.ip() {
+        IpAddr::V4(ip) if ip.is_unspecified() => SocketAddr::new([127, 0, 0, 1].into(), a.port()),
+        IpAddr::V6(ip) if ip.is_unspecified() => {
+            SocketAddr::new(std::net::Ipv6Addr::LOCALHOST.into(), a.port())
+        }
+        _ => *a,
+    });
+    let routes = plane.router(own_server);
     supervisor.spawn("dns", move |ready, stop| {
         let (plane, state, addrs) = (plane.clone(), state.clone(), addrs.clone());
         async move {

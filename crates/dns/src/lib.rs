@@ -66,9 +66,10 @@ impl Dns {
         }
     }
 
-    /// The Mesos-DNS HTTP API and `/v1/records`.
-    pub fn router(&self) -> axum::Router {
-        http::router(self.zone.clone(), self.cfg.clone())
+    /// The Mesos-DNS HTTP API, `/v1/records`, and `/v1/dns/lookup`, which asks the server
+    /// at `server` (this plane's own).
+    pub fn router(&self, server: Option<SocketAddr>) -> axum::Router {
+        http::router(self.zone.clone(), self.cfg.clone(), server)
     }
 
     /// Serves on the given sockets and follows `state` until `shutdown`; calls `serving`
@@ -257,6 +258,81 @@ mod tests {
         );
         shutdown.cancel();
         serving.await.unwrap();
+    }
+
+    /// `/v1/dns/lookup` asks the plane's own server over TCP and gives its answer; a bad
+    /// name or type is a 400 naming it, a server that does not answer a 502.
+    #[tokio::test]
+    async fn the_lookup_route_answers_as_the_server_does() {
+        use tower::ServiceExt;
+        let node = crate::records::tests::node("node-1", "192.0.2.1");
+        let st = ClusterState {
+            revision: 1,
+            nodes: [(node.id.clone(), Arc::new(node))].into_iter().collect(),
+            leader: Some(NodeId("node-1".into())),
+            ..Default::default()
+        };
+        let (_tx, rx) = watch::channel(Arc::new(st));
+        let tcp = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = tcp.local_addr().unwrap();
+        let udp = UdpSocket::bind(addr).await.unwrap();
+        let dns = Dns::new(
+            Config {
+                records: RecordConfig {
+                    this_node: Some(NodeId("node-1".into())),
+                    ..Default::default()
+                },
+                forward: None,
+                tcp: TcpLimits::default(),
+                max_amplification: usize::MAX,
+            },
+            Metrics::register(&prometheus::Registry::new()).unwrap(),
+        );
+        let router = dns.router(Some(addr));
+        let shutdown = CancellationToken::new();
+        let task = tokio::spawn(dns.run(rx, vec![udp], vec![tcp], || {}, shutdown.clone()));
+        let get = |router: axum::Router, uri: &str| {
+            let req = axum::http::Request::builder()
+                .uri(uri)
+                .body(axum::body::Body::empty())
+                .unwrap();
+            async move {
+                let resp = router.oneshot(req).await.unwrap();
+                let status = resp.status().as_u16();
+                let body = axum::body::to_bytes(resp.into_body(), 1 << 20)
+                    .await
+                    .unwrap();
+                (
+                    status,
+                    serde_json::from_slice::<serde_json::Value>(&body).unwrap(),
+                )
+            }
+        };
+        let (status, v) = get(router.clone(), "/v1/dns/lookup?name=leader.mesos&type=a").await;
+        assert_eq!(status, 200, "{v}");
+        assert_eq!(v["rcode"], "No Error", "{v}");
+        assert_eq!(v["authoritative"], true, "{v}");
+        assert_eq!(v["answers"][0]["data"], "192.0.2.1", "{v}");
+        let (status, v) = get(router.clone(), "/v1/dns/lookup?name=nope.mesos").await;
+        assert_eq!(
+            (status, &v["rcode"]),
+            (200, &serde_json::json!("Non-Existent Domain")),
+            "{v}"
+        );
+        let (status, v) = get(
+            router.clone(),
+            "/v1/dns/lookup?name=leader.mesos&type=BOGUS",
+        )
+        .await;
+        assert_eq!(status, 400, "{v}");
+        assert!(v["message"].as_str().unwrap().contains("BOGUS"), "{v}");
+        let (status, v) = get(router.clone(), "/v1/dns/lookup?name=").await;
+        assert_eq!(status, 400, "{v}");
+        shutdown.cancel();
+        task.await.unwrap();
+        // Nothing listens any more.
+        let (status, v) = get(router, "/v1/dns/lookup?name=leader.mesos").await;
+        assert_eq!(status, 502, "{v}");
     }
 
     /// A DNS plane serving `st` on a loopback UDP socket, with `max_amplification`; its

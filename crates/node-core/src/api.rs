@@ -134,10 +134,12 @@ pub(crate) fn router(api: Api) -> Router {
         .route("/v2/tasks", get(list_tasks))
         .route("/v2/deployments", get(list_deployments))
         .route("/v2/deployments/{id}", get(get_deployment))
+        .route("/v1/apps", get(list_app_overviews))
         .route("/v1/nodes", get(list_nodes))
         .route("/v1/nodes/{id}", axum::routing::delete(remove_node))
         .route("/v1/state", get(get_state))
         .route("/v1/state/watch", get(watch_state))
+        .route("/v1/state/changes", get(watch_changes))
         .with_state(api)
 }
 
@@ -184,6 +186,85 @@ fn app_view(app: &App, state: &ClusterState, with_tasks: bool) -> Value {
         obj.insert("tasks".into(), json!(tasks));
     }
     v
+}
+
+/// An app as operators look at it (`/v1/apps`, the dashboard): counts by state, the
+/// deployment in progress, the last failure, and why new instances wait (dependencies, no
+/// node that fits, a launch backoff), which `/v2` has no field for.
+fn app_overview(app: &App, state: &ClusterState, now_ms: u64) -> Value {
+    use crate::model::TaskState as S;
+    let has_checks = !app.health_checks.is_empty();
+    let (mut running, mut staged, mut healthy, mut unhealthy, mut killing) = (0, 0, 0, 0, 0);
+    for t in state.tasks_of(&app.id) {
+        if t.goal == crate::model::Goal::Kill && t.state.is_active() {
+            killing += 1;
+            continue;
+        }
+        match t.state {
+            S::Staging | S::Starting => staged += 1,
+            S::Running => running += 1,
+            _ => {}
+        }
+        if has_checks && t.state == S::Running {
+            match t.health.alive {
+                Some(true) => healthy += 1,
+                Some(false) => unhealthy += 1,
+                None => {}
+            }
+        }
+    }
+    let status = state.app_status.get(&app.id);
+    let waiting = status.and_then(|s| {
+        s.waiting
+            .clone()
+            .or_else(|| s.unplaced.clone())
+            .or_else(|| {
+                (s.launch_delayed_until_ms > now_ms).then(|| {
+                    format!(
+                        "launches back off for {:.1} s after {} failures in a row",
+                        (s.launch_delayed_until_ms - now_ms) as f64 / 1000.0,
+                        s.consecutive_failures
+                    )
+                })
+            })
+    });
+    let deployment = state
+        .deployments_of(&app.id)
+        .find(|d| !d.status.is_done())
+        .map(|d| {
+            json!({
+                "id": d.id, "kind": d.kind, "status": d.status, "startedAt": d.started_at,
+                "targetInstances": d.target_instances, "healthyNew": d.healthy_new,
+                "oldRemaining": d.old_remaining, "failedNew": d.failed_new,
+            })
+        });
+    json!({
+        "id": app.id,
+        "instances": app.instances,
+        "version": app.version,
+        "container": app.is_container_network(),
+        "hasHealthChecks": has_checks,
+        "running": running,
+        "staged": staged,
+        "healthy": healthy,
+        "unhealthy": unhealthy,
+        "killing": killing,
+        "deployment": deployment,
+        "lastTaskFailure": status.and_then(|s| s.last_task_failure.clone()),
+        "waiting": waiting,
+    })
+}
+
+/// `/v1/apps`: every app's [`app_overview`], in id order.
+async fn list_app_overviews(State(api): State<Api>) -> Json<Value> {
+    let state = api.state.borrow().clone();
+    let now_ms = crate::model::now_unix_ms();
+    let apps: Vec<Value> = state
+        .apps
+        .values()
+        .map(|a| app_overview(a, &state, now_ms))
+        .collect();
+    Json(json!({"apps": apps}))
 }
 
 async fn list_apps(State(api): State<Api>) -> Json<Value> {
@@ -554,6 +635,12 @@ async fn app_post(State(api): State<Api>, Path(path): Path<String>) -> ApiResult
 }
 
 async fn app_delete(State(api): State<Api>, Path(path): Path<String>) -> ApiResult {
+    if let Some((app, task)) = path
+        .rsplit_once("/tasks/")
+        .filter(|(_, t)| !t.contains('/'))
+    {
+        return kill_task(&api, app, task).await;
+    }
     let (id, _) = split_path(&path, &Method::DELETE)?;
     let (current, rev) = keys::get_json::<App>(&*api.store, &keys::app(&id))
         .await?
@@ -575,6 +662,45 @@ async fn app_delete(State(api): State<Api>, Path(path): Path<String>) -> ApiResu
     let rev = api.store.txn(ops).await?;
     api.caught_up(rev).await;
     Ok(Json(json!({"version": gone.version, "deploymentId": dep.id})).into_response())
+}
+
+/// `DELETE /v2/apps/{app}/tasks/{task}`: the task is killed (its goal set, once) and the app
+/// replaces it, as Marathon does without `scale`; `{"task": ..}` as it was marked.
+async fn kill_task(api: &Api, app: &str, task: &str) -> ApiResult {
+    let app = AppId::parse(app)
+        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, format!("app id `{app}` {e}")))?;
+    let id = crate::model::TaskId(task.to_string());
+    let not_found = || {
+        ApiError::new(
+            StatusCode::NOT_FOUND,
+            format!("Task '{task}' of app '{app}' does not exist"),
+        )
+    };
+    let known = api.state.borrow().tasks.get(&id).cloned();
+    if known.as_ref().is_none_or(|t| t.app_id != app) {
+        return Err(not_found());
+    }
+    let written = keys::update_existing::<Task, _>(&*api.store, &keys::task(&id), |t| {
+        let changed = t.goal != crate::model::Goal::Kill && t.state.is_active();
+        if changed {
+            t.goal = crate::model::Goal::Kill;
+            t.kill_reason = Some(crate::model::KillReason::User);
+        }
+        changed
+    })
+    .await?;
+    let task = match written {
+        Some((task, rev)) => {
+            api.caught_up(rev).await;
+            task
+        }
+        // Already being killed, or ended: nothing to do, and it is said as it is.
+        None => keys::get_json::<Task>(&*api.store, &keys::task(&id))
+            .await?
+            .map(|(t, _)| t)
+            .ok_or_else(not_found)?,
+    };
+    Ok(Json(json!({"task": task})).into_response())
 }
 
 async fn list_tasks(State(api): State<Api>) -> Json<Value> {
@@ -631,6 +757,13 @@ async fn list_nodes(State(api): State<Api>) -> Json<Value> {
             }
             v["used"] = json!({"cpus": cpus, "mem": mem, "tasks": count});
             v["leader"] = json!(state.leader.as_ref() == Some(&n.id));
+            v["subnet"] = json!(
+                state
+                    .subnets
+                    .iter()
+                    .find(|(_, lease)| lease.node == n.id)
+                    .map(|(subnet, _)| subnet.to_string())
+            );
             v
         })
         .collect();
@@ -702,6 +835,37 @@ async fn watch_state(State(api): State<Api>) -> Response {
     });
     Response::builder()
         .header("content-type", "application/x-ndjson")
+        .body(Body::from_stream(stream))
+        .expect("static headers are valid")
+}
+
+/// The shortest time between two lines of `/v1/state/changes`.
+const CHANGES_EVERY: std::time::Duration = std::time::Duration::from_millis(250);
+/// `/v1/state/changes` says the revision again after this long without a change.
+const CHANGES_HEARTBEAT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// `/v1/state/changes`: a line `{"revision": n}` at once, then whenever the state moved (the
+/// latest revision, at most one line per [`CHANGES_EVERY`]), and again every
+/// [`CHANGES_HEARTBEAT`] when nothing did, so a reader knows the agent is there. What a page
+/// follows to know when to read again, without the whole state on every change; a slow reader
+/// holds one revision, never a queue.
+async fn watch_changes(State(api): State<Api>) -> Response {
+    let stream = futures::stream::unfold((api.state.clone(), true), |(mut rx, first)| async move {
+        if !first {
+            tokio::time::sleep(CHANGES_EVERY).await;
+            if let Ok(Err(_)) = tokio::time::timeout(CHANGES_HEARTBEAT, rx.changed()).await {
+                return None; // the agent is stopping
+            }
+        }
+        let line = format!("{{\"revision\":{}}}\n", rx.borrow_and_update().revision);
+        Some((
+            Ok::<_, std::convert::Infallible>(Bytes::from(line)),
+            (rx, false),
+        ))
+    });
+    Response::builder()
+        .header("content-type", "application/x-ndjson")
+        .header("cache-control", "no-store")
         .body(Body::from_stream(stream))
         .expect("static headers are valid")
 }
@@ -866,6 +1030,153 @@ mod tests {
             v["details"][0]["path"], "/portDefinitions/1/labels/VIP_1",
             "{v}"
         );
+        shutdown.cancel();
+    }
+
+    /// Writes a task as a node's task manager would.
+    async fn put_task(store: &SharedStore, task: &Task) {
+        store
+            .put(
+                &keys::task(&task.id),
+                keys::to_json(task),
+                crate::store::Precondition::Any,
+            )
+            .await
+            .unwrap();
+    }
+
+    #[tokio::test]
+    async fn an_operator_kills_one_task_of_an_app_once_and_unknown_ones_are_404() {
+        let (router, store, shutdown, _dir) = api().await;
+        let app = r#"{"id": "/web", "cmd": "x", "instances": 0}"#;
+        assert_eq!(post(&router, app).await.0, StatusCode::CREATED);
+        let web = AppId::parse("/web").unwrap();
+        put_task(&store, &crate::test_util::task("web.1", &web, "n1")).await;
+        let other = AppId::parse("/other").unwrap();
+        put_task(&store, &crate::test_util::task("other.1", &other, "n1")).await;
+        let state = crate::test_util::follow(store.clone(), shutdown.clone()).await;
+        let mut state = state;
+        state
+            .wait_for(|s| s.tasks.len() == 2)
+            .await
+            .expect("the tasks are published");
+
+        let (status, v) = call(&router, Method::DELETE, "/v2/apps/web/tasks/web.1", "").await;
+        assert_eq!(status, StatusCode::OK, "{v}");
+        assert_eq!(v["task"]["goal"], "kill", "{v}");
+        assert_eq!(v["task"]["killReason"], "user", "{v}");
+        let (stored, rev) = keys::get_json::<Task>(&*store, "/dcnet/tasks/web.1")
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(stored.kill_reason, Some(crate::model::KillReason::User));
+        // Again: nothing is written, and the task is said as it is.
+        let (status, v) = call(&router, Method::DELETE, "/v2/apps/web/tasks/web.1", "").await;
+        assert_eq!(status, StatusCode::OK, "{v}");
+        let (_, rev_after) = keys::get_json::<Task>(&*store, "/dcnet/tasks/web.1")
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(rev_after, rev, "a second kill writes nothing");
+        // A task of another app, an unknown task, an unknown app: 404, nothing changes.
+        let (before, _) = store.list(keys::ROOT).await.unwrap();
+        for path in [
+            "/v2/apps/web/tasks/other.1",
+            "/v2/apps/web/tasks/nope",
+            "/v2/apps/nope/tasks/web.1",
+        ] {
+            let (status, v) = call(&router, Method::DELETE, path, "").await;
+            assert_eq!(status, StatusCode::NOT_FOUND, "{path}: {v}");
+            assert!(
+                v["message"].as_str().unwrap().contains("does not exist"),
+                "{v}"
+            );
+        }
+        let (after, _) = store.list(keys::ROOT).await.unwrap();
+        assert_eq!(after, before);
+        shutdown.cancel();
+    }
+
+    #[tokio::test]
+    async fn the_operators_app_view_counts_tasks_and_says_why_instances_wait() {
+        let (router, store, shutdown, _dir) = api().await;
+        let app = r#"{"id": "/web", "cmd": "x", "instances": 3,
+            "healthChecks": [{"protocol": "COMMAND", "command": {"value": "true"}}]}"#;
+        assert_eq!(post(&router, app).await.0, StatusCode::CREATED);
+        let web = AppId::parse("/web").unwrap();
+        let mut healthy = crate::test_util::task("web.1", &web, "n1");
+        healthy.health.alive = Some(true);
+        let mut staging = crate::test_util::task("web.2", &web, "n1");
+        staging.state = crate::model::TaskState::Staging;
+        let mut killing = crate::test_util::task("web.3", &web, "n1");
+        killing.goal = crate::model::Goal::Kill;
+        for t in [&healthy, &staging, &killing] {
+            put_task(&store, t).await;
+        }
+        let status = crate::model::AppStatus {
+            unplaced: Some("node n1 has 0.00 cpus free, the app needs 1".into()),
+            ..Default::default()
+        };
+        store
+            .put(
+                &keys::app_status(&web),
+                keys::to_json(&status),
+                crate::store::Precondition::Any,
+            )
+            .await
+            .unwrap();
+        let mut state = crate::test_util::follow(store.clone(), shutdown.clone()).await;
+        state
+            .wait_for(|s| s.tasks.len() == 3 && s.app_status.contains_key(&web))
+            .await
+            .unwrap();
+        let (status, v) = call(&router, Method::GET, "/v1/apps", "").await;
+        assert_eq!(status, StatusCode::OK);
+        let web = &v["apps"][0];
+        assert_eq!(web["id"], "/web");
+        assert_eq!(
+            (
+                &web["running"],
+                &web["staged"],
+                &web["killing"],
+                &web["healthy"]
+            ),
+            (&json!(1), &json!(1), &json!(1), &json!(1)),
+            "{web}"
+        );
+        assert_eq!(
+            web["waiting"],
+            "node n1 has 0.00 cpus free, the app needs 1"
+        );
+        assert_eq!(web["deployment"]["kind"], "create", "{web}");
+        shutdown.cancel();
+    }
+
+    #[tokio::test]
+    async fn the_changes_stream_says_the_revision_now_and_after_each_change() {
+        let (router, store, shutdown, _dir) = api().await;
+        let req = axum::http::Request::builder()
+            .uri("/v1/state/changes")
+            .body(Body::empty())
+            .unwrap();
+        let resp = router.clone().oneshot(req).await.unwrap();
+        assert_eq!(resp.status(), StatusCode::OK);
+        let mut body = resp.into_body().into_data_stream();
+        let line = |b: Option<Result<Bytes, axum::Error>>| -> u64 {
+            let b = b.expect("a line").unwrap();
+            let v: Value = serde_json::from_slice(&b).unwrap();
+            v["revision"].as_u64().unwrap()
+        };
+        let first = line(body.next().await);
+        let app = r#"{"id": "/web", "cmd": "x", "instances": 0}"#;
+        assert_eq!(post(&router, app).await.0, StatusCode::CREATED);
+        let rev = store.list(keys::ROOT).await.unwrap().1;
+        let second = tokio::time::timeout(std::time::Duration::from_secs(5), body.next())
+            .await
+            .expect("a line after the change");
+        let second = line(second);
+        assert!(second > first, "{first} then {second}");
+        assert_eq!(second, rev, "the latest revision, not each one");
         shutdown.cancel();
     }
 }

@@ -119,6 +119,8 @@ pub enum KillReason {
     /// Its node's lease expired: the node is LOST, and so is the task.
     #[serde(rename = "node_lost")]
     NodeLost,
+    /// An operator killed it (`DELETE /v2/apps/{id}/tasks/{task}`); the app replaces it.
+    User,
 }
 
 impl KillReason {
@@ -131,6 +133,7 @@ impl KillReason {
             KillReason::Unhealthy => "unhealthy",
             KillReason::Orphan => "orphan",
             KillReason::NodeLost => "node_lost",
+            KillReason::User => "user",
         }
     }
 }
@@ -378,6 +381,10 @@ pub struct AppStatus {
     /// it rather than a silent wait.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub waiting: Option<String>,
+    /// Why instances of the app wait to be placed (no node has the resources, the ports or
+    /// meets the constraints), as the scheduler found last; cleared once all are placed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub unplaced: Option<String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]

@@ -389,12 +389,23 @@ impl Orchestrator {
                         if self.unplaced.get(&app.id).map(|u| &u.reason) != Some(&unplaced.reason) {
                             warn!(app = %app.id, unplaced = placed.unplaced, reason = %unplaced.reason, "instances wait for resources");
                         }
+                        if status.unplaced.as_ref() != Some(&unplaced.reason) {
+                            self.set_unplaced(&app.id, Some(unplaced.reason.clone()))
+                                .await?;
+                        }
                         self.unplaced.insert(app.id.clone(), unplaced);
                     }
                     None => {
                         self.unplaced.remove(&app.id);
+                        if status.unplaced.is_some() {
+                            self.set_unplaced(&app.id, None).await?;
+                        }
                     }
                 }
+            }
+            if plan.launch == 0 && status.unplaced.is_some() {
+                self.unplaced.remove(&app.id);
+                self.set_unplaced(&app.id, None).await?;
             }
             self.progress(app, &tasks, snap).await?;
         }
@@ -635,6 +646,25 @@ impl Orchestrator {
             }
         }
         Ok(marked)
+    }
+
+    /// Says in the app's status why its instances wait to be placed (`None`: they do not),
+    /// so that operators see it (`/v1/apps`, the dashboard), not only the leader's log.
+    async fn set_unplaced(
+        &mut self,
+        app: &AppId,
+        why: Option<String>,
+    ) -> Result<(), keys::UpdateError> {
+        let result = keys::update::<AppStatus, _>(&*self.store, &keys::app_status(app), |s| {
+            let mut s = s.unwrap_or_default();
+            (s.unplaced != why).then(|| {
+                s.unplaced = why.clone();
+                s
+            })
+        })
+        .await;
+        self.wrote_update(result)?;
+        Ok(())
     }
 
     async fn kill(&mut self, id: &TaskId, reason: KillReason) -> Result<(), keys::UpdateError> {
@@ -1348,6 +1378,29 @@ mod tests {
         let big = tasks.iter().filter(|t| t.resources.cpus >= 1.0).count();
         // The port apps come first (in id order) and leave 1.95 CPUs: room for one.
         assert_eq!(big, 1, "one cpus: 1 app fits, not six");
+        // The five that wait say why in their status, for operators; the placed one does not.
+        let why = |snap: &ClusterState, i: usize| {
+            let id = AppId::parse(&format!("/zcpus/c{i}")).unwrap();
+            snap.app_status.get(&id).and_then(|s| s.unplaced.clone())
+        };
+        assert_eq!(why(&after, 0), None);
+        for i in 1..6 {
+            let reason = why(&after, i).unwrap_or_default();
+            assert!(reason.contains("cpus free"), "c{i}: {reason:?}");
+        }
+        // Scaled to nothing, an app no longer waits, and its status says so.
+        let mut c1 = (*after.apps[&AppId::parse("/zcpus/c1").unwrap()]).clone();
+        c1.instances = 0;
+        c1.version = "v2".into();
+        store
+            .put(&keys::app(&c1.id), keys::to_json(&c1), Precondition::Any)
+            .await
+            .unwrap();
+        let snap = snapshot(&store).await;
+        orch.pass(&snap, clock.now()).await.unwrap();
+        let later = snapshot(&store).await;
+        assert_eq!(why(&later, 1), None);
+        assert!(why(&later, 2).is_some());
     }
 
     /// A node whose record is gone (its lease expired) is LOST: a full pass marks its active

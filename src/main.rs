@@ -6,6 +6,7 @@ mod agent;
 mod cli;
 mod config;
 mod shim;
+mod ui;
 
 use std::path::PathBuf;
 use std::process::ExitCode;

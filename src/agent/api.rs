@@ -292,7 +292,9 @@ impl Guard {
                 ));
             }
         }
-        if req.uri().path() != "/ping" {
+        let is_page = matches!(*req.method(), Method::GET | Method::HEAD)
+            && crate::ui::is_asset(req.uri().path());
+        if req.uri().path() != "/ping" && !is_page {
             self.check_token(&req)?;
         }
         let is_write = !matches!(*req.method(), Method::GET | Method::HEAD | Method::OPTIONS);

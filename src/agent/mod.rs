@@ -58,7 +58,8 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         core.router()
             .merge(dns_routes)
             .merge(l4lb_routes)
-            .merge(overlay_routes),
+            .merge(overlay_routes)
+            .merge(crate::ui::router()),
         registry,
         supervisor.planes(),
         refused.clone(),

@@ -9,14 +9,39 @@ pub enum TaskCommand {
         #[arg(long)]
         app: Option<String>,
     },
+    /// Kill one task; its app starts a replacement (as the dashboard's Kill does).
+    Kill {
+        /// The task's id, as `dcnet task list` prints it.
+        task: String,
+    },
 }
 
 impl TaskCommand {
     pub fn run(self, client: &Client, json: bool) -> anyhow::Result<()> {
         match self {
             TaskCommand::List { app } => task_list(client, app.as_deref(), json),
+            TaskCommand::Kill { task } => task_kill(client, &task, json),
         }
     }
+}
+
+fn task_kill(client: &Client, task: &str, as_json: bool) -> anyhow::Result<()> {
+    let all = client.call("GET", "/v2/tasks", None)?;
+    let app = all["tasks"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|t| t["id"] == task)
+        .and_then(|t| t["appId"].as_str())
+        .ok_or_else(|| anyhow::anyhow!("no task `{task}` (dcnet task list shows them)"))?
+        .to_string();
+    let v = client.call("DELETE", &format!("{}/tasks/{task}", app_path(&app)), None)?;
+    if as_json {
+        print_json(&v);
+    } else {
+        println!("killing {task} of {app}; the app starts a replacement");
+    }
+    Ok(())
 }
 
 fn task_list(client: &Client, app: Option<&str>, as_json: bool) -> anyhow::Result<()> {

@@ -10,3 +10,4 @@ mod l4lb;
 mod node_core;
 mod supervision;
 mod support;
+mod ui;

@@ -81,6 +81,8 @@ pub struct Agent {
     pub dir: tempfile::TempDir,
     pub cgroup_parent: String,
     pub api: String,
+    /// Sent as the bearer token by [`Agent::http`], for an agent configured with one.
+    pub token: Option<String>,
     netns: String,
     child: Option<Child>,
 }
@@ -168,6 +170,7 @@ cgroup_parent = "{cgroup_parent}"
             dir,
             cgroup_parent,
             api: "http://127.0.0.1:8080".into(),
+            token: None,
             netns: ns.path(),
             child: None,
         }
@@ -332,15 +335,21 @@ cgroup_parent = "{cgroup_parent}"
             .build()
             .into();
         let url = format!("{}{path}", self.api);
+        let auth = self
+            .token
+            .as_ref()
+            .map_or_else(String::new, |t| format!("Bearer {t}"));
         let resp = match method {
-            "GET" => agent.get(&url).call(),
-            "DELETE" => agent.delete(&url).call(),
+            "GET" => agent.get(&url).header("authorization", &auth).call(),
+            "DELETE" => agent.delete(&url).header("authorization", &auth).call(),
             "POST" => agent
                 .post(&url)
+                .header("authorization", &auth)
                 .content_type("application/json")
                 .send(body.unwrap_or("")),
             "PUT" => agent
                 .put(&url)
+                .header("authorization", &auth)
                 .content_type("application/json")
                 .send(body.unwrap_or("")),
             other => panic!("method {other}"),
@@ -392,6 +401,7 @@ cgroup_parent = "{cgroup_parent}"
             .arg(format!("--net={}", self.netns))
             .arg(dcnet())
             .args(["--api", &self.api])
+            .args(self.token.iter().flat_map(|t| ["--token", t.as_str()]))
             .args(args)
             .output()
             .expect("running the CLI");

@@ -5,7 +5,8 @@
 # tasks, VIPs served by the eBPF socket load balancer to a container, a container on the other
 # node reached over the WireGuard overlay; then everything removed: the namespaces, the agents,
 # etcd, the tasks, their cgroups, the BPF programs and pins, the WireGuard sockets and the state
-# dirs, also on failure.
+# dirs, also on failure. The dashboard of node-1's agent is relayed to this machine's loopback
+# (socat) and its address printed; DEMO_KEEP=1 keeps everything up for a look until Enter.
 set -euo pipefail
 
 DCNET=${DCNET:-target/debug/dcnet}
@@ -18,6 +19,7 @@ CGROUP_PARENT="dcnet-demo-$$"
 WORK=$(mktemp -d /tmp/dcnet-demo.XXXXXX)
 ETCD_IP=192.0.2.1
 ETCD_PID=
+RELAY_PID=
 AGENT_PIDS=()
 NODES=(1 2)
 node_ip() { echo "192.0.2.1$1"; }
@@ -34,6 +36,8 @@ run() {
 
 cleanup() {
     set +e
+    # The relay leads a session of its own (setsid), with a child per open connection.
+    [[ -n "$RELAY_PID" ]] && kill -TERM -- "-$RELAY_PID" 2>/dev/null && wait "$RELAY_PID" 2>/dev/null
     for pid in "${AGENT_PIDS[@]}"; do
         kill -0 "$pid" 2>/dev/null && kill -TERM "$pid" && wait "$pid" 2>/dev/null
     done
@@ -64,11 +68,11 @@ cleanup() {
     for n in "${NODES[@]}"; do ip netns del "$NS-$n" 2>/dev/null; done
     ip netns del "$CTL" 2>/dev/null
     alive=0
-    for pid in "${AGENT_PIDS[@]}" $ETCD_PID; do kill -0 "$pid" 2>/dev/null && alive=$((alive + 1)); done
+    for pid in "${AGENT_PIDS[@]}" $ETCD_PID $RELAY_PID; do kill -0 "$pid" 2>/dev/null && alive=$((alive + 1)); done
     left=$(ip netns list | grep -c "^$NS" ; ls -d /sys/fs/cgroup/*/"$CGROUP_PARENT" 2>/dev/null | wc -l;
         ls "$WORK"/node-*/bpf 2>/dev/null | grep -vc ':$' ; ls /var/run/wireguard/ 2>/dev/null | grep -c "^dd$$n"; echo $alive)
     if [[ "$(echo $left | tr -d ' ')" == "00000" ]]; then
-        echo "left behind: nothing (namespaces, agents, etcd, tasks, cgroups, BPF pins and WireGuard sockets are gone)"
+        echo "left behind: nothing (namespaces, agents, etcd, the relay, tasks, cgroups, BPF pins and WireGuard sockets are gone)"
     else
         echo "warning: something was left behind: $left" >&2
     fi
@@ -207,6 +211,24 @@ run overlay status
 printf '\033[36m$ wg show %s\033[0m\n' "$(device 1)"
 wg show "$(device 1)"
 run vip list
+
+say "the dashboard: node-1's agent serves it under /ui/, relayed here to this machine's loopback"
+# A free loopback port of this machine; each connection to it is carried into node-1's
+# namespace, to the agent's own loopback address (nothing is routed, no address is added).
+RELAY_PORT=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+setsid socat "TCP-LISTEN:$RELAY_PORT,bind=127.0.0.1,reuseaddr,fork" \
+    "EXEC:nsenter --net=/run/netns/$NS-1 socat STDIO TCP\:127.0.0.1\:8080" 2>"$WORK/relay.log" &
+RELAY_PID=$!
+for _ in $(seq 50); do curl -sf "http://127.0.0.1:$RELAY_PORT/ping" >/dev/null && break; sleep 0.1; done
+printf '\033[36m$ curl http://127.0.0.1:%s/ui/\033[0m  ' "$RELAY_PORT"
+curl -sS "http://127.0.0.1:$RELAY_PORT/ui/" | grep -o '<title>.*</title>'
+echo "dashboard: http://127.0.0.1:$RELAY_PORT/ui/  (pages: apps, VIPs, DNS, nodes, deployments; live)"
+if [[ "${DEMO_KEEP:-}" == 1 ]]; then
+    echo "DEMO_KEEP=1: the cluster stays up; open the address above (ssh -L $RELAY_PORT:127.0.0.1:$RELAY_PORT from elsewhere)."
+    read -r -p "press Enter to remove the apps and clean up " _ || true
+else
+    echo "(DEMO_KEEP=1 make demo keeps the cluster up to look at it)"
+fi
 
 say "removing the apps"
 run app remove /demo/web --wait --timeout 1m

@@ -276,18 +276,7 @@ mod tests {
         let tcp = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = tcp.local_addr().unwrap();
         let udp = UdpSocket::bind(addr).await.unwrap();
-        let dns = Dns::new(
-            Config {
-                records: RecordConfig {
-                    this_node: Some(NodeId("node-1".into())),
-                    ..Default::default()
-                },
-                forward: None,
-                tcp: TcpLimits::default(),
-                max_amplification: usize::MAX,
-            },
-            Metrics::register(&prometheus::Registry::new()).unwrap(),
-        );
+        let dns = plane(usize::MAX);
         let router = dns.router(Some(addr));
         let shutdown = CancellationToken::new();
         let task = tokio::spawn(dns.run(rx, vec![udp], vec![tcp], || {}, shutdown.clone()));
@@ -335,16 +324,9 @@ mod tests {
         assert_eq!(status, 502, "{v}");
     }
 
-    /// A DNS plane serving `st` on a loopback UDP socket, with `max_amplification`; its
-    /// address, the token that stops it and its task.
-    async fn serving(
-        st: ClusterState,
-        max_amplification: usize,
-    ) -> (SocketAddr, CancellationToken, tokio::task::JoinHandle<()>) {
-        let (tx, rx) = watch::channel(Arc::new(st));
-        let server = UdpSocket::bind("127.0.0.1:0").await.unwrap();
-        let addr = server.local_addr().unwrap();
-        let dns = Dns::new(
+    /// The plane of node-1, forwarding off, with `max_amplification`.
+    fn plane(max_amplification: usize) -> Dns {
+        Dns::new(
             Config {
                 records: RecordConfig {
                     this_node: Some(NodeId("node-1".into())),
@@ -355,7 +337,19 @@ mod tests {
                 max_amplification,
             },
             Metrics::register(&prometheus::Registry::new()).unwrap(),
-        );
+        )
+    }
+
+    /// A DNS plane serving `st` on a loopback UDP socket, with `max_amplification`; its
+    /// address, the token that stops it and its task.
+    async fn serving(
+        st: ClusterState,
+        max_amplification: usize,
+    ) -> (SocketAddr, CancellationToken, tokio::task::JoinHandle<()>) {
+        let (tx, rx) = watch::channel(Arc::new(st));
+        let server = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let addr = server.local_addr().unwrap();
+        let dns = plane(max_amplification);
         let shutdown = CancellationToken::new();
         let stop = shutdown.clone();
         let task = tokio::spawn(async move {

@@ -268,7 +268,7 @@ function taskHealth(t, hasChecks) {
 function exitCell(t) {
   const out = [];
   if (t.killReason) out.push("killed: " + t.killReason);
-  if (t.exit) out.push(t.exit.message || JSON.stringify(t.exit));
+  if (t.exit) out.push(t.exit.reason);
   return out.length ? out.join("; ") : el("span", { class: "muted" }, "—");
 }
 

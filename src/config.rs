@@ -247,6 +247,9 @@ pub struct RetentionSection {
     /// How long the sandbox (logs, files) of an ended task is kept.
     #[serde(default = "default_sandbox_retention", with = "humantime_serde")]
     pub sandboxes: Duration,
+    /// Definitions kept per app, for `/v2/apps/{id}/versions` and rollback by version.
+    #[serde(default = "default_app_versions")]
+    pub app_versions: usize,
 }
 
 impl Default for RetentionSection {
@@ -254,12 +257,19 @@ impl Default for RetentionSection {
         Self {
             deployments_per_app: default_deployments_per_app(),
             sandboxes: default_sandbox_retention(),
+            app_versions: default_app_versions(),
         }
     }
 }
 
 fn default_deployments_per_app() -> usize {
     dcnet_node_core::Retention::default().deployments_per_app
+}
+/// The most versions an app may keep: its removal deletes them in one transaction.
+const MAX_APP_VERSIONS: usize = 100;
+
+fn default_app_versions() -> usize {
+    dcnet_node_core::Retention::default().app_versions
 }
 fn default_sandbox_retention() -> Duration {
     dcnet_node_core::Retention::default().sandboxes
@@ -619,6 +629,12 @@ pub struct ApiSection {
     /// The largest request body, in bytes.
     #[serde(default = "default_api_max_body")]
     pub max_body: usize,
+    /// `/v2/events` subscribers served at once; past it a new one gets 503.
+    #[serde(default = "default_api_event_streams")]
+    pub event_streams: usize,
+    /// Events one subscriber may have waiting; one that falls this far behind is dropped.
+    #[serde(default = "default_api_event_queue")]
+    pub event_queue: usize,
 }
 
 impl Default for ApiSection {
@@ -632,6 +648,8 @@ impl Default for ApiSection {
             header_timeout: default_api_timeout(),
             body_timeout: default_api_timeout(),
             max_body: default_api_max_body(),
+            event_streams: default_api_event_streams(),
+            event_queue: default_api_event_queue(),
         }
     }
 }
@@ -647,6 +665,12 @@ fn default_api_timeout() -> Duration {
 }
 fn default_api_max_body() -> usize {
     1 << 20
+}
+fn default_api_event_streams() -> usize {
+    dcnet_node_core::events::MAX_SUBSCRIBERS
+}
+fn default_api_event_queue() -> usize {
+    dcnet_node_core::events::SUBSCRIBER_QUEUE
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -740,6 +764,9 @@ impl AgentConfig {
         if self.api.max_connections == 0 || self.api.max_per_client == 0 || self.api.max_body == 0 {
             bail!("api.max_connections, api.max_per_client and api.max_body must be at least 1");
         }
+        if self.api.event_streams == 0 || self.api.event_queue == 0 {
+            bail!("api.event_streams and api.event_queue must be at least 1");
+        }
         if !self.api.listen.ip().is_loopback()
             && self.api.token.as_deref().is_none_or(str::is_empty)
         {
@@ -777,6 +804,12 @@ impl AgentConfig {
         if let Some(IpAddr::V6(ip)) = self.node.ip {
             bail!(
                 "node.ip = {ip} must be an IPv4 address (port mappings publish on it); give a dual-stack node's IPv6 address as node.ip6"
+            );
+        }
+        if !(1..=MAX_APP_VERSIONS).contains(&self.retention.app_versions) {
+            bail!(
+                "retention.app_versions = {} must be 1 to {MAX_APP_VERSIONS} (an app's versions go in one transaction when it is removed)",
+                self.retention.app_versions
             );
         }
         if self.retention.deployments_per_app == 0 {

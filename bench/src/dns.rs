@@ -303,6 +303,8 @@ async fn bench_node(
             leader_ttl: Duration::from_secs(10),
             node_ttl: Duration::from_secs(10),
             retention: Default::default(),
+            event_streams: dcnet_node_core::events::MAX_SUBSCRIBERS,
+            event_queue: dcnet_node_core::events::SUBSCRIBER_QUEUE,
         },
         store.clone(),
         Arc::new(runtime),

@@ -154,7 +154,26 @@ async fn serve(
                 continue;
             }
         };
-        let (service, stop) = (TowerToHyperService::new(app.clone()), stop.clone());
+        // The kernel holds at most this much that a client has not read: a stalled reader of
+        // a stream (`/v2/events`) is found out, and dropped, after that much, not after the
+        // megabytes the kernel would otherwise let its buffer grow to.
+        if let Err(e) = nix::sys::socket::setsockopt(
+            &stream,
+            nix::sys::socket::sockopt::SndBuf,
+            &API_SEND_BUFFER,
+        ) {
+            debug!(error = %e, "cannot bound an API connection's send buffer");
+        }
+        // Routes that say who asked (Marathon's events) read the peer from the request.
+        let app = tower::ServiceExt::map_request(
+            app.clone(),
+            move |mut req: hyper::Request<hyper::body::Incoming>| {
+                req.extensions_mut()
+                    .insert(dcnet_node_core::ClientAddr(peer));
+                req
+            },
+        );
+        let (service, stop) = (TowerToHyperService::new(app), stop.clone());
         connections.spawn(async move {
             let _slot = slot;
             let conn = hyper::server::conn::http1::Builder::new()
@@ -201,6 +220,9 @@ impl Refused {
         self.0.with_label_values(&[bound]).inc();
     }
 }
+
+/// Bytes the kernel may hold for one API connection that its client has not read yet.
+const API_SEND_BUFFER: usize = 256 * 1024;
 
 /// The longest request target accepted; longer ones get 414.
 const MAX_URI: usize = 8 * 1024;

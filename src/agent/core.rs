@@ -119,7 +119,10 @@ pub(super) async fn start(
         retention: dcnet_node_core::Retention {
             deployments_per_app: cfg.retention.deployments_per_app,
             sandboxes: cfg.retention.sandboxes,
+            app_versions: cfg.retention.app_versions,
         },
+        event_streams: cfg.api.event_streams,
+        event_queue: cfg.api.event_queue,
     };
     NodeCore::start(core_cfg, store, runtime, registry, supervisor)
         .await

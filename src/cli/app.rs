@@ -44,6 +44,15 @@ pub enum AppCommand {
         #[command(flatten)]
         wait: Wait,
     },
+    /// List the kept versions of an app's definition, newest first.
+    Versions { id: String },
+    /// Deploy a kept version of an app's definition again (see `dcnet app versions`).
+    Rollback {
+        id: String,
+        version: String,
+        #[command(flatten)]
+        wait: Wait,
+    },
 }
 
 impl AppCommand {
@@ -61,6 +70,16 @@ impl AppCommand {
             } => scale(client, &id, instances, wait.wait, wait.timeout, json),
             AppCommand::Restart { id, wait } => restart(client, &id, wait.wait, wait.timeout, json),
             AppCommand::Remove { id, wait } => remove(client, &id, wait.wait, wait.timeout, json),
+            AppCommand::Versions { id } => versions(client, &id, json),
+            AppCommand::Rollback { id, version, wait } => app_change(
+                client,
+                "PUT",
+                app_path(&id),
+                Some(json!({"version": version})),
+                wait.wait,
+                wait.timeout,
+                json,
+            ),
         }
     }
 }
@@ -297,6 +316,38 @@ fn app_change(
     } else {
         println!("deployment {deployment} started");
     }
+    Ok(())
+}
+
+fn versions(client: &Client, id: &str, as_json: bool) -> anyhow::Result<()> {
+    let answer = client.call("GET", &format!("{}/versions", app_path(id)), None)?;
+    if as_json {
+        print_json(&answer);
+        return Ok(());
+    }
+    let mut t = Table::new(["VERSION", "CMD", "INSTANCES"]);
+    for (i, version) in answer["versions"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(Value::as_str)
+        .enumerate()
+    {
+        // The newest few with what they ran; older ones by their time only.
+        let def = if i < 10 {
+            client.call("GET", &format!("{}/versions/{version}", app_path(id)), None)?
+        } else {
+            Value::Null
+        };
+        let cmd = def["cmd"].as_str().unwrap_or("-");
+        let cmd: String = if cmd.chars().count() > 50 {
+            cmd.chars().take(47).chain("...".chars()).collect()
+        } else {
+            cmd.to_string()
+        };
+        t.row([version.to_string(), cmd, def["instances"].to_string()]);
+    }
+    t.print();
     Ok(())
 }
 

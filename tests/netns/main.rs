@@ -6,6 +6,7 @@ mod cluster;
 mod containers;
 mod dns;
 mod ebpf;
+mod events;
 mod l4lb;
 mod node_core;
 mod supervision;

@@ -560,3 +560,56 @@ fn a_task_adopted_after_a_crash_ends_with_its_real_exit_code() {
         "the task was adopted, not relaunched"
     );
 }
+
+/// `dcnet app versions` lists what was deployed, and a rollback to the first definition
+/// (`PUT /v2/apps/{id}` with `{"version": ..}`, through `dcnet app rollback`) replaces the
+/// running task with one of it.
+#[test]
+fn an_app_rolls_back_to_a_kept_version_from_the_cli() {
+    require_root();
+    let ns = NetNs::new("versions");
+    ns.enter();
+    let agent = Agent::start(&ns);
+    let def = |word: &str| json!({"id": "/ver", "cmd": format!("echo {word} > word && exec sleep 600"), "cpus": 0.01, "mem": 8});
+    agent.put_and_wait("/ver", &def("one"));
+    let first = agent.get("/v2/apps/ver")["app"]["version"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    agent.put_and_wait("/ver", &def("two"));
+    let (ok, out, err) = agent.cli(&["app", "versions", "/ver"]);
+    assert!(ok, "{err}");
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines.len(), 3, "a header and two versions: {out}");
+    assert!(lines[0].starts_with("VERSION"), "{out}");
+    assert!(
+        lines[1].contains("echo two") && lines[2].contains(&first) && lines[2].contains("echo one"),
+        "newest first: {out}"
+    );
+
+    let (ok, out, err) = agent.cli(&[
+        "app",
+        "rollback",
+        "/ver",
+        &first,
+        "--wait",
+        "--timeout",
+        "1m",
+    ]);
+    assert!(ok, "{out}{err}");
+    let app = agent.get("/v2/apps/ver")["app"].clone();
+    assert_eq!(app["cmd"], "echo one > word && exec sleep 600", "{app}");
+    let version = app["version"].as_str().unwrap();
+    assert_ne!(version, first, "a rollback is a new version");
+    let running = agent.running("/ver");
+    assert_eq!(running.len(), 1, "{running:?}");
+    assert_eq!(
+        running[0]["version"], version,
+        "the task runs the rolled-back definition"
+    );
+    let versions = agent.get("/v2/apps/ver/versions")["versions"].clone();
+    assert_eq!(versions.as_array().unwrap().len(), 3, "{versions}");
+
+    let (ok, _, err) = agent.cli(&["app", "rollback", "/ver", "2001-01-01T00:00:00.000Z"]);
+    assert!(!ok && err.contains("does not exist"), "{err}");
+}

@@ -28,9 +28,88 @@ use crate::store::{Op, Precondition, StoreError};
 pub(crate) struct Api {
     pub(crate) store: SharedStore,
     pub(crate) state: watch::Receiver<Arc<ClusterState>>,
+    pub(crate) events: crate::events::EventBus,
+    /// Definitions kept per app.
+    pub(crate) app_versions: usize,
+}
+
+/// The address a request came from, as the server that accepted its connection puts it in
+/// the request's extensions (`api_post_event`'s `clientIp`, `event_stream_attached`'s
+/// `remoteAddress`).
+#[derive(Clone, Copy, Debug)]
+pub struct ClientAddr(pub std::net::SocketAddr);
+
+fn client_ip(req: &axum::http::request::Parts) -> String {
+    req.extensions
+        .get::<ClientAddr>()
+        .map_or_else(|| "unknown".into(), |c| c.0.ip().to_string())
+}
+
+/// The client's address and the path it asked, for `api_post_event`.
+struct Caller {
+    ip: String,
+    uri: String,
+}
+
+impl<S: Send + Sync> axum::extract::FromRequestParts<S> for Caller {
+    type Rejection = std::convert::Infallible;
+
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        _: &S,
+    ) -> Result<Self, Self::Rejection> {
+        Ok(Caller {
+            ip: client_ip(parts),
+            uri: parts.uri.path().to_string(),
+        })
+    }
 }
 
 impl Api {
+    /// Ops that keep `app`'s definition among its versions and drop the oldest past the
+    /// bound (versions are RFC 3339 times, so their keys sort oldest first).
+    async fn version_ops(&self, app: &App) -> ApiResult<Vec<Op>> {
+        let (kept, _) = self.store.list(&keys::app_versions(&app.id)).await?;
+        let mut ops = vec![Op::put(
+            keys::app_version(&app.id, &app.version),
+            keys::to_json(app),
+            Precondition::Any,
+        )];
+        let excess = (kept.len() + 1).saturating_sub(self.app_versions.max(1));
+        ops.extend(
+            kept.iter()
+                .filter(|kv| kv.key != keys::app_version(&app.id, &app.version))
+                .take(excess)
+                .map(|kv| Op::delete(kv.key.clone(), Precondition::Any)),
+        );
+        Ok(ops)
+    }
+
+    /// The versions kept of `id`, newest first.
+    async fn versions(&self, id: &AppId) -> ApiResult<Vec<String>> {
+        let prefix = keys::app_versions(id);
+        let (kept, _) = self.store.list(&prefix).await?;
+        let mut versions: Vec<String> = kept
+            .iter()
+            .filter_map(|kv| kv.key.strip_prefix(&prefix).map(str::to_string))
+            .collect();
+        versions.reverse();
+        Ok(versions)
+    }
+
+    /// One kept definition of `id`.
+    async fn version(&self, id: &AppId, version: &str) -> ApiResult<App> {
+        keys::get_json::<App>(&*self.store, &keys::app_version(id, version))
+            .await?
+            .map(|(app, _)| app)
+            .ok_or_else(|| {
+                ApiError::new(
+                    StatusCode::NOT_FOUND,
+                    format!("Version '{version}' of app '{id}' does not exist"),
+                )
+            })
+    }
+
     /// Waits (briefly) until the published state includes revision `rev`, so that a client
     /// that reads right after a write sees it.
     async fn caught_up(&self, rev: u64) {
@@ -132,6 +211,7 @@ pub(crate) fn router(api: Api) -> Router {
                 .post(app_post),
         )
         .route("/v2/tasks", get(list_tasks))
+        .route("/v2/events", get(event_stream))
         .route("/v2/deployments", get(list_deployments))
         .route("/v2/deployments/{id}", get(get_deployment))
         .route("/v1/apps", get(list_app_overviews))
@@ -282,6 +362,7 @@ fn split_path(path: &str, method: &Method) -> ApiResult<(AppId, Option<&'static 
     let (id, action) = match (method, path.rsplit_once('/')) {
         (&Method::POST, Some((id, "restart"))) => (id, Some("restart")),
         (&Method::GET, Some((id, "tasks"))) => (id, Some("tasks")),
+        (&Method::GET, Some((id, "versions"))) => (id, Some("versions")),
         _ => (path, None),
     };
     let id = AppId::parse(id)
@@ -290,7 +371,23 @@ fn split_path(path: &str, method: &Method) -> ApiResult<(AppId, Option<&'static 
 }
 
 async fn app_get(State(api): State<Api>, Path(path): Path<String>) -> ApiResult {
+    // `/v2/apps/{id}/versions/{version}`: one kept definition, as it was posted and stamped.
+    if let Some((app, version)) = path
+        .rsplit_once("/versions/")
+        .filter(|(_, v)| !v.is_empty() && !v.contains('/'))
+    {
+        let id = AppId::parse(app)
+            .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, format!("app id `{app}` {e}")))?;
+        return Ok(Json(api.version(&id, version).await?).into_response());
+    }
     let (id, action) = split_path(&path, &Method::GET)?;
+    if action == Some("versions") {
+        let versions = api.versions(&id).await?;
+        if versions.is_empty() && !api.state.borrow().apps.contains_key(&id) {
+            return Err(ApiError::not_found(id.as_str()));
+        }
+        return Ok(Json(json!({"versions": versions})).into_response());
+    }
     let state = api.state.borrow().clone();
     let app = state
         .apps
@@ -505,7 +602,7 @@ fn stamp(app: &mut App, config_changed: bool) {
     }
 }
 
-async fn create_app(State(api): State<Api>, body: Bytes) -> ApiResult {
+async fn create_app(State(api): State<Api>, caller: Caller, body: Bytes) -> ApiResult {
     let Parsed { mut app, warnings } = parse_app(&body)?;
     check_vip_conflicts(&app, &api.state.borrow().clone())?;
     check_dependency_cycle(&app, &api.state.borrow().clone())?;
@@ -525,6 +622,7 @@ async fn create_app(State(api): State<Api>, body: Bytes) -> ApiResult {
         ),
     ];
     ops.extend(supersede(&state, &app.id));
+    ops.extend(api.version_ops(&app).await?);
     match api.store.txn(ops).await {
         Ok(rev) => api.caught_up(rev).await,
         Err(StoreError::Conflict { key, .. }) if key == keys::app(&app.id) => {
@@ -535,13 +633,20 @@ async fn create_app(State(api): State<Api>, body: Bytes) -> ApiResult {
         }
         Err(e) => return Err(e.into()),
     }
+    api.events
+        .publish(vec![crate::events::api_post(&app, &caller.uri, &caller.ip)]);
     let mut view = app_view(&app, &state, false);
     view["deployments"] = json!([{"id": dep.id}]);
     view["warnings"] = json!(warnings);
     Ok((StatusCode::CREATED, Json(view)).into_response())
 }
 
-async fn app_put(State(api): State<Api>, Path(path): Path<String>, body: Bytes) -> ApiResult {
+async fn app_put(
+    State(api): State<Api>,
+    Path(path): Path<String>,
+    caller: Caller,
+    body: Bytes,
+) -> ApiResult {
     let (id, _) = split_path(&path, &Method::PUT)?;
     // The path names the app: a body naming another one is refused, never created there.
     if let Ok(Value::Object(fields)) = serde_json::from_slice::<Value>(&body)
@@ -569,8 +674,30 @@ async fn app_put(State(api): State<Api>, Path(path): Path<String>, body: Bytes) 
         if let Some(obj) = fields.as_object_mut() {
             obj.entry("id").or_insert_with(|| json!(id.as_str()));
         }
-        return create_app(State(api), Bytes::from(fields.to_string())).await;
+        return create_app(State(api), caller, Bytes::from(fields.to_string())).await;
     };
+    // `{"version": V}` (with the id at most): roll back to a kept definition, as Marathon
+    // does. It is deployed as a new version, as any change is.
+    if let Ok(Value::Object(fields)) = serde_json::from_slice::<Value>(&body)
+        && let Some(version) = fields.get("version")
+        && fields.keys().all(|k| k == "version" || k == "id")
+    {
+        let version = version.as_str().ok_or_else(|| {
+            Invalid::Fields(vec![crate::model::FieldError {
+                path: "/version".into(),
+                errors: vec![format!("a version is an RFC 3339 time, not {version}")],
+            }])
+        })?;
+        let mut app = api.version(&id, version).await?;
+        check_vip_conflicts(&app, &api.state.borrow().clone())?;
+        check_dependency_cycle(&app, &api.state.borrow().clone())?;
+        stamp(&mut app, true);
+        let dep = new_deployment(&app, DeploymentKind::Update, Some(current));
+        let written = write_change(&api, &app, rev, dep, Vec::new()).await?;
+        api.events
+            .publish(vec![crate::events::api_post(&app, &caller.uri, &caller.ip)]);
+        return Ok(written);
+    }
     let Parsed { mut app, warnings } = parse_app_update(&current, &body)?;
     check_vip_conflicts(&app, &api.state.borrow().clone())?;
     check_dependency_cycle(&app, &api.state.borrow().clone())?;
@@ -585,7 +712,10 @@ async fn app_put(State(api): State<Api>, Path(path): Path<String>, body: Bytes) 
         DeploymentKind::Update
     };
     let dep = new_deployment(&app, kind, Some(current));
-    write_change(&api, &app, rev, dep, warnings).await
+    let written = write_change(&api, &app, rev, dep, warnings).await?;
+    api.events
+        .publish(vec![crate::events::api_post(&app, &caller.uri, &caller.ip)]);
+    Ok(written)
 }
 
 async fn write_change(
@@ -609,6 +739,7 @@ async fn write_change(
         ),
     ];
     ops.extend(supersede(&state, &app.id));
+    ops.extend(api.version_ops(app).await?);
     let rev = api.store.txn(ops).await?;
     api.caught_up(rev).await;
     Ok(
@@ -649,6 +780,8 @@ async fn app_delete(State(api): State<Api>, Path(path): Path<String>) -> ApiResu
     stamp(&mut gone, true);
     let dep = new_deployment(&gone, DeploymentKind::Delete, Some(current));
     let state = api.state.borrow().clone();
+    // Its versions go with it (at most retention.app_versions, within one transaction).
+    let (versions, _) = api.store.list(&keys::app_versions(&id)).await?;
     let mut ops = vec![
         Op::delete(keys::app(&id), Precondition::Revision(rev)),
         Op::delete(keys::app_status(&id), Precondition::Any),
@@ -659,6 +792,11 @@ async fn app_delete(State(api): State<Api>, Path(path): Path<String>) -> ApiResu
         ),
     ];
     ops.extend(supersede(&state, &id));
+    ops.extend(
+        versions
+            .into_iter()
+            .map(|kv| Op::delete(kv.key, Precondition::Any)),
+    );
     let rev = api.store.txn(ops).await?;
     api.caught_up(rev).await;
     Ok(Json(json!({"version": gone.version, "deploymentId": dep.id})).into_response())
@@ -839,6 +977,72 @@ async fn watch_state(State(api): State<Api>) -> Response {
         .expect("static headers are valid")
 }
 
+/// A comment line `/v2/events` sends when it has nothing else to say, so that proxies and
+/// clients keep the stream open.
+const EVENTS_HEARTBEAT: std::time::Duration = std::time::Duration::from_secs(15);
+
+/// `GET /v2/events`: Server-Sent Events as Marathon sends them, `event_type=` (repeatable)
+/// choosing which; 405 unless the client accepts `text/event-stream`, 503 past the bound on
+/// subscribers.
+async fn event_stream(State(api): State<Api>, req: axum::extract::Request) -> ApiResult {
+    let (parts, _) = req.into_parts();
+    let accepts = parts
+        .headers
+        .get_all(axum::http::header::ACCEPT)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .any(|v| v.contains("text/event-stream"));
+    if !accepts {
+        return Err(ApiError::new(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "/v2/events is a stream of Server-Sent Events: send Accept: text/event-stream",
+        ));
+    }
+    let types: Vec<String> = parts
+        .uri
+        .query()
+        .unwrap_or_default()
+        .split('&')
+        .filter_map(|kv| kv.split_once('='))
+        .filter(|(k, _)| *k == "event_type")
+        .map(|(_, v)| v.to_string())
+        .collect();
+    let sub = api
+        .events
+        .subscribe(&client_ip(&parts), types)
+        .map_err(|e| {
+            ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("this agent already serves {} event streams", e.0),
+            )
+        })?;
+    let heartbeat = tokio::time::interval_at(
+        tokio::time::Instant::now() + EVENTS_HEARTBEAT,
+        EVENTS_HEARTBEAT,
+    );
+    let stream = futures::stream::unfold((sub, heartbeat), |(mut sub, mut beat)| async move {
+        // A batch with nothing asked for says nothing (an empty chunk would end the body).
+        let frame = loop {
+            let frame = tokio::select! {
+                frames = sub.next_frames() => frames?,
+                _ = beat.tick() => ":\n\n".to_string(),
+            };
+            if !frame.is_empty() {
+                break frame;
+            }
+        };
+        Some((
+            Ok::<_, std::convert::Infallible>(Bytes::from(frame)),
+            (sub, beat),
+        ))
+    });
+    Ok(Response::builder()
+        .header("content-type", "text/event-stream")
+        .header("cache-control", "no-cache, no-store")
+        .body(Body::from_stream(stream))
+        .expect("static headers are valid"))
+}
+
 /// The shortest time between two lines of `/v1/state/changes`.
 const CHANGES_EVERY: std::time::Duration = std::time::Duration::from_millis(250);
 /// `/v1/state/changes` says the revision again after this long without a change.
@@ -898,6 +1102,8 @@ mod tests {
         let router = router(Api {
             store: store.clone(),
             state,
+            events: crate::events::EventBus::default(),
+            app_versions: 3,
         });
         (router, store, shutdown, dir)
     }
@@ -1177,6 +1383,69 @@ mod tests {
         let second = line(second);
         assert!(second > first, "{first} then {second}");
         assert_eq!(second, rev, "the latest revision, not each one");
+        shutdown.cancel();
+    }
+
+    #[tokio::test]
+    async fn versions_are_kept_up_to_the_bound_and_a_put_of_one_rolls_back_to_it() {
+        let (router, store, shutdown, _dir) = api().await;
+        let def = |cmd: &str| json!({"id": "/web", "cmd": cmd, "instances": 0}).to_string();
+        assert_eq!(post(&router, &def("v1")).await.0, StatusCode::CREATED);
+        let mut versions = Vec::new();
+        for cmd in ["v2", "v3", "v4"] {
+            // Versions are times in milliseconds: two changes in one would be one version.
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+            let (status, v) = put(&router, "/v2/apps/web", &def(cmd)).await;
+            assert_eq!(status, StatusCode::OK, "{v}");
+            versions.push(v["version"].as_str().unwrap().to_string());
+        }
+        let (status, v) = call(&router, Method::GET, "/v2/apps/web/versions", "").await;
+        assert_eq!(status, StatusCode::OK, "{v}");
+        let listed: Vec<&str> = v["versions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_str().unwrap())
+            .collect();
+        // The bound (3 here): the first definition was dropped, newest first.
+        assert_eq!(listed, [&versions[2], &versions[1], &versions[0]]);
+        let (status, old) = call(
+            &router,
+            Method::GET,
+            &format!("/v2/apps/web/versions/{}", versions[0]),
+            "",
+        )
+        .await;
+        assert_eq!(status, StatusCode::OK, "{old}");
+        assert_eq!(old["cmd"], "v2");
+        // Roll back to it: the app runs that definition again, as a new version.
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        let body = json!({"version": versions[0]}).to_string();
+        let (status, v) = put(&router, "/v2/apps/web", &body).await;
+        assert_eq!(status, StatusCode::OK, "{v}");
+        let (_, app) = call(&router, Method::GET, "/v2/apps/web", "").await;
+        assert_eq!(app["app"]["cmd"], "v2", "{app}");
+        assert_ne!(app["app"]["version"], versions[0].as_str());
+        // An unknown version or app: 404, nothing changes.
+        let (before, _) = store.list(keys::ROOT).await.unwrap();
+        let (status, v) = put(
+            &router,
+            "/v2/apps/web",
+            r#"{"version": "2001-01-01T00:00:00.000Z"}"#,
+        )
+        .await;
+        assert_eq!(status, StatusCode::NOT_FOUND, "{v}");
+        let (status, _) = call(&router, Method::GET, "/v2/apps/nope/versions", "").await;
+        assert_eq!(status, StatusCode::NOT_FOUND);
+        let (status, _) = call(&router, Method::GET, "/v2/apps/web/versions/nope", "").await;
+        assert_eq!(status, StatusCode::NOT_FOUND);
+        let (after, _) = store.list(keys::ROOT).await.unwrap();
+        assert_eq!(after, before);
+        // The app's removal takes its versions along.
+        let (status, _) = call(&router, Method::DELETE, "/v2/apps/web", "").await;
+        assert_eq!(status, StatusCode::OK);
+        let (left, _) = store.list(keys::APP_VERSIONS).await.unwrap();
+        assert!(left.is_empty(), "{} versions left", left.len());
         shutdown.cancel();
     }
 }

@@ -33,6 +33,9 @@ pub struct Config {
     pub node_ttl: Duration,
     /// What is kept of what has ended.
     pub retention: Retention,
+    /// `/v2/events` subscribers served at once, and the events each may have waiting.
+    pub event_streams: usize,
+    pub event_queue: usize,
 }
 
 /// What is kept of what has ended, so that the store and the disk stay bounded.
@@ -43,6 +46,8 @@ pub struct Retention {
     pub deployments_per_app: usize,
     /// How long the sandbox of an ended task (its logs) is kept.
     pub sandboxes: Duration,
+    /// Definitions kept per app (`/v2/apps/{id}/versions`, rollback by version).
+    pub app_versions: usize,
 }
 
 impl Default for Retention {
@@ -50,6 +55,7 @@ impl Default for Retention {
         Self {
             deployments_per_app: 10,
             sandboxes: Duration::from_secs(24 * 3600),
+            app_versions: 20,
         }
     }
 }
@@ -60,6 +66,8 @@ pub struct NodeCore {
     store: SharedStore,
     state: watch::Receiver<Arc<ClusterState>>,
     metrics: Metrics,
+    events: crate::events::EventBus,
+    app_versions: usize,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -164,6 +172,18 @@ impl NodeCore {
                 }
             });
         }
+        let events = crate::events::EventBus::new(cfg.event_streams, cfg.event_queue);
+        {
+            let (events, state) = (events.clone(), state.clone());
+            supervisor.spawn("events", move |ready, stop| {
+                let run = crate::events::run(events.clone(), state.clone(), stop);
+                async move {
+                    ready.serving();
+                    run.await;
+                    Ok(())
+                }
+            });
+        }
         {
             let (observer, state) = (metrics.clone(), state.clone());
             supervisor.spawn("metrics", move |ready, stop| {
@@ -184,6 +204,8 @@ impl NodeCore {
             store,
             state,
             metrics,
+            events,
+            app_versions: cfg.retention.app_versions,
         })
     }
 
@@ -198,6 +220,8 @@ impl NodeCore {
         api::router(Api {
             store: self.store.clone(),
             state: self.state.clone(),
+            events: self.events.clone(),
+            app_versions: self.app_versions,
         })
         .layer(middleware::from_fn(move |req: Request, next: Next| {
             let metrics = metrics.clone();

@@ -25,9 +25,20 @@ pub const IPAM_SUBNETS: &str = "/dcnet/ipam/subnets/";
 /// Container addresses ([`crate::ipam::Lease`]), by address.
 pub const IPAM_ADDRESSES: &str = "/dcnet/ipam/addresses/";
 pub const LEADER: &str = "/dcnet/leader";
+/// Every kept definition of each app, by app and version: outside [`ROOT`], so that no
+/// node's state loop lists or watches them (they are read on demand, by the versions routes
+/// and a rollback).
+pub const APP_VERSIONS: &str = "/dcnet-versions/apps/";
 
 pub fn app(id: &AppId) -> String {
     format!("{APPS}{}", id.key())
+}
+/// The prefix of one app's kept versions (the trailing `/` keeps `/a` from listing `/ab`).
+pub fn app_versions(id: &AppId) -> String {
+    format!("{APP_VERSIONS}{}/", id.key())
+}
+pub fn app_version(id: &AppId, version: &str) -> String {
+    format!("{}{version}", app_versions(id))
 }
 pub fn app_status(id: &AppId) -> String {
     format!("{APP_STATUS}{}", id.key())

@@ -10,6 +10,7 @@
 mod api;
 pub mod clock;
 mod core;
+pub mod events;
 mod health;
 pub mod ipam;
 pub mod keys;
@@ -26,7 +27,7 @@ pub mod supervisor;
 #[cfg(any(test, feature = "test-util"))]
 pub mod test_util;
 
-pub use self::api::ApiError;
+pub use self::api::{ApiError, ClientAddr};
 pub use self::core::{
     Config, NodeCore, Retention, StartError, register as register_node, stay_registered,
 };

@@ -242,8 +242,14 @@ print("A", reply, peer, flush=True)
 u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
 u.settimeout(2)
 u.bind(("0.0.0.0", 0))
-u.sendto(b"b", (vip, 53))
-d, src = u.recvfrom(512)
+# The other backend may still be starting (the app has no health check): ask again.
+for _ in range(10):
+    u.sendto(b"b", (vip, 53))
+    try:
+        d, src = u.recvfrom(512)
+        break
+    except TimeoutError:
+        pass
 print("U", d.decode(), src[0], u.getsockname()[1], flush=True)
 while not os.path.exists(trigger):
     time.sleep(0.05)

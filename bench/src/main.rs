@@ -63,6 +63,7 @@ fn background(nodes: &[Node]) -> Vec<Task> {
                 goal: Goal::Run,
                 kill_reason: None,
                 health: Health::default(),
+                ready: None,
                 ports: vec![31000 + (i / nodes.len()) as u16],
                 ip_addresses: vec![],
                 staged_at: String::new(),

@@ -1455,3 +1455,50 @@ fn a_fourth_host_joins_the_overlay_without_restarting_any_device_and_leaves_it()
         );
     }
 }
+
+/// Marathon's `/v2/leader` and `/v2/info` name the leader as every node sees it, and
+/// `DELETE /v2/leader`, sent to a node that does not lead, makes the leader step down so that
+/// the other node takes over.
+#[test]
+fn marathon_s_leader_routes_name_the_leader_and_delete_hands_it_over() {
+    let c = Cluster::start(2, 1);
+    let mut first = None;
+    assert!(wait_until(Duration::from_secs(20), || {
+        first = c.leader();
+        first.is_some()
+    }));
+    let first = first.unwrap();
+    let other = 1 - first;
+    let address_of = |host: usize| {
+        let nodes = c.hosts[host].agent.get("/v1/nodes");
+        let id = c.hosts[host].node_id();
+        let node = nodes["nodes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|n| n["id"] == id.as_str())
+            .unwrap()
+            .clone();
+        format!("{}:8080", node["ip"].as_str().unwrap())
+    };
+    for host in 0..2 {
+        let leader = c.hosts[host].agent.get("/v2/leader");
+        assert_eq!(leader, json!({"leader": address_of(first)}), "host {host}");
+        let info = c.hosts[host].agent.get("/v2/info");
+        assert_eq!(info["elected"], host == first, "host {host}: {info}");
+        assert_eq!(info["leader"], address_of(first).as_str());
+        assert_eq!(info["name"], "marathon");
+    }
+    let (status, v) = c.hosts[other]
+        .agent
+        .http("DELETE", "/v2/leader", None)
+        .unwrap();
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(v["message"], "Leadership abdicated");
+    let handed = wait_until(Duration::from_secs(20), || c.leader() == Some(other));
+    assert!(handed, "the other node did not take over: {:?}", c.leader());
+    assert_eq!(
+        c.hosts[first].agent.get("/v2/leader"),
+        json!({"leader": address_of(other)})
+    );
+}

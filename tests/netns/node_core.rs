@@ -613,3 +613,161 @@ fn an_app_rolls_back_to_a_kept_version_from_the_cli() {
     let (ok, _, err) = agent.cli(&["app", "rollback", "/ver", "2001-01-01T00:00:00.000Z"]);
     assert!(!ok && err.contains("does not exist"), "{err}");
 }
+
+/// `/v2/queue` lists what waits to launch, with why (no node has the CPUs) and its backoff;
+/// `DELETE /v2/queue/{app}/delay` ends a backoff, and a failing app launches again at once.
+#[test]
+fn the_launch_queue_says_what_waits_and_why_and_a_delay_can_be_ended() {
+    require_root();
+    let ns = NetNs::new("queue");
+    ns.enter();
+    let agent = Agent::start(&ns);
+    let huge = json!({"id": "/huge", "cmd": "exec sleep 600", "cpus": 64, "mem": 8});
+    let (status, _) = agent
+        .http("PUT", "/v2/apps/huge", Some(&huge.to_string()))
+        .unwrap();
+    assert!(status == 200 || status == 201);
+    // Fails at once, with a long backoff (capped by maxLaunchDelaySeconds, 300 s).
+    let failing = json!({"id": "/failing", "cmd": "exit 1", "cpus": 0.01, "mem": 8,
+        "backoffSeconds": 600, "backoffFactor": 1.0});
+    let (status, _) = agent
+        .http("PUT", "/v2/apps/failing", Some(&failing.to_string()))
+        .unwrap();
+    assert!(status == 200 || status == 201);
+    let entry = |queue: &Value, id: &str| {
+        queue["queue"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|e| e["app"]["id"] == id)
+            .cloned()
+    };
+    let mut queue = Value::Null;
+    let both = wait_until(Duration::from_secs(20), || {
+        queue = agent.get("/v2/queue");
+        entry(&queue, "/huge").is_some_and(|e| {
+            e["processedOffersSummary"]["rejectSummaryLastOffers"][0]["reason"]
+                == "InsufficientCpus"
+        }) && entry(&queue, "/failing")
+            .is_some_and(|e| e["delay"]["timeLeftSeconds"].as_u64() > Some(60))
+    });
+    assert!(both, "{queue:#}");
+    let huge = entry(&queue, "/huge").unwrap();
+    assert_eq!(huge["count"], 1);
+    assert_eq!(huge["delay"]["overdue"], true);
+    let failing_entry = entry(&queue, "/failing").unwrap();
+    assert_eq!(failing_entry["delay"]["overdue"], false);
+    let failures_before = agent.get("/v2/apps/failing")["app"]["lastTaskFailure"]["timestamp"]
+        .as_str()
+        .unwrap()
+        .to_string();
+
+    let (status, v) = agent
+        .http("DELETE", "/v2/queue/failing/delay", None)
+        .unwrap();
+    assert_eq!(status, 204, "{v}");
+    // It launches again (and fails again), well before its backoff would end.
+    let relaunched = wait_until(Duration::from_secs(20), || {
+        agent.get("/v2/apps/failing")["app"]["lastTaskFailure"]["timestamp"]
+            .as_str()
+            .is_some_and(|t| t != failures_before)
+    });
+    assert!(relaunched, "{}", agent.get("/v2/apps/failing"));
+    let (status, v) = agent.http("DELETE", "/v2/queue/nope/delay", None).unwrap();
+    assert_eq!(status, 404, "{v}");
+}
+
+/// A task whose readiness check passes only after a delay serves nothing (no DNS answer, no
+/// VIP backend) and holds its deployment until then; once ready it serves and the deployment
+/// succeeds.
+#[test]
+fn a_readiness_check_holds_the_deployment_dns_and_vip_until_it_passes() {
+    require_root();
+    let ns = NetNs::new("ready");
+    ns.enter();
+    let agent = Agent::start(&ns);
+    // 503 for the first 6 s after it starts, then 200.
+    let server = "import http.server, os, time\nstart = time.time()\nclass H(http.server.BaseHTTPRequestHandler):\n    def do_GET(self):\n        ok = time.time() - start > 6\n        self.send_response(200 if ok else 503)\n        self.end_headers()\n    def log_message(self, *a):\n        pass\nhttp.server.HTTPServer(('0.0.0.0', int(os.environ['PORT0'])), H).serve_forever()";
+    let app = json!({
+        "id": "/slow", "cpus": 0.05, "mem": 32,
+        "cmd": format!("exec python3 -c \"{server}\""),
+        "portDefinitions": [{"port": 0, "name": "http", "labels": {"VIP_0": "/slow:80"}}],
+        "readinessChecks": [{"name": "warm", "protocol": "HTTP", "path": "/", "portName": "http",
+            "intervalSeconds": 1, "timeoutSeconds": 1, "httpStatusCodesForReady": [200]}]
+    });
+    let dep = deploy(&agent, &app);
+    let mut task = Value::Null;
+    let started = wait_until(Duration::from_secs(20), || {
+        task = agent
+            .tasks("/slow")
+            .into_iter()
+            .next()
+            .unwrap_or(Value::Null);
+        task["state"] == "TASK_RUNNING"
+    });
+    assert!(started, "{task}");
+    // While it is not ready: no name, no backend, the deployment waits.
+    let mut held = 0;
+    for _ in 0..10 {
+        let t = agent.tasks("/slow").remove(0);
+        if t["ready"] != false {
+            break;
+        }
+        let hosts = agent.get("/v1/hosts/slow.marathon.mesos");
+        assert_eq!(
+            hosts[0]["ip"], "",
+            "a task that is not ready is in DNS: {hosts}"
+        );
+        let vips = agent.get("/v1/vips");
+        let backends = vips
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|v| v["name"] == "/slow")
+            .flat_map(|v| v["backends"].as_array().cloned().unwrap_or_default())
+            .count();
+        assert_eq!(
+            backends, 0,
+            "a task that is not ready is a VIP backend: {vips}"
+        );
+        let d = agent.get(&format!("/v2/deployments/{dep}"));
+        assert_eq!(d["status"], "running", "{d}");
+        held += 1;
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    assert!(
+        held >= 3,
+        "the task was ready too soon to see it held ({held} looks)"
+    );
+    let d = wait_deployment(&agent, &dep, Duration::from_secs(30));
+    assert_eq!(d["status"], "succeeded", "{d}");
+    let task = agent.tasks("/slow").remove(0);
+    assert_eq!(task["ready"], true, "{task}");
+    let ip = wait_until(Duration::from_secs(5), || {
+        agent.get("/v1/hosts/slow.marathon.mesos")[0]["ip"] == "127.0.0.1"
+    });
+    assert!(ip, "the ready task is in DNS");
+    let backend =
+        wait_until(Duration::from_secs(5), || {
+            agent.get("/v1/vips").as_array().unwrap().iter().any(|v| {
+                v["name"] == "/slow" && v["backends"].as_array().is_some_and(|b| b.len() == 1)
+            })
+        });
+    assert!(
+        backend,
+        "the ready task is a VIP backend: {}",
+        agent.get("/v1/vips")
+    );
+
+    // A readiness check on a port that has no such name is refused, naming the field.
+    let bad = json!({"id": "/bad", "cmd": "x", "portDefinitions": [{"port": 0}],
+        "readinessChecks": [{"portName": "http"}]});
+    let (status, v) = agent
+        .http("POST", "/v2/apps", Some(&bad.to_string()))
+        .unwrap();
+    assert_eq!(status, 422, "{v}");
+    assert_eq!(
+        v["details"][0]["path"], "/readinessChecks/0/portName",
+        "{v}"
+    );
+}

@@ -268,6 +268,7 @@ mod tests {
             goal,
             kill_reason: None,
             health: Health::default(),
+            ready: None,
             ports: vec![31000 + n],
             ip_addresses: vec![IpAddress::new(node.ip)],
             staged_at: String::new(),

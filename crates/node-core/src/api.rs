@@ -31,6 +31,11 @@ pub(crate) struct Api {
     pub(crate) events: crate::events::EventBus,
     /// Definitions kept per app.
     pub(crate) app_versions: usize,
+    /// This node, the port its API listens on, and the leader TTL (for `/v2/info` and
+    /// `/v2/leader`).
+    pub(crate) node: NodeId,
+    pub(crate) api_port: u16,
+    pub(crate) leader_ttl: std::time::Duration,
 }
 
 /// The address a request came from, as the server that accepted its connection puts it in
@@ -220,6 +225,7 @@ pub(crate) fn router(api: Api) -> Router {
         .route("/v1/state", get(get_state))
         .route("/v1/state/watch", get(watch_state))
         .route("/v1/state/changes", get(watch_changes))
+        .merge(crate::marathon::routes())
         .with_state(api)
 }
 
@@ -1104,6 +1110,9 @@ mod tests {
             state,
             events: crate::events::EventBus::default(),
             app_versions: 3,
+            node: NodeId("n1".into()),
+            api_port: 8080,
+            leader_ttl: std::time::Duration::from_secs(5),
         });
         (router, store, shutdown, dir)
     }

@@ -36,6 +36,8 @@ pub struct Config {
     /// `/v2/events` subscribers served at once, and the events each may have waiting.
     pub event_streams: usize,
     pub event_queue: usize,
+    /// The port this node's API listens on (every node's, in Marathon's `/v2/leader`).
+    pub api_port: u16,
 }
 
 /// What is kept of what has ended, so that the store and the disk stay bounded.
@@ -68,6 +70,9 @@ pub struct NodeCore {
     metrics: Metrics,
     events: crate::events::EventBus,
     app_versions: usize,
+    node: crate::model::NodeId,
+    api_port: u16,
+    leader_ttl: Duration,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -206,6 +211,9 @@ impl NodeCore {
             metrics,
             events,
             app_versions: cfg.retention.app_versions,
+            node: cfg.node.id.clone(),
+            api_port: cfg.api_port,
+            leader_ttl: cfg.leader_ttl,
         })
     }
 
@@ -222,6 +230,9 @@ impl NodeCore {
             state: self.state.clone(),
             events: self.events.clone(),
             app_versions: self.app_versions,
+            node: self.node.clone(),
+            api_port: self.api_port,
+            leader_ttl: self.leader_ttl,
         })
         .layer(middleware::from_fn(move |req: Request, next: Next| {
             let metrics = metrics.clone();

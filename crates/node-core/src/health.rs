@@ -5,7 +5,7 @@ use std::net::SocketAddr;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use crate::model::{HealthCheck, HealthProtocol};
+use crate::model::{HealthCheck, HealthProtocol, ReadinessCheck};
 
 /// Where a probe goes and what it may run.
 #[derive(Clone, Debug)]
@@ -30,7 +30,11 @@ pub async fn probe(check: &HealthCheck, target: &Target) -> Result<(), String> {
             }
             HealthProtocol::HTTP => {
                 let addr = target.addr.ok_or("the task has no port for this check")?;
-                http_get(addr, check.path.as_deref().unwrap_or("/")).await
+                let path = check.path.as_deref().unwrap_or("/");
+                match http_get(addr, path).await? {
+                    200..400 => Ok(()),
+                    status => Err(format!("HTTP {addr}{path}: status {status}")),
+                }
             }
             HealthProtocol::COMMAND => {
                 let cmd = check
@@ -72,8 +76,20 @@ pub async fn probe(check: &HealthCheck, target: &Target) -> Result<(), String> {
     }
 }
 
-/// A minimal HTTP/1.1 GET: 2xx and 3xx are healthy, as in Marathon.
-async fn http_get(addr: SocketAddr, path: &str) -> Result<(), String> {
+/// A readiness check against `addr`: `Ok` once it answers one of the ready codes.
+pub async fn ready(check: &ReadinessCheck, addr: SocketAddr) -> Result<(), String> {
+    let path = check.path.as_str();
+    match tokio::time::timeout(check.timeout(), http_get(addr, path)).await {
+        Ok(Ok(status)) if check.http_status_codes_for_ready.contains(&status) => Ok(()),
+        Ok(Ok(status)) => Err(format!("HTTP {addr}{path}: status {status}, not ready")),
+        Ok(Err(e)) => Err(e),
+        Err(_) => Err(format!("timed out after {}s", check.timeout().as_secs())),
+    }
+}
+
+/// A minimal HTTP/1.1 GET: the status code of the answer (2xx and 3xx are healthy, as in
+/// Marathon).
+async fn http_get(addr: SocketAddr, path: &str) -> Result<u16, String> {
     let mut stream = TcpStream::connect(addr)
         .await
         .map_err(|e| format!("HTTP {addr}: {e}"))?;
@@ -102,11 +118,7 @@ async fn http_get(addr: SocketAddr, path: &str) -> Result<(), String> {
         .nth(1)
         .and_then(|s| s.parse().ok())
         .ok_or_else(|| format!("HTTP {addr}{path}: not an HTTP answer"))?;
-    if (200..400).contains(&status) {
-        Ok(())
-    } else {
-        Err(format!("HTTP {addr}{path}: status {status}"))
-    }
+    Ok(status)
 }
 
 /// The state of one check of one task, advanced by each result.

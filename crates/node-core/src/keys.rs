@@ -25,6 +25,9 @@ pub const IPAM_SUBNETS: &str = "/dcnet/ipam/subnets/";
 /// Container addresses ([`crate::ipam::Lease`]), by address.
 pub const IPAM_ADDRESSES: &str = "/dcnet/ipam/addresses/";
 pub const LEADER: &str = "/dcnet/leader";
+/// The node asked to step down as leader (`DELETE /v2/leader`), under a lease of two leader
+/// TTLs: while it is there, that node gives up the leader key and does not stand again.
+pub const ABDICATED: &str = "/dcnet/abdicated";
 /// Every kept definition of each app, by app and version: outside [`ROOT`], so that no
 /// node's state loop lists or watches them (they are read on demand, by the versions routes
 /// and a rollback).

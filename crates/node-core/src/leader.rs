@@ -31,6 +31,13 @@ pub(crate) async fn leadership(
 ) {
     let value = keys::to_json(&me);
     loop {
+        if is_abdicated(&*store, &value).await {
+            term.send_replace(None);
+            tokio::select! {
+                () = tokio::time::sleep(ttl / 2) => continue,
+                () = shutdown.cancelled() => return,
+            }
+        }
         let attempt = async {
             let lease = store.grant_lease(ttl).await?;
             let current = store.get(keys::LEADER).await?;
@@ -80,6 +87,14 @@ pub(crate) async fn leadership(
                         term.send_replace(None);
                         break;
                     }
+                    if is_abdicated(&*store, &value).await {
+                        info!(node = %me, "asked to step down; giving up the leader key");
+                        term.send_replace(None);
+                        if let Err(e) = store.revoke_lease(lease).await {
+                            warn!(error = %e, "could not give up the leader lease; it expires");
+                        }
+                        break;
+                    }
                 }
             }
             Ok(None) => {
@@ -95,6 +110,11 @@ pub(crate) async fn leadership(
             () = shutdown.cancelled() => return,
         }
     }
+}
+
+/// Whether this node (`me`, as the leader key holds it) was asked to step down.
+async fn is_abdicated(store: &dyn Store, me: &[u8]) -> bool {
+    matches!(store.get(keys::ABDICATED).await, Ok(Some(kv)) if kv.value == me)
 }
 
 /// The store as the scheduler writes it: every transaction also requires the leader key to

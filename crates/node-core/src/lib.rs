@@ -16,6 +16,7 @@ pub mod ipam;
 pub mod keys;
 mod leader;
 mod manager;
+mod marathon;
 mod metrics;
 pub mod model;
 pub mod runtime;

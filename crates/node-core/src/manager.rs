@@ -41,6 +41,10 @@ enum Local {
         task: TaskId,
         cause: String,
     },
+    /// Every readiness check of the task passed.
+    Ready {
+        task: TaskId,
+    },
 }
 
 #[derive(Default)]
@@ -48,11 +52,16 @@ struct Running {
     handle: Option<ProcessHandle>,
     is_killing: bool,
     health: Option<JoinHandle<()>>,
+    /// Probes the task's readiness checks until they pass.
+    readiness: Option<JoinHandle<()>>,
 }
 
 impl Drop for Running {
     fn drop(&mut self) {
-        if let Some(h) = self.health.take() {
+        for h in [self.health.take(), self.readiness.take()]
+            .into_iter()
+            .flatten()
+        {
             h.abort();
         }
     }
@@ -219,6 +228,7 @@ impl Manager {
                         handle: Some(handle),
                         is_killing: false,
                         health: None,
+                        readiness: None,
                     };
                     self.tasks.insert(task.id.clone(), running);
                     self.watch_exit(task.id.clone(), exit);
@@ -277,15 +287,34 @@ impl Manager {
                 }
                 continue;
             }
-            let (is_killing, has_health) = {
+            let (is_killing, has_health, has_readiness) = {
                 let running = &self.tasks[&task.id];
-                (running.is_killing, running.health.is_some())
+                (
+                    running.is_killing,
+                    running.health.is_some(),
+                    running.readiness.is_some(),
+                )
             };
+            if task.goal == Goal::Run
+                && task.state == TaskState::Running
+                && task.ready == Some(false)
+                && !has_readiness
+                && let Some(app) = app.as_ref().filter(|a| !a.readiness_checks.is_empty())
+            {
+                let prober = self.spawn_readiness(task, app.clone());
+                self.tasks
+                    .get_mut(&task.id)
+                    .expect("checked above")
+                    .readiness = Some(prober);
+            }
             if task.goal == Goal::Kill && !is_killing {
                 let running = self.tasks.get_mut(&task.id).expect("checked above");
                 if let Some(handle) = running.handle.clone() {
                     running.is_killing = true;
-                    if let Some(h) = running.health.take() {
+                    for h in [running.health.take(), running.readiness.take()]
+                        .into_iter()
+                        .flatten()
+                    {
                         h.abort();
                     }
                     let grace = app
@@ -379,6 +408,69 @@ impl Manager {
             let exit = exit.await;
             let _ = tx.send(Local::Exited { task, exit });
         });
+    }
+
+    /// Where the task answers on the port named `name`: a container at its own address and
+    /// container port, a host task at the node's address and its host port.
+    fn named_port(&self, task: &Task, app: &App, name: &str) -> Option<SocketAddr> {
+        match task.ip_addresses.first() {
+            Some(addr) if app.is_container_network() => app
+                .port_mappings()
+                .iter()
+                .find(|m| m.name.as_deref() == Some(name))
+                .map(|m| SocketAddr::new(addr.ip_address, m.container_port)),
+            _ => app
+                .port_definitions
+                .iter()
+                .position(|p| p.name.as_deref() == Some(name))
+                .and_then(|i| task.ports.get(i))
+                .map(|p| SocketAddr::new(self.node.ip, *p)),
+        }
+    }
+
+    /// Probes every readiness check of `task` at once and then every shortest interval, until
+    /// all pass together; then says so once.
+    fn spawn_readiness(&self, task: &Task, app: Arc<App>) -> JoinHandle<()> {
+        let tx = self.tx.clone();
+        let id = task.id.clone();
+        let targets: Vec<_> = app
+            .readiness_checks
+            .iter()
+            .map(|c| (c.clone(), self.named_port(task, &app, &c.port_name)))
+            .collect();
+        let every = app
+            .readiness_checks
+            .iter()
+            .map(|c| c.interval())
+            .min()
+            .unwrap_or(Duration::from_secs(30));
+        let span = info_span!("readiness", task = %id);
+        tokio::spawn(
+            async move {
+                loop {
+                    let mut waiting = None;
+                    for (check, addr) in &targets {
+                        let result = match addr {
+                            Some(addr) => health::ready(check, *addr).await,
+                            None => Err(format!("no port is named `{}`", check.port_name)),
+                        };
+                        if let Err(why) = result {
+                            waiting = Some(format!("{}: {why}", check.name));
+                            break;
+                        }
+                    }
+                    match waiting {
+                        None => {
+                            let _ = tx.send(Local::Ready { task: id.clone() });
+                            return;
+                        }
+                        Some(why) => debug!(%why, "not ready yet"),
+                    }
+                    tokio::time::sleep(every).await;
+                }
+            }
+            .instrument(span),
+        )
     }
 
     fn spawn_health(&self, task: &Task, app: Arc<App>) -> JoinHandle<()> {
@@ -536,6 +628,21 @@ impl Manager {
                     .await;
                 if let Err(e) = written {
                     warn!(%task, error = %e, "could not record the task's health");
+                }
+            }
+            Local::Ready { task } => {
+                info!(%task, "the task passed its readiness checks");
+                let written = self
+                    .update_task(&task, |t| {
+                        let changed = t.ready == Some(false) && t.state == TaskState::Running;
+                        if changed {
+                            t.ready = Some(true);
+                        }
+                        changed
+                    })
+                    .await;
+                if let Err(e) = written {
+                    warn!(%task, error = %e, "could not record the task's readiness");
                 }
             }
             Local::Unhealthy { task, cause } => {

@@ -102,6 +102,7 @@ pub fn task(id: &str, app: &AppId, node: &str) -> Task {
         goal: Goal::Run,
         kill_reason: None,
         health: Health::default(),
+        ready: None,
         ports: vec![],
         ip_addresses: vec![],
         staged_at: String::new(),

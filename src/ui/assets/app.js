@@ -254,6 +254,7 @@ function taskAddress(t) {
 function taskState(t) {
   const s = (t.state || "").replace(/^TASK_/, "").toLowerCase();
   const kind = s === "running" ? (t.goal === "kill" ? "warn" : "ok") : ["failed", "lost", "error"].includes(s) ? "bad" : "";
+  if (s === "running" && t.goal !== "kill" && t.ready === false) return pill("not ready", "warn");
   return pill(t.goal === "kill" && s === "running" ? "killing" : s, kind);
 }
 

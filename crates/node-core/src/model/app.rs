@@ -119,6 +119,9 @@ pub struct App {
     pub networks: Vec<Network>,
     #[serde(default)]
     pub health_checks: Vec<HealthCheck>,
+    /// What a new task must answer before it serves (DNS, VIPs) and counts for a deployment.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub readiness_checks: Vec<ReadinessCheck>,
     #[serde(default)]
     pub upgrade_strategy: UpgradeStrategy,
     #[serde(default = "default_backoff_seconds")]
@@ -428,6 +431,58 @@ pub enum NetworkMode {
     Container,
     #[serde(rename = "container/bridge")]
     ContainerBridge,
+}
+
+/// Marathon's readiness check: an HTTP GET on a named port of a new task, asked every
+/// `intervalSeconds` until it answers one of `httpStatusCodesForReady`; from then on the task
+/// is ready for good (health checks take over).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ReadinessCheck {
+    #[serde(default = "default_readiness_name")]
+    pub name: String,
+    #[serde(default = "default_readiness_protocol")]
+    pub protocol: String,
+    #[serde(default = "default_readiness_path")]
+    pub path: String,
+    pub port_name: String,
+    #[serde(default = "default_readiness_interval")]
+    pub interval_seconds: u32,
+    #[serde(default = "default_readiness_timeout")]
+    pub timeout_seconds: u32,
+    #[serde(default = "default_ready_codes")]
+    pub http_status_codes_for_ready: Vec<u16>,
+    #[serde(default)]
+    pub preserve_last_response: bool,
+}
+
+impl ReadinessCheck {
+    pub fn interval(&self) -> Duration {
+        Duration::from_secs(u64::from(self.interval_seconds.max(1)))
+    }
+
+    pub fn timeout(&self) -> Duration {
+        Duration::from_secs(u64::from(self.timeout_seconds.max(1)))
+    }
+}
+
+fn default_readiness_name() -> String {
+    "readinessCheck".into()
+}
+fn default_readiness_protocol() -> String {
+    "HTTP".into()
+}
+fn default_readiness_path() -> String {
+    "/".into()
+}
+fn default_readiness_interval() -> u32 {
+    30
+}
+fn default_readiness_timeout() -> u32 {
+    10
+}
+fn default_ready_codes() -> Vec<u16> {
+    vec![200]
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]

@@ -11,7 +11,8 @@ mod vip;
 
 pub use self::app::{
     App, AppId, Constraint, Container, HealthCheck, HealthCommand, HealthProtocol, Network,
-    NetworkMode, Operator, PortDefinition, PortMapping, Protocol, UpgradeStrategy, VersionInfo,
+    NetworkMode, Operator, PortDefinition, PortMapping, Protocol, ReadinessCheck, UpgradeStrategy,
+    VersionInfo,
 };
 pub use self::names::{clean_label, vip_label};
 pub use self::parse::{FieldError, Invalid, Parsed, parse_app, parse_app_update};

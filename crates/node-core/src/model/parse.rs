@@ -23,6 +23,7 @@ const SUPPORTED: &[&str] = &[
     "portDefinitions",
     "networks",
     "healthChecks",
+    "readinessChecks",
     "upgradeStrategy",
     "backoffSeconds",
     "backoffFactor",
@@ -43,7 +44,6 @@ const UNSUPPORTED: &[&str] = &[
     "requirePorts",
     "residency",
     "secrets",
-    "readinessChecks",
     "killSelection",
     "unreachableStrategy",
     "ipAddress",
@@ -515,6 +515,55 @@ fn validate(app: &App) -> Vec<FieldError> {
     }
     if app.networks.len() > 1 {
         err("/networks".into(), "give at most one network".into());
+    }
+    let port_names: Vec<&str> = if app.is_container_network() {
+        mappings.iter().filter_map(|m| m.name.as_deref()).collect()
+    } else {
+        app.port_definitions
+            .iter()
+            .filter_map(|p| p.name.as_deref())
+            .collect()
+    };
+    for (i, check) in app.readiness_checks.iter().enumerate() {
+        let at = |f: &str| format!("/readinessChecks/{i}/{f}");
+        if check.protocol != "HTTP" {
+            err(
+                at("protocol"),
+                format!(
+                    "`{}` readiness checks are not supported yet; use HTTP",
+                    check.protocol
+                ),
+            );
+        }
+        if !port_names.contains(&check.port_name.as_str()) {
+            err(
+                at("portName"),
+                format!(
+                    "no port is named `{}` (the app's port names: {})",
+                    check.port_name,
+                    if port_names.is_empty() {
+                        "none".to_string()
+                    } else {
+                        port_names.join(", ")
+                    }
+                ),
+            );
+        }
+        if !check.path.starts_with('/') {
+            err(at("path"), "must start with `/`".into());
+        }
+        if check.http_status_codes_for_ready.is_empty() {
+            err(
+                at("httpStatusCodesForReady"),
+                "give at least one status code".into(),
+            );
+        }
+        if check.timeout_seconds > check.interval_seconds.max(1) {
+            err(
+                at("timeoutSeconds"),
+                "must not be longer than `intervalSeconds`".into(),
+            );
+        }
     }
     for (i, check) in app.health_checks.iter().enumerate() {
         let at = |f: &str| format!("/healthChecks/{i}/{f}");

@@ -215,6 +215,10 @@ pub struct Task {
     pub kill_reason: Option<KillReason>,
     #[serde(default)]
     pub health: Health,
+    /// For an app with readiness checks: `false` from launch until they pass, then `true`;
+    /// a task that is not ready serves nothing and counts for no deployment.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ready: Option<bool>,
     /// Host ports, one per port definition.
     #[serde(default)]
     pub ports: Vec<u16>,
@@ -248,6 +252,7 @@ impl Task {
     pub fn is_serving(&self, has_checks: bool) -> bool {
         self.state == TaskState::Running
             && self.goal == Goal::Run
+            && self.ready != Some(false)
             && (!has_checks || self.health.alive == Some(true))
     }
 }

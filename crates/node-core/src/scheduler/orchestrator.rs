@@ -702,6 +702,8 @@ impl Orchestrator {
             goal: Goal::Run,
             kill_reason: None,
             health: Health::default(),
+            // Not serving until its readiness checks pass, when it has any.
+            ready: (!app.readiness_checks.is_empty()).then_some(false),
             ports: ports.to_vec(),
             ip_addresses: Vec::new(),
             staged_at: self.now.rfc3339(),
@@ -1056,6 +1058,7 @@ mod tests {
                 alive,
                 ..Default::default()
             },
+            ready: None,
             ports: vec![],
             ip_addresses: vec![],
             staged_at: format!("2026-01-01T00:00:{n:02}Z"),

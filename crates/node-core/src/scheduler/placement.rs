@@ -398,6 +398,7 @@ mod tests {
             goal: Goal::Run,
             kill_reason: None,
             health: Health::default(),
+            ready: None,
             ports: ports.to_vec(),
             ip_addresses: vec![],
             staged_at: String::new(),

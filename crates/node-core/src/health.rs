@@ -28,10 +28,11 @@ pub async fn probe(check: &HealthCheck, target: &Target) -> Result<(), String> {
                     .map(drop)
                     .map_err(|e| format!("TCP {addr}: {e}"))
             }
-            HealthProtocol::HTTP => {
+            HealthProtocol::HTTP | HealthProtocol::HTTPS => {
                 let addr = target.addr.ok_or("the task has no port for this check")?;
                 let path = check.path.as_deref().unwrap_or("/");
-                match http_get(addr, path).await? {
+                let tls = check.protocol == HealthProtocol::HTTPS;
+                match http_get(addr, path, tls).await? {
                     200..400 => Ok(()),
                     status => Err(format!("HTTP {addr}{path}: status {status}")),
                 }
@@ -79,7 +80,8 @@ pub async fn probe(check: &HealthCheck, target: &Target) -> Result<(), String> {
 /// A readiness check against `addr`: `Ok` once it answers one of the ready codes.
 pub async fn ready(check: &ReadinessCheck, addr: SocketAddr) -> Result<(), String> {
     let path = check.path.as_str();
-    match tokio::time::timeout(check.timeout(), http_get(addr, path)).await {
+    let tls = check.protocol == "HTTPS";
+    match tokio::time::timeout(check.timeout(), http_get(addr, path, tls)).await {
         Ok(Ok(status)) if check.http_status_codes_for_ready.contains(&status) => Ok(()),
         Ok(Ok(status)) => Err(format!("HTTP {addr}{path}: status {status}, not ready")),
         Ok(Err(e)) => Err(e),
@@ -87,12 +89,94 @@ pub async fn ready(check: &ReadinessCheck, addr: SocketAddr) -> Result<(), Strin
     }
 }
 
-/// A minimal HTTP/1.1 GET: the status code of the answer (2xx and 3xx are healthy, as in
-/// Marathon).
-async fn http_get(addr: SocketAddr, path: &str) -> Result<u16, String> {
-    let mut stream = TcpStream::connect(addr)
+/// A minimal HTTP/1.1 GET, over TLS if `tls`: the status code of the answer (2xx and 3xx are
+/// healthy, as in Marathon).
+async fn http_get(addr: SocketAddr, path: &str, tls: bool) -> Result<u16, String> {
+    let tcp = TcpStream::connect(addr)
         .await
         .map_err(|e| format!("HTTP {addr}: {e}"))?;
+    if !tls {
+        return http_exchange(tcp, addr, path).await;
+    }
+    let name = rustls::pki_types::ServerName::IpAddress(addr.ip().into());
+    let stream = tls_connector()
+        .connect(name, tcp)
+        .await
+        .map_err(|e| format!("HTTPS {addr}: TLS: {e}"))?;
+    http_exchange(stream, addr, path).await
+}
+
+/// The TLS client of HTTPS checks: any certificate is taken (a task's is usually its own,
+/// self-signed), the handshake's signatures are still checked.
+fn tls_connector() -> tokio_rustls::TlsConnector {
+    static CONFIG: std::sync::OnceLock<std::sync::Arc<rustls::ClientConfig>> =
+        std::sync::OnceLock::new();
+    let config = CONFIG.get_or_init(|| {
+        let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+        let config = rustls::ClientConfig::builder_with_provider(provider.clone())
+            .with_safe_default_protocol_versions()
+            .expect("ring supports the default protocol versions")
+            .dangerous()
+            .with_custom_certificate_verifier(std::sync::Arc::new(AnyCertificate(provider)))
+            .with_no_client_auth();
+        std::sync::Arc::new(config)
+    });
+    tokio_rustls::TlsConnector::from(config.clone())
+}
+
+#[derive(Debug)]
+struct AnyCertificate(std::sync::Arc<rustls::crypto::CryptoProvider>);
+
+impl rustls::client::danger::ServerCertVerifier for AnyCertificate {
+    fn verify_server_cert(
+        &self,
+        _end_entity: &rustls::pki_types::CertificateDer<'_>,
+        _intermediates: &[rustls::pki_types::CertificateDer<'_>],
+        _server_name: &rustls::pki_types::ServerName<'_>,
+        _ocsp_response: &[u8],
+        _now: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        Ok(rustls::client::danger::ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls::pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls::pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+/// Sends the GET on `stream` and reads the status line of the answer.
+async fn http_exchange<S>(mut stream: S, addr: SocketAddr, path: &str) -> Result<u16, String>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
     let request = format!(
         "GET {path} HTTP/1.1\r\nHost: {addr}\r\nUser-Agent: dcnet-health\r\nConnection: close\r\n\r\n"
     );
@@ -164,7 +248,10 @@ impl Tracker {
                 }
                 self.alive = Some(false);
                 self.consecutive_failures += 1;
-                if self.consecutive_failures >= check.max_consecutive_failures {
+                // 0: never killed for failing, as in Marathon (it is reported unhealthy).
+                if check.max_consecutive_failures > 0
+                    && self.consecutive_failures >= check.max_consecutive_failures
+                {
                     return Verdict::Kill {
                         cause: format!(
                             "failed {} consecutive health checks: {cause}",
@@ -335,5 +422,78 @@ mod tests {
             "the node has more than loopback"
         );
         task.kill().await.unwrap();
+    }
+
+    #[test]
+    fn zero_max_failures_never_kills() {
+        let mut t = Tracker::default();
+        for _ in 0..10 {
+            let v = t.record(&check(0), Err("refused".into()), false);
+            assert!(!matches!(v, Verdict::Kill { .. }), "{v:?}");
+        }
+        assert_eq!(t.alive, Some(false));
+    }
+
+    /// An HTTPS check speaks TLS to a server with a self-signed certificate (made here with
+    /// openssl, served by python's ssl module) and reads its status; plain HTTP to the same
+    /// port fails.
+    #[tokio::test]
+    async fn https_checks_speak_tls_without_checking_the_certificate() {
+        let dir = tempfile::tempdir().unwrap();
+        let (key, cert) = (dir.path().join("key.pem"), dir.path().join("cert.pem"));
+        let made = std::process::Command::new("openssl")
+            .args([
+                "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=task",
+            ])
+            .arg("-keyout")
+            .arg(&key)
+            .arg("-out")
+            .arg(&cert)
+            .output()
+            .expect("openssl (Debian's openssl)");
+        assert!(
+            made.status.success(),
+            "{}",
+            String::from_utf8_lossy(&made.stderr)
+        );
+        let server = format!(
+            "import http.server, ssl, sys\nclass H(http.server.BaseHTTPRequestHandler):\n    def do_GET(self):\n        self.send_response(200 if self.path == '/ok' else 503)\n        self.end_headers()\n    def log_message(self, *a):\n        pass\ns = http.server.HTTPServer(('127.0.0.1', 0), H)\nc = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)\nc.load_cert_chain('{}', '{}')\ns.socket = c.wrap_socket(s.socket, server_side=True)\nprint(s.server_address[1], flush=True)\ns.serve_forever()",
+            cert.display(),
+            key.display()
+        );
+        let mut child = tokio::process::Command::new("python3")
+            .args(["-c", &server])
+            .stdout(std::process::Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap();
+        let mut out = tokio::io::BufReader::new(child.stdout.take().unwrap());
+        let mut line = String::new();
+        tokio::io::AsyncBufReadExt::read_line(&mut out, &mut line)
+            .await
+            .unwrap();
+        let port: u16 = line.trim().parse().unwrap();
+        let target = Target {
+            addr: Some(SocketAddr::from(([127, 0, 0, 1], port))),
+            env: vec![],
+            enter: None,
+        };
+        let checked = |protocol: &str, path: &str| -> HealthCheck {
+            serde_json::from_value(
+                serde_json::json!({"protocol": protocol, "path": path, "timeoutSeconds": 3}),
+            )
+            .unwrap()
+        };
+        assert_eq!(probe(&checked("HTTPS", "/ok"), &target).await, Ok(()));
+        assert_eq!(probe(&checked("MESOS_HTTPS", "/ok"), &target).await, Ok(()));
+        let err = probe(&checked("HTTPS", "/no"), &target).await.unwrap_err();
+        assert!(err.contains("status 503"), "{err}");
+        assert!(probe(&checked("HTTP", "/ok"), &target).await.is_err());
+        let readiness: ReadinessCheck = serde_json::from_value(
+            serde_json::json!({"protocol": "HTTPS", "portName": "https", "path": "/ok"}),
+        )
+        .unwrap();
+        assert_eq!(ready(&readiness, target.addr.unwrap()).await, Ok(()));
+        child.kill().await.unwrap();
     }
 }

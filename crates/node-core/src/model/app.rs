@@ -489,8 +489,12 @@ fn default_ready_codes() -> Vec<u16> {
 pub enum HealthProtocol {
     #[serde(alias = "MESOS_TCP")]
     TCP,
-    #[serde(alias = "MESOS_HTTP", alias = "HTTPS", alias = "MESOS_HTTPS")]
+    #[serde(alias = "MESOS_HTTP")]
     HTTP,
+    /// HTTP over TLS, with no certificate check (as Marathon: the check asks whether the task
+    /// answers, not who it is).
+    #[serde(alias = "MESOS_HTTPS")]
+    HTTPS,
     COMMAND,
 }
 

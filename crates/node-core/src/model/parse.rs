@@ -526,11 +526,11 @@ fn validate(app: &App) -> Vec<FieldError> {
     };
     for (i, check) in app.readiness_checks.iter().enumerate() {
         let at = |f: &str| format!("/readinessChecks/{i}/{f}");
-        if check.protocol != "HTTP" {
+        if check.protocol != "HTTP" && check.protocol != "HTTPS" {
             err(
                 at("protocol"),
                 format!(
-                    "`{}` readiness checks are not supported yet; use HTTP",
+                    "is `{}`; a readiness check is HTTP or HTTPS",
                     check.protocol
                 ),
             );
@@ -580,7 +580,7 @@ fn validate(app: &App) -> Vec<FieldError> {
                     );
                 }
             }
-            HealthProtocol::TCP | HealthProtocol::HTTP => {
+            HealthProtocol::TCP | HealthProtocol::HTTP | HealthProtocol::HTTPS => {
                 let ports = if app.is_container_network() {
                     mappings.len()
                 } else {
@@ -598,9 +598,6 @@ fn validate(app: &App) -> Vec<FieldError> {
             && !path.starts_with('/')
         {
             err(at("path"), "must start with `/`".into());
-        }
-        if check.max_consecutive_failures == 0 {
-            err(at("maxConsecutiveFailures"), "must be at least 1".into());
         }
         if check.timeout_seconds > check.interval_seconds.max(1) {
             err(

@@ -13,6 +13,9 @@ pub enum TaskCommand {
     Kill {
         /// The task's id, as `dcnet task list` prints it.
         task: String,
+        /// Scale the app down by it instead of replacing it.
+        #[arg(long)]
+        scale: bool,
     },
 }
 
@@ -20,12 +23,12 @@ impl TaskCommand {
     pub fn run(self, client: &Client, json: bool) -> anyhow::Result<()> {
         match self {
             TaskCommand::List { app } => task_list(client, app.as_deref(), json),
-            TaskCommand::Kill { task } => task_kill(client, &task, json),
+            TaskCommand::Kill { task, scale } => task_kill(client, &task, scale, json),
         }
     }
 }
 
-fn task_kill(client: &Client, task: &str, as_json: bool) -> anyhow::Result<()> {
+fn task_kill(client: &Client, task: &str, scale: bool, as_json: bool) -> anyhow::Result<()> {
     let all = client.call("GET", "/v2/tasks", None)?;
     let app = all["tasks"]
         .as_array()
@@ -35,9 +38,14 @@ fn task_kill(client: &Client, task: &str, as_json: bool) -> anyhow::Result<()> {
         .and_then(|t| t["appId"].as_str())
         .ok_or_else(|| anyhow::anyhow!("no task `{task}` (dcnet task list shows them)"))?
         .to_string();
-    let v = client.call("DELETE", &format!("{}/tasks/{task}", app_path(&app)), None)?;
+    let query = if scale { "?scale=true" } else { "" };
+    let path = format!("{}/tasks/{task}{query}", app_path(&app));
+    let v = client.call("DELETE", &path, None)?;
     if as_json {
         print_json(&v);
+    } else if scale {
+        let dep = v["deploymentId"].as_str().unwrap_or("?");
+        println!("killing {task} of {app} and scaling it down (deployment {dep})");
     } else {
         println!("killing {task} of {app}; the app starts a replacement");
     }

@@ -456,6 +456,12 @@ fn the_dashboard_shows_every_page_as_the_api_answers_and_acts_through_it() {
         out.contains(worker) && out.contains("/batch/worker"),
         "{out}"
     );
+    // With --scale the app goes down by it instead of replacing it.
+    let web_task = agent.running("/web").remove(0);
+    let web_task = web_task["id"].as_str().unwrap();
+    let (ok, out, err) = agent.cli(&["task", "kill", web_task, "--scale"]);
+    assert!(ok && out.contains("scaling it down"), "{out}{err}");
+    assert_eq!(agent.get("/v2/apps/web")["app"]["instances"], 2);
     let (ok, _, err) = agent.cli(&["task", "kill", "no.such.task"]);
     assert!(!ok && err.contains("no task `no.such.task`"), "{err}");
     let killed = agent

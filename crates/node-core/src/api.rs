@@ -216,6 +216,7 @@ pub(crate) fn router(api: Api) -> Router {
                 .post(app_post),
         )
         .route("/v2/tasks", get(list_tasks))
+        .route("/v2/tasks/delete", axum::routing::post(delete_tasks))
         .route("/v2/events", get(event_stream))
         .route("/v2/deployments", get(list_deployments))
         .route("/v2/deployments/{id}", get(get_deployment))
@@ -771,12 +772,19 @@ async fn app_post(State(api): State<Api>, Path(path): Path<String>) -> ApiResult
     write_change(&api, &app, rev, dep, Vec::new()).await
 }
 
-async fn app_delete(State(api): State<Api>, Path(path): Path<String>) -> ApiResult {
+async fn app_delete(
+    State(api): State<Api>,
+    Path(path): Path<String>,
+    Query(q): Query<KillQuery>,
+) -> ApiResult {
     if let Some((app, task)) = path
         .rsplit_once("/tasks/")
         .filter(|(_, t)| !t.contains('/'))
     {
-        return kill_task(&api, app, task).await;
+        return kill_task(&api, app, task, &q).await;
+    }
+    if let Some(app) = path.strip_suffix("/tasks") {
+        return kill_app_tasks(&api, app, &q).await;
     }
     let (id, _) = split_path(&path, &Method::DELETE)?;
     let (current, rev) = keys::get_json::<App>(&*api.store, &keys::app(&id))
@@ -808,43 +816,202 @@ async fn app_delete(State(api): State<Api>, Path(path): Path<String>) -> ApiResu
     Ok(Json(json!({"version": gone.version, "deploymentId": dep.id})).into_response())
 }
 
-/// `DELETE /v2/apps/{app}/tasks/{task}`: the task is killed (its goal set, once) and the app
-/// replaces it, as Marathon does without `scale`; `{"task": ..}` as it was marked.
-async fn kill_task(api: &Api, app: &str, task: &str) -> ApiResult {
+/// `scale`, `wipe` and `host` of Marathon's task kills.
+#[derive(Debug, Default, Deserialize)]
+struct KillQuery {
+    #[serde(default)]
+    scale: bool,
+    /// Destroys a resident task's volumes; dcnet has no resident tasks, so it is a kill.
+    #[serde(default)]
+    wipe: bool,
+    #[serde(default)]
+    host: Option<String>,
+    /// Marathon's override of a locked app; dcnet does not lock apps during deployments.
+    #[serde(default)]
+    #[allow(dead_code)]
+    force: bool,
+}
+
+/// Kills `ids`, all tasks of `app`, in one transaction: each active one is marked (once) with
+/// `killReason` user, or scale with `scale`, where the app's instances go down by the number
+/// killed and a scale deployment records it. What was marked, and the deployment if any.
+async fn kill_tasks(
+    api: &Api,
+    app: &AppId,
+    ids: &[crate::model::TaskId],
+    scale: bool,
+) -> ApiResult<(Vec<Task>, Option<Value>)> {
+    use crate::model::{Goal, KillReason};
+    let reason = if scale {
+        KillReason::Scale
+    } else {
+        KillReason::User
+    };
+    let mut ops = Vec::new();
+    let mut tasks = Vec::new();
+    for id in ids {
+        let (mut task, rev) = keys::get_json::<Task>(&*api.store, &keys::task(id))
+            .await?
+            .filter(|(t, _)| &t.app_id == app)
+            .ok_or_else(|| {
+                ApiError::new(
+                    StatusCode::NOT_FOUND,
+                    format!("Task '{id}' of app '{app}' does not exist"),
+                )
+            })?;
+        if task.goal != Goal::Kill && task.state.is_active() {
+            task.goal = Goal::Kill;
+            task.kill_reason = Some(reason);
+            ops.push(Op::put(
+                keys::task(id),
+                keys::to_json(&task),
+                Precondition::Revision(rev),
+            ));
+        }
+        tasks.push(task);
+    }
+    let killed = u32::try_from(ops.len()).unwrap_or(u32::MAX);
+    let mut deployment = None;
+    if scale {
+        let (current, rev) = keys::get_json::<App>(&*api.store, &keys::app(app))
+            .await?
+            .ok_or_else(|| ApiError::not_found(app.as_str()))?;
+        let mut scaled = current.clone();
+        scaled.instances = current.instances.saturating_sub(killed);
+        stamp(&mut scaled, false);
+        let dep = new_deployment(&scaled, DeploymentKind::Scale, Some(current));
+        ops.push(Op::put(
+            keys::app(app),
+            keys::to_json(&scaled),
+            Precondition::Revision(rev),
+        ));
+        ops.push(Op::put(
+            keys::deployment(&dep.id),
+            keys::to_json(&dep),
+            Precondition::Absent,
+        ));
+        let state = api.state.borrow().clone();
+        ops.extend(supersede(&state, app));
+        ops.extend(api.version_ops(&scaled).await?);
+        deployment = Some(json!({"version": scaled.version, "deploymentId": dep.id}));
+    }
+    if ops.len() > crate::store::MAX_TXN_OPS {
+        return Err(ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            format!(
+                "{killed} tasks at once is more than one transaction holds; kill at most {} at a time",
+                crate::store::MAX_TXN_OPS - 8
+            ),
+        ));
+    }
+    if !ops.is_empty() {
+        let rev = api.store.txn(ops).await?;
+        api.caught_up(rev).await;
+    }
+    Ok((tasks, deployment))
+}
+
+fn check_kill_query(q: &KillQuery) -> ApiResult<()> {
+    if q.scale && q.wipe {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "scale=true and wipe=true cannot be given together",
+        ));
+    }
+    Ok(())
+}
+
+/// `DELETE /v2/apps/{app}/tasks/{task}[?scale=true]`: the task is killed and the app
+/// replaces it (`{"task": ..}`), or, with `scale`, the app is scaled down by it (the
+/// deployment).
+async fn kill_task(api: &Api, app: &str, task: &str, q: &KillQuery) -> ApiResult {
+    check_kill_query(q)?;
     let app = AppId::parse(app)
         .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, format!("app id `{app}` {e}")))?;
     let id = crate::model::TaskId(task.to_string());
-    let not_found = || {
-        ApiError::new(
-            StatusCode::NOT_FOUND,
-            format!("Task '{task}' of app '{app}' does not exist"),
-        )
-    };
-    let known = api.state.borrow().tasks.get(&id).cloned();
-    if known.as_ref().is_none_or(|t| t.app_id != app) {
-        return Err(not_found());
-    }
-    let written = keys::update_existing::<Task, _>(&*api.store, &keys::task(&id), |t| {
-        let changed = t.goal != crate::model::Goal::Kill && t.state.is_active();
-        if changed {
-            t.goal = crate::model::Goal::Kill;
-            t.kill_reason = Some(crate::model::KillReason::User);
-        }
-        changed
+    let (mut tasks, deployment) = kill_tasks(api, &app, &[id], q.scale).await?;
+    Ok(match deployment {
+        Some(dep) => Json(dep).into_response(),
+        None => Json(json!({"task": tasks.pop()})).into_response(),
     })
-    .await?;
-    let task = match written {
-        Some((task, rev)) => {
-            api.caught_up(rev).await;
-            task
+}
+
+/// `DELETE /v2/apps/{app}/tasks[?host=..&scale=true]`: every task of the app (on `host`).
+async fn kill_app_tasks(api: &Api, app: &str, q: &KillQuery) -> ApiResult {
+    check_kill_query(q)?;
+    let app = AppId::parse(app)
+        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, format!("app id `{app}` {e}")))?;
+    let ids: Vec<crate::model::TaskId> = {
+        let state = api.state.borrow();
+        if !state.apps.contains_key(&app) {
+            return Err(ApiError::not_found(app.as_str()));
         }
-        // Already being killed, or ended: nothing to do, and it is said as it is.
-        None => keys::get_json::<Task>(&*api.store, &keys::task(&id))
-            .await?
-            .map(|(t, _)| t)
-            .ok_or_else(not_found)?,
+        state
+            .tasks_of(&app)
+            .filter(|t| t.state.is_active())
+            .filter(|t| q.host.as_ref().is_none_or(|h| &t.host == h))
+            .map(|t| t.id.clone())
+            .collect()
     };
-    Ok(Json(json!({"task": task})).into_response())
+    let (tasks, deployment) = kill_tasks(api, &app, &ids, q.scale).await?;
+    Ok(match deployment {
+        Some(dep) => Json(dep).into_response(),
+        None => Json(json!({"tasks": tasks})).into_response(),
+    })
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DeleteTasks {
+    ids: Vec<String>,
+}
+
+/// `POST /v2/tasks/delete[?scale=true]` with `{"ids": [..]}`: the listed tasks, of any apps
+/// (with `scale`, of one app); an unknown id is a 400 naming it and kills nothing.
+async fn delete_tasks(
+    State(api): State<Api>,
+    Query(q): Query<KillQuery>,
+    body: Bytes,
+) -> ApiResult {
+    check_kill_query(&q)?;
+    let req: DeleteTasks = serde_json::from_slice(&body).map_err(|e| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            format!("Invalid JSON: {e} (expected {{\"ids\": [\"task\", ..]}})"),
+        )
+    })?;
+    let mut by_app: std::collections::BTreeMap<AppId, Vec<crate::model::TaskId>> =
+        std::collections::BTreeMap::new();
+    {
+        let state = api.state.borrow();
+        for id in &req.ids {
+            let task = state
+                .tasks
+                .get(&crate::model::TaskId(id.clone()))
+                .ok_or_else(|| {
+                    ApiError::new(StatusCode::BAD_REQUEST, format!("Invalid task id {id}"))
+                })?;
+            by_app
+                .entry(task.app_id.clone())
+                .or_default()
+                .push(task.id.clone());
+        }
+    }
+    if q.scale && by_app.len() > 1 {
+        return Err(ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "with scale=true, give tasks of one app: each app is scaled by a deployment of its own",
+        ));
+    }
+    let mut killed = Vec::new();
+    for (app, ids) in &by_app {
+        let (tasks, deployment) = kill_tasks(&api, app, ids, q.scale).await?;
+        if let Some(dep) = deployment {
+            return Ok(Json(dep).into_response());
+        }
+        killed.extend(tasks);
+    }
+    Ok(Json(json!({"tasks": killed})).into_response())
 }
 
 async fn list_tasks(State(api): State<Api>) -> Json<Value> {
@@ -1455,6 +1622,107 @@ mod tests {
         assert_eq!(status, StatusCode::OK);
         let (left, _) = store.list(keys::APP_VERSIONS).await.unwrap();
         assert!(left.is_empty(), "{} versions left", left.len());
+        shutdown.cancel();
+    }
+
+    #[tokio::test]
+    async fn tasks_are_killed_with_scale_in_bulk_and_by_id_list_as_marathon_does() {
+        let (router, store, shutdown, _dir) = api().await;
+        let app = r#"{"id": "/web", "cmd": "x", "instances": 3}"#;
+        assert_eq!(post(&router, app).await.0, StatusCode::CREATED);
+        let web = AppId::parse("/web").unwrap();
+        for i in 1..=3 {
+            put_task(
+                &store,
+                &crate::test_util::task(&format!("web.{i}"), &web, "n1"),
+            )
+            .await;
+        }
+        let mut state = crate::test_util::follow(store.clone(), shutdown.clone()).await;
+        state.wait_for(|s| s.tasks.len() == 3).await.unwrap();
+        let stored = |id: &str| {
+            let store = store.clone();
+            let key = format!("/dcnet/tasks/{id}");
+            async move {
+                keys::get_json::<Task>(&*store, &key)
+                    .await
+                    .unwrap()
+                    .unwrap()
+                    .0
+            }
+        };
+
+        // scale and wipe together: refused, nothing changes.
+        let (before, _) = store.list(keys::ROOT).await.unwrap();
+        let (status, _) = call(
+            &router,
+            Method::DELETE,
+            "/v2/apps/web/tasks/web.3?scale=true&wipe=true",
+            "",
+        )
+        .await;
+        assert_eq!(status, StatusCode::BAD_REQUEST);
+        // An unknown id in a list: 400 naming it, nothing killed.
+        let (status, v) = call(
+            &router,
+            Method::POST,
+            "/v2/tasks/delete",
+            r#"{"ids": ["web.1", "nope"]}"#,
+        )
+        .await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{v}");
+        assert!(v["message"].as_str().unwrap().contains("nope"), "{v}");
+        let (after, _) = store.list(keys::ROOT).await.unwrap();
+        assert_eq!(after, before);
+
+        // One task with scale: the app goes down by one, in a scale deployment.
+        let (status, v) = call(
+            &router,
+            Method::DELETE,
+            "/v2/apps/web/tasks/web.3?scale=true",
+            "",
+        )
+        .await;
+        assert_eq!(status, StatusCode::OK, "{v}");
+        assert!(v["deploymentId"].is_string(), "{v}");
+        let (_, app) = call(&router, Method::GET, "/v2/apps/web", "").await;
+        assert_eq!(app["app"]["instances"], 2, "{app}");
+        assert_eq!(
+            stored("web.3").await.kill_reason,
+            Some(crate::model::KillReason::Scale)
+        );
+        // A list without scale: killed by the user, the app keeps its instances.
+        let (status, v) = call(
+            &router,
+            Method::POST,
+            "/v2/tasks/delete",
+            r#"{"ids": ["web.1"]}"#,
+        )
+        .await;
+        assert_eq!(status, StatusCode::OK, "{v}");
+        assert_eq!(v["tasks"][0]["killReason"], "user", "{v}");
+        // Every task of the app, with scale: what is left of it goes, and so do its instances.
+        state
+            .wait_for(|s| {
+                s.tasks
+                    .values()
+                    .filter(|t| t.goal == crate::model::Goal::Kill)
+                    .count()
+                    == 2
+            })
+            .await
+            .unwrap();
+        let (status, v) = call(&router, Method::DELETE, "/v2/apps/web/tasks?scale=true", "").await;
+        assert_eq!(status, StatusCode::OK, "{v}");
+        let (_, app) = call(&router, Method::GET, "/v2/apps/web", "").await;
+        assert_eq!(
+            app["app"]["instances"], 1,
+            "only web.2 was still running: {app}"
+        );
+        assert_eq!(
+            stored("web.2").await.kill_reason,
+            Some(crate::model::KillReason::Scale)
+        );
         shutdown.cancel();
     }
 }

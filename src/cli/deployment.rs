@@ -9,12 +9,32 @@ pub enum DeploymentCommand {
         #[arg(long)]
         all: bool,
     },
+    /// Roll a running deployment back (a new deployment restores the app as it was); with
+    /// --force only stop it where it is.
+    Cancel {
+        id: String,
+        #[arg(long)]
+        force: bool,
+    },
 }
 
 impl DeploymentCommand {
     pub fn run(self, client: &Client, json: bool) -> anyhow::Result<()> {
         match self {
             DeploymentCommand::List { all } => deployment_list(client, all, json),
+            DeploymentCommand::Cancel { id, force } => {
+                let query = if force { "?force=true" } else { "" };
+                let v = client.call("DELETE", &format!("/v2/deployments/{id}{query}"), None)?;
+                if json {
+                    print_json(&v);
+                } else if force {
+                    println!("deployment {id} stopped");
+                } else {
+                    let back = v["deploymentId"].as_str().unwrap_or("?");
+                    println!("deployment {id} is rolled back by deployment {back}");
+                }
+                Ok(())
+            }
         }
     }
 }

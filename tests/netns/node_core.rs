@@ -612,6 +612,38 @@ fn an_app_rolls_back_to_a_kept_version_from_the_cli() {
 
     let (ok, _, err) = agent.cli(&["app", "rollback", "/ver", "2001-01-01T00:00:00.000Z"]);
     assert!(!ok && err.contains("does not exist"), "{err}");
+
+    // An update that can never be placed holds its deployment; cancelling it from the CLI
+    // rolls the app back to what runs, and that deployment completes.
+    let (status, v) = agent
+        .http(
+            "PUT",
+            "/v2/apps/ver",
+            Some(&json!({"cmd": "exec sleep 601", "cpus": 64}).to_string()),
+        )
+        .unwrap();
+    assert_eq!(status, 200, "{v}");
+    let stuck = v["deploymentId"].as_str().unwrap().to_string();
+    assert!(
+        wait_until(Duration::from_secs(10), || {
+            agent.get("/v1/apps")["apps"][0]["waiting"].is_string()
+        }),
+        "the update never waited"
+    );
+    let (ok, out, err) = agent.cli(&["deployment", "cancel", &stuck]);
+    assert!(ok && out.contains("rolled back"), "{out}{err}");
+    let back = out.split_whitespace().last().unwrap().to_string();
+    let d = wait_deployment(&agent, &back, Duration::from_secs(30));
+    assert_eq!(d["status"], "succeeded", "{d}");
+    assert_eq!(
+        agent.get(&format!("/v2/deployments/{stuck}"))["status"],
+        "superseded"
+    );
+    let app = agent.get("/v2/apps/ver")["app"].clone();
+    assert_eq!(app["cmd"], "echo one > word && exec sleep 600", "{app}");
+    assert_eq!(app["cpus"], 0.01, "{app}");
+    let (ok, _, err) = agent.cli(&["deployment", "cancel", &stuck]);
+    assert!(!ok && err.contains("does not exist"), "{err}");
 }
 
 /// `/v2/queue` lists what waits to launch, with why (no node has the CPUs) and its backoff;

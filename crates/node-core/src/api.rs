@@ -219,7 +219,10 @@ pub(crate) fn router(api: Api) -> Router {
         .route("/v2/tasks/delete", axum::routing::post(delete_tasks))
         .route("/v2/events", get(event_stream))
         .route("/v2/deployments", get(list_deployments))
-        .route("/v2/deployments/{id}", get(get_deployment))
+        .route(
+            "/v2/deployments/{id}",
+            get(get_deployment).delete(cancel_deployment),
+        )
         .route("/v1/apps", get(list_app_overviews))
         .route("/v1/nodes", get(list_nodes))
         .route("/v1/nodes/{id}", axum::routing::delete(remove_node))
@@ -1052,6 +1055,84 @@ async fn get_deployment(State(api): State<Api>, Path(id): Path<String>) -> ApiRe
     Ok(Json(json!(dep)).into_response())
 }
 
+#[derive(Deserialize)]
+struct CancelQuery {
+    #[serde(default)]
+    force: bool,
+}
+
+/// `DELETE /v2/deployments/{id}`: a running deployment is rolled back by a new one that puts
+/// the app as it was (a created app is removed, a removed one comes back), which supersedes
+/// it; with `force=true` it is only stopped where it is (202). Marathon's semantics.
+async fn cancel_deployment(
+    State(api): State<Api>,
+    Path(id): Path<String>,
+    Query(q): Query<CancelQuery>,
+    caller: Caller,
+) -> ApiResult {
+    let dep = api
+        .state
+        .borrow()
+        .deployments
+        .get(&DeploymentId(id.clone()))
+        .filter(|d| !d.status.is_done())
+        .cloned()
+        .ok_or_else(|| {
+            ApiError::new(
+                StatusCode::NOT_FOUND,
+                format!("DeploymentPlan {id} does not exist"),
+            )
+        })?;
+    if q.force {
+        let key = keys::deployment(&dep.id);
+        let stopped = keys::update_existing::<Deployment, _>(&*api.store, &key, |d| {
+            let running = !d.status.is_done();
+            if running {
+                d.status = DeploymentStatus::Superseded;
+                d.reason = Some("stopped by DELETE /v2/deployments with force=true".into());
+                d.finished_at = Some(now_rfc3339());
+            }
+            running
+        })
+        .await?;
+        if let Some((_, rev)) = stopped {
+            api.caught_up(rev).await;
+        }
+        return Ok(StatusCode::ACCEPTED.into_response());
+    }
+    let current = keys::get_json::<App>(&*api.store, &keys::app(&dep.app_id)).await?;
+    match (current, dep.previous.clone()) {
+        // It created the app: rolling back removes it.
+        (Some(_), None) => {
+            let path = dep.app_id.as_str().trim_start_matches('/').to_string();
+            app_delete(State(api), Path(path), Query(KillQuery::default())).await
+        }
+        // It changed the app: the previous definition again, as a new version.
+        (Some((current, rev)), Some(mut previous)) => {
+            let scale_only = current.is_scale_only_change(&previous);
+            previous.version_info = if scale_only {
+                current.version_info.clone()
+            } else {
+                previous.version_info.clone()
+            };
+            stamp(&mut previous, !scale_only);
+            let kind = if scale_only {
+                DeploymentKind::Scale
+            } else {
+                DeploymentKind::Update
+            };
+            let rollback = new_deployment(&previous, kind, Some(current));
+            write_change(&api, &previous, rev, rollback, Vec::new()).await
+        }
+        // It removed the app: it comes back.
+        (None, Some(previous)) => {
+            let body = Bytes::from(keys::to_json(&previous));
+            create_app(State(api), caller, body).await
+        }
+        (None, None) => Err(ApiError::not_found(dep.app_id.as_str())),
+    }
+}
+
 async fn list_nodes(State(api): State<Api>) -> Json<Value> {
     let state = api.state.borrow().clone();
     let nodes: Vec<Value> = state
@@ -1723,6 +1804,95 @@ mod tests {
             stored("web.2").await.kill_reason,
             Some(crate::model::KillReason::Scale)
         );
+        shutdown.cancel();
+    }
+
+    #[tokio::test]
+    async fn deleting_a_deployment_rolls_it_back_and_force_only_stops_it() {
+        let (router, _store, shutdown, _dir) = api().await;
+        let status_of = |v: &Value| v["status"].as_str().unwrap_or_default().to_string();
+        // Rolling back a create removes the app.
+        let (status, v) = post(&router, r#"{"id": "/a", "cmd": "v1", "instances": 0}"#).await;
+        assert_eq!(status, StatusCode::CREATED, "{v}");
+        let created = v["deployments"][0]["id"].as_str().unwrap().to_string();
+        let (status, _) = call(
+            &router,
+            Method::DELETE,
+            &format!("/v2/deployments/{created}"),
+            "",
+        )
+        .await;
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(
+            call(&router, Method::GET, "/v2/apps/a", "").await.0,
+            StatusCode::NOT_FOUND
+        );
+        let (_, d) = call(
+            &router,
+            Method::GET,
+            &format!("/v2/deployments/{created}"),
+            "",
+        )
+        .await;
+        assert_eq!(status_of(&d), "superseded", "{d}");
+
+        // Rolling back an update puts the previous definition back, as a new version.
+        assert_eq!(
+            post(&router, r#"{"id": "/b", "cmd": "v1", "instances": 0}"#)
+                .await
+                .0,
+            StatusCode::CREATED
+        );
+        let (_, v) = put(&router, "/v2/apps/b", r#"{"cmd": "v2"}"#).await;
+        let update = v["deploymentId"].as_str().unwrap().to_string();
+        let (status, v) = call(
+            &router,
+            Method::DELETE,
+            &format!("/v2/deployments/{update}"),
+            "",
+        )
+        .await;
+        assert_eq!(status, StatusCode::OK, "{v}");
+        assert!(
+            v["deploymentId"].is_string() && v["deploymentId"] != update.as_str(),
+            "{v}"
+        );
+        let (_, app) = call(&router, Method::GET, "/v2/apps/b", "").await;
+        assert_eq!(app["app"]["cmd"], "v1", "{app}");
+        let (_, d) = call(
+            &router,
+            Method::GET,
+            &format!("/v2/deployments/{update}"),
+            "",
+        )
+        .await;
+        assert_eq!(status_of(&d), "superseded", "{d}");
+
+        // force=true stops it where it is: nothing is rolled back.
+        let (_, v) = put(&router, "/v2/apps/b", r#"{"cmd": "v3"}"#).await;
+        let forced = v["deploymentId"].as_str().unwrap().to_string();
+        let req = axum::http::Request::builder()
+            .method(Method::DELETE)
+            .uri(format!("/v2/deployments/{forced}?force=true"))
+            .body(Body::empty())
+            .unwrap();
+        let resp = router.clone().oneshot(req).await.unwrap();
+        assert_eq!(resp.status(), StatusCode::ACCEPTED);
+        let body = axum::body::to_bytes(resp.into_body(), 1024).await.unwrap();
+        assert!(body.is_empty(), "202 has no body, as Marathon's");
+        let (_, app) = call(&router, Method::GET, "/v2/apps/b", "").await;
+        assert_eq!(app["app"]["cmd"], "v3");
+        // A finished or unknown deployment: 404.
+        let (status, _) = call(
+            &router,
+            Method::DELETE,
+            &format!("/v2/deployments/{forced}"),
+            "",
+        )
+        .await;
+        assert_eq!(status, StatusCode::NOT_FOUND);
+        let (status, _) = call(&router, Method::DELETE, "/v2/deployments/nope", "").await;
+        assert_eq!(status, StatusCode::NOT_FOUND);
         shutdown.cancel();
     }
 }

@@ -357,14 +357,154 @@ async fn list_app_overviews(State(api): State<Api>) -> Json<Value> {
     Json(json!({"apps": apps}))
 }
 
-async fn list_apps(State(api): State<Api>) -> Json<Value> {
+/// `GET /v2/apps`'s query, as Marathon reads it: `cmd` and `id` (substrings), `label` (a
+/// selector), `embed` (repeatable; `apps.tasks` adds each app's tasks).
+#[derive(Debug, Default)]
+struct ListQuery {
+    cmd: Option<String>,
+    id: Option<String>,
+    labels: Vec<LabelTerm>,
+    tasks: bool,
+}
+
+impl ListQuery {
+    fn parse(raw: Option<&str>) -> ApiResult<Self> {
+        let mut q = ListQuery::default();
+        for pair in raw.unwrap_or_default().split('&').filter(|p| !p.is_empty()) {
+            let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+            let v = percent_decode(v);
+            match k {
+                "cmd" => q.cmd = Some(v),
+                "id" => q.id = Some(v),
+                "label" => q.labels = parse_selector(&v)?,
+                "embed" => q.tasks |= v == "apps.tasks" || v == "app.tasks",
+                _ => {}
+            }
+        }
+        Ok(q)
+    }
+
+    fn matches(&self, app: &App) -> bool {
+        self.id
+            .as_ref()
+            .is_none_or(|s| app.id.as_str().contains(s.as_str()))
+            && self
+                .cmd
+                .as_ref()
+                .is_none_or(|s| app.cmd.as_deref().is_some_and(|c| c.contains(s.as_str())))
+            && matches_labels(&app.labels, &self.labels)
+    }
+}
+
+/// One term of a label selector: `key`, `key==v`, `key!=v`, `key in (a,b)`, `key notin (a,b)`.
+#[derive(Debug, PartialEq)]
+enum LabelTerm {
+    Exists(String),
+    In(String, Vec<String>),
+    NotIn(String, Vec<String>),
+}
+
+fn parse_selector(s: &str) -> ApiResult<Vec<LabelTerm>> {
+    let bad = || {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            format!(
+                "`{s}` is not a label selector (key, key==value, key!=value, key in (a,b), key notin (a,b))"
+            ),
+        )
+    };
+    // Split on commas outside parentheses.
+    let (mut terms, mut depth, mut start) = (Vec::new(), 0, 0);
+    for (i, c) in s.char_indices() {
+        match c {
+            '(' => depth += 1,
+            ')' => depth -= 1,
+            ',' if depth == 0 => {
+                terms.push(&s[start..i]);
+                start = i + 1;
+            }
+            _ => {}
+        }
+    }
+    terms.push(&s[start..]);
+    let set = |v: &str| -> ApiResult<Vec<String>> {
+        let inner = v
+            .trim()
+            .strip_prefix('(')
+            .and_then(|v| v.strip_suffix(')'))
+            .ok_or_else(bad)?;
+        Ok(inner.split(',').map(|x| x.trim().to_string()).collect())
+    };
+    terms
+        .into_iter()
+        .map(str::trim)
+        .filter(|t| !t.is_empty())
+        .map(|t| {
+            if let Some((k, v)) = t.split_once("!=") {
+                Ok(LabelTerm::NotIn(k.trim().into(), vec![v.trim().into()]))
+            } else if let Some((k, v)) = t.split_once("==") {
+                Ok(LabelTerm::In(k.trim().into(), vec![v.trim().into()]))
+            } else if let Some((k, v)) = t.split_once(" notin ") {
+                Ok(LabelTerm::NotIn(k.trim().into(), set(v)?))
+            } else if let Some((k, v)) = t.split_once(" in ") {
+                Ok(LabelTerm::In(k.trim().into(), set(v)?))
+            } else if t
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "_-./".contains(c))
+            {
+                Ok(LabelTerm::Exists(t.into()))
+            } else {
+                Err(bad())
+            }
+        })
+        .collect()
+}
+
+fn matches_labels(
+    labels: &std::collections::BTreeMap<String, String>,
+    terms: &[LabelTerm],
+) -> bool {
+    terms.iter().all(|t| match t {
+        LabelTerm::Exists(k) => labels.contains_key(k),
+        LabelTerm::In(k, vs) => labels.get(k).is_some_and(|v| vs.contains(v)),
+        LabelTerm::NotIn(k, vs) => labels.get(k).is_none_or(|v| !vs.contains(v)),
+    })
+}
+
+/// `%XX` and `+` of a query value.
+fn percent_decode(v: &str) -> String {
+    let b = v.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        let hex = b
+            .get(i + 1..i + 3)
+            .and_then(|h| std::str::from_utf8(h).ok())
+            .and_then(|h| u8::from_str_radix(h, 16).ok());
+        match (b[i], hex) {
+            (b'%', Some(x)) => {
+                out.push(x);
+                i += 3;
+                continue;
+            }
+            (b'+', _) => out.push(b' '),
+            (c, _) => out.push(c),
+        }
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+async fn list_apps(State(api): State<Api>, uri: axum::http::Uri) -> ApiResult<Json<Value>> {
+    let q = ListQuery::parse(uri.query())?;
     let state = api.state.borrow().clone();
     let apps: Vec<Value> = state
         .apps
         .values()
-        .map(|a| app_view(a, &state, false))
+        .filter(|a| q.matches(a))
+        .map(|a| app_view(a, &state, q.tasks))
         .collect();
-    Json(json!({"apps": apps}))
+    Ok(Json(json!({"apps": apps})))
 }
 
 /// Splits `/v2/apps/{path}` into the app id and an action suffix.
@@ -1893,6 +2033,75 @@ mod tests {
         assert_eq!(status, StatusCode::NOT_FOUND);
         let (status, _) = call(&router, Method::DELETE, "/v2/deployments/nope", "").await;
         assert_eq!(status, StatusCode::NOT_FOUND);
+        shutdown.cancel();
+    }
+
+    #[tokio::test]
+    async fn the_app_list_filters_by_id_cmd_and_label_and_embeds_tasks() {
+        let (router, store, shutdown, _dir) = api().await;
+        for (id, cmd, labels) in [
+            (
+                "/lb/web",
+                "serve web",
+                json!({"HAPROXY_GROUP": "external", "tier": "front"}),
+            ),
+            ("/lb/api", "serve api", json!({"HAPROXY_GROUP": "internal"})),
+            ("/batch", "crunch", json!({})),
+        ] {
+            let def = json!({"id": id, "cmd": cmd, "instances": 0, "labels": labels});
+            assert_eq!(post(&router, &def.to_string()).await.0, StatusCode::CREATED);
+        }
+        let web = AppId::parse("/lb/web").unwrap();
+        put_task(&store, &crate::test_util::task("lb_web.1", &web, "n1")).await;
+        let mut state = crate::test_util::follow(store.clone(), shutdown.clone()).await;
+        state.wait_for(|s| s.tasks.len() == 1).await.unwrap();
+        let ids = |v: &Value| -> Vec<String> {
+            v["apps"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|a| a["id"].as_str().unwrap().to_string())
+                .collect()
+        };
+        let get = |q: &str| {
+            let (router, path) = (router.clone(), format!("/v2/apps{q}"));
+            async move { call(&router, Method::GET, &path, "").await }
+        };
+        assert_eq!(ids(&get("?id=lb").await.1), ["/lb/api", "/lb/web"]);
+        assert_eq!(ids(&get("?cmd=crunch").await.1), ["/batch"]);
+        assert_eq!(
+            ids(&get("?label=HAPROXY_GROUP").await.1),
+            ["/lb/api", "/lb/web"]
+        );
+        assert_eq!(
+            ids(&get("?label=HAPROXY_GROUP%3D%3Dexternal").await.1),
+            ["/lb/web"]
+        );
+        assert_eq!(
+            ids(&get("?label=HAPROXY_GROUP!%3Dexternal").await.1),
+            ["/batch", "/lb/api"]
+        );
+        assert_eq!(
+            ids(
+                &get("?label=HAPROXY_GROUP%20in%20(internal,%20external),tier")
+                    .await
+                    .1
+            ),
+            ["/lb/web"]
+        );
+        let (status, v) = get("?label=a%3Db").await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{v}");
+        // marathon-lb's call: every app with its tasks.
+        let (_, v) = get("?embed=apps.tasks&embed=apps.counts").await;
+        let web = v["apps"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|a| a["id"] == "/lb/web")
+            .unwrap();
+        assert_eq!(web["tasks"][0]["id"], "lb_web.1", "{web}");
+        let (_, v) = get("").await;
+        assert!(v["apps"][0].get("tasks").is_none());
         shutdown.cancel();
     }
 }

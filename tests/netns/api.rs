@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use serde_json::Value;
 
-use crate::support::{Agent, NetNs, wait_until};
+use crate::support::{Agent, NetNs, connect, wait_until};
 
 /// Sends `request` as written and reads the response until the server closes or 5 s pass:
 /// (status, JSON body) — status 0 if the server closed without a response.
@@ -30,24 +30,6 @@ fn raw(request: &[u8]) -> (u16, Value) {
         .map(|(_, b)| b)
         .unwrap_or_default();
     (status, serde_json::from_str(body).unwrap_or(Value::Null))
-}
-
-/// A connection to the agent from `source` (an address of the namespace's loopback).
-fn connect_from(source: &str) -> TcpStream {
-    use nix::sys::socket::{AddressFamily, SockFlag, SockType, SockaddrIn, bind, connect, socket};
-    let fd = socket(
-        AddressFamily::Inet,
-        SockType::Stream,
-        SockFlag::empty(),
-        None,
-    )
-    .unwrap();
-    let raw = std::os::fd::AsRawFd::as_raw_fd(&fd);
-    let from: std::net::SocketAddrV4 = format!("{source}:0").parse().unwrap();
-    bind(raw, &SockaddrIn::from(from)).unwrap();
-    let to: std::net::SocketAddrV4 = "127.0.0.1:8080".parse().unwrap();
-    connect(raw, &SockaddrIn::from(to)).unwrap();
-    TcpStream::from(fd)
 }
 
 fn request(method: &str, path: &str, headers: &[&str], body: &str) -> Vec<u8> {
@@ -211,7 +193,7 @@ fn cross_site_writes_foreign_hosts_and_half_requests_are_refused_with_json() {
     assert!(refused, "a fourth from one client was served");
     let held: Vec<TcpStream> = held
         .into_iter()
-        .chain([connect_from("127.0.0.2")])
+        .chain([connect("127.0.0.1:8080", Some("127.0.0.2"), None)])
         .collect();
     let fifth_refused = wait_until(Duration::from_secs(2), || curl_from("127.0.0.3") == "000");
     assert!(fifth_refused, "a fifth connection in all was served");

@@ -3,13 +3,12 @@
 //! a subscriber that never reads, which is dropped without the agent's memory growing.
 
 use std::io::Write;
-use std::net::TcpStream;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use serde_json::{Value, json};
 
-use crate::support::{Agent, NetNs, wait_until};
+use crate::support::{Agent, NetNs, connect, wait_until};
 
 /// The `(event, data)` pairs of an SSE transcript, in order (heartbeat comments skipped).
 fn parse_sse(text: &str) -> Vec<(String, Value)> {
@@ -24,29 +23,6 @@ fn parse_sse(text: &str) -> Vec<(String, Value)> {
 
 fn position(events: &[(String, Value)], f: impl Fn(&str, &Value) -> bool) -> Option<usize> {
     events.iter().position(|(e, d)| f(e, d))
-}
-
-/// A TCP connection whose receive buffer was made small before it connected, so that its
-/// window stays small and what it does not read piles up in the sender, not in the kernel.
-fn small_window_connection(addr: &str) -> TcpStream {
-    use nix::sys::socket::{
-        AddressFamily, SockFlag, SockType, SockaddrIn, connect, setsockopt, socket, sockopt,
-    };
-    let fd = socket(
-        AddressFamily::Inet,
-        SockType::Stream,
-        SockFlag::empty(),
-        None,
-    )
-    .unwrap();
-    setsockopt(&fd, sockopt::RcvBuf, &4096).unwrap();
-    let addr: std::net::SocketAddrV4 = addr.parse().unwrap();
-    connect(
-        std::os::fd::AsRawFd::as_raw_fd(&fd),
-        &SockaddrIn::from(addr),
-    )
-    .unwrap();
-    TcpStream::from(fd)
 }
 
 fn rss_kib(pid: u32) -> u64 {
@@ -241,7 +217,9 @@ fn curl_follows_a_deployment_a_health_change_and_a_kill_and_a_reader_that_stalls
     // than its queue and the connection's send buffer hold (100 tasks started and stopped,
     // until it is dropped, at most 8 times): it is dropped, the reading subscriber gets
     // everything, and the agent's memory does not follow the bursts.
-    let mut stalled = small_window_connection("127.0.0.1:8080");
+    // Its receive buffer is made small before it connects, so that its window stays small and
+    // what it does not read piles up in the sender, not in its own kernel buffer.
+    let mut stalled = connect("127.0.0.1:8080", None, Some(4096));
     stalled
         .write_all(
             b"GET /v2/events HTTP/1.1\r\nHost: 127.0.0.1:8080\r\nAccept: text/event-stream\r\n\r\n",

@@ -517,6 +517,33 @@ fn remove_dir_tree(dir: &Path) {
 }
 
 /// Polls `f` every 100 ms until it holds or `limit` passes.
+/// A TCP connection to `to` (IPv4), from the address `from` if given, with its receive buffer
+/// set to `rcvbuf` bytes before it connects if given (so the window it offers stays small).
+pub fn connect(to: &str, from: Option<&str>, rcvbuf: Option<usize>) -> std::net::TcpStream {
+    use nix::sys::socket::{
+        AddressFamily, SockFlag, SockType, SockaddrIn, bind, setsockopt, socket, sockopt,
+    };
+    use std::os::fd::AsRawFd;
+    let fd = socket(
+        AddressFamily::Inet,
+        SockType::Stream,
+        SockFlag::empty(),
+        None,
+    )
+    .expect("a TCP socket");
+    if let Some(bytes) = rcvbuf {
+        setsockopt(&fd, sockopt::RcvBuf, &bytes).expect("SO_RCVBUF");
+    }
+    if let Some(from) = from {
+        let from: std::net::SocketAddrV4 = format!("{from}:0").parse().expect("an IPv4 address");
+        bind(fd.as_raw_fd(), &SockaddrIn::from(from)).expect("binding the source address");
+    }
+    let to: std::net::SocketAddrV4 = to.parse().expect("an IPv4 address and port");
+    nix::sys::socket::connect(fd.as_raw_fd(), &SockaddrIn::from(to))
+        .unwrap_or_else(|e| panic!("connecting to {to}: {e}"));
+    std::net::TcpStream::from(fd)
+}
+
 pub fn wait_until(limit: Duration, mut f: impl FnMut() -> bool) -> bool {
     let start = std::time::SystemTime::now();
     loop {

@@ -44,13 +44,7 @@ pub(crate) struct Api {
 #[derive(Clone, Copy, Debug)]
 pub struct ClientAddr(pub std::net::SocketAddr);
 
-fn client_ip(req: &axum::http::request::Parts) -> String {
-    req.extensions
-        .get::<ClientAddr>()
-        .map_or_else(|| "unknown".into(), |c| c.0.ip().to_string())
-}
-
-/// The client's address and the path it asked, for `api_post_event`.
+/// The client's address and the path it asked (`api_post_event`, `event_stream_attached`).
 struct Caller {
     ip: String,
     uri: String,
@@ -64,7 +58,10 @@ impl<S: Send + Sync> axum::extract::FromRequestParts<S> for Caller {
         _: &S,
     ) -> Result<Self, Self::Rejection> {
         Ok(Caller {
-            ip: client_ip(parts),
+            ip: parts
+                .extensions
+                .get::<ClientAddr>()
+                .map_or_else(|| "unknown".into(), |c| c.0.ip().to_string()),
             uri: parts.uri.path().to_string(),
         })
     }
@@ -88,6 +85,12 @@ impl Api {
                 .map(|kv| Op::delete(kv.key.clone(), Precondition::Any)),
         );
         Ok(ops)
+    }
+
+    /// `api_post_event` for a definition this API accepted and wrote.
+    fn announce(&self, app: &App, caller: &Caller) {
+        self.events
+            .publish(vec![crate::events::api_post(app, &caller.uri, &caller.ip)]);
     }
 
     /// The versions kept of `id`, newest first.
@@ -368,15 +371,14 @@ struct ListQuery {
 }
 
 impl ListQuery {
-    fn parse(raw: Option<&str>) -> ApiResult<Self> {
+    /// From the query's decoded pairs, in order (`embed` may come more than once).
+    fn parse(pairs: &[(String, String)]) -> ApiResult<Self> {
         let mut q = ListQuery::default();
-        for pair in raw.unwrap_or_default().split('&').filter(|p| !p.is_empty()) {
-            let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
-            let v = percent_decode(v);
-            match k {
-                "cmd" => q.cmd = Some(v),
-                "id" => q.id = Some(v),
-                "label" => q.labels = parse_selector(&v)?,
+        for (k, v) in pairs {
+            match k.as_str() {
+                "cmd" => q.cmd = Some(v.clone()),
+                "id" => q.id = Some(v.clone()),
+                "label" => q.labels = parse_selector(v)?,
                 "embed" => q.tasks |= v == "apps.tasks" || v == "app.tasks",
                 _ => {}
             }
@@ -471,32 +473,11 @@ fn matches_labels(
     })
 }
 
-/// `%XX` and `+` of a query value.
-fn percent_decode(v: &str) -> String {
-    let b = v.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        let hex = b
-            .get(i + 1..i + 3)
-            .and_then(|h| std::str::from_utf8(h).ok())
-            .and_then(|h| u8::from_str_radix(h, 16).ok());
-        match (b[i], hex) {
-            (b'%', Some(x)) => {
-                out.push(x);
-                i += 3;
-                continue;
-            }
-            (b'+', _) => out.push(b' '),
-            (c, _) => out.push(c),
-        }
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
-}
-
-async fn list_apps(State(api): State<Api>, uri: axum::http::Uri) -> ApiResult<Json<Value>> {
-    let q = ListQuery::parse(uri.query())?;
+async fn list_apps(
+    State(api): State<Api>,
+    Query(pairs): Query<Vec<(String, String)>>,
+) -> ApiResult<Json<Value>> {
+    let q = ListQuery::parse(&pairs)?;
     let state = api.state.borrow().clone();
     let apps: Vec<Value> = state
         .apps
@@ -515,9 +496,13 @@ fn split_path(path: &str, method: &Method) -> ApiResult<(AppId, Option<&'static 
         (&Method::GET, Some((id, "versions"))) => (id, Some("versions")),
         _ => (path, None),
     };
-    let id = AppId::parse(id)
-        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, format!("app id `{id}` {e}")))?;
-    Ok((id, action))
+    Ok((parse_app_id(id)?, action))
+}
+
+/// An app id from a request's path; 400 naming it if it is not one.
+pub(crate) fn parse_app_id(id: &str) -> ApiResult<AppId> {
+    AppId::parse(id)
+        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, format!("app id `{id}` {e}")))
 }
 
 async fn app_get(State(api): State<Api>, Path(path): Path<String>) -> ApiResult {
@@ -526,8 +511,7 @@ async fn app_get(State(api): State<Api>, Path(path): Path<String>) -> ApiResult 
         .rsplit_once("/versions/")
         .filter(|(_, v)| !v.is_empty() && !v.contains('/'))
     {
-        let id = AppId::parse(app)
-            .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, format!("app id `{app}` {e}")))?;
+        let id = parse_app_id(app)?;
         return Ok(Json(api.version(&id, version).await?).into_response());
     }
     let (id, action) = split_path(&path, &Method::GET)?;
@@ -752,6 +736,20 @@ fn stamp(app: &mut App, config_changed: bool) {
     }
 }
 
+/// Stamps `app`, the new definition of `current`, and says what kind of change it is. Its
+/// version fields start from `current`'s: a scale keeps the config version its tasks run, so
+/// none of them is replaced.
+fn stamp_change(current: &App, app: &mut App) -> DeploymentKind {
+    let scale_only = current.is_scale_only_change(app);
+    app.version_info = current.version_info.clone();
+    stamp(app, !scale_only);
+    if scale_only {
+        DeploymentKind::Scale
+    } else {
+        DeploymentKind::Update
+    }
+}
+
 async fn create_app(State(api): State<Api>, caller: Caller, body: Bytes) -> ApiResult {
     let Parsed { mut app, warnings } = parse_app(&body)?;
     check_vip_conflicts(&app, &api.state.borrow().clone())?;
@@ -783,8 +781,7 @@ async fn create_app(State(api): State<Api>, caller: Caller, body: Bytes) -> ApiR
         }
         Err(e) => return Err(e.into()),
     }
-    api.events
-        .publish(vec![crate::events::api_post(&app, &caller.uri, &caller.ip)]);
+    api.announce(&app, &caller);
     let mut view = app_view(&app, &state, false);
     view["deployments"] = json!([{"id": dep.id}]);
     view["warnings"] = json!(warnings);
@@ -844,27 +841,16 @@ async fn app_put(
         stamp(&mut app, true);
         let dep = new_deployment(&app, DeploymentKind::Update, Some(current));
         let written = write_change(&api, &app, rev, dep, Vec::new()).await?;
-        api.events
-            .publish(vec![crate::events::api_post(&app, &caller.uri, &caller.ip)]);
+        api.announce(&app, &caller);
         return Ok(written);
     }
     let Parsed { mut app, warnings } = parse_app_update(&current, &body)?;
     check_vip_conflicts(&app, &api.state.borrow().clone())?;
     check_dependency_cycle(&app, &api.state.borrow().clone())?;
-    let scale_only = current.is_scale_only_change(&app);
-    // The update was parsed without the read-only version fields: a scale keeps the config
-    // version its tasks run, so none of them is replaced.
-    app.version_info = current.version_info.clone();
-    stamp(&mut app, !scale_only);
-    let kind = if scale_only {
-        DeploymentKind::Scale
-    } else {
-        DeploymentKind::Update
-    };
+    let kind = stamp_change(&current, &mut app);
     let dep = new_deployment(&app, kind, Some(current));
     let written = write_change(&api, &app, rev, dep, warnings).await?;
-    api.events
-        .publish(vec![crate::events::api_post(&app, &caller.uri, &caller.ip)]);
+    api.announce(&app, &caller);
     Ok(written)
 }
 
@@ -1069,8 +1055,7 @@ fn check_kill_query(q: &KillQuery) -> ApiResult<()> {
 /// deployment).
 async fn kill_task(api: &Api, app: &str, task: &str, q: &KillQuery) -> ApiResult {
     check_kill_query(q)?;
-    let app = AppId::parse(app)
-        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, format!("app id `{app}` {e}")))?;
+    let app = parse_app_id(app)?;
     let id = crate::model::TaskId(task.to_string());
     let (mut tasks, deployment) = kill_tasks(api, &app, &[id], q.scale).await?;
     Ok(match deployment {
@@ -1082,8 +1067,7 @@ async fn kill_task(api: &Api, app: &str, task: &str, q: &KillQuery) -> ApiResult
 /// `DELETE /v2/apps/{app}/tasks[?host=..&scale=true]`: every task of the app (on `host`).
 async fn kill_app_tasks(api: &Api, app: &str, q: &KillQuery) -> ApiResult {
     check_kill_query(q)?;
-    let app = AppId::parse(app)
-        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, format!("app id `{app}` {e}")))?;
+    let app = parse_app_id(app)?;
     let ids: Vec<crate::model::TaskId> = {
         let state = api.state.borrow();
         if !state.apps.contains_key(&app) {
@@ -1249,18 +1233,7 @@ async fn cancel_deployment(
         }
         // It changed the app: the previous definition again, as a new version.
         (Some((current, rev)), Some(mut previous)) => {
-            let scale_only = current.is_scale_only_change(&previous);
-            previous.version_info = if scale_only {
-                current.version_info.clone()
-            } else {
-                previous.version_info.clone()
-            };
-            stamp(&mut previous, !scale_only);
-            let kind = if scale_only {
-                DeploymentKind::Scale
-            } else {
-                DeploymentKind::Update
-            };
+            let kind = stamp_change(&current, &mut previous);
             let rollback = new_deployment(&previous, kind, Some(current));
             write_change(&api, &previous, rev, rollback, Vec::new()).await
         }
@@ -1378,10 +1351,13 @@ const EVENTS_HEARTBEAT: std::time::Duration = std::time::Duration::from_secs(15)
 /// `GET /v2/events`: Server-Sent Events as Marathon sends them, `event_type=` (repeatable)
 /// choosing which; 405 unless the client accepts `text/event-stream`, 503 past the bound on
 /// subscribers.
-async fn event_stream(State(api): State<Api>, req: axum::extract::Request) -> ApiResult {
-    let (parts, _) = req.into_parts();
-    let accepts = parts
-        .headers
+async fn event_stream(
+    State(api): State<Api>,
+    Query(pairs): Query<Vec<(String, String)>>,
+    headers: axum::http::HeaderMap,
+    caller: Caller,
+) -> ApiResult {
+    let accepts = headers
         .get_all(axum::http::header::ACCEPT)
         .iter()
         .filter_map(|v| v.to_str().ok())
@@ -1392,24 +1368,17 @@ async fn event_stream(State(api): State<Api>, req: axum::extract::Request) -> Ap
             "/v2/events is a stream of Server-Sent Events: send Accept: text/event-stream",
         ));
     }
-    let types: Vec<String> = parts
-        .uri
-        .query()
-        .unwrap_or_default()
-        .split('&')
-        .filter_map(|kv| kv.split_once('='))
-        .filter(|(k, _)| *k == "event_type")
-        .map(|(_, v)| v.to_string())
+    let types: Vec<String> = pairs
+        .into_iter()
+        .filter(|(k, _)| k == "event_type")
+        .map(|(_, v)| v)
         .collect();
-    let sub = api
-        .events
-        .subscribe(&client_ip(&parts), types)
-        .map_err(|e| {
-            ApiError::new(
-                StatusCode::SERVICE_UNAVAILABLE,
-                format!("this agent already serves {} event streams", e.0),
-            )
-        })?;
+    let sub = api.events.subscribe(&caller.ip, types).map_err(|e| {
+        ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("this agent already serves {} event streams", e.0),
+        )
+    })?;
     let heartbeat = tokio::time::interval_at(
         tokio::time::Instant::now() + EVENTS_HEARTBEAT,
         EVENTS_HEARTBEAT,

@@ -65,14 +65,9 @@ impl Default for Retention {
 /// node-core running on one node: its loops run under the agent's [`Supervisor`], which stops
 /// them with its shutdown token.
 pub struct NodeCore {
-    store: SharedStore,
-    state: watch::Receiver<Arc<ClusterState>>,
+    /// What the HTTP routes work with: the store, the state, the event bus, this node.
+    api: Api,
     metrics: Metrics,
-    events: crate::events::EventBus,
-    app_versions: usize,
-    node: crate::model::NodeId,
-    api_port: u16,
-    leader_ttl: Duration,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -206,35 +201,28 @@ impl NodeCore {
             });
         }
         Ok(Self {
-            store,
-            state,
+            api: Api {
+                store,
+                state,
+                events,
+                app_versions: cfg.retention.app_versions,
+                node: cfg.node.id.clone(),
+                api_port: cfg.api_port,
+                leader_ttl: cfg.leader_ttl,
+            },
             metrics,
-            events,
-            app_versions: cfg.retention.app_versions,
-            node: cfg.node.id.clone(),
-            api_port: cfg.api_port,
-            leader_ttl: cfg.leader_ttl,
         })
     }
 
     /// The cluster state, as every plane reads it.
     pub fn state(&self) -> watch::Receiver<Arc<ClusterState>> {
-        self.state.clone()
+        self.api.state.clone()
     }
 
     /// node-core's HTTP routes, counting requests in the metrics.
     pub fn router(&self) -> axum::Router {
         let metrics = self.metrics.clone();
-        api::router(Api {
-            store: self.store.clone(),
-            state: self.state.clone(),
-            events: self.events.clone(),
-            app_versions: self.app_versions,
-            node: self.node.clone(),
-            api_port: self.api_port,
-            leader_ttl: self.leader_ttl,
-        })
-        .layer(middleware::from_fn(move |req: Request, next: Next| {
+        api::router(self.api.clone()).layer(middleware::from_fn(move |req: Request, next: Next| {
             let metrics = metrics.clone();
             async move { count(metrics, req, next).await }
         }))

@@ -119,6 +119,18 @@ fn instance_changed(t: &Task, at: &str) -> Event {
     )
 }
 
+/// A map diff's added or updated entry as (what it was, what it is); `None` for a removal.
+fn added_or_updated<'a, K, V>(
+    item: imbl::ordmap::DiffItem<'a, 'a, K, V>,
+) -> Option<(Option<&'a V>, &'a V)> {
+    use imbl::ordmap::DiffItem;
+    match item {
+        DiffItem::Add(_, new) => Some((None, new)),
+        DiffItem::Update { old, new } => Some((Some(old.1), new.1)),
+        DiffItem::Remove(..) => None,
+    }
+}
+
 /// What happened between `before` and `after`, in Marathon's events, in the order a client
 /// should see them: deployments that started, then tasks, their health, deployments that
 /// ended, and removed apps. Pure: every agent derives the same events from the same
@@ -127,15 +139,10 @@ pub fn events_between(before: &ClusterState, after: &ClusterState, at: &str) -> 
     use imbl::ordmap::DiffItem;
     let mut out = Vec::new();
     let mut health = Vec::new();
-    let mut ended = Vec::new();
     let deployments: Vec<(Option<&Arc<Deployment>>, &Arc<Deployment>)> = before
         .deployments
         .diff(&after.deployments)
-        .filter_map(|item| match item {
-            DiffItem::Add(_, d) => Some((None, d)),
-            DiffItem::Update { old, new } => Some((Some(old.1), new.1)),
-            DiffItem::Remove(..) => None,
-        })
+        .filter_map(added_or_updated)
         .collect();
     for (old, new) in &deployments {
         if old.is_none() {
@@ -147,12 +154,7 @@ pub fn events_between(before: &ClusterState, after: &ClusterState, at: &str) -> 
             ));
         }
     }
-    for item in before.tasks.diff(&after.tasks) {
-        let (old, new) = match item {
-            DiffItem::Add(_, t) => (None, t),
-            DiffItem::Update { old, new } => (Some(old.1), new.1),
-            DiffItem::Remove(..) => continue,
-        };
+    for (old, new) in before.tasks.diff(&after.tasks).filter_map(added_or_updated) {
         let moved = old.is_none_or(|o| o.state != new.state || condition(o) != condition(new));
         if moved {
             out.push(status_update(new, at));
@@ -190,24 +192,24 @@ pub fn events_between(before: &ClusterState, after: &ClusterState, at: &str) -> 
         let (plan, step) = plan(new);
         match new.status {
             DeploymentStatus::Succeeded => {
-                ended.push(Event::new(
+                out.push(Event::new(
                     "deployment_step_success",
                     json!({"plan": plan, "currentStep": step}),
                     at,
                 ));
-                ended.push(Event::new(
+                out.push(Event::new(
                     "deployment_success",
                     json!({"id": new.id, "plan": plan}),
                     at,
                 ));
             }
             DeploymentStatus::Failed => {
-                ended.push(Event::new(
+                out.push(Event::new(
                     "deployment_step_failure",
                     json!({"plan": plan, "currentStep": step}),
                     at,
                 ));
-                ended.push(Event::new(
+                out.push(Event::new(
                     "deployment_failed",
                     json!({"id": new.id, "plan": plan, "reason": new.reason}),
                     at,
@@ -216,7 +218,6 @@ pub fn events_between(before: &ClusterState, after: &ClusterState, at: &str) -> 
             DeploymentStatus::Running | DeploymentStatus::Superseded => {}
         }
     }
-    out.extend(ended);
     for item in before.apps.diff(&after.apps) {
         if let DiffItem::Remove(id, _) = item {
             out.push(Event::new("app_terminated_event", json!({"appId": id}), at));

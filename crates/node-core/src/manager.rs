@@ -413,18 +413,23 @@ impl Manager {
     /// Where the task answers on the port named `name`: a container at its own address and
     /// container port, a host task at the node's address and its host port.
     fn named_port(&self, task: &Task, app: &App, name: &str) -> Option<SocketAddr> {
+        let (ip, ports) = self.checked_at(task, app);
+        let i = app.port_names().iter().position(|n| *n == Some(name))?;
+        ports.get(i).map(|p| SocketAddr::new(ip, *p))
+    }
+
+    /// Where the task's ports are checked, in port order: a container at its own address and
+    /// container ports, a host task at the node's address and its host ports.
+    fn checked_at(&self, task: &Task, app: &App) -> (std::net::IpAddr, Vec<u16>) {
         match task.ip_addresses.first() {
-            Some(addr) if app.is_container_network() => app
-                .port_mappings()
-                .iter()
-                .find(|m| m.name.as_deref() == Some(name))
-                .map(|m| SocketAddr::new(addr.ip_address, m.container_port)),
-            _ => app
-                .port_definitions
-                .iter()
-                .position(|p| p.name.as_deref() == Some(name))
-                .and_then(|i| task.ports.get(i))
-                .map(|p| SocketAddr::new(self.node.ip, *p)),
+            Some(addr) if app.is_container_network() => (
+                addr.ip_address,
+                app.port_mappings()
+                    .iter()
+                    .map(|m| m.container_port)
+                    .collect(),
+            ),
+            _ => (self.node.ip, task.ports.clone()),
         }
     }
 
@@ -476,17 +481,7 @@ impl Manager {
     fn spawn_health(&self, task: &Task, app: Arc<App>) -> JoinHandle<()> {
         let tx = self.tx.clone();
         let id = task.id.clone();
-        // A container is checked at its own address and ports, a host task at the node's.
-        let (ip, ports) = match task.ip_addresses.first() {
-            Some(addr) if app.is_container_network() => (
-                addr.ip_address,
-                app.port_mappings()
-                    .iter()
-                    .map(|m| m.container_port)
-                    .collect(),
-            ),
-            _ => (self.node.ip, task.ports.clone()),
-        };
+        let (ip, ports) = self.checked_at(task, &app);
         let started = tokio::time::Instant::now();
         // The task's own environment, then its ports and ids, as the task sees them.
         let env: Vec<(String, String)> = app

@@ -168,8 +168,7 @@ async fn reset_delay(
             "DELETE works on /v2/queue/{app}/delay",
         ));
     };
-    let id = AppId::parse(app)
-        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, format!("app id `{app}` {e}")))?;
+    let id = crate::api::parse_app_id(app)?;
     let queued = {
         let state = api.state.borrow();
         state

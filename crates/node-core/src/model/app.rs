@@ -223,6 +223,22 @@ impl App {
         }
     }
 
+    /// Each port's name (`None` where it has none), in port order: the port mappings of a
+    /// container-networked app, else its port definitions.
+    pub fn port_names(&self) -> Vec<Option<&str>> {
+        if self.is_container_network() {
+            self.port_mappings()
+                .iter()
+                .map(|m| m.name.as_deref())
+                .collect()
+        } else {
+            self.port_definitions
+                .iter()
+                .map(|p| p.name.as_deref())
+                .collect()
+        }
+    }
+
     /// How many host ports each task needs: one per port definition on host networking, one
     /// per published port mapping on container networking.
     pub fn host_ports_needed(&self) -> usize {

@@ -516,14 +516,7 @@ fn validate(app: &App) -> Vec<FieldError> {
     if app.networks.len() > 1 {
         err("/networks".into(), "give at most one network".into());
     }
-    let port_names: Vec<&str> = if app.is_container_network() {
-        mappings.iter().filter_map(|m| m.name.as_deref()).collect()
-    } else {
-        app.port_definitions
-            .iter()
-            .filter_map(|p| p.name.as_deref())
-            .collect()
-    };
+    let port_names: Vec<&str> = app.port_names().into_iter().flatten().collect();
     for (i, check) in app.readiness_checks.iter().enumerate() {
         let at = |f: &str| format!("/readinessChecks/{i}/{f}");
         if check.protocol != "HTTP" && check.protocol != "HTTPS" {

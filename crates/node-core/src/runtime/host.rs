@@ -226,19 +226,7 @@ pub(crate) fn task_env(
         .iter()
         .map(|(k, v)| (k.clone(), v.clone()))
         .collect();
-    let names: Vec<Option<&str>> = if spec.app.is_container_network() {
-        spec.app
-            .port_mappings()
-            .iter()
-            .map(|m| m.name.as_deref())
-            .collect()
-    } else {
-        spec.app
-            .port_definitions
-            .iter()
-            .map(|p| p.name.as_deref())
-            .collect()
-    };
+    let names = spec.app.port_names();
     for (i, port) in ports.iter().enumerate() {
         env.push((format!("PORT{i}"), port.to_string()));
         if let Some(name) = names.get(i).copied().flatten() {

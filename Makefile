@@ -3,7 +3,7 @@ SHELL := /bin/bash
 .DEFAULT_GOAL := help
 
 # Debian packages the build, the tests and the demo use.
-DEBIAN_PACKAGES := clang libbpf-dev bpftool cmake protobuf-compiler libprotobuf-dev etcd-server etcd-client openssl wireguard-tools wireguard-go iperf3 tcpdump iproute2 nftables dnsutils curl python3 util-linux procps socat chromium chromium-driver
+DEBIAN_PACKAGES := clang libbpf-dev bpftool cmake protobuf-compiler libprotobuf-dev etcd-server etcd-client openssl wireguard-tools wireguard-go iperf3 tcpdump iproute2 nftables dnsutils curl python3 util-linux procps socat chromium chromium-driver crun runc docker-registry apache2-utils umoci skopeo busybox-static podman
 # One target dir for every build, test and demo: nothing is built twice.
 export CARGO_TARGET_DIR ?= $(CURDIR)/target
 CARGO ?= cargo

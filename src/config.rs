@@ -48,6 +48,144 @@ pub struct AgentConfig {
     /// The WireGuard overlay that makes every container address reachable from every node.
     #[serde(default)]
     pub overlay: OverlaySection,
+    /// Images, their registries, and the artifacts tasks fetch.
+    #[serde(default)]
+    pub images: ImagesSection,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ImagesSection {
+    /// The OCI runtime that runs tasks from images: a path, or empty for crun where it can
+    /// run here and runc otherwise (crun refuses hybrid cgroups whose v2 has controllers).
+    #[serde(default)]
+    pub oci_runtime: String,
+    /// Past this many MiB of unpacked layers, images no task uses are removed, oldest first.
+    #[serde(default = "default_store_limit_mib")]
+    pub store_limit_mib: u64,
+    /// The most one image may unpack to, in MiB.
+    #[serde(default = "default_image_limit_mib")]
+    pub image_limit_mib: u64,
+    /// How long one pull may take.
+    #[serde(default = "default_pull_timeout", with = "humantime_serde")]
+    pub pull_timeout: Duration,
+    /// Past this many MiB the oldest artifacts kept for `fetch` with `cache: true` go.
+    #[serde(default = "default_cache_limit_mib")]
+    pub fetch_cache_limit_mib: u64,
+    /// The largest artifact a task may fetch, in MiB.
+    #[serde(default = "default_artifact_limit_mib")]
+    pub artifact_limit_mib: u64,
+    /// How long one artifact may take to download.
+    #[serde(default = "default_fetch_timeout", with = "humantime_serde")]
+    pub fetch_timeout: Duration,
+    /// Registries that need credentials, plain HTTP or a CA of their own.
+    #[serde(default)]
+    pub registries: Vec<RegistryEntry>,
+}
+
+impl Default for ImagesSection {
+    fn default() -> Self {
+        Self {
+            oci_runtime: String::new(),
+            store_limit_mib: default_store_limit_mib(),
+            image_limit_mib: default_image_limit_mib(),
+            pull_timeout: default_pull_timeout(),
+            fetch_cache_limit_mib: default_cache_limit_mib(),
+            artifact_limit_mib: default_artifact_limit_mib(),
+            fetch_timeout: default_fetch_timeout(),
+            registries: Vec::new(),
+        }
+    }
+}
+
+/// One registry, as images name its host (`127.0.0.1:5000`, `registry.example.com`).
+#[derive(Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RegistryEntry {
+    pub host: String,
+    #[serde(default)]
+    pub username: Option<String>,
+    /// The password itself; `password_file` keeps it out of the config.
+    #[serde(default)]
+    pub password: Option<String>,
+    #[serde(default)]
+    pub password_file: Option<PathBuf>,
+    /// Plain HTTP instead of HTTPS.
+    #[serde(default)]
+    pub insecure: bool,
+    /// PEM certificates to trust for this registry.
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
+}
+
+/// A password never reaches a log.
+impl std::fmt::Debug for RegistryEntry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RegistryEntry")
+            .field("host", &self.host)
+            .field("username", &self.username)
+            .field("password", &self.password.as_ref().map(|_| "<redacted>"))
+            .field("password_file", &self.password_file)
+            .field("insecure", &self.insecure)
+            .field("ca_file", &self.ca_file)
+            .finish()
+    }
+}
+
+fn default_store_limit_mib() -> u64 {
+    10 * 1024
+}
+fn default_image_limit_mib() -> u64 {
+    8 * 1024
+}
+fn default_pull_timeout() -> Duration {
+    Duration::from_secs(600)
+}
+fn default_cache_limit_mib() -> u64 {
+    2 * 1024
+}
+fn default_artifact_limit_mib() -> u64 {
+    2 * 1024
+}
+fn default_fetch_timeout() -> Duration {
+    Duration::from_secs(300)
+}
+
+impl ImagesSection {
+    /// The images crate's config, with passwords read from their files.
+    pub fn to_config(&self, state_dir: &Path) -> anyhow::Result<dcnet_images::Config> {
+        let mut cfg = dcnet_images::Config::under(state_dir);
+        cfg.store_limit = self.store_limit_mib << 20;
+        cfg.image_limit = self.image_limit_mib << 20;
+        cfg.pull_timeout = self.pull_timeout;
+        cfg.cache_limit = self.fetch_cache_limit_mib << 20;
+        cfg.artifact_limit = self.artifact_limit_mib << 20;
+        cfg.fetch_timeout = self.fetch_timeout;
+        for r in &self.registries {
+            let password = match (&r.password, &r.password_file) {
+                (Some(p), None) => Some(p.clone()),
+                (None, Some(file)) => Some(
+                    std::fs::read_to_string(file)
+                        .with_context(|| format!("images.registries: reading {}", file.display()))?
+                        .trim_end_matches(['\n', '\r'])
+                        .to_string(),
+                ),
+                (None, None) => None,
+                (Some(_), Some(_)) => anyhow::bail!(
+                    "images.registries {:?}: give password or password_file, not both",
+                    r.host
+                ),
+            };
+            cfg.registries.push(dcnet_images::Registry {
+                host: r.host.clone(),
+                username: r.username.clone(),
+                password,
+                insecure: r.insecure,
+                ca_file: r.ca_file.clone(),
+            });
+        }
+        Ok(cfg)
+    }
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -968,14 +1106,22 @@ mod tests {
         let defaults: AgentConfig = toml::from_str("").unwrap();
         let sections = |c: &AgentConfig| {
             format!(
-                "{:?}\n{:?}\n{:?}\n{:?}\n{:?}\n{:?}\n{:?}\n{:?}",
-                c.dns, c.containers, c.l4lb, c.runtime, c.api, c.retention, c.store, c.overlay
+                "{:?}\n{:?}\n{:?}\n{:?}\n{:?}\n{:?}\n{:?}\n{:?}\n{:?}",
+                c.dns,
+                c.containers,
+                c.l4lb,
+                c.runtime,
+                c.api,
+                c.retention,
+                c.store,
+                c.overlay,
+                c.images
             )
         };
         assert_eq!(
             sections(&cfg),
             sections(&defaults),
-            "examples/agent.toml: dns, containers, l4lb, runtime, api, retention, store, overlay"
+            "examples/agent.toml: dns, containers, l4lb, runtime, api, retention, store, overlay, images"
         );
     }
 

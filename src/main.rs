@@ -90,15 +90,26 @@ enum Command {
     /// Enter a container task's namespaces and run its command (used by the agent).
     #[command(hide = true)]
     ContainerExec {
-        /// The task's network namespace file.
+        /// The task's network namespace file (none: the node's, for an image task on the host
+        /// network, whose OCI runtime joins the namespace itself otherwise).
         #[arg(long)]
-        netns: PathBuf,
+        netns: Option<PathBuf>,
         /// The task's resolv.conf, bind-mounted over /etc/resolv.conf.
         #[arg(long)]
-        resolv_conf: PathBuf,
+        resolv_conf: Option<PathBuf>,
         /// Created once the namespaces are entered, just before the command runs.
         #[arg(long)]
         ready_file: Option<PathBuf>,
+        /// An image's layer directories, top first, `:`-separated: mounted with overlayfs at
+        /// `--rootfs` (with `--upper` and `--work`) in the task's own mount namespace.
+        #[arg(long, requires_all = ["upper", "work", "rootfs"])]
+        lower: Option<String>,
+        #[arg(long)]
+        upper: Option<PathBuf>,
+        #[arg(long)]
+        work: Option<PathBuf>,
+        #[arg(long)]
+        rootfs: Option<PathBuf>,
         /// The command and its arguments.
         #[arg(last = true, required = true)]
         argv: Vec<String>,
@@ -130,9 +141,28 @@ fn main() -> ExitCode {
             netns,
             resolv_conf,
             ready_file,
+            lower,
+            upper,
+            work,
+            rootfs,
             argv,
         } => {
-            let e = shim::exec(&netns, &resolv_conf, ready_file.as_deref(), &argv);
+            let overlay = match (lower, upper, work, rootfs) {
+                (Some(lower), Some(upper), Some(work), Some(target)) => Some(shim::Overlay {
+                    lower,
+                    upper,
+                    work,
+                    target,
+                }),
+                _ => None,
+            };
+            let e = shim::exec(
+                netns.as_deref(),
+                resolv_conf.as_deref(),
+                overlay.as_ref(),
+                ready_file.as_deref(),
+                &argv,
+            );
             eprintln!("dcnet container-exec: {e:#}");
             ExitCode::from(127)
         }

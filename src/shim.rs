@@ -6,20 +6,30 @@
 use std::fs::File;
 use std::os::fd::AsFd;
 use std::os::unix::process::CommandExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use anyhow::{Context, anyhow};
 use nix::mount::{MsFlags, mount};
 use nix::sched::{CloneFlags, setns, unshare};
 
+/// An image's root: overlayfs of its layers under a writable layer.
+pub struct Overlay {
+    /// Layer directories, top first, `:`-separated.
+    pub lower: String,
+    pub upper: PathBuf,
+    pub work: PathBuf,
+    pub target: PathBuf,
+}
+
 /// Never returns on success: the process becomes `argv`.
 pub fn exec(
-    netns: &Path,
-    resolv_conf: &Path,
+    netns: Option<&Path>,
+    resolv_conf: Option<&Path>,
+    overlay: Option<&Overlay>,
     ready_file: Option<&Path>,
     argv: &[String],
 ) -> anyhow::Error {
-    match enter(netns, resolv_conf) {
+    match enter(netns, resolv_conf, overlay) {
         Ok(()) => {
             // The agent reports the task RUNNING once this exists: its network is in place.
             if let Some(ready) = ready_file
@@ -34,9 +44,16 @@ pub fn exec(
     }
 }
 
-fn enter(netns: &Path, resolv_conf: &Path) -> anyhow::Result<()> {
-    let ns = File::open(netns).with_context(|| format!("opening {}", netns.display()))?;
-    setns(ns.as_fd(), CloneFlags::CLONE_NEWNET).context("joining the task's network namespace")?;
+fn enter(
+    netns: Option<&Path>,
+    resolv_conf: Option<&Path>,
+    overlay: Option<&Overlay>,
+) -> anyhow::Result<()> {
+    if let Some(netns) = netns {
+        let ns = File::open(netns).with_context(|| format!("opening {}", netns.display()))?;
+        setns(ns.as_fd(), CloneFlags::CLONE_NEWNET)
+            .context("joining the task's network namespace")?;
+    }
     unshare(CloneFlags::CLONE_NEWNS).context("creating the task's mount namespace")?;
     // Mounts made here must not propagate back to the node.
     mount(
@@ -47,14 +64,38 @@ fn enter(netns: &Path, resolv_conf: &Path) -> anyhow::Result<()> {
         None::<&str>,
     )
     .context("making mounts private")?;
-    mount(
-        Some(resolv_conf),
-        "/etc/resolv.conf",
-        None::<&str>,
-        MsFlags::MS_BIND,
-        None::<&str>,
-    )
-    .context("binding the task's resolv.conf")?;
+    if let Some(resolv_conf) = resolv_conf {
+        mount(
+            Some(resolv_conf),
+            "/etc/resolv.conf",
+            None::<&str>,
+            MsFlags::MS_BIND,
+            None::<&str>,
+        )
+        .context("binding the task's resolv.conf")?;
+    }
+    if let Some(o) = overlay {
+        let options = format!(
+            "lowerdir={},upperdir={},workdir={}",
+            o.lower,
+            o.upper.display(),
+            o.work.display()
+        );
+        // The kernel takes one page of options: past it, many layers need shorter paths.
+        anyhow::ensure!(
+            options.len() < 4000,
+            "the image has too many layers for one overlay mount ({} bytes of options)",
+            options.len()
+        );
+        mount(
+            Some("overlay"),
+            &o.target,
+            Some("overlay"),
+            MsFlags::empty(),
+            Some(options.as_str()),
+        )
+        .with_context(|| format!("mounting the image's layers at {}", o.target.display()))?;
+    }
     Ok(())
 }
 

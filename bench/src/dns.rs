@@ -109,6 +109,7 @@ fn task(app: &App, n: usize, node: &str, ip: Ipv4Addr) -> Task {
         ports: vec![],
         ip_addresses: vec![IpAddress::new(IpAddr::V4(ip))],
         staged_at: now_rfc3339(),
+        staging: None,
         started_at: Some(now_rfc3339()),
         finished_at: None,
         exit: None,

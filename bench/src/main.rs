@@ -67,6 +67,7 @@ fn background(nodes: &[Node]) -> Vec<Task> {
                 ports: vec![31000 + (i / nodes.len()) as u16],
                 ip_addresses: vec![],
                 staged_at: String::new(),
+                staging: None,
                 started_at: None,
                 finished_at: None,
                 exit: None,

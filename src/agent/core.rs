@@ -7,7 +7,9 @@ use anyhow::Context;
 use dcnet_node_core::ipam;
 use dcnet_node_core::keys::SharedStore;
 use dcnet_node_core::runtime::cgroup::{Cgroups, Hierarchies};
-use dcnet_node_core::runtime::{ContainerConfig, ContainerRuntime, HostConfig, HostRuntime};
+use dcnet_node_core::runtime::{
+    ContainerConfig, ContainerRuntime, HostConfig, HostRuntime, ImageSupport, pick_oci_runtime,
+};
 use dcnet_node_core::store::{Embedded, Etcd};
 use dcnet_node_core::{NodeCore, Supervisor};
 use prometheus::Registry;
@@ -20,6 +22,7 @@ use crate::config::AgentConfig;
 /// bridge, so that DNS can listen on the gateway before the first container starts.
 pub(super) async fn open(
     cfg: &AgentConfig,
+    registry: &Registry,
 ) -> anyhow::Result<(SharedStore, Arc<ContainerRuntime>, Node)> {
     let mut node = cfg.node()?;
     std::fs::create_dir_all(&cfg.state_dir)
@@ -86,6 +89,7 @@ pub(super) async fn open(
             netns_dir: cfg.state_dir.join("netns"),
             shim: std::env::current_exe().context("finding the dcnet binary for container-exec")?,
             search: cfg.containers.search.clone(),
+            images: image_support(cfg, registry)?,
         },
         host,
         store.clone(),
@@ -128,4 +132,38 @@ pub(super) async fn start(
     NodeCore::start(core_cfg, store, runtime, registry, supervisor)
         .await
         .context("starting node-core")
+}
+
+/// The layer store, the fetcher and the OCI runtime, for tasks from images.
+fn image_support(cfg: &AgentConfig, registry: &Registry) -> anyhow::Result<ImageSupport> {
+    let images_cfg = cfg.images.to_config(&cfg.state_dir)?;
+    let metrics = dcnet_images::Metrics::register(registry)?;
+    let images = dcnet_images::Images::new(images_cfg.clone(), metrics)
+        .with_context(|| format!("opening the image store in {}", images_cfg.dir.display()))?;
+    let fetcher = dcnet_images::Fetcher::new(images_cfg.clone(), images.metrics().clone())
+        .with_context(|| {
+            format!(
+                "opening the fetch cache in {}",
+                images_cfg.cache_dir.display()
+            )
+        })?;
+    let configured = (!cfg.images.oci_runtime.is_empty())
+        .then(|| std::path::PathBuf::from(&cfg.images.oci_runtime));
+    let oci_runtime = match pick_oci_runtime(configured.as_deref()) {
+        Some(path) => path,
+        None => {
+            tracing::warn!(
+                "neither crun nor runc is installed: tasks from images will fail to start"
+            );
+            "runc".into()
+        }
+    };
+    info!(runtime = %oci_runtime.display(), store = %images_cfg.dir.display(), "images");
+    Ok(ImageSupport {
+        images: Arc::new(images),
+        fetcher: Arc::new(fetcher),
+        oci_runtime,
+        oci_root: cfg.state_dir.join("oci"),
+        volumes_dir: cfg.state_dir.join("volumes"),
+    })
 }

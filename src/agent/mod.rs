@@ -32,8 +32,8 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
     // The API's address first: a second agent on this node fails here, before it touches
     // anything.
     let api_listener = api::bind(&cfg)?;
-    let (store, runtime, node) = core::open(&cfg).await?;
     let registry = Registry::new();
+    let (store, runtime, node) = core::open(&cfg, &registry).await?;
     let shutdown = CancellationToken::new();
     let mut supervisor = Supervisor::new(shutdown.clone(), RestartPolicy::default());
 

@@ -7,6 +7,7 @@ mod containers;
 mod dns;
 mod ebpf;
 mod events;
+mod images;
 mod l4lb;
 mod node_core;
 mod supervision;

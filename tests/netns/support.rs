@@ -446,6 +446,12 @@ impl Drop for Agent {
         }
         remove_cgroup_tree(&self.cgroup_parent);
         remove_cgroup_tree(&format!("{}-clients", self.cgroup_parent));
+        // The namespace files of tasks a killed agent could not clean up.
+        if let Ok(entries) = fs::read_dir(self.dir.path().join("state/netns")) {
+            for e in entries.flatten() {
+                let _ = nix::mount::umount2(&e.path(), nix::mount::MntFlags::MNT_DETACH);
+            }
+        }
         // The last agent of the run takes the run's parent with it.
         for root in cgroup_roots() {
             let _ = fs::remove_dir(root.join(run_parent()));
@@ -469,17 +475,12 @@ pub fn cgroup2_root() -> PathBuf {
 }
 
 /// The roots of the hierarchies the agent may use (v2, and v1 cpu and memory).
+/// Every cgroup hierarchy mounted: an OCI runtime makes a container's cgroup in each.
 pub fn cgroup_roots() -> Vec<PathBuf> {
-    [
-        "/sys/fs/cgroup/unified",
-        "/sys/fs/cgroup/cpu",
-        "/sys/fs/cgroup/memory",
-        "/sys/fs/cgroup",
-    ]
-    .iter()
-    .map(PathBuf::from)
-    .filter(|p| p.join("cgroup.procs").exists())
-    .collect()
+    dcnet_node_core::runtime::cgroup::all_hierarchies()
+        .into_iter()
+        .filter(|p| p.join("cgroup.procs").exists())
+        .collect()
 }
 
 /// Kills every process in `<root>/<parent>/**` and removes the directories, deepest first.

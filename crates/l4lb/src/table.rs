@@ -272,6 +272,7 @@ mod tests {
             ports: vec![31000 + n],
             ip_addresses: vec![IpAddress::new(node.ip)],
             staged_at: String::new(),
+            staging: None,
             started_at: None,
             finished_at: None,
             exit: None,

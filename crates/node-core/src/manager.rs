@@ -18,10 +18,10 @@ use crate::health::{self, Tracker, Verdict};
 use crate::keys::{self, SharedStore};
 use crate::metrics::Metrics;
 use crate::model::{
-    App, Exit, Goal, Health, IpAddress, KillReason, Node, ProcessHandle, Task, TaskId, TaskState,
-    now_rfc3339,
+    App, AppId, Exit, Goal, Health, IpAddress, KillReason, Node, ProcessHandle, Task, TaskId,
+    TaskState, now_rfc3339,
 };
-use crate::runtime::{ExitFuture, LaunchSpec, Runtime};
+use crate::runtime::{ExitFuture, LaunchSpec, Runtime, Staging};
 use crate::state::ClusterState;
 
 enum Local {
@@ -44,6 +44,11 @@ enum Local {
     /// Every readiness check of the task passed.
     Ready {
         task: TaskId,
+    },
+    /// What a launching task waits for.
+    Staging {
+        task: TaskId,
+        what: String,
     },
 }
 
@@ -262,6 +267,21 @@ impl Manager {
         self.finished
             .retain(|id| state.tasks.get(id).is_some_and(|t| t.state.is_active()));
         let mine: Vec<Arc<Task>> = state.tasks_on(&me).cloned().collect();
+        // Persistent volumes go with their app, once none of its tasks runs here.
+        let active_apps: BTreeSet<&AppId> = mine
+            .iter()
+            .filter(|t| t.state.is_active())
+            .map(|t| &t.app_id)
+            .collect();
+        let released = self
+            .runtime
+            .release_volumes(&|id| state.apps.contains_key(id) || active_apps.contains(id));
+        if released > 0 {
+            info!(
+                apps = released,
+                "released the persistent volumes of removed apps"
+            );
+        }
         for task in &mine {
             if task.state.is_terminal() || self.finished.contains(&task.id) {
                 continue;
@@ -374,6 +394,15 @@ impl Manager {
             ports: task.ports.clone(),
             host: self.node.hostname.clone(),
             host_ip: self.node.ip,
+            staging: {
+                let (tx, task) = (self.tx.clone(), task.id.clone());
+                Staging::new(move |what| {
+                    let _ = tx.send(Local::Staging {
+                        task: task.clone(),
+                        what,
+                    });
+                })
+            },
         };
         let runtime = self.runtime.clone();
         let tx = self.tx.clone();
@@ -576,6 +605,7 @@ impl Manager {
                 let written = self
                     .update_task(&task, |t| {
                         t.state = TaskState::Running;
+                        t.staging = None;
                         t.process = Some(handle.clone());
                         t.ip_addresses = ips.clone();
                         t.started_at = Some(now.clone());
@@ -638,6 +668,21 @@ impl Manager {
                     .await;
                 if let Err(e) = written {
                     warn!(%task, error = %e, "could not record the task's readiness");
+                }
+            }
+            Local::Staging { task, what } => {
+                let written = self
+                    .update_task(&task, |t| {
+                        let changed = t.state == TaskState::Staging
+                            && t.staging.as_deref() != Some(what.as_str());
+                        if changed {
+                            t.staging = Some(what.clone());
+                        }
+                        changed
+                    })
+                    .await;
+                if let Err(e) = written {
+                    warn!(%task, error = %e, "could not record what the task waits for");
                 }
             }
             Local::Unhealthy { task, cause } => {

@@ -106,6 +106,7 @@ pub fn task(id: &str, app: &AppId, node: &str) -> Task {
         ports: vec![],
         ip_addresses: vec![],
         staged_at: String::new(),
+        staging: None,
         started_at: None,
         finished_at: None,
         exit: None,

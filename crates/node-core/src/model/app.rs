@@ -134,10 +134,12 @@ pub struct App {
     pub task_kill_grace_period_seconds: f64,
     #[serde(default)]
     pub dependencies: Vec<AppId>,
-    /// Marathon's `container`: dcnet reads its `portMappings` (container networking); other
-    /// fields are reported as ignored.
+    /// Marathon's `container`: its image (`docker.image`), volumes and `portMappings`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub container: Option<Container>,
+    /// What the task's sandbox gets before it starts.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub fetch: Vec<FetchUri>,
     /// When anything of the app last changed (set by the server, RFC 3339).
     #[serde(default)]
     pub version: String,
@@ -213,6 +215,21 @@ impl App {
     /// Whether tasks get their own network namespace and address.
     pub fn is_container_network(&self) -> bool {
         self.networks.iter().any(|n| n.mode != NetworkMode::Host)
+    }
+
+    /// The image the app's tasks run from, if it names one.
+    pub fn image(&self) -> Option<&DockerImage> {
+        self.container.as_ref()?.docker.as_ref()
+    }
+
+    /// The app's volumes.
+    pub fn volumes(&self) -> &[Volume] {
+        self.container.as_ref().map_or(&[], |c| &c.volumes)
+    }
+
+    /// Whether the app has persistent volumes: its tasks stay on the nodes that hold them.
+    pub fn is_resident(&self) -> bool {
+        self.volumes().iter().any(|v| v.persistent.is_some())
     }
 
     /// Port mappings of a container-networked app (empty otherwise).
@@ -413,8 +430,82 @@ pub struct PortDefinition {
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Container {
+    /// `DOCKER` or `MESOS`: both run the image with the same OCI runtime here.
+    #[serde(rename = "type", default, skip_serializing_if = "Option::is_none")]
+    pub kind: Option<ContainerType>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub docker: Option<DockerImage>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub volumes: Vec<Volume>,
     #[serde(default)]
     pub port_mappings: Vec<PortMapping>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ContainerType {
+    #[serde(rename = "DOCKER")]
+    Docker,
+    #[serde(rename = "MESOS")]
+    Mesos,
+}
+
+/// Marathon's `container.docker`: the image a task runs from.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct DockerImage {
+    pub image: String,
+    #[serde(default)]
+    pub force_pull_image: bool,
+}
+
+/// One of `container.volumes`: a node path (`hostPath`) or a persistent local volume that
+/// lives on the task's node until the app is removed (`persistent`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Volume {
+    pub container_path: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host_path: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub persistent: Option<PersistentVolume>,
+    #[serde(default)]
+    pub mode: VolumeMode,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PersistentVolume {
+    /// MiB, as Marathon counts it; reserved as disk on the node.
+    pub size: u64,
+    #[serde(rename = "type", default, skip_serializing_if = "Option::is_none")]
+    pub kind: Option<String>,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum VolumeMode {
+    #[serde(rename = "RO")]
+    ReadOnly,
+    #[default]
+    #[serde(rename = "RW")]
+    ReadWrite,
+}
+
+/// One of Marathon's `fetch` URIs.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct FetchUri {
+    pub uri: String,
+    #[serde(default = "default_true")]
+    pub extract: bool,
+    #[serde(default)]
+    pub executable: bool,
+    #[serde(default)]
+    pub cache: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dest_path: Option<String>,
+}
+
+fn default_true() -> bool {
+    true
 }
 
 /// A container port, optionally published on the node (`hostPort`: 0 = the node assigns one,

@@ -31,11 +31,11 @@ const SUPPORTED: &[&str] = &[
     "taskKillGracePeriodSeconds",
     "dependencies",
     "container",
+    "fetch",
 ];
 
 /// Fields of Marathon's app format that dcnet accepts but does not act on.
 const UNSUPPORTED: &[&str] = &[
-    "fetch",
     "uris",
     "storeUrls",
     "user",
@@ -247,18 +247,6 @@ fn from_fields(mut fields: Map<String, Value>) -> Result<Parsed, Invalid> {
             });
         }
     }
-    // Of `container`, dcnet reads `portMappings`; the rest (type, docker, volumes) is reported.
-    if let Some(Value::Object(container)) = fields.get_mut("container") {
-        let keys: Vec<String> = container
-            .keys()
-            .filter(|k| *k != "portMappings")
-            .cloned()
-            .collect();
-        for key in keys {
-            container.remove(&key);
-            warnings.push(format!("/container/{key}: not supported by dcnet; ignored"));
-        }
-    }
     if !fields.contains_key("id") {
         errors.push(FieldError {
             path: "/id".into(),
@@ -269,7 +257,8 @@ fn from_fields(mut fields: Map<String, Value>) -> Result<Parsed, Invalid> {
         return Err(Invalid::Fields(errors));
     }
     let given = Value::Object(fields.clone());
-    let app: App = serde_path_to_error::deserialize(Value::Object(fields)).map_err(|e| {
+    let has_strategy = fields.contains_key("upgradeStrategy");
+    let mut app: App = serde_path_to_error::deserialize(Value::Object(fields)).map_err(|e| {
         let path = pointer(&e.path().to_string());
         let message = e.into_inner().to_string();
         // serde_json appends " at line L column C", which means nothing for a value.
@@ -282,6 +271,12 @@ fn from_fields(mut fields: Map<String, Value>) -> Result<Parsed, Invalid> {
             errors: vec![message],
         }])
     })?;
+    // Marathon's default for a resident app: its new task needs the old one's volume, so
+    // it never runs both at once.
+    if app.is_resident() && !has_strategy {
+        app.upgrade_strategy.minimum_health_capacity = 0.5;
+        app.upgrade_strategy.maximum_over_capacity = 0.0;
+    }
     let errors = validate(&app);
     if !errors.is_empty() {
         return Err(Invalid::Fields(errors));
@@ -351,10 +346,73 @@ fn validate(app: &App) -> Vec<FieldError> {
         })
     };
 
-    if app.cmd.as_deref().is_none_or(|c| c.trim().is_empty())
+    // An image brings its own entrypoint; without one the app must say what to run.
+    if app.image().is_none()
+        && app.cmd.as_deref().is_none_or(|c| c.trim().is_empty())
         && app.args.as_ref().is_none_or(Vec::is_empty)
     {
-        err("/cmd".into(), "an app needs `cmd` or `args`".into());
+        err(
+            "/cmd".into(),
+            "an app needs `cmd`, `args` or `container.docker.image`".into(),
+        );
+    }
+    if let Some(docker) = app.image()
+        && let Err(why) = dcnet_images::check_name(&docker.image)
+    {
+        err("/container/docker/image".into(), why);
+    }
+    for (i, v) in app.volumes().iter().enumerate() {
+        let at = format!("/container/volumes/{i}");
+        match (&v.host_path, &v.persistent) {
+            (Some(_), Some(_)) => err(at.clone(), "give `hostPath` or `persistent`, not both".into()),
+            (None, None) => err(
+                at.clone(),
+                "a volume needs `hostPath` or `persistent` (external and secret volumes are not supported)"
+                    .into(),
+            ),
+            (Some(host), None) if !host.starts_with('/') => {
+                err(format!("{at}/hostPath"), "must be an absolute path".into())
+            }
+            (None, Some(p)) => {
+                if p.size == 0 {
+                    err(format!("{at}/persistent/size"), "must be at least 1 (MiB)".into());
+                }
+                if v.container_path.starts_with('/') || v.container_path.contains("..") {
+                    err(
+                        format!("{at}/containerPath"),
+                        "a persistent volume's path is relative to the sandbox, without '..'"
+                            .into(),
+                    );
+                }
+            }
+            _ => {}
+        }
+        if v.container_path.is_empty() || v.container_path.split('/').any(|p| p == "..") {
+            err(
+                format!("{at}/containerPath"),
+                "must be a path without '..'".into(),
+            );
+        }
+    }
+    for (i, f) in app.fetch.iter().enumerate() {
+        if !(f.uri.starts_with("http://")
+            || f.uri.starts_with("https://")
+            || f.uri.starts_with("file://")
+            || f.uri.starts_with('/'))
+        {
+            err(
+                format!("/fetch/{i}/uri"),
+                "only http, https, file and absolute paths can be fetched".into(),
+            );
+        }
+        if let Some(d) = &f.dest_path
+            && (d.starts_with('/') || d.split('/').any(|p| p == ".."))
+        {
+            err(
+                format!("/fetch/{i}/destPath"),
+                "must be relative to the sandbox, without '..'".into(),
+            );
+        }
     }
     if app.cmd.is_some() && app.args.is_some() {
         err(
@@ -614,6 +672,12 @@ fn validate(app: &App) -> Vec<FieldError> {
             "/upgradeStrategy/maximumOverCapacity".into(),
             "must be between 0 and 1".into(),
         );
+    } else if app.is_resident() && strategy.maximum_over_capacity > 0.0 {
+        err(
+            "/upgradeStrategy/maximumOverCapacity".into(),
+            "must be 0 for an app with persistent volumes (a new task takes over the old one's volume)"
+                .into(),
+        );
     }
     if !(app.task_kill_grace_period_seconds.is_finite()
         && app.task_kill_grace_period_seconds >= 0.0)
@@ -710,12 +774,11 @@ mod tests {
 
     #[test]
     fn marathon_fields_we_ignore_are_warned_unknown_fields_rejected() {
-        let parsed =
-            parse_app(br#"{"id": "/a", "cmd": "x", "fetch": [], "version": "v"}"#).unwrap();
+        let parsed = parse_app(br#"{"id": "/a", "cmd": "x", "uris": [], "version": "v"}"#).unwrap();
         assert_eq!(
             parsed.warnings,
             [
-                "/fetch: not supported by dcnet; ignored",
+                "/uris: not supported by dcnet; ignored",
                 "/version: read-only; ignored"
             ]
         );
@@ -727,6 +790,68 @@ mod tests {
                 errors: vec!["unknown field".into()]
             }]
         );
+    }
+
+    #[test]
+    fn images_volumes_and_fetch_are_read_and_checked() {
+        let parsed = parse_app(
+            br#"{"id": "/db", "container": {"type": "DOCKER",
+                   "docker": {"image": "127.0.0.1:5000/pg:16", "forcePullImage": true, "privileged": false},
+                   "volumes": [{"containerPath": "data", "mode": "RW", "persistent": {"size": 64}},
+                               {"containerPath": "/etc/app", "hostPath": "/srv/app", "mode": "RO"}]},
+                 "fetch": [{"uri": "http://10.0.0.1/cfg.tgz", "cache": true}]}"#,
+        )
+        .unwrap();
+        // An image brings its own entrypoint: no cmd is needed.
+        let app = &parsed.app;
+        assert_eq!(app.image().unwrap().image, "127.0.0.1:5000/pg:16");
+        assert!(app.image().unwrap().force_pull_image);
+        assert!(app.is_resident());
+        assert_eq!(app.volumes()[1].mode, crate::model::VolumeMode::ReadOnly);
+        assert!(app.fetch[0].extract && app.fetch[0].cache);
+        // Resident apps upgrade without running two tasks on one volume.
+        assert_eq!(app.upgrade_strategy.maximum_over_capacity, 0.0);
+        assert_eq!(app.upgrade_strategy.minimum_health_capacity, 0.5);
+        assert_eq!(
+            parsed.warnings,
+            ["/container/docker/privileged: not known to dcnet; ignored"]
+        );
+        let bad = [
+            (
+                r#"{"id": "/a", "container": {"docker": {"image": "UPPER/Case:x"}}}"#,
+                "/container/docker/image",
+            ),
+            (r#"{"id": "/a"}"#, "/cmd"),
+            (
+                r#"{"id": "/a", "cmd": "x", "container": {"volumes": [{"containerPath": "d"}]}}"#,
+                "/container/volumes/0",
+            ),
+            (
+                r#"{"id": "/a", "cmd": "x", "container": {"volumes": [{"containerPath": "/abs", "persistent": {"size": 1}}]}}"#,
+                "/container/volumes/0/containerPath",
+            ),
+            (
+                r#"{"id": "/a", "cmd": "x", "container": {"volumes": [{"containerPath": "d", "hostPath": "rel"}]}}"#,
+                "/container/volumes/0/hostPath",
+            ),
+            (
+                r#"{"id": "/a", "cmd": "x", "container": {"volumes": [{"containerPath": "d", "persistent": {"size": 1}}]},
+                    "upgradeStrategy": {"minimumHealthCapacity": 0.5, "maximumOverCapacity": 0.5}}"#,
+                "/upgradeStrategy/maximumOverCapacity",
+            ),
+            (
+                r#"{"id": "/a", "cmd": "x", "fetch": [{"uri": "hdfs://x/y"}]}"#,
+                "/fetch/0/uri",
+            ),
+            (
+                r#"{"id": "/a", "cmd": "x", "fetch": [{"uri": "http://h/y", "destPath": "../up"}]}"#,
+                "/fetch/0/destPath",
+            ),
+        ];
+        for (body, path) in bad {
+            let errors = field_errors(body);
+            assert!(errors.iter().any(|e| e.path == path), "{body}: {errors:?}");
+        }
     }
 
     #[test]
@@ -756,10 +881,7 @@ mod tests {
                      {"containerPort": 80, "hostPort": 0}, {"containerPort": 9000}]}}"#,
         )
         .unwrap();
-        assert_eq!(
-            parsed.warnings,
-            ["/container/type: not supported by dcnet; ignored"]
-        );
+        assert!(parsed.warnings.is_empty(), "{:?}", parsed.warnings);
         assert_eq!(parsed.app.port_mappings().len(), 2);
         assert_eq!(parsed.app.host_ports_needed(), 1);
         let errors = field_errors(

@@ -225,6 +225,9 @@ pub struct Task {
     #[serde(default)]
     pub ip_addresses: Vec<IpAddress>,
     pub staged_at: String,
+    /// What a staging task waits for (pulling its image, fetching its artifacts).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub staging: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub started_at: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]

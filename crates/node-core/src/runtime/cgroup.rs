@@ -102,6 +102,35 @@ impl Cgroups {
     }
 
     /// The directories of the parent on every hierarchy in use.
+    /// The parent's path inside each hierarchy (`dcnet` or `dcnet-test-123/agent`).
+    pub fn parent(&self) -> &str {
+        &self.parent
+    }
+
+    /// Removes what an OCI runtime made for task `name` in every hierarchy, ours or not.
+    pub fn remove_everywhere(&self, name: &str) {
+        for root in all_hierarchies() {
+            let dir = root.join(&self.parent).join(name);
+            for sub in subdirs(&dir).iter().rev() {
+                let _ = fs::remove_dir(sub);
+            }
+        }
+    }
+
+    /// Removes the parent from every hierarchy where an OCI runtime made it.
+    pub fn remove_parent_everywhere(&self) {
+        for root in all_hierarchies() {
+            let dir = root.join(&self.parent);
+            if !self.parent.is_empty()
+                && fs::read_dir(&dir).is_ok_and(|mut d| {
+                    d.all(|e| e.is_ok_and(|e| !e.file_type().is_ok_and(|t| t.is_dir())))
+                })
+            {
+                let _ = fs::remove_dir(&dir);
+            }
+        }
+    }
+
     pub fn parent_dirs(&self) -> Vec<PathBuf> {
         let mut dirs = Vec::new();
         let mut push = |root: &Option<PathBuf>| {
@@ -263,7 +292,15 @@ impl TaskCgroup {
     /// task whose processes may still run is not taken for gone.
     pub fn pids(&self) -> std::io::Result<Vec<i32>> {
         let mut pids = Vec::new();
-        for file in self.procs_files() {
+        // With the cgroups below (an OCI runtime's container cgroup): v1 lists only a
+        // cgroup's own members.
+        let mut files = Vec::new();
+        for dir in &self.dirs {
+            for sub in subdirs(dir) {
+                files.push(sub.join("cgroup.procs"));
+            }
+        }
+        for file in files {
             let text = match fs::read_to_string(&file) {
                 Ok(text) => text,
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
@@ -293,10 +330,12 @@ impl TaskCgroup {
         })
     }
 
-    /// Removes the directories; they must be empty of processes.
+    /// Removes the directories, and those below them, deepest first; they must be empty of
+    /// processes.
     pub fn remove(&self) -> io::Result<()> {
         let mut first_err = None;
-        for dir in &self.dirs {
+        let all: Vec<PathBuf> = self.dirs.iter().flat_map(|d| subdirs(d)).collect();
+        for dir in all.iter().rev() {
             match fs::remove_dir(dir) {
                 Ok(()) => {}
                 Err(e) if e.kind() == io::ErrorKind::NotFound => {}
@@ -307,6 +346,43 @@ impl TaskCgroup {
         }
         first_err.map_or(Ok(()), Err)
     }
+}
+
+/// `dir` and every directory below it, parents before children; empty if `dir` is gone.
+fn subdirs(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    if !dir.is_dir() {
+        return out;
+    }
+    let mut i = 0;
+    out.push(dir.to_path_buf());
+    while i < out.len() {
+        if let Ok(entries) = fs::read_dir(&out[i]) {
+            for e in entries.flatten() {
+                if e.file_type().is_ok_and(|t| t.is_dir()) {
+                    out.push(e.path());
+                }
+            }
+        }
+        i += 1;
+    }
+    out
+}
+
+/// Every cgroup hierarchy mounted (v1 and v2): an OCI runtime makes a task's cgroup in each.
+pub fn all_hierarchies() -> Vec<PathBuf> {
+    let Ok(mountinfo) = fs::read_to_string("/proc/self/mountinfo") else {
+        return Vec::new();
+    };
+    mountinfo
+        .lines()
+        .filter_map(|line| {
+            let (left, right) = line.split_once(" - ")?;
+            let fstype = right.split(' ').next()?;
+            matches!(fstype, "cgroup" | "cgroup2")
+                .then(|| left.split(' ').nth(4).map(PathBuf::from))?
+        })
+        .collect()
 }
 
 fn write(path: &Path, value: &str) -> io::Result<()> {

@@ -26,10 +26,11 @@ use tracing::{debug, info, warn};
 use super::host::task_env;
 use dcnet_netns::{self as netns, Netlink};
 
+use super::image::{self, ImageSupport, SANDBOX_IN_CONTAINER, Slots};
 use super::{ExitFuture, HostRuntime, LaunchSpec, Launched, Runtime, RuntimeError};
 use crate::ipam::{self, Subnet};
 use crate::keys::SharedStore;
-use crate::model::{IpAddress, NodeId, ProcessHandle, Protocol, TaskId};
+use crate::model::{AppId, IpAddress, NodeId, ProcessHandle, Protocol, TaskId};
 
 #[derive(Clone, Debug)]
 pub struct ContainerConfig {
@@ -50,6 +51,8 @@ pub struct ContainerConfig {
     pub shim: PathBuf,
     /// resolv.conf `search` domains.
     pub search: Vec<String>,
+    /// Images, artifacts and volumes.
+    pub images: ImageSupport,
 }
 
 /// One published port: node `host_port` to container `container_port`.
@@ -78,6 +81,8 @@ pub struct ContainerRuntime {
     nat: Mutex<BTreeMap<TaskId, Vec<NatRule>>>,
     /// The ruleset last applied, so that unchanged sets are not written again.
     applied: tokio::sync::Mutex<Option<String>>,
+    /// Persistent volume slots held by this node's tasks.
+    slots: Slots,
 }
 
 /// A short stable tag for link names (at most 15 bytes): FNV-1a of the task id.
@@ -136,7 +141,97 @@ impl ContainerRuntime {
             netlink: OnceCell::new(),
             nat: Mutex::new(BTreeMap::new()),
             applied: tokio::sync::Mutex::new(None),
+            slots: Slots::default(),
         }
+    }
+
+    fn resolv_conf(&self) -> String {
+        format!(
+            "nameserver {}\nsearch {}\noptions ndots:3 timeout:2\n",
+            self.cfg.subnet.gateway(),
+            self.cfg.search.join(" ")
+        )
+    }
+
+    /// Starts a task from its image under the OCI runtime, once its bundle is written, and
+    /// waits until the runtime reports the container's pid (RUNNING means started). If the
+    /// runtime ends first, the launch fails with what it printed.
+    async fn start_image(
+        &self,
+        spec: &LaunchSpec,
+        shim_args: Vec<String>,
+        argv: Vec<String>,
+        ip: IpAddr,
+    ) -> Result<Launched, RuntimeError> {
+        let sandbox = self.host.sandbox_of(&spec.task);
+        let mut wrapper = vec![
+            self.cfg.shim.display().to_string(),
+            "container-exec".to_string(),
+        ];
+        wrapper.extend(shim_args);
+        wrapper.push("--".into());
+        let (handle, mut exit) = self.host.start(spec, &wrapper, Some(argv), Vec::new())?;
+        let pid_file = sandbox.join("container.pid");
+        let started = async {
+            while !pid_file.exists() {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        };
+        tokio::select! {
+            () = started => {}
+            ended = &mut exit => {
+                let stderr = fs::read_to_string(sandbox.join("stderr")).unwrap_or_default();
+                let said = stderr.lines().rev().find(|l| !l.trim().is_empty()).unwrap_or("").trim().to_string();
+                return Err(RuntimeError::Container(format!(
+                    "the OCI runtime ended before the container started ({}): {said}",
+                    ended.reason
+                )));
+            }
+            () = tokio::time::sleep(Duration::from_secs(60)) => {
+                let _ = self.host.kill(&spec.task, &handle, Duration::ZERO).await;
+                return Err(RuntimeError::Container("the OCI runtime did not start the container in 60 s".into()));
+            }
+        }
+        info!(task = %spec.task, %ip, image = %spec.app.image().map_or("", |d| d.image.as_str()), "container started from its image");
+        Ok(Launched {
+            handle,
+            exit,
+            ip_addresses: vec![IpAddress::new(ip)],
+        })
+    }
+
+    /// A task from an image with the node's network (no namespace of its own).
+    async fn launch_image_on_host(
+        &self,
+        spec: LaunchSpec,
+        binds: Vec<dcnet_images::Bind>,
+    ) -> Result<Launched, RuntimeError> {
+        let sandbox = self.host.sandbox_of(&spec.task);
+        let image = self.cfg.images.pull(&spec).await?;
+        fs::write(sandbox.join("resolv.conf"), self.resolv_conf()).map_err(|error| {
+            RuntimeError::Sandbox {
+                path: sandbox.display().to_string(),
+                error,
+            }
+        })?;
+        let mut env = task_env(&spec, &sandbox, &spec.ports, &spec.host_ip.to_string());
+        in_container_sandbox(&mut env);
+        let (shim_args, argv) = self.cfg.images.bundle(
+            &spec,
+            &image,
+            &sandbox,
+            None,
+            None,
+            &env,
+            binds,
+            &sandbox.join("resolv.conf"),
+            self.host.cgroups().parent(),
+        )?;
+        let launched = self.start_image(&spec, shim_args, argv, spec.host_ip).await;
+        if launched.is_err() {
+            self.cleanup(&spec.task).await;
+        }
+        launched
     }
 
     /// Creates the bridge with the gateway address now, so that services (DNS) can listen on
@@ -244,6 +339,15 @@ impl ContainerRuntime {
     }
 }
 
+/// Inside a container from an image the sandbox is at [`SANDBOX_IN_CONTAINER`].
+fn in_container_sandbox(env: &mut [(String, String)]) {
+    for (k, v) in env.iter_mut() {
+        if k == "MESOS_SANDBOX" {
+            *v = SANDBOX_IN_CONTAINER.to_string();
+        }
+    }
+}
+
 /// A MAC derived from the container's address (locally administered, 02:42 + the four octets):
 /// when an address is handed out again, the node's neighbour entry for it is still right, so a
 /// new container is reachable at once instead of after the stale entry times out.
@@ -280,9 +384,52 @@ async fn run_nft(ruleset: &str) -> std::io::Result<()> {
 #[async_trait]
 impl Runtime for ContainerRuntime {
     async fn launch(&self, spec: LaunchSpec) -> Result<Launched, RuntimeError> {
-        if !spec.app.is_container_network() {
-            return self.host.launch(spec).await;
+        let sandbox = self.host.sandbox_of(&spec.task);
+        fs::create_dir_all(&sandbox).map_err(|error| RuntimeError::Sandbox {
+            path: sandbox.display().to_string(),
+            error,
+        })?;
+        let prepared = async {
+            self.cfg.images.fetch(&spec, &sandbox).await?;
+            self.cfg.images.volumes(&spec, &sandbox, &self.slots).await
         }
+        .await;
+        let binds = match prepared {
+            Ok(binds) => binds,
+            Err(e) => {
+                self.slots.release(&spec.task);
+                return Err(e);
+            }
+        };
+        let has_image = spec.app.image().is_some();
+        if !has_image && let Err(e) = self.cfg.images.link_volumes(&binds, &sandbox) {
+            self.slots.release(&spec.task);
+            return Err(e);
+        }
+        if !spec.app.is_container_network() {
+            let task = spec.task.clone();
+            let launched = if has_image {
+                self.launch_image_on_host(spec, binds).await
+            } else {
+                self.host.launch(spec).await
+            };
+            if launched.is_err() {
+                self.slots.release(&task);
+            }
+            return launched;
+        }
+        // The image first: a pull that fails leaves no address or namespace to undo.
+        let image = if has_image {
+            match self.cfg.images.pull(&spec).await {
+                Ok(image) => Some(image),
+                Err(e) => {
+                    self.slots.release(&spec.task);
+                    return Err(e);
+                }
+            }
+        } else {
+            None
+        };
         let ip = ipam::allocate(&*self.store, self.cfg.subnet, &self.cfg.node, &spec.task)
             .await
             .map_err(|e| net("allocating an address", e))?;
@@ -306,19 +453,12 @@ impl Runtime for ContainerRuntime {
             netns: self.cfg.netns_dir.join(spec.task.as_str()),
             nat: nat.clone(),
         };
-        let sandbox = self.host.sandbox_of(&spec.task);
         let prepared = (|| {
-            fs::create_dir_all(&sandbox)?;
             fs::write(
                 self.held_path(&spec.task),
                 serde_json::to_vec(&held).map_err(std::io::Error::other)?,
             )?;
-            let resolv = format!(
-                "nameserver {}\nsearch {}\noptions ndots:3 timeout:2\n",
-                self.cfg.subnet.gateway(),
-                self.cfg.search.join(" ")
-            );
-            fs::write(sandbox.join("resolv.conf"), resolv)
+            fs::write(sandbox.join("resolv.conf"), self.resolv_conf())
         })();
         if let Err(error) = prepared {
             let _ = ipam::release(&*self.store, ip, &spec.task).await;
@@ -346,6 +486,33 @@ impl Runtime for ContainerRuntime {
             // The masquerade, for what the container sends off the cluster's container range.
             warn!(error = %e, "could not apply the container masquerade with nft");
         }
+        if let Some(image) = image {
+            let ports: Vec<u16> = mappings.iter().map(|m| m.container_port).collect();
+            let mut env = task_env(&spec, &sandbox, &ports, &ip.to_string());
+            in_container_sandbox(&mut env);
+            let bundled = self.cfg.images.bundle(
+                &spec,
+                &image,
+                &sandbox,
+                Some(&held.netns),
+                Some(ip),
+                &env,
+                binds,
+                &sandbox.join("resolv.conf"),
+                self.host.cgroups().parent(),
+            );
+            let launched = match bundled {
+                Ok((shim_args, argv)) => {
+                    self.start_image(&spec, shim_args, argv, IpAddr::V4(ip))
+                        .await
+                }
+                Err(e) => Err(e),
+            };
+            if launched.is_err() {
+                self.cleanup(&spec.task).await;
+            }
+            return launched;
+        }
         let wrapper: Vec<String> = vec![
             self.cfg.shim.display().to_string(),
             "container-exec".into(),
@@ -360,7 +527,7 @@ impl Runtime for ContainerRuntime {
         let _ = fs::remove_file(sandbox.join("entered"));
         let ports: Vec<u16> = mappings.iter().map(|m| m.container_port).collect();
         let env = task_env(&spec, &sandbox, &ports, &ip.to_string());
-        match self.host.start(&spec, &wrapper, env) {
+        match self.host.start(&spec, &wrapper, None, env) {
             Ok((handle, exit)) => {
                 // RUNNING means inside its namespaces: wait (briefly) for the shim to say so.
                 let entered = sandbox.join("entered");
@@ -387,6 +554,9 @@ impl Runtime for ContainerRuntime {
 
     async fn adopt(&self, task: &TaskId, handle: &ProcessHandle) -> Option<ExitFuture> {
         let exit = self.host.adopt(task, handle).await?;
+        if let Some(held) = image::held_slot(&self.host.sandbox_of(task)) {
+            self.slots.hold(&held.app, held.slot, task);
+        }
         if let Some(held) = self.read_held(task)
             && !held.nat.is_empty()
         {
@@ -410,6 +580,12 @@ impl Runtime for ContainerRuntime {
 
     async fn cleanup(&self, task: &TaskId) {
         self.host.cleanup(task).await;
+        self.slots.release(task);
+        let sandbox = self.host.sandbox_of(task);
+        if image::held_image(&sandbox).is_some() {
+            self.cfg.images.cleanup(&sandbox).await;
+            self.host.cgroups().remove_everywhere(task.as_str());
+        }
         let Some(held) = self.read_held(task) else {
             return;
         };
@@ -437,7 +613,15 @@ impl Runtime for ContainerRuntime {
     }
 
     async fn prune_sandboxes(&self, keep: &BTreeSet<TaskId>, retention: Duration) -> usize {
-        self.host.prune_sandboxes(keep, retention).await
+        let pruned = self.host.prune_sandboxes(keep, retention).await;
+        let sandboxes: Vec<PathBuf> = keep.iter().map(|t| self.host.sandbox_of(t)).collect();
+        let in_use = ImageSupport::layers_in_use(sandboxes.iter().map(PathBuf::as_path));
+        self.cfg.images.images.collect(&in_use);
+        pruned
+    }
+
+    fn release_volumes(&self, exists: &dyn Fn(&AppId) -> bool) -> usize {
+        self.cfg.images.release_volumes(exists)
     }
 
     async fn remove_orphans(&self, keep: &BTreeSet<TaskId>) -> Vec<TaskId> {

@@ -87,6 +87,7 @@ impl HostRuntime {
         &self,
         spec: &LaunchSpec,
         wrapper: &[String],
+        argv: Option<Vec<String>>,
         env: Vec<(String, String)>,
     ) -> Result<(ProcessHandle, ExitFuture), RuntimeError> {
         let sandbox = self.sandbox(&spec.task);
@@ -113,11 +114,11 @@ impl HostRuntime {
             .map(|p| p.display().to_string())
             .collect();
 
-        let argv: Vec<String> = match (&spec.app.cmd, &spec.app.args) {
+        let argv: Vec<String> = argv.unwrap_or_else(|| match (&spec.app.cmd, &spec.app.args) {
             (Some(cmd), _) => vec!["/bin/sh".into(), "-c".into(), cmd.clone()],
             (None, Some(args)) => args.clone(),
             (None, None) => vec!["/bin/false".into()],
-        };
+        });
         let _ = fs::remove_file(sandbox.join(PID_FILE));
         let _ = fs::remove_file(sandbox.join(EXIT_STATUS_FILE));
         // With a waiter, it is the agent's child and the task is the waiter's: the task's
@@ -403,7 +404,7 @@ impl Runtime for HostRuntime {
             &spec.ports,
             &spec.host_ip.to_string(),
         );
-        let (handle, exit) = self.start(&spec, &[], env)?;
+        let (handle, exit) = self.start(&spec, &[], None, env)?;
         Ok(Launched {
             handle,
             exit,

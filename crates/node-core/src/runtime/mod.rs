@@ -5,6 +5,7 @@
 pub mod cgroup;
 mod container;
 mod host;
+mod image;
 use std::collections::BTreeSet;
 use std::future::Future;
 use std::net::IpAddr;
@@ -14,10 +15,11 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 
-use crate::model::{App, Exit, IpAddress, ProcessHandle, TaskId};
+use crate::model::{App, AppId, Exit, IpAddress, ProcessHandle, TaskId};
 
 pub use self::container::{ContainerConfig, ContainerRuntime, NatRule, render_nat};
 pub use self::host::{EXIT_STATUS_FILE, ExitStatus, HostConfig, HostRuntime, PID_FILE};
+pub use self::image::{ImageSupport, SANDBOX_IN_CONTAINER, pick_oci_runtime};
 
 /// Resolves when the task's process has ended, with how it ended.
 pub type ExitFuture = Pin<Box<dyn Future<Output = Exit> + Send>>;
@@ -32,6 +34,34 @@ pub struct LaunchSpec {
     /// The node's hostname and underlay address (`HOST`).
     pub host: String,
     pub host_ip: IpAddr,
+    /// Hears what the launch waits for.
+    pub staging: Staging,
+}
+
+/// Where a launch says what it waits for (`pulling IMAGE: 1 of 3 layers, ...`), for the
+/// task's status; at most a few times a second.
+#[derive(Clone)]
+pub struct Staging(Arc<dyn Fn(String) + Send + Sync>);
+
+impl Staging {
+    pub fn new(say: impl Fn(String) + Send + Sync + 'static) -> Self {
+        Self(Arc::new(say))
+    }
+
+    /// Says nothing to anyone.
+    pub fn none() -> Self {
+        Self::new(|_| {})
+    }
+
+    pub fn say(&self, what: String) {
+        (self.0)(what)
+    }
+}
+
+impl std::fmt::Debug for Staging {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Staging")
+    }
 }
 
 pub struct Launched {
@@ -53,6 +83,12 @@ pub enum RuntimeError {
     Network(String),
     #[error("signalling the process: {0}")]
     Signal(nix::Error),
+    #[error("{0}")]
+    Image(#[from] dcnet_images::PullError),
+    #[error("{0}")]
+    Fetch(#[from] dcnet_images::FetchError),
+    #[error("the container: {0}")]
+    Container(String),
 }
 
 #[async_trait]
@@ -82,4 +118,11 @@ pub trait Runtime: Send + Sync + 'static {
     /// Removes the sandboxes (logs, files) of tasks not in `keep` that were last written
     /// `retention` ago or longer; returns how many.
     async fn prune_sandboxes(&self, keep: &BTreeSet<TaskId>, retention: Duration) -> usize;
+
+    /// Removes this node's persistent volumes of apps for which `exists` is false; returns
+    /// how many apps' volumes went.
+    fn release_volumes(&self, exists: &dyn Fn(&AppId) -> bool) -> usize {
+        let _ = exists;
+        0
+    }
 }

@@ -129,11 +129,17 @@ pub(crate) fn plan(app: &App, tasks: &[&Task], may_launch: bool) -> Plan {
     // A rolling update: never below `minimumHealthCapacity` serving, never above
     // `maximumOverCapacity` extra.
     let strategy = app.upgrade_strategy;
-    let min_serving = (target as f64 * strategy.minimum_health_capacity).ceil() as usize;
+    let mut min_serving = (target as f64 * strategy.minimum_health_capacity).ceil() as usize;
     let mut max_total = target + (target as f64 * strategy.maximum_over_capacity).floor() as usize;
     if max_total == target && min_serving >= target {
-        // Neither room above nor slack below: allow one extra, or nothing could ever move.
-        max_total += 1;
+        // Neither room above nor slack below: something must give, or nothing could ever
+        // move. A resident app (persistent volumes) kills first: its new task needs the old
+        // one's volume. Any other starts one extra.
+        if app.is_resident() {
+            min_serving = target.saturating_sub(1);
+        } else {
+            max_total += 1;
+        }
     }
     let total = new.len() + old.len();
     if new.len() < target && may_launch && total < max_total {
@@ -707,6 +713,7 @@ impl Orchestrator {
             ports: ports.to_vec(),
             ip_addresses: Vec::new(),
             staged_at: self.now.rfc3339(),
+            staging: None,
             started_at: None,
             finished_at: None,
             exit: None,
@@ -1062,6 +1069,7 @@ mod tests {
             ports: vec![],
             ip_addresses: vec![],
             staged_at: format!("2026-01-01T00:00:{n:02}Z"),
+            staging: None,
             started_at: None,
             finished_at: None,
             exit: None,

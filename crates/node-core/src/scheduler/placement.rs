@@ -402,6 +402,7 @@ mod tests {
             ports: ports.to_vec(),
             ip_addresses: vec![],
             staged_at: String::new(),
+            staging: None,
             started_at: None,
             finished_at: None,
             exit: None,

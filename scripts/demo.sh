@@ -7,6 +7,8 @@
 # etcd, the tasks, their cgroups, the BPF programs and pins, the WireGuard sockets and the state
 # dirs, also on failure. The dashboard of node-1's agent is relayed to this machine's loopback
 # (socat) and its address printed; DEMO_KEEP=1 keeps everything up for a look until Enter.
+# An image built from busybox-static is pushed to a registry (Debian's docker-registry) on the
+# underlay, and an app runs from it on both nodes.
 set -euo pipefail
 
 DCNET=${DCNET:-target/debug/dcnet}
@@ -19,6 +21,7 @@ CGROUP_PARENT="dcnet-demo-$$"
 WORK=$(mktemp -d /tmp/dcnet-demo.XXXXXX)
 ETCD_IP=192.0.2.1
 ETCD_PID=
+REGISTRY_PID=
 RELAY_PID=
 AGENT_PIDS=()
 NODES=(1 2)
@@ -48,10 +51,12 @@ cleanup() {
         rm -f "/var/run/wireguard/$(device "$n").sock"
     done
     [[ -n "$ETCD_PID" ]] && kill -TERM "$ETCD_PID" 2>/dev/null && wait "$ETCD_PID" 2>/dev/null
+    [[ -n "$REGISTRY_PID" ]] && kill -TERM "$REGISTRY_PID" 2>/dev/null && wait "$REGISTRY_PID" 2>/dev/null
     # Tasks outlive a stopped agent by design; the demo's go with it.
     # (Deepest first, again until gone: a cgroup whose last process just died can be busy for
     # a moment.)
-    for root in /sys/fs/cgroup/unified /sys/fs/cgroup/cpu /sys/fs/cgroup/memory /sys/fs/cgroup; do
+    # Every hierarchy: the OCI runtime makes a container's cgroup in each.
+    for root in $(awk '$9 == "cgroup" || $9 == "cgroup2" { print $5 }' /proc/self/mountinfo); do
         parent="$root/$CGROUP_PARENT"
         for _ in $(seq 100); do
             [[ -d "$parent" ]] || break
@@ -68,11 +73,11 @@ cleanup() {
     for n in "${NODES[@]}"; do ip netns del "$NS-$n" 2>/dev/null; done
     ip netns del "$CTL" 2>/dev/null
     alive=0
-    for pid in "${AGENT_PIDS[@]}" $ETCD_PID $RELAY_PID; do kill -0 "$pid" 2>/dev/null && alive=$((alive + 1)); done
+    for pid in "${AGENT_PIDS[@]}" $ETCD_PID $REGISTRY_PID $RELAY_PID; do kill -0 "$pid" 2>/dev/null && alive=$((alive + 1)); done
     left=$(ip netns list | grep -c "^$NS" ; ls -d /sys/fs/cgroup/*/"$CGROUP_PARENT" 2>/dev/null | wc -l;
         ls "$WORK"/node-*/bpf 2>/dev/null | grep -vc ':$' ; ls /var/run/wireguard/ 2>/dev/null | grep -c "^dd$$n"; echo $alive)
     if [[ "$(echo $left | tr -d ' ')" == "00000" ]]; then
-        echo "left behind: nothing (namespaces, agents, etcd, the relay, tasks, cgroups, BPF pins and WireGuard sockets are gone)"
+        echo "left behind: nothing (namespaces, agents, etcd, the registry, the relay, tasks, cgroups, BPF pins and WireGuard sockets are gone)"
     else
         echo "warning: something was left behind: $left" >&2
     fi
@@ -111,6 +116,19 @@ for _ in $(seq 100); do
     sleep 0.1
 done
 echo "etcd: $(in_ctl etcdctl --endpoints="http://$ETCD_IP:2379" endpoint health 2>&1)"
+# A registry beside etcd, and an image in it (busybox-static, built with umoci, pushed with skopeo).
+cat >"$WORK/registry.yml" <<EOF
+version: 0.1
+log: { level: error }
+storage: { filesystem: { rootdirectory: $WORK/registry } }
+http: { addr: "$ETCD_IP:5000" }
+EOF
+nsenter --net="/run/netns/$CTL" docker-registry serve "$WORK/registry.yml" >"$WORK/registry.log" 2>&1 &
+REGISTRY_PID=$!
+scripts/busybox-image.sh "$WORK/oci" >/dev/null
+for _ in $(seq 100); do in_ctl curl -sf "http://$ETCD_IP:5000/v2/" >/dev/null && break; sleep 0.1; done
+in_ctl skopeo copy --quiet --dest-tls-verify=false "oci:$WORK/oci:bb" "docker://$ETCD_IP:5000/demo/busybox:1"
+echo "registry: $ETCD_IP:5000 holds demo/busybox:1"
 
 for n in "${NODES[@]}"; do
     mkdir -p "$WORK/node-$n"
@@ -129,6 +147,9 @@ cgroup_parent = "$CGROUP_PARENT/node-$n"
 bpf_pin_dir = "$WORK/node-$n/bpf"
 [overlay]
 device = "$(device "$n")"
+[[images.registries]]
+host = "$ETCD_IP:5000"
+insecure = true
 EOF
 done
 
@@ -207,6 +228,13 @@ for i in 1 2 3 4 5 6; do
     printf '\033[36m[container]$ curl http://web.marathon.l4lb/\033[0m  '
     in_client curl -sS --max-time 3 http://web.marathon.l4lb/
 done
+say "an app from an image (examples/image.json): pulled from the registry by each node, run by runc"
+run app deploy examples/image.json --wait --timeout 1m
+for _ in $(seq 50); do in_client getent hosts image.marathon.l4lb >/dev/null && break; sleep 0.1; done
+for i in 1 2 3 4; do
+    printf '\033[36m[container]$ curl http://image.marathon.l4lb/\033[0m  '
+    in_client curl -sS --max-time 3 http://image.marathon.l4lb/
+done
 run overlay status
 printf '\033[36m$ wg show %s\033[0m\n' "$(device 1)"
 wg show "$(device 1)"
@@ -231,6 +259,7 @@ else
 fi
 
 say "removing the apps"
+run app remove /demo/image --wait --timeout 1m
 run app remove /demo/web --wait --timeout 1m
 run app remove /demo/client --wait --timeout 1m
 run app remove /demo/hello --wait --timeout 1m

@@ -132,7 +132,7 @@ fn wait_for(
         let bar = indicatif::ProgressBar::new(1);
         bar.set_style(
             indicatif::ProgressStyle::with_template(
-                "{spinner} {msg:40} [{bar:30}] {pos}/{len} healthy ({elapsed})",
+                "{spinner} {msg:60} [{bar:30}] {pos}/{len} healthy ({elapsed})",
             )
             .expect("a valid template")
             .progress_chars("=> "),
@@ -148,12 +148,29 @@ fn wait_for(
         let healthy = dep["healthyNew"].as_u64().unwrap_or(0);
         let target = dep["targetInstances"].as_u64().unwrap_or(0);
         let old = dep["oldRemaining"].as_u64().unwrap_or(0);
-        let msg = format!(
-            "{} {} ({} old left)",
-            dep["kind"].as_str().unwrap_or(""),
-            dep["appId"].as_str().unwrap_or(""),
-            old
-        );
+        let app = dep["appId"].as_str().unwrap_or("");
+        // What a new task waits for (its image's pull: layers and bytes; its artifacts).
+        let waiting = if status == "running" && !app.is_empty() {
+            client
+                .call("GET", &format!("/v2/apps{app}/tasks"), None)
+                .ok()
+                .and_then(|v| {
+                    v["tasks"]
+                        .as_array()?
+                        .iter()
+                        .find_map(|t| t["staging"].as_str().map(String::from))
+                })
+        } else {
+            None
+        };
+        let msg = match waiting {
+            Some(w) => format!("{} {app}: {w}", dep["kind"].as_str().unwrap_or("")),
+            None => format!(
+                "{} {app} ({} old left)",
+                dep["kind"].as_str().unwrap_or(""),
+                old
+            ),
+        };
         match &bar {
             Some(bar) => {
                 bar.set_length(target.max(1));

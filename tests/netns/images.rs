@@ -95,67 +95,22 @@ impl Drop for Registry {
     }
 }
 
-/// An OCI layout with `busybox` (Debian's busybox-static) and its applets, `/bin/serve` as
-/// the entrypoint (a web server on `$PORT`, default 8080, whose page names the task), and a
-/// user `www`. `extra` files go into a second layer under the tag `extra`.
+/// An OCI layout with the image `scripts/busybox-image.sh` builds (tag `bb`: busybox, a user
+/// `www`, the entrypoint `/bin/serve`), and a second tag `extra` with one more layer.
 fn build_image(at: &Path) -> PathBuf {
     let layout = at.join("oci");
-    let bundle = at.join("bundle");
-    run(Command::new("umoci")
-        .args(["init", "--layout"])
-        .arg(&layout));
-    run(Command::new("umoci")
-        .args(["new", "--image"])
-        .arg(format!("{}:bb", layout.display())));
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/busybox-image.sh");
+    run(Command::new(script).arg(&layout));
+    let bundle = at.join("bundle2");
     run(Command::new("umoci")
         .args(["unpack", "--image"])
         .arg(format!("{}:bb", layout.display()))
         .arg(&bundle));
-    let root = bundle.join("rootfs");
-    for d in ["bin", "etc", "www", "tmp"] {
-        fs::create_dir_all(root.join(d)).unwrap();
-    }
-    fs::copy("/bin/busybox", root.join("bin/busybox")).expect("busybox-static");
-    let applets = run(Command::new("/bin/busybox").arg("--list"));
-    for a in applets.lines().filter(|a| *a != "busybox") {
-        let _ = std::os::unix::fs::symlink("busybox", root.join("bin").join(a));
-    }
-    fs::write(
-        root.join("etc/passwd"),
-        "root:x:0:0:root:/:/bin/sh\nwww:x:33:33:www:/www:/bin/sh\n",
-    )
-    .unwrap();
-    fs::write(root.join("etc/group"), "root:x:0:\nwww:x:33:\n").unwrap();
-    fs::write(
-        root.join("bin/serve"),
-        "#!/bin/sh\necho \"hello from $MESOS_TASK_ID mode $MODE\" > /www/index.html\nexec httpd -f -p \"${PORT:-8080}\" -h /www\n",
-    )
-    .unwrap();
-    use std::os::unix::fs::PermissionsExt;
-    fs::set_permissions(root.join("bin/serve"), fs::Permissions::from_mode(0o755)).unwrap();
-    run(Command::new("umoci")
-        .args(["repack", "--image"])
-        .arg(format!("{}:bb", layout.display()))
-        .arg(&bundle));
-    run(Command::new("umoci")
-        .args(["config", "--image"])
-        .arg(format!("{}:bb", layout.display()))
-        .args([
-            "--config.entrypoint",
-            "/bin/serve",
-            "--config.env",
-            "MODE=image",
-        ]));
-    // A second tag with one more layer, to be corrupted in the registry.
-    run(Command::new("umoci")
-        .args(["unpack", "--image"])
-        .arg(format!("{}:bb", layout.display()))
-        .arg(at.join("bundle2")));
-    fs::write(at.join("bundle2/rootfs/www/extra"), vec![b'x'; 300_000]).unwrap();
+    fs::write(bundle.join("rootfs/www/extra"), vec![b'x'; 300_000]).unwrap();
     run(Command::new("umoci")
         .args(["repack", "--image"])
         .arg(format!("{}:extra", layout.display()))
-        .arg(at.join("bundle2")));
+        .arg(&bundle));
     layout
 }
 
@@ -267,7 +222,7 @@ fn web(id: &str, image: &str, instances: u32) -> Value {
 
 #[test]
 fn an_app_from_an_image_runs_its_entrypoint_resolves_its_vip_and_is_reached_through_it() {
-    let (_ns, _registry, _build, _layout, agent) = node("img");
+    let (_ns, _registry, _build, _layout, mut agent) = node("img");
     agent.put_and_wait("/img/web", &web("/img/web", "127.0.0.1:5000/busybox:1", 2));
     let tasks = agent.running("/img/web");
     assert_eq!(tasks.len(), 2);
@@ -334,6 +289,22 @@ fn an_app_from_an_image_runs_its_entrypoint_resolves_its_vip_and_is_reached_thro
         "{root}"
     );
     assert!(root.contains(" - overlay overlay "), "{root}");
+    // An agent that crashes and comes back adopts the containers as they run.
+    let before: std::collections::BTreeSet<String> = tasks
+        .iter()
+        .map(|t| t["id"].as_str().unwrap().to_string())
+        .collect();
+    agent.crash_and_restart();
+    // Long enough for a restarted agent to find a task gone and say so.
+    std::thread::sleep(Duration::from_secs(3));
+    let after: std::collections::BTreeSet<String> = agent
+        .running("/img/web")
+        .iter()
+        .map(|t| t["id"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(before, after, "the containers were not adopted");
+    let page = in_container(&agent, id, &["cat", "/www/index.html"]);
+    assert!(page.contains(id), "{page}");
     // Gone means gone: the OCI runtime's state and every cgroup of the tasks.
     let (status, _) = agent.http("DELETE", "/v2/apps/img/web", None).unwrap();
     assert_eq!(status, 200);
@@ -438,6 +409,158 @@ fn a_wrong_password_a_missing_tag_and_a_corrupted_blob_fail_with_the_reason_and_
     assert!(tmp.is_empty(), "half-done work left: {tmp:?}");
     // The good base layer that came with it is whole, and no container or address is held.
     assert!(agent.cgroup_dirs().is_empty(), "{:?}", agent.cgroup_dirs());
+}
+
+/// A tar entry written as a hostile producer would (raw name fields: `tar` itself refuses
+/// `..` in `set_path`).
+fn raw_entry(
+    tar: &mut tar::Builder<Vec<u8>>,
+    path: &str,
+    kind: tar::EntryType,
+    link: &str,
+    body: &[u8],
+) {
+    let mut h = tar::Header::new_gnu();
+    h.as_old_mut().name[..path.len()].copy_from_slice(path.as_bytes());
+    h.as_old_mut().linkname[..link.len()].copy_from_slice(link.as_bytes());
+    h.set_entry_type(kind);
+    h.set_size(body.len() as u64);
+    h.set_mode(0o755);
+    h.set_uid(0);
+    h.set_gid(0);
+    h.set_cksum();
+    tar.append(&h, body).unwrap();
+}
+
+fn sha256(bytes: &[u8]) -> String {
+    use sha2::Digest;
+    format!("sha256:{:x}", sha2::Sha256::digest(bytes))
+}
+
+/// A tar entry: its path, its kind and what it links to.
+type Entry<'a> = (&'a str, tar::EntryType, &'a str);
+
+/// An OCI layout (written by hand, as any producer may) whose one image `tag` has one layer
+/// made of `entries`; returns the layer's digest.
+fn hostile_image(layout: &Path, tag: &str, entries: &[Entry<'_>]) -> String {
+    let mut tar = tar::Builder::new(Vec::new());
+    for (path, kind, link) in entries {
+        let body: &[u8] = if *kind == tar::EntryType::Regular {
+            b"owned\n"
+        } else {
+            b""
+        };
+        raw_entry(&mut tar, path, *kind, link, body);
+    }
+    let plain = tar.into_inner().unwrap();
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+    gz.write_all(&plain).unwrap();
+    let layer = gz.finish().unwrap();
+    let config = json!({
+        "architecture": "amd64", "os": "linux",
+        "config": {"Entrypoint": ["/bin/sh"]},
+        "rootfs": {"type": "layers", "diff_ids": [sha256(&plain)]}
+    })
+    .to_string()
+    .into_bytes();
+    let blobs = layout.join("blobs/sha256");
+    fs::create_dir_all(&blobs).unwrap();
+    let put = |bytes: &[u8]| {
+        let digest = sha256(bytes);
+        fs::write(blobs.join(digest.trim_start_matches("sha256:")), bytes).unwrap();
+        digest
+    };
+    let manifest = json!({
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": put(&config), "size": config.len()},
+        "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip", "digest": put(&layer), "size": layer.len()}]
+    })
+    .to_string()
+    .into_bytes();
+    let index = json!({
+        "schemaVersion": 2,
+        "manifests": [{
+            "mediaType": "application/vnd.oci.image.manifest.v1+json",
+            "digest": put(&manifest), "size": manifest.len(),
+            "annotations": {"org.opencontainers.image.ref.name": tag}
+        }]
+    });
+    fs::write(layout.join("index.json"), index.to_string()).unwrap();
+    fs::write(
+        layout.join("oci-layout"),
+        r#"{"imageLayoutVersion": "1.0.0"}"#,
+    )
+    .unwrap();
+    sha256(&layer)
+}
+
+#[test]
+fn layers_that_reach_outside_are_refused_and_write_nothing_outside_the_store() {
+    let (_ns, registry, build, _layout, agent) = node("imgevil");
+    let outside = tempfile::tempdir().unwrap();
+    let target = outside.path().display().to_string();
+    let dotdot = format!("../../../../../../../..{target}/dotdot");
+    let cases: Vec<(&str, Vec<Entry<'_>>, &str)> = vec![
+        (
+            "dotdot",
+            vec![(dotdot.as_str(), tar::EntryType::Regular, "")],
+            "leaves the layer",
+        ),
+        (
+            "symlink",
+            vec![
+                ("escape", tar::EntryType::Symlink, target.as_str()),
+                ("escape/owned", tar::EntryType::Regular, ""),
+            ],
+            "through the symlink",
+        ),
+        (
+            "hardlink",
+            vec![(
+                "passwd",
+                tar::EntryType::Link,
+                "../../../../../../etc/passwd",
+            )],
+            "leaves the layer",
+        ),
+    ];
+    for (name, entries, why) in cases {
+        let layout = build.path().join(format!("evil-{name}"));
+        let digest = hostile_image(&layout, name, &entries);
+        registry.push(&layout, name, &format!("evil:{name}"));
+        let app = format!("/evil/{name}");
+        let image = format!("127.0.0.1:5000/evil:{name}");
+        let (status, v) = agent
+            .http(
+                "PUT",
+                &format!("/v2/apps{app}"),
+                Some(&sleeper(&app, &image).to_string()),
+            )
+            .unwrap();
+        assert!(status == 200 || status == 201, "{v}");
+        let message = failure(&agent, &app);
+        assert!(message.contains(why), "{name}: {message}");
+        let store = agent.dir.path().join("state/images");
+        assert!(
+            !store
+                .join("layers")
+                .join(digest.trim_start_matches("sha256:"))
+                .exists(),
+            "{name}: the layer was kept"
+        );
+        assert_eq!(
+            fs::read_dir(store.join("tmp")).unwrap().count(),
+            0,
+            "{name}"
+        );
+    }
+    assert_eq!(
+        fs::read_dir(outside.path()).unwrap().count(),
+        0,
+        "a layer wrote outside the store"
+    );
+    assert!(fs::read_to_string("/etc/passwd").unwrap().contains("root:"));
 }
 
 /// A loopback HTTP server that serves `body` for any path and counts the requests.

@@ -482,12 +482,12 @@ fn invalid_app_json_is_refused_naming_the_field_and_changes_nothing() {
 
     // Unsupported Marathon fields are warned about, not dropped silently.
     let (status, v) = agent
-        .http("POST", "/v2/apps", Some(&json!({"id": "/warn/app", "cmd": "sleep 600", "cpus": 0.1, "mem": 32, "container": {"type": "DOCKER"}}).to_string()))
+        .http("POST", "/v2/apps", Some(&json!({"id": "/warn/app", "cmd": "sleep 600", "cpus": 0.1, "mem": 32, "container": {"type": "DOCKER", "linuxInfo": {}}}).to_string()))
         .unwrap();
     assert_eq!(status, 201, "{v}");
     assert_eq!(
         v["warnings"][0],
-        "/container/type: not supported by dcnet; ignored"
+        "/container/linuxInfo: not known to dcnet; ignored"
     );
 
     // The CLI says what is wrong in one line and exits non-zero.

@@ -255,6 +255,8 @@ function taskState(t) {
   const s = (t.state || "").replace(/^TASK_/, "").toLowerCase();
   const kind = s === "running" ? (t.goal === "kill" ? "warn" : "ok") : ["failed", "lost", "error"].includes(s) ? "bad" : "";
   if (s === "running" && t.goal !== "kill" && t.ready === false) return pill("not ready", "warn");
+  // What a staging task waits for: its image's pull (layers, bytes), its artifacts.
+  if (s === "staging" && t.staging) return el("span", {}, pill("staging", ""), " ", el("span", { class: "muted" }, t.staging));
   return pill(t.goal === "kill" && s === "running" ? "killing" : s, kind);
 }
 

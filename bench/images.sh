@@ -28,6 +28,7 @@ podman_() {
 }
 cleanup() {
     set +e
+    [[ -n "${KEEP_LOG:-}" ]] && cp "$WORK/agent.log" "$KEEP_LOG"
     podman_ rm -f -a >/dev/null 2>&1
     if [[ -n "$AGENT" ]]; then
         in_ns "$DCNET" app remove /bench/img --wait --timeout 30s >/dev/null 2>&1
@@ -43,8 +44,9 @@ cleanup() {
 trap cleanup EXIT
 
 ip netns add "$NS"
-ip -n "$NS" link add node0 type dummy
+ip -n "$NS" link add node0 type veth peer name node0p
 ip -n "$NS" addr add 192.0.2.10/24 dev node0
+ip -n "$NS" link set node0p up
 ip -n "$NS" link set node0 up
 ip -n "$NS" link set lo up
 
@@ -108,13 +110,16 @@ print(round((time.monotonic() - start) * 1000, 1))
 EOF
 }
 dcnet_stop() {
-    in_ns "$DCNET" app remove /bench/img --wait --timeout 30s >/dev/null
+    in_ns "$DCNET" app remove /bench/img --wait --timeout 30s >/dev/null 2>&1
 }
 podman_start() {
     local t0 t1
     t0=$(date +%s%N)
-    podman_ run -d --quiet --network none --tls-verify=false --cgroup-parent "/$CG-podman" \
-        127.0.0.1:5000/bench/busybox:1 >/dev/null
+    # Limits below the machine's: podman's defaults (and even the node's own values, from
+    # conmon) are refused here by runc with EPERM; dcnet's tasks inherit the agent's.
+    podman_ run -d --quiet --network none --ulimit nofile=4096:4096 --ulimit nproc=4096:4096 --tls-verify=false \
+        --cgroup-parent "/$CG-podman" 127.0.0.1:5000/bench/busybox:1 >/dev/null ||
+        { echo "podman run failed" >&2; exit 1; }
     t1=$(date +%s%N)
     echo $(( (t1 - t0) / 100000 )) | awk '{ printf "%.1f\n", $1 / 10 }'
 }
@@ -127,11 +132,11 @@ declare -A results
 for run in $(seq "$RUNS"); do
     # Cold: nothing of the image on the node.
     rm -rf "$WORK/state/images/layers/"* "$WORK/state/images/images/"*
-    results[dcnet_cold]+=" $(dcnet_start)"; dcnet_stop
-    results[dcnet_warm]+=" $(dcnet_start)"; dcnet_stop
+    t=$(dcnet_start) || exit 1; results[dcnet_cold]+=" $t"; dcnet_stop
+    t=$(dcnet_start) || exit 1; results[dcnet_warm]+=" $t"; dcnet_stop
     podman_ rmi -a -f >/dev/null 2>&1 || true
-    results[podman_cold]+=" $(podman_start)"; podman_stop
-    results[podman_warm]+=" $(podman_start)"; podman_stop
+    t=$(podman_start) || exit 1; results[podman_cold]+=" $t"; podman_stop
+    t=$(podman_start) || exit 1; results[podman_warm]+=" $t"; podman_stop
     echo "run $run of $RUNS: dcnet cold/warm ${results[dcnet_cold]##* }/${results[dcnet_warm]##* } ms, podman ${results[podman_cold]##* }/${results[podman_warm]##* } ms"
 done
 printf '\n%-6s %12s %12s %16s\n' "start" "dcnet ms" "podman ms" "dcnet / podman"

@@ -65,9 +65,16 @@ impl Registry {
 
     /// Pushes an OCI layout's `tag` as `name` (`busybox:1`).
     fn push(&self, layout: &Path, tag: &str, name: &str) {
+        self.push_as(layout, tag, name, "oci");
+    }
+
+    /// Pushes with the manifest format `format`: `oci`, or `v2s2` (Docker's schema 2).
+    fn push_as(&self, layout: &Path, tag: &str, name: &str, format: &str) {
         run(Command::new("skopeo").args([
             "copy",
             "--quiet",
+            "--format",
+            format,
             "--dest-creds",
             &format!("{USER}:{PASSWORD}"),
             "--dest-tls-verify=false",
@@ -163,6 +170,7 @@ fn node(tag: &str) -> (NetNs, Registry, tempfile::TempDir, PathBuf, Agent) {
     let build = tempfile::tempdir().unwrap();
     let layout = build_image(build.path());
     registry.push(&layout, "bb", "busybox:1");
+    registry.push_as(&layout, "bb", "busybox:docker", "v2s2");
     registry.push(&layout, "extra", "busybox:extra");
     let agent = Agent::start_with(&ns, NODE_IP, &registries(true));
     (ns, registry, build, layout, agent)
@@ -605,6 +613,9 @@ fn fetch_extracts_into_the_sandbox_from_a_cache_and_a_persistent_volume_outlives
 {
     let (_ns, _registry, _build, _layout, agent) = node("imgvol");
     let (port, hits) = artifact_server(site_tgz());
+    let conf = tempfile::tempdir().unwrap();
+    fs::write(conf.path().join("app.conf"), "from the node\n").unwrap();
+    let conf_dir = conf.path().display().to_string();
     let def = |marker: &str| {
         json!({
             "id": "/img/store", "cpus": 0.1, "mem": 32,
@@ -613,8 +624,11 @@ fn fetch_extracts_into_the_sandbox_from_a_cache_and_a_persistent_volume_outlives
             "fetch": [{"uri": format!("http://127.0.0.1:{port}/site.tgz"), "cache": true}],
             "container": {
                 "type": "MESOS",
-                "docker": {"image": "127.0.0.1:5000/busybox:1"},
-                "volumes": [{"containerPath": "data", "mode": "RW", "persistent": {"size": 16}}]
+                "docker": {"image": "127.0.0.1:5000/busybox:docker"},
+                "volumes": [
+                    {"containerPath": "data", "mode": "RW", "persistent": {"size": 16}},
+                    {"containerPath": "/etc/conf", "hostPath": conf_dir, "mode": "RO"}
+                ]
             },
             "networks": [{"mode": "container"}]
         })
@@ -632,6 +646,22 @@ fn fetch_extracts_into_the_sandbox_from_a_cache_and_a_persistent_volume_outlives
     assert_eq!(hits.load(Ordering::SeqCst), 1);
     let log = |t: &str| in_container(&agent, t, &["cat", "/mnt/mesos/sandbox/data/log"]);
     assert_eq!(log(&task), "first\n");
+    // A node path, read-only (the image came with Docker's manifest format).
+    assert_eq!(
+        in_container(&agent, &task, &["cat", "/etc/conf/app.conf"]),
+        "from the node\n"
+    );
+    let written = in_container(
+        &agent,
+        &task,
+        &[
+            "sh",
+            "-c",
+            "echo x > /etc/conf/new 2>&1 && echo wrote || echo refused",
+        ],
+    );
+    assert_eq!(written.trim(), "refused");
+    assert!(!conf.path().join("new").exists());
     // A killed task's replacement finds the volume as it was, and the artifact in the cache.
     let (status, _) = agent
         .http("DELETE", &format!("/v2/apps/img/store/tasks/{task}"), None)

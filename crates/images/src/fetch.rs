@@ -449,6 +449,52 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn zips_extract_with_their_modes_and_unsafe_names_are_refused() {
+        use std::io::Write;
+        let dir = tempfile::tempdir().unwrap();
+        let f = fetcher(dir.path(), 1 << 20);
+        let zip_at = |name: &str, entries: &[(&str, u32)]| {
+            let path = dir.path().join(name);
+            let mut w = zip::ZipWriter::new(fs::File::create(&path).unwrap());
+            for (entry, mode) in entries {
+                let opts = zip::write::SimpleFileOptions::default().unix_permissions(*mode);
+                w.start_file(*entry, opts).unwrap();
+                w.write_all(b"zipped\n").unwrap();
+            }
+            w.finish().unwrap();
+            path
+        };
+        let good = zip_at("tool.zip", &[("bin/tool", 0o755), ("README", 0o644)]);
+        let sandbox = dir.path().join("sandbox");
+        fs::create_dir_all(&sandbox).unwrap();
+        let artifact = |p: &Path| Artifact {
+            uri: p.display().to_string(),
+            extract: true,
+            executable: false,
+            cache: false,
+            dest_path: None,
+        };
+        f.fetch_all(&[artifact(&good)], &sandbox).await.unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        assert_eq!(
+            fs::metadata(sandbox.join("bin/tool"))
+                .unwrap()
+                .permissions()
+                .mode()
+                & 0o777,
+            0o755
+        );
+        assert_eq!(
+            fs::read_to_string(sandbox.join("README")).unwrap(),
+            "zipped\n"
+        );
+        let evil = zip_at("evil.zip", &[("../../escape", 0o644)]);
+        let err = f.fetch_all(&[artifact(&evil)], &sandbox).await.unwrap_err();
+        assert!(err.to_string().contains("leaves the sandbox"), "{err}");
+        assert!(!dir.path().join("escape").exists());
+    }
+
+    #[tokio::test]
     async fn local_archives_extract_plain_files_keep_their_name_and_the_cache_is_bounded() {
         let dir = tempfile::tempdir().unwrap();
         let f = fetcher(dir.path(), 300);

@@ -26,6 +26,7 @@ use tracing::{debug, info, warn};
 use super::host::task_env;
 use dcnet_netns::{self as netns, Netlink};
 
+use super::host::Placement;
 use super::image::{self, ImageSupport, SANDBOX_IN_CONTAINER, Slots};
 use super::{ExitFuture, HostRuntime, LaunchSpec, Launched, Runtime, RuntimeError};
 use crate::ipam::{self, Subnet};
@@ -170,7 +171,9 @@ impl ContainerRuntime {
         ];
         wrapper.extend(shim_args);
         wrapper.push("--".into());
-        let (handle, mut exit) = self.host.start(spec, &wrapper, Some(argv), Vec::new())?;
+        let (handle, mut exit) =
+            self.host
+                .start(spec, &wrapper, Some(argv), Vec::new(), Placement::ByRuntime)?;
         let pid_file = sandbox.join("container.pid");
         let started = async {
             while !pid_file.exists() {
@@ -527,7 +530,10 @@ impl Runtime for ContainerRuntime {
         let _ = fs::remove_file(sandbox.join("entered"));
         let ports: Vec<u16> = mappings.iter().map(|m| m.container_port).collect();
         let env = task_env(&spec, &sandbox, &ports, &ip.to_string());
-        match self.host.start(&spec, &wrapper, None, env) {
+        match self
+            .host
+            .start(&spec, &wrapper, None, env, Placement::Joins)
+        {
             Ok((handle, exit)) => {
                 // RUNNING means inside its namespaces: wait (briefly) for the shim to say so.
                 let entered = sandbox.join("entered");

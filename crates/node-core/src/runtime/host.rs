@@ -63,6 +63,17 @@ pub struct HostRuntime {
     cfg: HostConfig,
 }
 
+/// Where a task's processes go into its cgroup.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Placement {
+    /// The first process joins it, before the task's own command runs.
+    Joins,
+    /// An OCI runtime puts the container below it (`linux.cgroupsPath`); the runtime itself
+    /// stays outside, so that its own start is not throttled by the task's CPU quota (runc
+    /// under a 0.1 CPU quota took 350 ms instead of 45 to start a container).
+    ByRuntime,
+}
+
 /// A shell prologue that moves the process into the task's cgroups before the task's own
 /// command runs, so that nothing the task forks can escape them.
 const JOIN_CGROUPS: &str = r#"for f in $DCNET_CGROUP_PROCS; do echo $$ > "$f" || exit 125; done; unset DCNET_CGROUP_PROCS; exec "$@""#;
@@ -89,6 +100,7 @@ impl HostRuntime {
         wrapper: &[String],
         argv: Option<Vec<String>>,
         env: Vec<(String, String)>,
+        placement: Placement,
     ) -> Result<(ProcessHandle, ExitFuture), RuntimeError> {
         let sandbox = self.sandbox(&spec.task);
         let sandbox_err = |error| RuntimeError::Sandbox {
@@ -108,11 +120,14 @@ impl HostRuntime {
             .cgroups
             .create(spec.task.as_str(), limits)
             .map_err(RuntimeError::Cgroup)?;
-        let procs: Vec<String> = cgroup
-            .procs_files()
-            .iter()
-            .map(|p| p.display().to_string())
-            .collect();
+        let procs: Vec<String> = match placement {
+            Placement::Joins => cgroup
+                .procs_files()
+                .iter()
+                .map(|p| p.display().to_string())
+                .collect(),
+            Placement::ByRuntime => Vec::new(),
+        };
 
         let argv: Vec<String> = argv.unwrap_or_else(|| match (&spec.app.cmd, &spec.app.args) {
             (Some(cmd), _) => vec!["/bin/sh".into(), "-c".into(), cmd.clone()],
@@ -404,7 +419,7 @@ impl Runtime for HostRuntime {
             &spec.ports,
             &spec.host_ip.to_string(),
         );
-        let (handle, exit) = self.start(&spec, &[], None, env)?;
+        let (handle, exit) = self.start(&spec, &[], None, env, Placement::Joins)?;
         Ok(Launched {
             handle,
             exit,

@@ -393,6 +393,10 @@ pub struct AppStatus {
     /// meets the constraints), as the scheduler found last; cleared once all are placed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub unplaced: Option<String>,
+    /// For an app with persistent volumes: the nodes that hold them, and how many (one per
+    /// instance placed there). Its tasks go back to them; removed with the app.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub volumes: BTreeMap<NodeId, u32>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]

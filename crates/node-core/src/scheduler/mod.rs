@@ -6,4 +6,4 @@ mod placement;
 
 pub use self::orchestrator::DEPLOYMENT_FAILURE_LIMIT;
 pub(crate) use self::orchestrator::Orchestrator;
-pub use self::placement::{Placement, Placements, place};
+pub use self::placement::{Placement, Placements, place, place_resident};

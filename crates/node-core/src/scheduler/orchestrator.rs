@@ -10,7 +10,7 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use super::place;
+use super::{place, place_resident};
 use crate::clock::{Clock, Now};
 use crate::keys::{self, SharedStore};
 use crate::metrics::Metrics;
@@ -372,7 +372,16 @@ impl Orchestrator {
                 });
                 let placed = {
                     let refs: Vec<&Task> = active.iter().map(|t| &**t).collect();
-                    place(app, plan.launch, &nodes, &refs)
+                    if app.is_resident() {
+                        let (placed, volumes) =
+                            place_resident(app, plan.launch, &nodes, &refs, &status.volumes);
+                        if volumes != status.volumes {
+                            self.set_volumes(&app.id, volumes).await?;
+                        }
+                        placed
+                    } else {
+                        place(app, plan.launch, &nodes, &refs)
+                    }
                 };
                 for placement in &placed.placed {
                     if let Some(task) = self
@@ -665,6 +674,25 @@ impl Orchestrator {
             let mut s = s.unwrap_or_default();
             (s.unplaced != why).then(|| {
                 s.unplaced = why.clone();
+                s
+            })
+        })
+        .await;
+        self.wrote_update(result)?;
+        Ok(())
+    }
+
+    /// Records which nodes hold a resident app's persistent volumes, before its tasks are
+    /// staged there (a task never runs on a volume the scheduler does not know of).
+    async fn set_volumes(
+        &mut self,
+        app: &AppId,
+        volumes: std::collections::BTreeMap<NodeId, u32>,
+    ) -> Result<(), keys::UpdateError> {
+        let result = keys::update::<AppStatus, _>(&*self.store, &keys::app_status(app), |s| {
+            let mut s = s.unwrap_or_default();
+            (s.volumes != volumes).then(|| {
+                s.volumes = volumes.clone();
                 s
             })
         })

@@ -6,7 +6,7 @@
 //! small integers and counted per value, so placing one instance is a scan of the remaining
 //! nodes with integer comparisons only: O(nodes) per instance, no allocation in the loop.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use regex_lite::Regex;
 
@@ -107,6 +107,75 @@ fn field_of<'n>(node: &'n Node, field: &str) -> Option<&'n str> {
     } else {
         node.attributes.get(field).map(String::as_str)
     }
+}
+
+/// Places up to `count` new instances of a resident app (persistent volumes): on the nodes
+/// that hold one of its volumes that no task of it uses first, then, for instances beyond the
+/// volumes it has anywhere, on any other node, which then holds a new one. A volume on a node
+/// that is not there now waits for it (Marathon's resident tasks do the same). `reserved` is
+/// how many volume slots each node holds; the result says how many after this placement.
+pub fn place_resident(
+    app: &App,
+    count: u32,
+    nodes: &[&Node],
+    active: &[&Task],
+    reserved: &BTreeMap<NodeId, u32>,
+) -> (Placements, BTreeMap<NodeId, u32>) {
+    let mut out = Placements::default();
+    let mut reserved = reserved.clone();
+    let mut remaining = count;
+    let mut used: Vec<&NodeId> = Vec::new();
+    for (node_id, slots) in reserved.clone() {
+        let in_use = active
+            .iter()
+            .filter(|t| t.app_id == app.id && t.node_id == node_id)
+            .count() as u32;
+        let free = slots.saturating_sub(in_use).min(remaining);
+        let Some(node) = nodes.iter().find(|n| n.id == node_id) else {
+            continue;
+        };
+        if free == 0 {
+            continue;
+        }
+        let placed = place(app, free, &[node], active);
+        remaining -= placed.placed.len() as u32;
+        if out.reason.is_none() {
+            out.reason = placed.reason;
+        }
+        out.placed.extend(placed.placed);
+        used.push(&node.id);
+    }
+    let new_allowed = app
+        .instances
+        .saturating_sub(reserved.values().sum::<u32>())
+        .min(remaining);
+    if new_allowed > 0 {
+        let others: Vec<&Node> = nodes
+            .iter()
+            .filter(|n| !used.contains(&&n.id))
+            .copied()
+            .collect();
+        let placed = place(app, new_allowed, &others, active);
+        remaining -= placed.placed.len() as u32;
+        for p in &placed.placed {
+            *reserved.entry(p.node_id.clone()).or_default() += 1;
+        }
+        if out.reason.is_none() {
+            out.reason = placed.reason;
+        }
+        out.placed.extend(placed.placed);
+    }
+    out.unplaced = remaining;
+    if remaining == 0 {
+        out.reason = None;
+    } else if out.reason.is_none() {
+        let holders: Vec<&str> = reserved.keys().map(|n| n.0.as_str()).collect();
+        out.reason = Some(format!(
+            "waiting for the nodes that hold its persistent volumes ({})",
+            holders.join(", ")
+        ));
+    }
+    (out, reserved)
 }
 
 /// Places up to `count` new instances of `app`. `active` are the tasks that hold resources
@@ -415,6 +484,45 @@ mod tests {
                 ports: vec![],
             },
         }
+    }
+
+    #[test]
+    fn a_resident_app_goes_back_to_its_volumes_and_waits_for_a_node_that_holds_one() {
+        let a = app(
+            r#"{"id": "/db", "cmd": "x", "cpus": 0.1, "mem": 1, "instances": 2,
+                "container": {"volumes": [{"containerPath": "d", "persistent": {"size": 1}}]}}"#,
+        );
+        let (n1, n2, n3) = (node(1, 4.0, &[]), node(2, 4.0, &[]), node(3, 4.0, &[]));
+        let nodes = [&n1, &n2, &n3];
+        // No volumes yet: anywhere, and the nodes chosen hold one each from now on.
+        let (placed, reserved) = place_resident(&a, 2, &nodes, &[], &BTreeMap::new());
+        assert_eq!(placed.placed.len(), 2);
+        assert_eq!(reserved.values().sum::<u32>(), 2);
+        // A task of the two ended: its replacement goes where its volume is, whatever has room.
+        let holders: Vec<NodeId> = reserved.keys().cloned().collect();
+        let running = task("/db", holders[0].0[1..].parse().unwrap(), &[], 0.1);
+        let (placed, after) = place_resident(&a, 1, &nodes, &[&running], &reserved);
+        assert_eq!(placed.placed.len(), 1);
+        assert_eq!(placed.placed[0].node_id, holders[1]);
+        assert_eq!(after, reserved);
+        // The node that holds it is gone: the instance waits, and says for what.
+        let without: Vec<&Node> = nodes
+            .iter()
+            .filter(|n| n.id != holders[1])
+            .copied()
+            .collect();
+        let (placed, after) = place_resident(&a, 1, &without, &[&running], &reserved);
+        assert!(placed.placed.is_empty());
+        assert_eq!(placed.unplaced, 1);
+        assert!(
+            placed
+                .reason
+                .as_deref()
+                .unwrap()
+                .contains("persistent volumes"),
+            "{placed:?}"
+        );
+        assert_eq!(after, reserved);
     }
 
     fn nodes_of(p: &Placements) -> Vec<&str> {

@@ -670,16 +670,12 @@ impl Orchestrator {
         app: &AppId,
         why: Option<String>,
     ) -> Result<(), keys::UpdateError> {
-        let result = keys::update::<AppStatus, _>(&*self.store, &keys::app_status(app), |s| {
-            let mut s = s.unwrap_or_default();
-            (s.unplaced != why).then(|| {
-                s.unplaced = why.clone();
-                s
-            })
+        self.update_status(app, |s| {
+            let changed = s.unplaced != why;
+            s.unplaced = why.clone();
+            changed
         })
-        .await;
-        self.wrote_update(result)?;
-        Ok(())
+        .await
     }
 
     /// Records which nodes hold a resident app's persistent volumes, before its tasks are
@@ -689,12 +685,23 @@ impl Orchestrator {
         app: &AppId,
         volumes: std::collections::BTreeMap<NodeId, u32>,
     ) -> Result<(), keys::UpdateError> {
+        self.update_status(app, |s| {
+            let changed = s.volumes != volumes;
+            s.volumes = volumes.clone();
+            changed
+        })
+        .await
+    }
+
+    /// Changes an app's status in the store; `change` says whether it changed anything.
+    async fn update_status(
+        &mut self,
+        app: &AppId,
+        change: impl Fn(&mut AppStatus) -> bool + Send,
+    ) -> Result<(), keys::UpdateError> {
         let result = keys::update::<AppStatus, _>(&*self.store, &keys::app_status(app), |s| {
             let mut s = s.unwrap_or_default();
-            (s.volumes != volumes).then(|| {
-                s.volumes = volumes.clone();
-                s
-            })
+            change(&mut s).then_some(s)
         })
         .await;
         self.wrote_update(result)?;

@@ -99,7 +99,7 @@ impl Default for ImagesSection {
 }
 
 /// One registry, as images name its host (`127.0.0.1:5000`, `registry.example.com`).
-#[derive(Clone, Deserialize)]
+#[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RegistryEntry {
     pub host: String,
@@ -107,7 +107,7 @@ pub struct RegistryEntry {
     pub username: Option<String>,
     /// The password itself; `password_file` keeps it out of the config.
     #[serde(default)]
-    pub password: Option<String>,
+    pub password: Option<dcnet_images::Secret>,
     #[serde(default)]
     pub password_file: Option<PathBuf>,
     /// Plain HTTP instead of HTTPS.
@@ -116,20 +116,6 @@ pub struct RegistryEntry {
     /// PEM certificates to trust for this registry.
     #[serde(default)]
     pub ca_file: Option<PathBuf>,
-}
-
-/// A password never reaches a log.
-impl std::fmt::Debug for RegistryEntry {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("RegistryEntry")
-            .field("host", &self.host)
-            .field("username", &self.username)
-            .field("password", &self.password.as_ref().map(|_| "<redacted>"))
-            .field("password_file", &self.password_file)
-            .field("insecure", &self.insecure)
-            .field("ca_file", &self.ca_file)
-            .finish()
-    }
 }
 
 fn default_store_limit_mib() -> u64 {
@@ -164,12 +150,12 @@ impl ImagesSection {
         for r in &self.registries {
             let password = match (&r.password, &r.password_file) {
                 (Some(p), None) => Some(p.clone()),
-                (None, Some(file)) => Some(
+                (None, Some(file)) => Some(dcnet_images::Secret(
                     std::fs::read_to_string(file)
                         .with_context(|| format!("images.registries: reading {}", file.display()))?
                         .trim_end_matches(['\n', '\r'])
                         .to_string(),
-                ),
+                )),
                 (None, None) => None,
                 (Some(_), Some(_)) => anyhow::bail!(
                     "images.registries {:?}: give password or password_file, not both",
@@ -1123,6 +1109,37 @@ mod tests {
             sections(&defaults),
             "examples/agent.toml: dns, containers, l4lb, runtime, api, retention, store, overlay, images"
         );
+    }
+
+    #[test]
+    fn registry_passwords_are_read_and_never_printed() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("pw");
+        std::fs::write(&file, "from-a-file\n").unwrap();
+        let cfg: AgentConfig = toml::from_str(&format!(
+            "[[images.registries]]\nhost = \"r1:5000\"\nusername = \"u\"\npassword = \"s3cret\"\n\
+             [[images.registries]]\nhost = \"r2\"\nusername = \"u\"\npassword_file = \"{}\"\n",
+            file.display()
+        ))
+        .unwrap();
+        let images = cfg.images.to_config(dir.path()).unwrap();
+        assert_eq!(images.registries[0].password.as_ref().unwrap().0, "s3cret");
+        assert_eq!(
+            images.registries[1].password.as_ref().unwrap().0,
+            "from-a-file"
+        );
+        let printed = format!("{cfg:?} {images:?}");
+        assert!(
+            !printed.contains("s3cret") && !printed.contains("from-a-file"),
+            "{printed}"
+        );
+        let both: AgentConfig = toml::from_str(&format!(
+            "[[images.registries]]\nhost = \"r\"\npassword = \"a\"\npassword_file = \"{}\"\n",
+            file.display()
+        ))
+        .unwrap();
+        let err = both.images.to_config(dir.path()).unwrap_err().to_string();
+        assert!(err.contains("not both"), "{err}");
     }
 
     #[test]

@@ -23,30 +23,28 @@ pub use self::spec::{Bind, RunSpec, docker_capabilities, runtime_spec};
 pub use self::store::{Image, ImageConfig, Layer};
 pub use self::unpack::{UnpackError, Unpacked, unpack_layer};
 
+/// A password: never in a log, `Debug` says `<redacted>`.
+#[derive(Clone, Default, PartialEq, Eq, serde::Deserialize)]
+#[serde(transparent)]
+pub struct Secret(pub String);
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("<redacted>")
+    }
+}
+
 /// How to reach one registry.
-#[derive(Clone, Default)]
+#[derive(Clone, Debug, Default)]
 pub struct Registry {
     /// As images name it: `127.0.0.1:5000`, `registry.example.com`, `docker.io`.
     pub host: String,
     pub username: Option<String>,
-    pub password: Option<String>,
+    pub password: Option<Secret>,
     /// Plain HTTP instead of HTTPS.
     pub insecure: bool,
     /// PEM certificates to trust for this registry, besides the system's.
     pub ca_file: Option<PathBuf>,
-}
-
-/// Credentials never reach a log: `Debug` leaves the password out.
-impl std::fmt::Debug for Registry {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Registry")
-            .field("host", &self.host)
-            .field("username", &self.username)
-            .field("password", &self.password.as_ref().map(|_| "<redacted>"))
-            .field("insecure", &self.insecure)
-            .field("ca_file", &self.ca_file)
-            .finish()
-    }
 }
 
 #[derive(Clone, Debug)]

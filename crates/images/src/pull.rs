@@ -320,7 +320,10 @@ impl Images {
                 password,
                 ..
             }) => (
-                RegistryAuth::Basic(u.clone(), password.clone().unwrap_or_default()),
+                RegistryAuth::Basic(
+                    u.clone(),
+                    password.as_ref().map(|p| p.0.clone()).unwrap_or_default(),
+                ),
                 " (the agent's configured user)",
             ),
             _ => (RegistryAuth::Anonymous, " (no credentials are configured)"),

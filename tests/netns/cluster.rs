@@ -1502,3 +1502,67 @@ fn marathon_s_leader_routes_name_the_leader_and_delete_hands_it_over() {
         json!({"leader": address_of(other)})
     );
 }
+
+/// The node whose agent runs the app's one active task, from host 0's view.
+fn node_of_task(c: &Cluster, app: &str) -> Option<(String, String)> {
+    c.hosts[0].agent.running(app).first().map(|t| {
+        (
+            t["id"].as_str().unwrap().to_string(),
+            t["nodeId"].as_str().unwrap().to_string(),
+        )
+    })
+}
+
+#[test]
+fn a_resident_task_comes_back_to_the_node_that_holds_its_volume() {
+    let c = Cluster::start(3, 1);
+    let agent = &c.hosts[0].agent;
+    let db = json!({
+        "id": "/db", "instances": 1, "cpus": 0.1, "mem": 16,
+        "cmd": "echo $MESOS_TASK_ID >> $MESOS_SANDBOX/data/log && exec sleep 3600",
+        "container": {"volumes": [{"containerPath": "data", "mode": "RW", "persistent": {"size": 8}}]}
+    });
+    assert!(deployed(agent, &put_app(agent, &db)));
+    let (mut task, holder) = node_of_task(&c, "/db").expect("a running task");
+    // The holder now has the least free CPU: a task free to go anywhere would go elsewhere.
+    let filler = json!({
+        "id": "/filler", "instances": 1, "cpus": 2, "mem": 16, "cmd": "exec sleep 3600",
+        "constraints": [["hostname", "CLUSTER", holder]]
+    });
+    assert!(deployed(agent, &put_app(agent, &filler)));
+    let host = c
+        .hosts
+        .iter()
+        .find(|h| h.node_id() == holder)
+        .expect("the holder is a host");
+    let log = host.agent.dir.path().join("state/volumes/db/0/data/log");
+    for round in 1..=3 {
+        let (status, _) = agent
+            .http("DELETE", &format!("/v2/apps/db/tasks/{task}"), None)
+            .unwrap();
+        assert_eq!(status, 200);
+        let mut next = None;
+        let replaced = wait_until(Duration::from_secs(60), || {
+            next = node_of_task(&c, "/db").filter(|(t, _)| *t != task);
+            next.is_some()
+        });
+        assert!(replaced, "round {round}: no replacement for {task}");
+        let (id, node) = next.unwrap();
+        assert_eq!(
+            node, holder,
+            "round {round}: the replacement left its volume"
+        );
+        task = id;
+        let lines = wait_until(Duration::from_secs(10), || {
+            std::fs::read_to_string(&log).is_ok_and(|l| l.lines().count() == round + 1)
+        });
+        assert!(lines, "round {round}: {:?}", std::fs::read_to_string(&log));
+    }
+    // The scheduler knows where the volume is, and removing the app removes it there.
+    let (status, _) = agent.http("DELETE", "/v2/apps/db", None).unwrap();
+    assert_eq!(status, 200);
+    let gone = wait_until(Duration::from_secs(30), || !log.exists());
+    assert!(gone, "the volume outlived its app");
+    let (status, _) = agent.http("DELETE", "/v2/apps/filler", None).unwrap();
+    assert_eq!(status, 200);
+}

@@ -14,7 +14,7 @@ DCNET := $(CARGO_TARGET_DIR)/debug/dcnet
 help:
 	@echo "make demo   - build, run two nodes on etcd in throw-away netns (DNS, eBPF VIPs, the overlay), deploy examples/, clean up"
 	@echo "make test   - every test: unit, integration and the netns end-to-end tests (as root)"
-	@echo "make bench  - benchmarks: placement, DNS (vs Knot, NSD), convergence (embedded, 3 nodes on etcd), scale (simulated nodes), L4LB (vs HAProxy, direct)"
+	@echo "make bench  - benchmarks: placement, DNS (vs Knot, NSD), convergence (embedded, 3 nodes on etcd), scale (simulated nodes), L4LB (vs HAProxy, direct), overlay (vs wireguard-go), images (vs podman)"
 	@echo "make soak   - a minute of DNS and API floods from a container while apps deploy; peak RSS and fds"
 	@echo "make lint   - cargo fmt --check and clippy -D warnings"
 
@@ -45,6 +45,7 @@ bench: deps
 	bench/scale.sh
 	bench/l4lb.sh
 	bench/overlay.sh
+	bench/images.sh
 
 soak: deps
 	bench/soak.sh

@@ -278,6 +278,18 @@ fn an_app_from_an_image_runs_its_entrypoint_resolves_its_vip_and_is_reached_thro
     let hosts = in_container(&agent, id, &["cat", "/etc/hosts"]);
     let ip = tasks[0]["ipAddresses"][0]["ipAddress"].as_str().unwrap();
     assert!(hosts.contains(&format!("{ip}\tweb-img")), "{hosts}");
+    // Seccomp refuses what the capabilities allow but Docker's profile does not: a user
+    // namespace (unprivileged elsewhere on this kernel).
+    let userns = in_container(
+        &agent,
+        id,
+        &[
+            "sh",
+            "-c",
+            "unshare -U true 2>&1 && echo made || echo refused",
+        ],
+    );
+    assert!(userns.trim_end().ends_with("refused"), "{userns}");
     let init = in_container(&agent, id, &["cat", "/proc/1/cmdline"]);
     assert!(init.starts_with("httpd"), "{init:?}");
     // Nothing of the image is mounted on the node: the overlay lives in the task's mount

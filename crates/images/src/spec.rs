@@ -1,6 +1,7 @@
 //! The OCI runtime spec (`config.json`) that runs a task from its image: the process merged
 //! from the image config and the app as Marathon and Docker merge them, Docker's default
-//! capabilities, a minimal `/proc` and `/dev`, the paths Docker masks, the agent's own
+//! capabilities, a seccomp filter that refuses what Docker's profile refuses (as a deny list),
+//! a minimal `/proc` and `/dev`, the paths Docker masks, the agent's own
 //! resource limits (rlimits are inherited, never raised past what the node allows), and the network
 //! namespace that dcnet made for the task (the runtime joins it; it never makes one).
 
@@ -60,6 +61,66 @@ pub fn docker_capabilities() -> Vec<&'static str> {
         "CAP_AUDIT_WRITE",
     ]
 }
+
+/// System calls a container is refused (EPERM), beyond what its capabilities refuse: the ones
+/// Docker's default seccomp profile leaves out for a container without CAP_SYS_ADMIN,
+/// written as a deny list (kernel modules and kexec, mounts and namespaces, keyrings, BPF,
+/// perf, clock setting, reboot, swap, quotas, handles, cross-process memory). `clone3` stays
+/// allowed: threads need it, and namespace flags to it need CAP_SYS_ADMIN anyway.
+pub const DENIED_SYSCALLS: &[&str] = &[
+    "acct",
+    "add_key",
+    "bpf",
+    "clock_adjtime",
+    "clock_settime",
+    "create_module",
+    "delete_module",
+    "finit_module",
+    "fsconfig",
+    "fsmount",
+    "fsopen",
+    "fspick",
+    "get_kernel_syms",
+    "init_module",
+    "ioperm",
+    "iopl",
+    "kcmp",
+    "kexec_file_load",
+    "kexec_load",
+    "keyctl",
+    "lookup_dcookie",
+    "mount",
+    "mount_setattr",
+    "move_mount",
+    "name_to_handle_at",
+    "nfsservctl",
+    "open_by_handle_at",
+    "open_tree",
+    "perf_event_open",
+    "pivot_root",
+    "process_vm_readv",
+    "process_vm_writev",
+    "query_module",
+    "quotactl",
+    "quotactl_fd",
+    "reboot",
+    "request_key",
+    "setns",
+    "settimeofday",
+    "stime",
+    "swapoff",
+    "swapon",
+    "sysfs",
+    "_sysctl",
+    "umount",
+    "umount2",
+    "unshare",
+    "uselib",
+    "userfaultfd",
+    "ustat",
+    "vm86",
+    "vm86old",
+];
 
 const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 
@@ -229,6 +290,11 @@ pub fn runtime_spec(spec: &RunSpec<'_>) -> Result<Value, String> {
             "cgroupsPath": spec.cgroups_path,
             "namespaces": namespaces,
             "resources": {"devices": [{"allow": false, "access": "rwm"}]},
+            "seccomp": {
+                "defaultAction": "SCMP_ACT_ALLOW",
+                "architectures": ["SCMP_ARCH_X86_64", "SCMP_ARCH_X86", "SCMP_ARCH_X32", "SCMP_ARCH_AARCH64"],
+                "syscalls": [{"names": DENIED_SYSCALLS, "action": "SCMP_ACT_ERRNO", "errnoRet": 1}],
+            },
             "maskedPaths": [
                 "/proc/asound", "/proc/acpi", "/proc/kcore", "/proc/keys",
                 "/proc/latency_stats", "/proc/timer_list", "/proc/timer_stats",
@@ -350,6 +416,20 @@ mod tests {
                 .contains(&json!({"type": "network", "path": "/run/dcnet/netns/t"}))
         );
         assert_eq!(v["linux"]["cgroupsPath"], "/dcnet/t/ctr");
+        let denied = &v["linux"]["seccomp"]["syscalls"][0];
+        assert_eq!(denied["action"], "SCMP_ACT_ERRNO");
+        for call in ["mount", "unshare", "setns", "kexec_load", "bpf"] {
+            assert!(
+                denied["names"].as_array().unwrap().contains(&json!(call)),
+                "{call}"
+            );
+        }
+        assert!(
+            !denied["names"]
+                .as_array()
+                .unwrap()
+                .contains(&json!("clone3"))
+        );
         for (given, want) in [("www", (33, 34)), ("www:staff", (33, 50)), ("7:8", (7, 8))] {
             img.user = given.into();
             let v = runtime_spec(&spec(&img, &layers)).unwrap();

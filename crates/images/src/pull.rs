@@ -6,7 +6,7 @@
 
 use std::collections::{BTreeSet, HashMap};
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -195,13 +195,14 @@ struct RawRootfs {
     diff_ids: Vec<String>,
 }
 
-/// A writer that counts what it writes, for progress.
-struct Counting {
+/// A writer that counts what it writes, for progress: its own bytes and the pull's total.
+struct Counting<'a> {
     file: tokio::fs::File,
     count: Arc<AtomicU64>,
+    total: Option<&'a AtomicU64>,
 }
 
-impl AsyncWrite for Counting {
+impl AsyncWrite for Counting<'_> {
     fn poll_write(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -211,6 +212,9 @@ impl AsyncWrite for Counting {
         let poll = Pin::new(&mut this.file).poll_write(cx, buf);
         if let Poll::Ready(Ok(n)) = &poll {
             this.count.fetch_add(*n as u64, Ordering::Relaxed);
+            if let Some(total) = this.total {
+                total.fetch_add(*n as u64, Ordering::Relaxed);
+            }
         }
         poll
     }
@@ -221,6 +225,9 @@ impl AsyncWrite for Counting {
         Pin::new(&mut self.get_mut().file).poll_shutdown(cx)
     }
 }
+
+/// Layers of one image downloaded and unpacked at once.
+const PARALLEL_LAYERS: usize = 3;
 
 const ARCH: &str = match std::env::consts::ARCH.as_bytes() {
     b"x86_64" => "amd64",
@@ -411,46 +418,71 @@ impl Images {
             });
         }
         let diff_ids = raw.rootfs.map(|r| r.diff_ids).unwrap_or_default();
-        let mut state = Progress {
+        let size_of = |l: &OciDescriptor| u64::try_from(l.size).unwrap_or(0);
+        let (present, missing): (Vec<_>, Vec<_>) = manifest
+            .layers
+            .iter()
+            .enumerate()
+            .partition(|(_, l)| self.store.has_layer(&l.digest));
+        debug!(
+            image = name,
+            present = present.len(),
+            missing = missing.len(),
+            "layers"
+        );
+        // What is here counts as done; the rest is downloaded and unpacked a few at a time.
+        let bytes_done = AtomicU64::new(present.iter().map(|(_, l)| size_of(l)).sum());
+        let layers_done = AtomicUsize::new(present.len());
+        let state = || Progress {
             image: name.to_string(),
             layers: manifest.layers.len(),
-            bytes: manifest
-                .layers
-                .iter()
-                .map(|l| u64::try_from(l.size).unwrap_or(0))
-                .sum(),
-            ..Progress::default()
+            bytes: manifest.layers.iter().map(size_of).sum(),
+            layers_done: layers_done.load(Ordering::Relaxed),
+            bytes_done: bytes_done.load(Ordering::Relaxed),
         };
-        progress(&state);
-        let mut layers = Vec::new();
-        for (i, layer) in manifest.layers.iter().enumerate() {
-            let unpacked = if self.store.has_layer(&layer.digest) {
-                debug!(image = name, digest = %layer.digest, "layer already here");
-                self.known_size(&layer.digest)
-            } else {
-                self.pull_layer(
-                    name,
-                    reference,
-                    layer,
-                    diff_ids.get(i),
-                    &mut state,
-                    progress,
-                )
-                .await?
-            };
-            state.layers_done += 1;
-            state.bytes_done = state.bytes_done.max(
-                manifest.layers[..=i]
-                    .iter()
-                    .map(|l| u64::try_from(l.size).unwrap_or(0))
-                    .sum(),
-            );
-            progress(&state);
-            layers.push(Layer {
-                digest: layer.digest.clone(),
-                size: unpacked,
+        progress(&state());
+        let gate = tokio::sync::Semaphore::new(PARALLEL_LAYERS);
+        let mut each = Vec::with_capacity(missing.len());
+        for &(i, layer) in &missing {
+            let (gate, bytes_done, layers_done, diff_id) =
+                (&gate, &bytes_done, &layers_done, diff_ids.get(i));
+            each.push(async move {
+                let _turn = gate.acquire().await.expect("the gate is never closed");
+                let result = self
+                    .pull_layer(name, reference, layer, diff_id, bytes_done)
+                    .await;
+                layers_done.fetch_add(1, Ordering::Relaxed);
+                result.map(|size| (layer.digest.clone(), size))
             });
         }
+        let pulls = futures::future::join_all(each);
+        tokio::pin!(pulls);
+        let mut tick = tokio::time::interval(Duration::from_millis(250));
+        let results = loop {
+            tokio::select! {
+                done = &mut pulls => break done,
+                _ = tick.tick() => progress(&state()),
+            }
+        };
+        progress(&state());
+        // Every pull ran to its end (each cleans up after itself); the first error is the
+        // answer.
+        let mut sizes = HashMap::new();
+        for result in results {
+            let (digest, size) = result?;
+            sizes.insert(digest, size);
+        }
+        let layers: Vec<Layer> = manifest
+            .layers
+            .iter()
+            .map(|l| Layer {
+                digest: l.digest.clone(),
+                size: sizes
+                    .get(&l.digest)
+                    .copied()
+                    .unwrap_or_else(|| self.known_size(&l.digest)),
+            })
+            .collect();
         let run = raw.config.unwrap_or_default();
         let image = Image {
             reference: name.to_string(),
@@ -491,8 +523,7 @@ impl Images {
         reference: &Reference,
         layer: &OciDescriptor,
         diff_id: Option<&String>,
-        state: &mut Progress,
-        progress: &(dyn Fn(&Progress) + Send + Sync),
+        bytes_done: &AtomicU64,
     ) -> Result<u64, PullError> {
         let store_err = |error| PullError::Store {
             image: name.to_string(),
@@ -504,23 +535,14 @@ impl Images {
         let out = Counting {
             file,
             count: count.clone(),
+            total: Some(bytes_done),
         };
         let (_, given) = self.auth_for(reference);
-        let download = self.client.pull_blob(reference, layer, out);
-        tokio::pin!(download);
-        let mut tick = tokio::time::interval(Duration::from_millis(250));
-        let before = state.bytes_done;
-        let downloaded = loop {
-            tokio::select! {
-                done = &mut download => break done,
-                _ = tick.tick() => {
-                    state.bytes_done = before + count.load(Ordering::Relaxed);
-                    progress(state);
-                }
-            }
-        };
+        let downloaded = self.client.pull_blob(reference, layer, out).await;
         if let Err(e) = downloaded {
             let _ = tokio::fs::remove_file(&blob).await;
+            // What this layer had counted does not stay in the progress.
+            bytes_done.fetch_sub(count.load(Ordering::Relaxed), Ordering::Relaxed);
             return Err(self.oci_error(name, reference, given, e));
         }
         let dest = self.store.layer_dir(&layer.digest);

@@ -51,7 +51,8 @@ pub struct Fetcher {
     cfg: Config,
     http: reqwest::Client,
     metrics: Arc<Metrics>,
-    /// One download per URI at a time, so that tasks that start together share the cache.
+    /// One download per URI at a time, so that tasks that start together share the cache;
+    /// only URIs in flight are here.
     locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
 }
 
@@ -236,13 +237,19 @@ impl Fetcher {
 
     /// The artifact from the cache, downloading it there first if it is not.
     async fn cached(&self, uri: &str, name: &str, src: &Source) -> Result<(PathBuf, bool), String> {
-        let lock = self
-            .locks
-            .lock()
-            .expect("fetch locks")
-            .entry(uri.to_string())
-            .or_default()
-            .clone();
+        let lock = crate::turn_for(&self.locks, uri);
+        let result = self.cached_in_turn(uri, name, src, &lock).await;
+        crate::forget_if_idle(&self.locks, uri, &lock);
+        result
+    }
+
+    async fn cached_in_turn(
+        &self,
+        uri: &str,
+        name: &str,
+        src: &Source,
+        lock: &tokio::sync::Mutex<()>,
+    ) -> Result<(PathBuf, bool), String> {
         let _held = lock.lock().await;
         let dir = self.cfg.cache_dir.join(key(uri));
         let file = dir.join(name);
@@ -539,6 +546,23 @@ mod tests {
             .await
             .unwrap();
         assert!(f.cache_bytes() <= 300, "{}", f.cache_bytes());
+        // Only downloads in flight hold a lock: none now.
+        assert!(f.locks.lock().unwrap().is_empty());
+        // An artifact past the size limit is refused, and nothing of it stays.
+        let mut small = Config::under(dir.path());
+        small.artifact_limit = 100;
+        small.cache_dir = dir.path().join("cache2");
+        let metrics = Arc::new(Metrics::register(&prometheus::Registry::new()).unwrap());
+        let limited = Fetcher::new(small, metrics).unwrap();
+        let err = limited
+            .fetch_all(&[artifact(&big, false)], &sandbox)
+            .await
+            .unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("larger than the limit of 100 bytes"),
+            "{err}"
+        );
         let gone = f.fetch_all(&[artifact(&src, true)], &sandbox).await;
         assert!(gone.unwrap_err().to_string().contains("app.tgz"));
         // A missing file fails with its URI and leaves nothing behind.

@@ -92,6 +92,31 @@ pub fn check_name(name: &str) -> Result<(), String> {
         .map_err(|e| format!("{name:?} is not an image name: {e}"))
 }
 
+/// The turn of `key` in a map of per-key locks (made if it is not there).
+pub(crate) fn turn_for<T: Default>(
+    map: &std::sync::Mutex<std::collections::HashMap<String, std::sync::Arc<T>>>,
+    key: &str,
+) -> std::sync::Arc<T> {
+    map.lock()
+        .expect("turns lock")
+        .entry(key.to_string())
+        .or_default()
+        .clone()
+}
+
+/// Drops `key` from a map of per-key locks once no one but the map and `held` has it: the
+/// map holds only what is in flight.
+pub(crate) fn forget_if_idle<T>(
+    map: &std::sync::Mutex<std::collections::HashMap<String, std::sync::Arc<T>>>,
+    key: &str,
+    held: &std::sync::Arc<T>,
+) {
+    let mut map = map.lock().expect("turns lock");
+    if std::sync::Arc::strong_count(held) <= 2 {
+        map.remove(key);
+    }
+}
+
 /// One process-wide TLS provider for reqwest's rustls (ring, as the rest of the tree uses).
 pub(crate) fn tls_provider() {
     let _ = rustls::crypto::ring::default_provider().install_default();

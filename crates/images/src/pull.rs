@@ -141,8 +141,9 @@ pub struct Images {
     cfg: Config,
     store: Store,
     client: Client,
-    /// Per name: when its last pull finished (seconds since the epoch), behind a lock that
-    /// one pull holds at a time.
+    /// Per name being pulled: when its last pull finished (seconds since the epoch), behind
+    /// a lock that one pull holds at a time. A name leaves once no task waits for it, so
+    /// this holds only what is in flight.
     pulls: Mutex<HashMap<String, Arc<tokio::sync::Mutex<u64>>>>,
     metrics: Arc<Metrics>,
 }
@@ -349,14 +350,24 @@ impl Images {
             name: name.to_string(),
             why: format!("{e}"),
         })?;
+        let lock = crate::turn_for(&self.pulls, name);
+        let result = self
+            .ensure_in_turn(name, &reference, force, progress, &lock)
+            .await;
+        crate::forget_if_idle(&self.pulls, name, &lock);
+        result
+    }
+
+    /// [`Images::ensure`] with the name's turn: `lock` holds when its last pull ended.
+    async fn ensure_in_turn(
+        &self,
+        name: &str,
+        reference: &Reference,
+        force: bool,
+        progress: &(dyn Fn(&Progress) + Send + Sync),
+        lock: &tokio::sync::Mutex<u64>,
+    ) -> Result<Image, PullError> {
         let asked_at = now_secs();
-        let lock = self
-            .pulls
-            .lock()
-            .expect("pulls lock")
-            .entry(name.to_string())
-            .or_default()
-            .clone();
         let mut last_pull = lock.lock().await;
         if let Some(image) = self.store.image(name)
             && (!force || *last_pull >= asked_at)
@@ -366,18 +377,16 @@ impl Images {
         }
         let timer = tokio::time::Instant::now();
         let secs = self.cfg.pull_timeout.as_secs();
-        let result = match tokio::time::timeout(
-            self.cfg.pull_timeout,
-            self.pull(name, &reference, progress),
-        )
-        .await
-        {
-            Ok(result) => result,
-            Err(_) => Err(PullError::Timeout {
-                image: name.to_string(),
-                secs,
-            }),
-        };
+        let result =
+            match tokio::time::timeout(self.cfg.pull_timeout, self.pull(name, reference, progress))
+                .await
+            {
+                Ok(result) => result,
+                Err(_) => Err(PullError::Timeout {
+                    image: name.to_string(),
+                    secs,
+                }),
+            };
         let label = if result.is_ok() { "pulled" } else { "failed" };
         self.metrics.pulls.with_label_values(&[label]).inc();
         self.metrics

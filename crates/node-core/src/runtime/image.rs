@@ -92,9 +92,12 @@ impl Slots {
     }
 
     pub(super) fn release(&self, task: &TaskId) {
-        for held in self.0.lock().expect("slots lock").values_mut() {
+        let mut all = self.0.lock().expect("slots lock");
+        for held in all.values_mut() {
             held.retain(|_, t| t != task);
         }
+        // Only apps with a task here keep an entry.
+        all.retain(|_, held| !held.is_empty());
     }
 }
 
@@ -513,6 +516,10 @@ mod tests {
         slots.release(&a);
         assert_eq!(slots.take(&app, &c, 2), Some(0));
         assert_eq!(slots.take(&AppId::parse("/other").unwrap(), &a, 1), Some(0));
+        for t in [&a, &b, &c] {
+            slots.release(t);
+        }
+        assert!(slots.0.lock().unwrap().is_empty());
     }
 
     #[test]

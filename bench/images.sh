@@ -59,7 +59,8 @@ log: { level: error }
 storage: { filesystem: { rootdirectory: $WORK/registry } }
 http: { addr: 127.0.0.1:5000 }
 EOF
-in_ns docker-registry serve "$WORK/registry.yml" >"$WORK/registry.log" 2>&1 &
+# nsenter itself, not the in_ns function (a subshell): $! is then the process to stop.
+nsenter --net="/run/netns/$NS" docker-registry serve "$WORK/registry.yml" >"$WORK/registry.log" 2>&1 &
 REGISTRY=$!
 for _ in $(seq 100); do in_ns curl -sf http://127.0.0.1:5000/v2/ >/dev/null && break; sleep 0.1; done
 in_ns skopeo copy --quiet --dest-tls-verify=false "oci:$L:bb" docker://127.0.0.1:5000/bench/busybox:1
@@ -84,7 +85,7 @@ oci_runtime = "$(command -v runc)"
 host = "127.0.0.1:5000"
 insecure = true
 EOF
-in_ns "$DCNET" agent --config "$WORK/agent.toml" >"$WORK/agent.log" 2>&1 &
+nsenter --net="/run/netns/$NS" "$DCNET" agent --config "$WORK/agent.toml" >"$WORK/agent.log" 2>&1 &
 AGENT=$!
 for _ in $(seq 100); do in_ns curl -sf http://127.0.0.1:8080/ready >/dev/null && break; sleep 0.1; done
 

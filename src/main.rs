@@ -90,8 +90,8 @@ enum Command {
     /// Enter a container task's namespaces and run its command (used by the agent).
     #[command(hide = true)]
     ContainerExec {
-        /// The task's network namespace file (none: the node's, for an image task on the host
-        /// network, whose OCI runtime joins the namespace itself otherwise).
+        /// The task's network namespace file (none for a task from an image, whose OCI
+        /// runtime joins it from the spec).
         #[arg(long)]
         netns: Option<PathBuf>,
         /// The task's resolv.conf, bind-mounted over /etc/resolv.conf.

@@ -159,11 +159,11 @@ fn image_support(cfg: &AgentConfig, registry: &Registry) -> anyhow::Result<Image
         }
     };
     info!(runtime = %oci_runtime.display(), store = %images_cfg.dir.display(), "images");
-    Ok(ImageSupport {
-        images: Arc::new(images),
-        fetcher: Arc::new(fetcher),
+    Ok(ImageSupport::new(
+        Arc::new(images),
+        Arc::new(fetcher),
         oci_runtime,
-        oci_root: cfg.state_dir.join("oci"),
-        volumes_dir: cfg.state_dir.join("volumes"),
-    })
+        cfg.state_dir.join("oci"),
+        cfg.state_dir.join("volumes"),
+    ))
 }

@@ -477,7 +477,9 @@ pub fn cgroup2_root() -> PathBuf {
 /// The roots of the hierarchies the agent may use (v2, and v1 cpu and memory).
 /// Every cgroup hierarchy mounted: an OCI runtime makes a container's cgroup in each.
 pub fn cgroup_roots() -> Vec<PathBuf> {
-    dcnet_node_core::runtime::cgroup::all_hierarchies()
+    dcnet_node_core::runtime::cgroup::Hierarchies::detect()
+        .expect("reading mountinfo")
+        .all
         .into_iter()
         .filter(|p| p.join("cgroup.procs").exists())
         .collect()

@@ -99,11 +99,20 @@ fn relative(dest: &str) -> Result<PathBuf, String> {
         .components()
         .any(|c| !matches!(c, Component::Normal(_) | Component::CurDir))
     {
-        return Err(format!(
-            "destPath {dest:?} must be relative to the sandbox, without '..'"
-        ));
+        return Err("must be relative to the sandbox, without '..'".into());
     }
     Ok(path.to_path_buf())
+}
+
+/// Whether `uri` is one the fetcher can fetch; why not if it is not (for the app's
+/// validation, which must refuse what the fetcher would).
+pub fn check_uri(uri: &str) -> Result<(), String> {
+    source(uri).map(|_| ())
+}
+
+/// Whether `dest` is a `destPath` the fetcher takes; why not if it is not.
+pub fn check_dest_path(dest: &str) -> Result<(), String> {
+    relative(dest).map(|_| ())
 }
 
 enum Kind {
@@ -175,7 +184,9 @@ impl Fetcher {
         let src = source(&a.uri).map_err(fail)?;
         let name = file_name(&a.uri).map_err(fail)?;
         let dest_rel = match &a.dest_path {
-            Some(d) if !d.is_empty() => relative(d).map_err(fail)?,
+            Some(d) if !d.is_empty() => {
+                relative(d).map_err(|why| fail(format!("destPath {d:?} {why}")))?
+            }
             _ => PathBuf::from(&name),
         };
         let (file, from_cache) = if a.cache {

@@ -17,11 +17,11 @@ mod unpack;
 use std::path::PathBuf;
 use std::time::Duration;
 
-pub use self::fetch::{Artifact, FetchError, Fetched, Fetcher};
+pub use self::fetch::{Artifact, FetchError, Fetched, Fetcher, check_dest_path, check_uri};
 pub use self::pull::{Images, Metrics, Progress, PullError};
-pub use self::spec::{Bind, RunSpec, docker_capabilities, runtime_spec};
+pub use self::spec::{Bind, RunSpec, runtime_spec};
 pub use self::store::{Image, ImageConfig, Layer};
-pub use self::unpack::{UnpackError, Unpacked, unpack_layer};
+pub use self::unpack::UnpackError;
 
 /// A password: never in a log, `Debug` says `<redacted>`.
 #[derive(Clone, Default, PartialEq, Eq, serde::Deserialize)]

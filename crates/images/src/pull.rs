@@ -199,8 +199,8 @@ struct RawRootfs {
 /// A writer that counts what it writes, for progress: its own bytes and the pull's total.
 struct Counting<'a> {
     file: tokio::fs::File,
-    count: Arc<AtomicU64>,
-    total: Option<&'a AtomicU64>,
+    count: &'a AtomicU64,
+    total: &'a AtomicU64,
 }
 
 impl AsyncWrite for Counting<'_> {
@@ -213,9 +213,7 @@ impl AsyncWrite for Counting<'_> {
         let poll = Pin::new(&mut this.file).poll_write(cx, buf);
         if let Poll::Ready(Ok(n)) = &poll {
             this.count.fetch_add(*n as u64, Ordering::Relaxed);
-            if let Some(total) = this.total {
-                total.fetch_add(*n as u64, Ordering::Relaxed);
-            }
+            this.total.fetch_add(*n as u64, Ordering::Relaxed);
         }
         poll
     }
@@ -280,10 +278,6 @@ impl Images {
         &self.metrics
     }
 
-    pub fn config(&self) -> &Config {
-        &self.cfg
-    }
-
     /// The directories of an image's layers, top first (overlayfs' `lowerdir` order).
     pub fn lower_dirs(&self, image: &Image) -> Vec<std::path::PathBuf> {
         image
@@ -292,11 +286,6 @@ impl Images {
             .rev()
             .map(|l| self.store.layer_dir(&l.digest))
             .collect()
-    }
-
-    /// Every image in the store.
-    pub fn list(&self) -> Vec<Image> {
-        self.store.images()
     }
 
     fn store_bytes(&self) -> u64 {
@@ -458,7 +447,7 @@ impl Images {
             each.push(async move {
                 let _turn = gate.acquire().await.expect("the gate is never closed");
                 let result = self
-                    .pull_layer(name, reference, layer, diff_id, bytes_done)
+                    .pull_layer(name, reference, given, layer, diff_id, bytes_done)
                     .await;
                 layers_done.fetch_add(1, Ordering::Relaxed);
                 result.map(|size| (layer.digest.clone(), size))
@@ -481,15 +470,18 @@ impl Images {
             let (digest, size) = result?;
             sizes.insert(digest, size);
         }
+        // The sizes of layers that other images brought, read once.
+        if !present.is_empty() {
+            for layer in self.store.images().into_iter().flat_map(|i| i.layers) {
+                sizes.entry(layer.digest).or_insert(layer.size);
+            }
+        }
         let layers: Vec<Layer> = manifest
             .layers
             .iter()
             .map(|l| Layer {
                 digest: l.digest.clone(),
-                size: sizes
-                    .get(&l.digest)
-                    .copied()
-                    .unwrap_or_else(|| self.known_size(&l.digest)),
+                size: sizes.get(&l.digest).copied().unwrap_or(0),
             })
             .collect();
         let run = raw.config.unwrap_or_default();
@@ -516,20 +508,11 @@ impl Images {
         Ok(image)
     }
 
-    /// The unpacked size of a layer that another image brought.
-    fn known_size(&self, digest: &str) -> u64 {
-        self.store
-            .images()
-            .iter()
-            .flat_map(|i| i.layers.iter())
-            .find(|l| l.digest == digest)
-            .map_or(0, |l| l.size)
-    }
-
     async fn pull_layer(
         &self,
         name: &str,
         reference: &Reference,
+        given: &'static str,
         layer: &OciDescriptor,
         diff_id: Option<&String>,
         bytes_done: &AtomicU64,
@@ -539,14 +522,13 @@ impl Images {
             error,
         };
         let blob = self.store.tmp("blob");
-        let count = Arc::new(AtomicU64::new(0));
+        let count = AtomicU64::new(0);
         let file = tokio::fs::File::create(&blob).await.map_err(store_err)?;
         let out = Counting {
             file,
-            count: count.clone(),
-            total: Some(bytes_done),
+            count: &count,
+            total: bytes_done,
         };
-        let (_, given) = self.auth_for(reference);
         let downloaded = self.client.pull_blob(reference, layer, out).await;
         if let Err(e) = downloaded {
             let _ = tokio::fs::remove_file(&blob).await;

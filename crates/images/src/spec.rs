@@ -43,7 +43,7 @@ pub struct RunSpec<'a> {
 }
 
 /// Docker's default capability set.
-pub fn docker_capabilities() -> Vec<&'static str> {
+fn docker_capabilities() -> Vec<&'static str> {
     vec![
         "CAP_CHOWN",
         "CAP_DAC_OVERRIDE",

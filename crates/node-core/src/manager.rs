@@ -18,8 +18,8 @@ use crate::health::{self, Tracker, Verdict};
 use crate::keys::{self, SharedStore};
 use crate::metrics::Metrics;
 use crate::model::{
-    App, AppId, Exit, Goal, Health, IpAddress, KillReason, Node, ProcessHandle, Task, TaskId,
-    TaskState, now_rfc3339,
+    App, Exit, Goal, Health, IpAddress, KillReason, Node, ProcessHandle, Task, TaskId, TaskState,
+    now_rfc3339,
 };
 use crate::runtime::{ExitFuture, LaunchSpec, Runtime, Staging};
 use crate::state::ClusterState;
@@ -267,15 +267,12 @@ impl Manager {
         self.finished
             .retain(|id| state.tasks.get(id).is_some_and(|t| t.state.is_active()));
         let mine: Vec<Arc<Task>> = state.tasks_on(&me).cloned().collect();
-        // Persistent volumes go with their app, once none of its tasks runs here.
-        let active_apps: BTreeSet<&AppId> = mine
-            .iter()
-            .filter(|t| t.state.is_active())
-            .map(|t| &t.app_id)
-            .collect();
-        let released = self
-            .runtime
-            .release_volumes(&|id| state.apps.contains_key(id) || active_apps.contains(id));
+        // Persistent volumes go with their app, once none of its tasks runs here (asked only
+        // of the apps that have volumes here).
+        let released = self.runtime.release_volumes(&|id| {
+            state.apps.contains_key(id)
+                || mine.iter().any(|t| t.app_id == *id && t.state.is_active())
+        });
         if released > 0 {
             info!(
                 apps = released,

@@ -377,11 +377,11 @@ fn validate(app: &App) -> Vec<FieldError> {
                 if p.size == 0 {
                     err(format!("{at}/persistent/size"), "must be at least 1 (MiB)".into());
                 }
-                if v.container_path.starts_with('/') || v.container_path.contains("..") {
+                // `..` is refused below, for every volume.
+                if v.container_path.starts_with('/') {
                     err(
                         format!("{at}/containerPath"),
-                        "a persistent volume's path is relative to the sandbox, without '..'"
-                            .into(),
+                        "a persistent volume's path is relative to the sandbox".into(),
                     );
                 }
             }
@@ -394,24 +394,13 @@ fn validate(app: &App) -> Vec<FieldError> {
             );
         }
     }
+    // What the fetcher would refuse at launch is refused here, by the same checks.
     for (i, f) in app.fetch.iter().enumerate() {
-        if !(f.uri.starts_with("http://")
-            || f.uri.starts_with("https://")
-            || f.uri.starts_with("file://")
-            || f.uri.starts_with('/'))
-        {
-            err(
-                format!("/fetch/{i}/uri"),
-                "only http, https, file and absolute paths can be fetched".into(),
-            );
+        if let Err(why) = dcnet_images::check_uri(&f.uri) {
+            err(format!("/fetch/{i}/uri"), why);
         }
-        if let Some(d) = &f.dest_path
-            && (d.starts_with('/') || d.split('/').any(|p| p == ".."))
-        {
-            err(
-                format!("/fetch/{i}/destPath"),
-                "must be relative to the sandbox, without '..'".into(),
-            );
+        if let Some(Err(why)) = f.dest_path.as_deref().map(dcnet_images::check_dest_path) {
+            err(format!("/fetch/{i}/destPath"), why);
         }
     }
     if app.cmd.is_some() && app.args.is_some() {

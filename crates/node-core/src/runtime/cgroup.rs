@@ -17,6 +17,9 @@ pub struct Hierarchies {
     pub v2: Option<PathBuf>,
     pub v1_cpu: Option<PathBuf>,
     pub v1_memory: Option<PathBuf>,
+    /// Every cgroup hierarchy mounted, v1 and v2: an OCI runtime makes a container's cgroup
+    /// in each, and clean-up must find it there.
+    pub all: Vec<PathBuf>,
 }
 
 impl Hierarchies {
@@ -38,6 +41,9 @@ impl Hierarchies {
             };
             let mut right = right.split(' ');
             let (fstype, _source, superopts) = (right.next(), right.next(), right.next());
+            if matches!(fstype, Some("cgroup" | "cgroup2")) {
+                found.all.push(mountpoint.into());
+            }
             match fstype {
                 Some("cgroup2") if found.v2.is_none() => found.v2 = Some(mountpoint.into()),
                 Some("cgroup") => {
@@ -101,7 +107,6 @@ impl Cgroups {
         }
     }
 
-    /// The directories of the parent on every hierarchy in use.
     /// The parent's path inside each hierarchy (`dcnet` or `dcnet-test-123/agent`).
     pub fn parent(&self) -> &str {
         &self.parent
@@ -109,7 +114,7 @@ impl Cgroups {
 
     /// Removes what an OCI runtime made for task `name` in every hierarchy, ours or not.
     pub fn remove_everywhere(&self, name: &str) {
-        for root in all_hierarchies() {
+        for root in &self.hierarchies.all {
             let dir = root.join(&self.parent).join(name);
             for sub in subdirs(&dir).iter().rev() {
                 let _ = fs::remove_dir(sub);
@@ -117,20 +122,7 @@ impl Cgroups {
         }
     }
 
-    /// Removes the parent from every hierarchy where an OCI runtime made it.
-    pub fn remove_parent_everywhere(&self) {
-        for root in all_hierarchies() {
-            let dir = root.join(&self.parent);
-            if !self.parent.is_empty()
-                && fs::read_dir(&dir).is_ok_and(|mut d| {
-                    d.all(|e| e.is_ok_and(|e| !e.file_type().is_ok_and(|t| t.is_dir())))
-                })
-            {
-                let _ = fs::remove_dir(&dir);
-            }
-        }
-    }
-
+    /// The directories of the parent on every hierarchy in use.
     pub fn parent_dirs(&self) -> Vec<PathBuf> {
         let mut dirs = Vec::new();
         let mut push = |root: &Option<PathBuf>| {
@@ -369,22 +361,6 @@ fn subdirs(dir: &Path) -> Vec<PathBuf> {
     out
 }
 
-/// Every cgroup hierarchy mounted (v1 and v2): an OCI runtime makes a task's cgroup in each.
-pub fn all_hierarchies() -> Vec<PathBuf> {
-    let Ok(mountinfo) = fs::read_to_string("/proc/self/mountinfo") else {
-        return Vec::new();
-    };
-    mountinfo
-        .lines()
-        .filter_map(|line| {
-            let (left, right) = line.split_once(" - ")?;
-            let fstype = right.split(' ').next()?;
-            matches!(fstype, "cgroup" | "cgroup2")
-                .then(|| left.split(' ').nth(4).map(PathBuf::from))?
-        })
-        .collect()
-}
-
 fn write(path: &Path, value: &str) -> io::Result<()> {
     fs::write(path, value).map_err(|e| {
         io::Error::new(
@@ -413,6 +389,9 @@ mod tests {
             h.v1_memory.as_deref(),
             Some(Path::new("/sys/fs/cgroup/memory"))
         );
+        // Every cgroup mount, for what an OCI runtime makes everywhere; not the tmpfs.
+        assert_eq!(h.all.len(), 4);
+        assert!(!h.all.contains(&PathBuf::from("/sys/fs/cgroup")));
     }
 
     #[test]

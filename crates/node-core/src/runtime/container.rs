@@ -28,7 +28,7 @@ use dcnet_netns::{self as netns, Netlink};
 
 use super::host::Placement;
 use super::image::{self, ImageSupport, SANDBOX_IN_CONTAINER, Slots};
-use super::{ExitFuture, HostRuntime, LaunchSpec, Launched, Runtime, RuntimeError};
+use super::{ExitFuture, HostRuntime, LaunchSpec, Launched, Runtime, RuntimeError, sandbox_err};
 use crate::ipam::{self, Subnet};
 use crate::keys::SharedStore;
 use crate::model::{AppId, IpAddress, NodeId, ProcessHandle, Protocol, TaskId};
@@ -206,31 +206,54 @@ impl ContainerRuntime {
     /// A task from an image with the node's network (no namespace of its own).
     async fn launch_image_on_host(
         &self,
-        spec: LaunchSpec,
+        spec: &LaunchSpec,
         binds: Vec<dcnet_images::Bind>,
     ) -> Result<Launched, RuntimeError> {
         let sandbox = self.host.sandbox_of(&spec.task);
-        let image = self.cfg.images.pull(&spec).await?;
-        fs::write(sandbox.join("resolv.conf"), self.resolv_conf()).map_err(|error| {
-            RuntimeError::Sandbox {
-                path: sandbox.display().to_string(),
-                error,
-            }
-        })?;
-        let mut env = task_env(&spec, &sandbox, &spec.ports, &spec.host_ip.to_string());
+        let image = self.cfg.images.pull(spec).await?;
+        fs::write(sandbox.join("resolv.conf"), self.resolv_conf())
+            .map_err(sandbox_err(&sandbox))?;
+        self.run_image(spec, &image, binds, None).await
+    }
+
+    /// Runs a task from `image`, once its network is ready: `net` is the namespace and
+    /// address made for it, `None` the node's own. On error, the task is cleaned up.
+    async fn run_image(
+        &self,
+        spec: &LaunchSpec,
+        image: &dcnet_images::Image,
+        binds: Vec<dcnet_images::Bind>,
+        net: Option<(&std::path::Path, Ipv4Addr)>,
+    ) -> Result<Launched, RuntimeError> {
+        let sandbox = self.host.sandbox_of(&spec.task);
+        // Inside its own network a task has its container ports, else its host ports.
+        let (ports, ip): (Vec<u16>, IpAddr) = match net {
+            Some((_, ip)) => (
+                spec.app
+                    .port_mappings()
+                    .iter()
+                    .map(|m| m.container_port)
+                    .collect(),
+                IpAddr::V4(ip),
+            ),
+            None => (spec.ports.clone(), spec.host_ip),
+        };
+        let mut env = task_env(spec, &sandbox, &ports, &ip.to_string());
         in_container_sandbox(&mut env);
-        let (shim_args, argv) = self.cfg.images.bundle(
-            &spec,
-            &image,
+        let bundled = self.cfg.images.bundle(
+            spec,
+            image,
             &sandbox,
-            None,
-            None,
+            net,
             &env,
             binds,
             &sandbox.join("resolv.conf"),
             self.host.cgroups().parent(),
-        )?;
-        let launched = self.start_image(&spec, shim_args, argv, spec.host_ip).await;
+        );
+        let launched = match bundled {
+            Ok((shim_args, argv)) => self.start_image(spec, shim_args, argv, ip).await,
+            Err(e) => Err(e),
+        };
         if launched.is_err() {
             self.cleanup(&spec.task).await;
         }
@@ -384,52 +407,33 @@ async fn run_nft(ruleset: &str) -> std::io::Result<()> {
     }
 }
 
-#[async_trait]
-impl Runtime for ContainerRuntime {
-    async fn launch(&self, spec: LaunchSpec) -> Result<Launched, RuntimeError> {
+// === impl ContainerRuntime: launching ===
+
+impl ContainerRuntime {
+    /// [`Runtime::launch`], less the release of a volume slot when it fails.
+    async fn launch_task(&self, spec: LaunchSpec) -> Result<Launched, RuntimeError> {
         let sandbox = self.host.sandbox_of(&spec.task);
-        fs::create_dir_all(&sandbox).map_err(|error| RuntimeError::Sandbox {
-            path: sandbox.display().to_string(),
-            error,
-        })?;
-        let prepared = async {
-            self.cfg.images.fetch(&spec, &sandbox).await?;
-            self.cfg.images.volumes(&spec, &sandbox, &self.slots).await
-        }
-        .await;
-        let binds = match prepared {
-            Ok(binds) => binds,
-            Err(e) => {
-                self.slots.release(&spec.task);
-                return Err(e);
-            }
-        };
+        fs::create_dir_all(&sandbox).map_err(sandbox_err(&sandbox))?;
+        self.cfg.images.fetch(&spec, &sandbox).await?;
+        let binds = self
+            .cfg
+            .images
+            .volumes(&spec, &sandbox, &self.slots)
+            .await?;
         let has_image = spec.app.image().is_some();
-        if !has_image && let Err(e) = self.cfg.images.link_volumes(&binds, &sandbox) {
-            self.slots.release(&spec.task);
-            return Err(e);
+        if !has_image {
+            self.cfg.images.link_volumes(&binds, &sandbox)?;
         }
         if !spec.app.is_container_network() {
-            let task = spec.task.clone();
-            let launched = if has_image {
-                self.launch_image_on_host(spec, binds).await
+            return if has_image {
+                self.launch_image_on_host(&spec, binds).await
             } else {
                 self.host.launch(spec).await
             };
-            if launched.is_err() {
-                self.slots.release(&task);
-            }
-            return launched;
         }
         // The image first: a pull that fails leaves no address or namespace to undo.
         let image = if has_image {
-            match self.cfg.images.pull(&spec).await {
-                Ok(image) => Some(image),
-                Err(e) => {
-                    self.slots.release(&spec.task);
-                    return Err(e);
-                }
-            }
+            Some(self.cfg.images.pull(&spec).await?)
         } else {
             None
         };
@@ -465,10 +469,7 @@ impl Runtime for ContainerRuntime {
         })();
         if let Err(error) = prepared {
             let _ = ipam::release(&*self.store, ip, &spec.task).await;
-            return Err(RuntimeError::Sandbox {
-                path: sandbox.display().to_string(),
-                error,
-            });
+            return Err(sandbox_err(&sandbox)(error));
         }
         if let Err(e) = self.setup(&spec, &held).await {
             self.cleanup(&spec.task).await;
@@ -490,31 +491,9 @@ impl Runtime for ContainerRuntime {
             warn!(error = %e, "could not apply the container masquerade with nft");
         }
         if let Some(image) = image {
-            let ports: Vec<u16> = mappings.iter().map(|m| m.container_port).collect();
-            let mut env = task_env(&spec, &sandbox, &ports, &ip.to_string());
-            in_container_sandbox(&mut env);
-            let bundled = self.cfg.images.bundle(
-                &spec,
-                &image,
-                &sandbox,
-                Some(&held.netns),
-                Some(ip),
-                &env,
-                binds,
-                &sandbox.join("resolv.conf"),
-                self.host.cgroups().parent(),
-            );
-            let launched = match bundled {
-                Ok((shim_args, argv)) => {
-                    self.start_image(&spec, shim_args, argv, IpAddr::V4(ip))
-                        .await
-                }
-                Err(e) => Err(e),
-            };
-            if launched.is_err() {
-                self.cleanup(&spec.task).await;
-            }
-            return launched;
+            return self
+                .run_image(&spec, &image, binds, Some((&held.netns, ip)))
+                .await;
         }
         let wrapper: Vec<String> = vec![
             self.cfg.shim.display().to_string(),
@@ -556,6 +535,20 @@ impl Runtime for ContainerRuntime {
                 Err(e)
             }
         }
+    }
+}
+
+#[async_trait]
+impl Runtime for ContainerRuntime {
+    async fn launch(&self, spec: LaunchSpec) -> Result<Launched, RuntimeError> {
+        let task = spec.task.clone();
+        let launched = self.launch_task(spec).await;
+        // Whatever failed, the task holds no volume slot (clean-up, where it ran, did so
+        // too).
+        if launched.is_err() {
+            self.slots.release(&task);
+        }
+        launched
     }
 
     async fn adopt(&self, task: &TaskId, handle: &ProcessHandle) -> Option<ExitFuture> {
@@ -622,7 +615,7 @@ impl Runtime for ContainerRuntime {
         let pruned = self.host.prune_sandboxes(keep, retention).await;
         let sandboxes: Vec<PathBuf> = keep.iter().map(|t| self.host.sandbox_of(t)).collect();
         let in_use = ImageSupport::layers_in_use(sandboxes.iter().map(PathBuf::as_path));
-        self.cfg.images.images.collect(&in_use);
+        self.cfg.images.collect(&in_use);
         pruned
     }
 

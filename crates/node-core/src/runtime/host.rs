@@ -14,7 +14,7 @@ use nix::unistd::Pid;
 use tracing::{debug, info, warn};
 
 use super::cgroup::{Cgroups, Limits, TaskCgroup};
-use super::{ExitFuture, LaunchSpec, Launched, Runtime, RuntimeError};
+use super::{ExitFuture, LaunchSpec, Launched, Runtime, RuntimeError, sandbox_err};
 use crate::model::{Exit, IpAddress, ProcessHandle, TaskId};
 
 #[derive(Clone, Debug)]
@@ -103,10 +103,7 @@ impl HostRuntime {
         placement: Placement,
     ) -> Result<(ProcessHandle, ExitFuture), RuntimeError> {
         let sandbox = self.sandbox(&spec.task);
-        let sandbox_err = |error| RuntimeError::Sandbox {
-            path: sandbox.display().to_string(),
-            error,
-        };
+        let sandbox_err = sandbox_err(&sandbox);
         fs::create_dir_all(&sandbox).map_err(sandbox_err)?;
         let stdout = fs::File::create(sandbox.join("stdout")).map_err(sandbox_err)?;
         let stderr = fs::File::create(sandbox.join("stderr")).map_err(sandbox_err)?;

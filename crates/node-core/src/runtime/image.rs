@@ -20,7 +20,7 @@ use dcnet_images::{Artifact, Bind, Fetcher, Image, Images, RunSpec};
 use serde::{Deserialize, Serialize};
 use tracing::{info, warn};
 
-use super::{LaunchSpec, RuntimeError};
+use super::{LaunchSpec, RuntimeError, sandbox_err};
 use crate::model::{AppId, TaskId, VolumeMode};
 
 /// Where the sandbox appears inside a container from an image, as Mesos mounts it.
@@ -28,14 +28,17 @@ pub const SANDBOX_IN_CONTAINER: &str = "/mnt/mesos/sandbox";
 
 #[derive(Clone, Debug)]
 pub struct ImageSupport {
-    pub images: Arc<Images>,
-    pub fetcher: Arc<Fetcher>,
+    images: Arc<Images>,
+    fetcher: Arc<Fetcher>,
     /// `crun` or `runc`.
-    pub oci_runtime: PathBuf,
+    oci_runtime: PathBuf,
     /// The OCI runtime's state (`--root`), one per agent.
-    pub oci_root: PathBuf,
+    oci_root: PathBuf,
     /// Persistent volumes: `<dir>/<app key>/<slot>/<containerPath>`.
-    pub volumes_dir: PathBuf,
+    volumes_dir: PathBuf,
+    /// The apps with volumes on this node and their directories; read from `volumes_dir`
+    /// once, then kept here, so that checking them on every state change costs no I/O.
+    volume_apps: Arc<Mutex<Option<BTreeMap<AppId, PathBuf>>>>,
 }
 
 /// What an image task holds.
@@ -116,31 +119,67 @@ pub(super) fn held_slot(sandbox: &Path) -> Option<HeldSlot> {
     serde_json::from_slice(&fs::read(sandbox.join("volume-slot.json")).ok()?).ok()
 }
 
-fn sandbox_err(path: &Path) -> impl Fn(std::io::Error) -> RuntimeError + '_ {
-    move |error| RuntimeError::Sandbox {
-        path: path.display().to_string(),
-        error,
-    }
+/// `text` with every character `keep` refuses replaced by `with`.
+fn replace_other(text: &str, keep: impl Fn(char) -> bool, with: char) -> String {
+    text.chars()
+        .map(|c| if keep(c) { c } else { with })
+        .collect()
+}
+
+fn is_name_char(c: char) -> bool {
+    c.is_ascii_alphanumeric() || c == '-'
 }
 
 /// A short file-system-safe key for an app id.
 fn app_key(app: &AppId) -> String {
-    let clean: String = app
-        .as_str()
-        .trim_matches('/')
+    replace_other(app.as_str().trim_matches('/'), is_name_char, '_')
         .chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() || c == '-' {
-                c
-            } else {
-                '_'
-            }
-        })
-        .collect();
-    clean.chars().take(100).collect()
+        .take(100)
+        .collect()
 }
 
 impl ImageSupport {
+    pub fn new(
+        images: Arc<Images>,
+        fetcher: Arc<Fetcher>,
+        oci_runtime: PathBuf,
+        oci_root: PathBuf,
+        volumes_dir: PathBuf,
+    ) -> Self {
+        Self {
+            images,
+            fetcher,
+            oci_runtime,
+            oci_root,
+            volumes_dir,
+            volume_apps: Arc::default(),
+        }
+    }
+
+    /// Removes images no task uses once the store is past its limit; `in_use`: layer
+    /// digests of the tasks that exist.
+    pub(super) fn collect(&self, in_use: &BTreeSet<String>) {
+        self.images.collect(in_use);
+    }
+
+    /// The apps with volumes on this node, read from disk the first time.
+    fn with_volume_apps<R>(&self, f: impl FnOnce(&mut BTreeMap<AppId, PathBuf>) -> R) -> R {
+        let mut known = self.volume_apps.lock().expect("volume apps lock");
+        let apps = known.get_or_insert_with(|| {
+            let Ok(entries) = fs::read_dir(&self.volumes_dir) else {
+                return BTreeMap::new();
+            };
+            entries
+                .flatten()
+                .filter_map(|e| {
+                    let id = fs::read_to_string(e.path().join("app")).ok()?;
+                    Some((AppId::parse(id.trim()).ok()?, e.path()))
+                })
+                .collect()
+        });
+        f(apps)
+    }
+
     /// Fetches the app's `fetch` URIs into the sandbox.
     pub(super) async fn fetch(
         &self,
@@ -209,6 +248,7 @@ impl ImageSupport {
                     fs::create_dir_all(&dir).map_err(sandbox_err(&dir))?;
                     fs::write(app_dir.join("app"), spec.app.id.as_str())
                         .map_err(sandbox_err(&app_dir))?;
+                    self.with_volume_apps(|apps| apps.insert(spec.app.id.clone(), app_dir.clone()));
                     if made {
                         info!(task = %spec.task, volume = %dir.display(), "persistent volume created");
                     }
@@ -287,8 +327,7 @@ impl ImageSupport {
         spec: &LaunchSpec,
         image: &Image,
         sandbox: &Path,
-        netns: Option<&Path>,
-        ip: Option<Ipv4Addr>,
+        net: Option<(&Path, Ipv4Addr)>,
         env: &[(String, String)],
         binds: Vec<Bind>,
         resolv_conf: &Path,
@@ -305,22 +344,13 @@ impl ImageSupport {
         }
         let etc = sandbox.join("etc");
         fs::create_dir_all(&etc).map_err(sandbox_err(&etc))?;
-        let hostname: String = spec
-            .app
-            .id
-            .task_name()
+        let hostname: String = replace_other(&spec.app.id.task_name(), is_name_char, '-')
             .chars()
-            .map(|c| {
-                if c.is_ascii_alphanumeric() || c == '-' {
-                    c
-                } else {
-                    '-'
-                }
-            })
             .take(63)
             .collect();
+        let netns = net.map(|(netns, _)| netns);
         let mut hosts = String::from("127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost\n");
-        if let Some(ip) = ip {
+        if let Some((_, ip)) = net {
             hosts.push_str(&format!("{ip}\t{hostname}\n"));
         }
         fs::write(etc.join("hosts"), hosts).map_err(sandbox_err(&etc))?;
@@ -375,7 +405,9 @@ impl ImageSupport {
         )
         .map_err(sandbox_err(sandbox))?;
         let lower: Vec<String> = lowers.iter().map(|p| p.display().to_string()).collect();
-        let mut shim = vec![
+        // The network namespace is joined by the OCI runtime, from the spec: the shim only
+        // mounts the root, in a mount namespace of its own.
+        let shim = vec![
             "--lower".to_string(),
             lower.join(":"),
             "--upper".into(),
@@ -385,9 +417,6 @@ impl ImageSupport {
             "--rootfs".into(),
             rootfs.display().to_string(),
         ];
-        if let Some(netns) = netns {
-            shim.extend(["--netns".to_string(), netns.display().to_string()]);
-        }
         let _ = fs::remove_file(sandbox.join("container.pid"));
         let argv = vec![
             self.oci_runtime.display().to_string(),
@@ -441,38 +470,29 @@ impl ImageSupport {
 
     /// Removes the persistent volumes of apps that no longer exist.
     pub(super) fn release_volumes(&self, exists: &dyn Fn(&AppId) -> bool) -> usize {
-        let Ok(entries) = fs::read_dir(&self.volumes_dir) else {
-            return 0;
-        };
-        let mut removed = 0;
-        for entry in entries.flatten() {
-            let Ok(id) = fs::read_to_string(entry.path().join("app")) else {
-                continue;
-            };
-            let Ok(app) = AppId::parse(id.trim()) else {
-                continue;
-            };
-            if !exists(&app) && fs::remove_dir_all(entry.path()).is_ok() {
-                info!(app = %app, "removed the persistent volumes of a removed app");
-                removed += 1;
+        self.with_volume_apps(|apps| {
+            let gone: Vec<AppId> = apps.keys().filter(|a| !exists(a)).cloned().collect();
+            let mut removed = 0;
+            for app in gone {
+                let dir = &apps[&app];
+                if fs::remove_dir_all(dir).is_ok() || !dir.exists() {
+                    info!(app = %app, "removed the persistent volumes of a removed app");
+                    apps.remove(&app);
+                    removed += 1;
+                }
             }
-        }
-        removed
+            removed
+        })
     }
 }
 
 /// The OCI runtime's id for a task: letters, digits, `_`, `-`, `.`.
 fn oci_id(task: &TaskId) -> String {
-    task.as_str()
-        .chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.') {
-                c
-            } else {
-                '_'
-            }
-        })
-        .collect()
+    replace_other(
+        task.as_str(),
+        |c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'),
+        '_',
+    )
 }
 
 /// The OCI runtime to use: `configured` if given, else crun where it can run (crun refuses

@@ -91,6 +91,16 @@ pub enum RuntimeError {
     Container(String),
 }
 
+/// `RuntimeError::Sandbox` for an I/O error at `path`.
+pub(crate) fn sandbox_err(
+    path: &std::path::Path,
+) -> impl Fn(std::io::Error) -> RuntimeError + Copy + '_ {
+    move |error| RuntimeError::Sandbox {
+        path: path.display().to_string(),
+        error,
+    }
+}
+
 #[async_trait]
 pub trait Runtime: Send + Sync + 'static {
     /// Starts the task. On error nothing of it is left behind.

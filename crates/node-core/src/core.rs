@@ -137,11 +137,12 @@ impl NodeCore {
         }
         {
             let (store, metrics, state) = (store.clone(), metrics.clone(), state.clone());
-            let retention = cfg.retention;
+            let (retention, node_ttl) = (cfg.retention, cfg.node_ttl);
             supervisor.spawn("scheduler", move |ready, stop| {
                 let fenced = Fenced::new(store.clone(), term.clone());
                 let orchestrator = Orchestrator::new(fenced, metrics.clone(), Clock::new())
-                    .with_history(retention.deployments_per_app);
+                    .with_history(retention.deployments_per_app)
+                    .with_lost_grace(node_ttl);
                 let run = orchestrator.run(state.clone(), term.clone(), stop);
                 async move {
                     ready.serving();
@@ -295,34 +296,54 @@ pub async fn stay_registered(
     lease: &std::sync::Mutex<LeaseId>,
     shutdown: tokio_util::sync::CancellationToken,
 ) {
+    // A third of the TTL after a renewal; soon after a failed one, so that a lease the store
+    // has just renewed for everyone (a quorum back) is kept while clients re-connect.
+    let mut pause = ttl / 3;
+    // Failed attempts in a row; a long outage logs the 1st, 2nd, 4th, 8th... of them.
+    let mut failures: u32 = 0;
     loop {
         tokio::select! {
-            () = tokio::time::sleep(ttl / 3) => {}
+            () = tokio::time::sleep(pause) => {}
             // The lease is left to run out: an agent that restarts within its TTL keeps its
             // tasks without anyone noticing, one that does not is LOST.
             () = shutdown.cancelled() => return,
         }
+        pause = ttl / 10;
+        failures += 1;
         let current = *lease.lock().expect("lease lock");
         // Each attempt gets a third of the TTL: one that hangs (a member that lost its leader,
         // a connection being re-made) must not hold back the next until the lease is gone.
         let Ok(attempt) = tokio::time::timeout(ttl / 3, store.keep_alive(current)).await else {
-            warn!(node = %node.id, "keeping this node's lease took longer than a third of its TTL; retrying");
+            if failures.is_power_of_two() {
+                warn!(node = %node.id, failures, "keeping this node's lease took longer than a third of its TTL; retrying");
+            }
             continue;
         };
         match attempt {
-            Ok(()) => {}
+            Ok(()) => {
+                if failures > 1 {
+                    info!(node = %node.id, failures = failures - 1, "this node's lease is kept again");
+                }
+                failures = 0;
+                pause = ttl / 3;
+            }
             Err(StoreError::LeaseNotFound(_)) => {
                 warn!(node = %node.id, "this node's lease expired (it was cut off from the store); registering again");
                 match register(store, node, ttl).await {
-                    Ok((_, new)) => *lease.lock().expect("lease lock") = new,
+                    Ok((_, new)) => {
+                        *lease.lock().expect("lease lock") = new;
+                        failures = 0;
+                        pause = ttl / 3;
+                    }
                     Err(e) => {
                         warn!(node = %node.id, error = %e, "registering again failed; retrying")
                     }
                 }
             }
-            Err(e) => {
-                warn!(node = %node.id, error = %e, "keeping this node's lease failed; retrying")
+            Err(e) if failures.is_power_of_two() => {
+                warn!(node = %node.id, failures, error = %e, "keeping this node's lease failed; retrying")
             }
+            Err(_) => {}
         }
     }
 }

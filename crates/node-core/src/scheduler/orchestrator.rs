@@ -37,6 +37,10 @@ pub(crate) struct Orchestrator {
     /// Our own last write: a snapshot older than it would make us act twice.
     written: Revision,
     unplaced: BTreeMap<AppId, Unplaced>,
+    /// How long a node's record must stay gone before its tasks are LOST (see `mark_lost`).
+    lost_grace: Duration,
+    /// When this term first saw each node that holds active tasks without its record.
+    absent_since: BTreeMap<NodeId, Now>,
 }
 
 /// How often a pass looks at everything, whatever changed.
@@ -180,7 +184,14 @@ impl Orchestrator {
             clock,
             written: 0,
             unplaced: BTreeMap::new(),
+            lost_grace: Duration::ZERO,
+            absent_since: BTreeMap::new(),
         }
+    }
+
+    pub(crate) fn with_lost_grace(mut self, grace: Duration) -> Self {
+        self.lost_grace = grace;
+        self
     }
 
     pub(crate) fn with_history(mut self, deployments_per_app: usize) -> Self {
@@ -209,6 +220,8 @@ impl Orchestrator {
             }
             if fence.is_none() {
                 last = None;
+                // A later term counts absences from its own start.
+                self.absent_since.clear();
             } else if snap.revision >= self.written {
                 let started = tokio::time::Instant::now();
                 let now = self.clock.now();
@@ -633,8 +646,32 @@ impl Orchestrator {
 
     /// Marks the tasks of nodes that are gone LOST (which reaps and replaces them next);
     /// returns whether it marked any.
+    ///
+    /// A node counts as gone once this term has seen it without its record for `lost_grace`:
+    /// a lease also runs out when the store itself was away (a quorum lost and back, every
+    /// lease renewed at once through clients still re-connecting), and such a node registers
+    /// again within moments, its tasks untouched. A new term starts the count afresh, so a
+    /// leader that was itself cut off does not act on absences it did not watch.
     async fn mark_lost(&mut self, snap: &ClusterState) -> Result<bool, keys::UpdateError> {
-        let lost: Vec<Arc<Task>> = snap.tasks_of_lost_nodes().into_iter().cloned().collect();
+        let orphaned = snap.tasks_of_lost_nodes();
+        let absent: BTreeSet<&NodeId> = orphaned.iter().map(|t| &t.node_id).collect();
+        self.absent_since.retain(|node, _| absent.contains(node));
+        for node in absent {
+            if !self.absent_since.contains_key(node) {
+                info!(node = %node, grace = ?self.lost_grace, "a node with tasks has no record; LOST if it does not come back within the grace");
+                self.absent_since.insert(node.clone(), self.now);
+            }
+        }
+        let (now, grace) = (self.now, self.lost_grace);
+        let lost: Vec<Arc<Task>> = orphaned
+            .into_iter()
+            .filter(|t| {
+                self.absent_since
+                    .get(&t.node_id)
+                    .is_some_and(|since| now.0.saturating_sub(since.0) >= grace.as_millis() as u64)
+            })
+            .cloned()
+            .collect();
         let mut marked = false;
         for task in lost {
             let reason = format!("its node {} was lost (its lease expired)", task.node_id);
@@ -1449,12 +1486,8 @@ mod tests {
         assert!(why(&later, 2).is_some());
     }
 
-    /// A node whose record is gone (its lease expired) is LOST: a full pass marks its active
-    /// tasks LOST (not a failure of the app: no backoff, no failure count), the next reaps
-    /// them, and the one after places the replacements on the nodes that are left.
-    #[tokio::test]
-    async fn a_lost_node_s_tasks_are_marked_lost_and_replaced_elsewhere() {
-        let (_dir, store) = embedded();
+    /// Nodes a and b, each running one of /web's two tasks; returns (a, b, on_b).
+    async fn web_on_two_nodes(store: &SharedStore) -> (Node, Node, Task) {
         let mut a = test_node(4.0, 4096.0);
         a.id = NodeId("a".into());
         a.hostname = "a".into();
@@ -1474,7 +1507,7 @@ mod tests {
             t.resources.cpus = 0.1;
         }
         put_all(
-            &store,
+            store,
             vec![
                 (keys::node(&a.id), keys::to_json(&a)),
                 (keys::node(&b.id), keys::to_json(&b)),
@@ -1484,6 +1517,16 @@ mod tests {
             ],
         )
         .await;
+        (a, b, on_b)
+    }
+
+    /// A node whose record is gone (its lease expired) is LOST: a full pass marks its active
+    /// tasks LOST (not a failure of the app: no backoff, no failure count), the next reaps
+    /// them, and the one after places the replacements on the nodes that are left.
+    #[tokio::test]
+    async fn a_lost_node_s_tasks_are_marked_lost_and_replaced_elsewhere() {
+        let (_dir, store) = embedded();
+        let (a, b, on_b) = web_on_two_nodes(&store).await;
         // Node b's lease runs out.
         store
             .delete(&keys::node(&b.id), Precondition::Any)
@@ -1526,7 +1569,7 @@ mod tests {
         );
         let status = after
             .app_status
-            .get(&web.id)
+            .get(&on_b.app_id)
             .map(|s| (**s).clone())
             .unwrap_or_default();
         assert_eq!(
@@ -1534,6 +1577,51 @@ mod tests {
             AppStatus::default(),
             "no failure, no backoff: {status:?}"
         );
+    }
+
+    /// A node's record may vanish for a moment without the node being gone (every lease ran
+    /// out when the store lost its quorum, and the node registers again once it can): its
+    /// tasks are LOST only after the record stayed away for the grace, and the count starts
+    /// again when the node comes back.
+    #[tokio::test]
+    async fn a_node_back_within_the_grace_keeps_its_tasks() {
+        let (_dir, store) = embedded();
+        let (_a, b, on_b) = web_on_two_nodes(&store).await;
+        let clock = Clock::new();
+        let mut orch = orchestrator(&store, clock).with_lost_grace(Duration::from_secs(5));
+        let at = |secs: u64| Now(clock.now().0 + secs * 1000);
+        let state_of_b = |snap: &ClusterState| snap.tasks[&on_b.id].state;
+        store
+            .delete(&keys::node(&b.id), Precondition::Any)
+            .await
+            .unwrap();
+        for secs in [0, 4] {
+            let snap = snapshot(&store).await;
+            orch.pass(&snap, at(secs)).await.unwrap();
+            assert_eq!(
+                state_of_b(&snapshot(&store).await),
+                TaskState::Running,
+                "at {secs} s"
+            );
+        }
+        // Back after 4 s: the absence is forgotten.
+        put_all(&store, vec![(keys::node(&b.id), keys::to_json(&b))]).await;
+        orch.pass(&snapshot(&store).await, at(5)).await.unwrap();
+        store
+            .delete(&keys::node(&b.id), Precondition::Any)
+            .await
+            .unwrap();
+        for secs in [6, 10] {
+            orch.pass(&snapshot(&store).await, at(secs)).await.unwrap();
+            assert_eq!(
+                state_of_b(&snapshot(&store).await),
+                TaskState::Running,
+                "at {secs} s"
+            );
+        }
+        // Gone for the whole grace since it went again: LOST.
+        orch.pass(&snapshot(&store).await, at(11)).await.unwrap();
+        assert_eq!(state_of_b(&snapshot(&store).await), TaskState::Lost);
     }
 
     /// A failed task is recorded whole in one transaction (its removal, the app's failure

@@ -296,19 +296,18 @@ pub async fn stay_registered(
     lease: &std::sync::Mutex<LeaseId>,
     shutdown: tokio_util::sync::CancellationToken,
 ) {
-    // A third of the TTL after a renewal; soon after a failed one, so that a lease the store
-    // has just renewed for everyone (a quorum back) is kept while clients re-connect.
-    let mut pause = ttl / 3;
     // Failed attempts in a row; a long outage logs the 1st, 2nd, 4th, 8th... of them.
     let mut failures: u32 = 0;
     loop {
+        // A third of the TTL after a renewal; soon after a failed one, so that a lease the
+        // store has just renewed for everyone (a quorum back) is kept while clients re-connect.
+        let pause = if failures == 0 { ttl / 3 } else { ttl / 10 };
         tokio::select! {
             () = tokio::time::sleep(pause) => {}
             // The lease is left to run out: an agent that restarts within its TTL keeps its
             // tasks without anyone noticing, one that does not is LOST.
             () = shutdown.cancelled() => return,
         }
-        pause = ttl / 10;
         failures += 1;
         let current = *lease.lock().expect("lease lock");
         // Each attempt gets a third of the TTL: one that hangs (a member that lost its leader,
@@ -325,7 +324,6 @@ pub async fn stay_registered(
                     info!(node = %node.id, failures = failures - 1, "this node's lease is kept again");
                 }
                 failures = 0;
-                pause = ttl / 3;
             }
             Err(StoreError::LeaseNotFound(_)) => {
                 warn!(node = %node.id, "this node's lease expired (it was cut off from the store); registering again");
@@ -333,7 +331,6 @@ pub async fn stay_registered(
                     Ok((_, new)) => {
                         *lease.lock().expect("lease lock") = new;
                         failures = 0;
-                        pause = ttl / 3;
                     }
                     Err(e) => {
                         warn!(node = %node.id, error = %e, "registering again failed; retrying")

@@ -662,13 +662,12 @@ impl Orchestrator {
                 self.absent_since.insert(node.clone(), self.now);
             }
         }
-        let (now, grace) = (self.now, self.lost_grace);
         let lost: Vec<Arc<Task>> = orphaned
             .into_iter()
             .filter(|t| {
                 self.absent_since
                     .get(&t.node_id)
-                    .is_some_and(|since| now.0.saturating_sub(since.0) >= grace.as_millis() as u64)
+                    .is_some_and(|since| self.now >= since.after(self.lost_grace))
             })
             .cloned()
             .collect();
@@ -1589,15 +1588,15 @@ mod tests {
         let (_a, b, on_b) = web_on_two_nodes(&store).await;
         let clock = Clock::new();
         let mut orch = orchestrator(&store, clock).with_lost_grace(Duration::from_secs(5));
-        let at = |secs: u64| Now(clock.now().0 + secs * 1000);
+        let start = clock.now();
+        let at = |secs: u64| start.after(Duration::from_secs(secs));
         let state_of_b = |snap: &ClusterState| snap.tasks[&on_b.id].state;
         store
             .delete(&keys::node(&b.id), Precondition::Any)
             .await
             .unwrap();
         for secs in [0, 4] {
-            let snap = snapshot(&store).await;
-            orch.pass(&snap, at(secs)).await.unwrap();
+            orch.pass(&snapshot(&store).await, at(secs)).await.unwrap();
             assert_eq!(
                 state_of_b(&snapshot(&store).await),
                 TaskState::Running,

@@ -15,7 +15,8 @@ pub struct Wait {
 
 #[derive(Subcommand)]
 pub enum AppCommand {
-    /// Create or update an app from a Marathon-style JSON file.
+    /// Create or update an app, or a group of apps (a file with `apps` or `groups`, deployed
+    /// in the order of their dependencies as one deployment), from a Marathon-style JSON file.
     Deploy {
         file: PathBuf,
         #[command(flatten)]
@@ -94,12 +95,23 @@ fn deploy(
     let body = std::fs::read(file).with_context(|| format!("reading {}", file.display()))?;
     let def: Value = serde_json::from_slice(&body)
         .with_context(|| format!("{} is not valid JSON", file.display()))?;
-    let id = def
-        .get("id")
-        .and_then(Value::as_str)
-        .context("the app definition has no \"id\"")?;
+    // A group file (Marathon's `GroupUpdate`: `apps` or `groups`, no command of its own)
+    // goes to /v2/groups as one deployment; anything else is one app.
+    let is_group = (def.get("apps").is_some() || def.get("groups").is_some())
+        && def.get("cmd").is_none()
+        && def.get("container").is_none();
+    let id = match def.get("id").and_then(Value::as_str) {
+        Some(id) => id,
+        None if is_group => "/",
+        None => bail!("the app definition has no \"id\""),
+    };
     // PUT creates or updates, so deploying the same file twice is an update, not an error.
-    let answer = client.call("PUT", &app_path(id), Some(&body))?;
+    let path = if is_group {
+        format!("/v2/groups/{}", id.trim_matches('/'))
+    } else {
+        app_path(id)
+    };
+    let answer = client.call("PUT", &path, Some(&body))?;
     print_warnings(&answer);
     let deployment = answer
         .get("deploymentId")
@@ -109,6 +121,19 @@ fn deploy(
         .to_string();
     if as_json && !wait {
         print_json(&answer);
+        return Ok(());
+    }
+    // A group change that changes no app answers with an id that names no deployment.
+    if is_group
+        && client
+            .call("GET", &format!("/v1/deployments/{deployment}"), None)
+            .is_err_and(|e| e.to_string().starts_with("404"))
+    {
+        if as_json {
+            print_json(&answer);
+        } else {
+            println!("{id} is already as the file says; nothing to deploy");
+        }
         return Ok(());
     }
     if !as_json {
@@ -143,7 +168,7 @@ fn wait_for(
     let started = std::time::SystemTime::now();
     let mut last_line = String::new();
     loop {
-        let dep = client.call("GET", &format!("/v2/deployments/{deployment}"), None)?;
+        let dep = client.call("GET", &format!("/v1/deployments/{deployment}"), None)?;
         let status = dep["status"].as_str().unwrap_or("unknown").to_string();
         let healthy = dep["healthyNew"].as_u64().unwrap_or(0);
         let target = dep["targetInstances"].as_u64().unwrap_or(0);

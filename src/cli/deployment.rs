@@ -43,9 +43,9 @@ fn deployment_list(client: &Client, all: bool, as_json: bool) -> anyhow::Result<
     let v = client.call(
         "GET",
         if all {
-            "/v2/deployments?all=true"
+            "/v1/deployments?all=true"
         } else {
-            "/v2/deployments"
+            "/v1/deployments"
         },
         None,
     )?;

@@ -536,7 +536,7 @@ fn deployed(agent: &Agent, dep: &str) -> bool {
     let mut last = Value::Null;
     wait_until(Duration::from_secs(60), || {
         last = agent
-            .http("GET", &format!("/v2/deployments/{dep}"), None)
+            .http("GET", &format!("/v1/deployments/{dep}"), None)
             .map(|(_, v)| v)
             .unwrap_or(Value::Null);
         last["status"] == "succeeded" || last["status"] == "failed"

@@ -69,7 +69,7 @@ fn deploy(agent: &Agent, def: &Value) {
     let dep = v["deployments"][0]["id"].as_str().unwrap().to_string();
     let mut last = Value::Null;
     let ok = wait_until(Duration::from_secs(60), || {
-        last = agent.get(&format!("/v2/deployments/{dep}"));
+        last = agent.get(&format!("/v1/deployments/{dep}"));
         last["status"] != "running"
     });
     assert!(ok && last["status"] == "succeeded", "{last}");

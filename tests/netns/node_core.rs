@@ -27,7 +27,7 @@ fn deploy(agent: &Agent, def: &Value) -> String {
 fn wait_deployment(agent: &Agent, id: &str, limit: Duration) -> Value {
     let mut last = Value::Null;
     let done = wait_until(limit, || {
-        last = agent.get(&format!("/v2/deployments/{id}"));
+        last = agent.get(&format!("/v1/deployments/{id}"));
         last["status"] != "running"
     });
     assert!(done, "deployment {id} still running: {last}");
@@ -636,7 +636,7 @@ fn an_app_rolls_back_to_a_kept_version_from_the_cli() {
     let d = wait_deployment(&agent, &back, Duration::from_secs(30));
     assert_eq!(d["status"], "succeeded", "{d}");
     assert_eq!(
-        agent.get(&format!("/v2/deployments/{stuck}"))["status"],
+        agent.get(&format!("/v1/deployments/{stuck}"))["status"],
         "superseded"
     );
     let app = agent.get("/v2/apps/ver")["app"].clone();
@@ -762,7 +762,7 @@ fn a_readiness_check_holds_the_deployment_dns_and_vip_until_it_passes() {
             backends, 0,
             "a task that is not ready is a VIP backend: {vips}"
         );
-        let d = agent.get(&format!("/v2/deployments/{dep}"));
+        let d = agent.get(&format!("/v1/deployments/{dep}"));
         assert_eq!(d["status"], "running", "{d}");
         held += 1;
         std::thread::sleep(Duration::from_millis(300));
@@ -802,4 +802,88 @@ fn a_readiness_check_holds_the_deployment_dns_and_vip_until_it_passes() {
         v["details"][0]["path"], "/readinessChecks/0/portName",
         "{v}"
     );
+}
+
+/// A group of two apps, /shop/web depending on /shop/db, deployed from a group file with the
+/// CLI: one deployment of two steps; /shop/web gets no task before /shop/db serves (it comes
+/// up slowly, behind a health check); the group is removed in one deployment again.
+#[test]
+fn a_group_deploys_in_dependency_order_and_is_removed_in_one() {
+    require_root();
+    let ns = NetNs::new("group");
+    ns.enter();
+    let agent = Agent::start(&ns);
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("shop.json");
+    let group = json!({
+        "id": "/shop",
+        "apps": [
+            {"id": "web", "cmd": "exec sleep 600", "cpus": 0.01, "mem": 16, "instances": 2,
+             "dependencies": ["db"]},
+            {"id": "db", "cpus": 0.01, "mem": 32,
+             "cmd": "sleep 2 && exec python3 -m http.server --bind 127.0.0.1 $PORT0",
+             "portDefinitions": [{"port": 0}],
+             "healthChecks": [{"protocol": "HTTP", "path": "/", "gracePeriodSeconds": 30,
+                               "intervalSeconds": 1, "timeoutSeconds": 1}]}
+        ]
+    });
+    std::fs::write(&file, group.to_string()).unwrap();
+    let (ok, out, err) = agent.cli(&["app", "deploy", file.to_str().unwrap()]);
+    assert!(ok, "{out}{err}");
+    let plan = out
+        .split("deployment ")
+        .nth(1)
+        .and_then(|s| s.split(')').next())
+        .unwrap_or_else(|| panic!("no deployment id in {out}"))
+        .to_string();
+    // Marathon's view: one deployment, /shop/db's step first.
+    let listed = agent.get("/v2/deployments");
+    let d = &listed[0];
+    assert_eq!(d["id"], plan.as_str(), "{listed}");
+    assert_eq!(d["totalSteps"], 2, "{d}");
+    assert_eq!(d["steps"][0]["actions"][0]["app"], "/shop/db", "{d}");
+    assert_eq!(d["steps"][1]["actions"][0]["app"], "/shop/web", "{d}");
+    // Until the plan ends: whenever /shop/web has a task, /shop/db already serves (web is
+    // read first, and a health that passed stays passed here).
+    let mut saw_db_first = false;
+    let mut last = Value::Null;
+    let done = wait_until(Duration::from_secs(60), || {
+        let web = agent.tasks("/shop/web");
+        let db_serves = agent
+            .running("/shop/db")
+            .iter()
+            .any(|t| t["health"]["alive"] == true);
+        assert!(
+            web.is_empty() || db_serves,
+            "/shop/web started before /shop/db served: {web:?}"
+        );
+        if web.is_empty() && !db_serves {
+            saw_db_first = true;
+        }
+        last = agent.get(&format!("/v1/deployments/{plan}"));
+        last["status"] != "running"
+    });
+    assert!(done && last["status"] == "succeeded", "{last}");
+    assert!(saw_db_first, "the test never saw /shop/web waiting");
+    assert_eq!(agent.running("/shop/web").len(), 2);
+    assert_eq!(agent.get("/v2/deployments"), json!([]));
+    // The same file again changes nothing.
+    let (ok, out, err) = agent.cli(&["app", "deploy", file.to_str().unwrap()]);
+    assert!(ok && out.contains("nothing to deploy"), "{out}{err}");
+
+    let (status, v) = agent.http("DELETE", "/v2/groups/shop", None).unwrap();
+    assert_eq!(status, 200, "{v}");
+    let gone = v["deploymentId"].as_str().unwrap().to_string();
+    let d = wait_deployment(&agent, &gone, Duration::from_secs(30));
+    assert_eq!(d["status"], "succeeded", "{d}");
+    assert_eq!(d["deployments"].as_array().unwrap().len(), 2, "{d}");
+    assert!(
+        wait_until(Duration::from_secs(20), || agent.get("/v2/tasks")["tasks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|t| t["state"] != "TASK_RUNNING")),
+        "the group's tasks stopped"
+    );
+    assert_eq!(agent.get("/v2/apps")["apps"], json!([]));
 }

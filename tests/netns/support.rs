@@ -378,7 +378,7 @@ cgroup_parent = "{cgroup_parent}"
             .to_string();
         let mut last = Value::Null;
         let done = wait_until(Duration::from_secs(60), || {
-            last = self.get(&format!("/v2/deployments/{dep}"));
+            last = self.get(&format!("/v1/deployments/{dep}"));
             last["status"] != "running"
         });
         assert!(

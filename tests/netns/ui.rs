@@ -429,7 +429,7 @@ fn the_dashboard_shows_every_page_as_the_api_answers_and_acts_through_it() {
     browser.screenshot(&dir.join("nodes.png"));
 
     // Deployments: every one the API lists, the scale and the kill's among them.
-    let deployments = agent.get("/v2/deployments?all=true");
+    let deployments = agent.get("/v1/deployments?all=true");
     browser.goto(&format!("{base}#/deployments"));
     let count = deployments.as_array().unwrap().len();
     browser.wait_for(

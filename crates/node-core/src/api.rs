@@ -206,6 +206,8 @@ impl IntoResponse for ApiError {
 
 type ApiResult<T = Response> = Result<T, ApiError>;
 
+mod groups;
+
 pub(crate) fn router(api: Api) -> Router {
     Router::new()
         .route("/ping", get(|| async { "pong\n" }))
@@ -224,8 +226,24 @@ pub(crate) fn router(api: Api) -> Router {
         .route("/v2/deployments", get(list_deployments))
         .route(
             "/v2/deployments/{id}",
-            get(get_deployment).delete(cancel_deployment),
+            axum::routing::delete(cancel_deployment),
         )
+        .route(
+            "/v2/groups",
+            get(groups::get_group)
+                .post(groups::post_group)
+                .put(groups::put_group)
+                .delete(groups::delete_group),
+        )
+        .route(
+            "/v2/groups/{*path}",
+            get(groups::get_group)
+                .post(groups::post_group)
+                .put(groups::put_group)
+                .delete(groups::delete_group),
+        )
+        .route("/v1/deployments", get(list_deployment_records))
+        .route("/v1/deployments/{id}", get(get_deployment))
         .route("/v1/apps", get(list_app_overviews))
         .route("/v1/nodes", get(list_nodes))
         .route("/v1/nodes/{id}", axum::routing::delete(remove_node))
@@ -554,6 +572,8 @@ fn new_deployment(app: &App, kind: DeploymentKind, previous: Option<App>) -> Dep
         healthy_new: 0,
         old_remaining: 0,
         failed_new: 0,
+        plan: None,
+        after: Vec::new(),
     }
 }
 
@@ -1153,7 +1173,22 @@ struct DeploymentQuery {
     all: bool,
 }
 
-async fn list_deployments(State(api): State<Api>, Query(q): Query<DeploymentQuery>) -> Json<Value> {
+/// `GET /v2/deployments`: the running plans as Marathon's `DeploymentStepInfo`s.
+async fn list_deployments(State(api): State<Api>) -> Json<Value> {
+    let state = api.state.borrow().clone();
+    let plans: Vec<Value> = crate::plans::Plan::running(&state)
+        .iter()
+        .map(|p| p.step_info(&state))
+        .collect();
+    Json(json!(plans))
+}
+
+/// `GET /v1/deployments[?all=true]`: dcnet's own deployment records (one per app), running
+/// or all that are kept.
+async fn list_deployment_records(
+    State(api): State<Api>,
+    Query(q): Query<DeploymentQuery>,
+) -> Json<Value> {
     let state = api.state.borrow().clone();
     let mut deps: Vec<&Arc<Deployment>> = state
         .deployments
@@ -1164,19 +1199,18 @@ async fn list_deployments(State(api): State<Api>, Query(q): Query<DeploymentQuer
     Json(json!(deps))
 }
 
+/// `GET /v1/deployments/{id}`: one deployment, or a group change's plan with its progress
+/// summed over its apps.
 async fn get_deployment(State(api): State<Api>, Path(id): Path<String>) -> ApiResult {
     let state = api.state.borrow().clone();
-    let dep = state
-        .deployments
-        .get(&DeploymentId(id.clone()))
-        .ok_or_else(|| {
-            tracing::debug!(%id, revision = state.revision, "deployment not found");
-            ApiError::new(
-                StatusCode::NOT_FOUND,
-                format!("Deployment '{id}' does not exist"),
-            )
-        })?;
-    Ok(Json(json!(dep)).into_response())
+    let plan = crate::plans::Plan::of(&state, &DeploymentId(id.clone())).ok_or_else(|| {
+        tracing::debug!(%id, revision = state.revision, "deployment not found");
+        ApiError::new(
+            StatusCode::NOT_FOUND,
+            format!("Deployment '{id}' does not exist"),
+        )
+    })?;
+    Ok(Json(plan.detail()).into_response())
 }
 
 #[derive(Deserialize)]
@@ -1194,19 +1228,27 @@ async fn cancel_deployment(
     Query(q): Query<CancelQuery>,
     caller: Caller,
 ) -> ApiResult {
-    let dep = api
-        .state
-        .borrow()
-        .deployments
-        .get(&DeploymentId(id.clone()))
-        .filter(|d| !d.status.is_done())
-        .cloned()
-        .ok_or_else(|| {
-            ApiError::new(
-                StatusCode::NOT_FOUND,
-                format!("DeploymentPlan {id} does not exist"),
-            )
-        })?;
+    let missing = || {
+        ApiError::new(
+            StatusCode::NOT_FOUND,
+            format!("DeploymentPlan {id} does not exist"),
+        )
+    };
+    let state = api.state.borrow().clone();
+    let plan = crate::plans::Plan::of(&state, &DeploymentId(id.clone()))
+        .filter(|p| !p.status().is_done())
+        .ok_or_else(missing)?;
+    // A group change: stopped, or rolled back as one plan.
+    if plan.members.iter().any(|d| d.plan.is_some()) {
+        if q.force {
+            groups::stop(&api, &plan).await?;
+            return Ok(StatusCode::ACCEPTED.into_response());
+        }
+        let version = now_rfc3339();
+        let back = groups::rollback(&api, &plan).await?.ok_or_else(missing)?;
+        return Ok(Json(json!({"version": version, "deploymentId": back})).into_response());
+    }
+    let dep = plan.members[0].clone();
     if q.force {
         let key = keys::deployment(&dep.id);
         let stopped = keys::update_existing::<Deployment, _>(&*api.store, &key, |d| {
@@ -1448,7 +1490,7 @@ mod tests {
     use crate::store::Embedded;
 
     /// The API on a fresh embedded store, with the state published as the agent does.
-    async fn api() -> (Router, SharedStore, CancellationToken, tempfile::TempDir) {
+    pub(super) async fn api() -> (Router, SharedStore, CancellationToken, tempfile::TempDir) {
         let dir = tempfile::tempdir().unwrap();
         let store: SharedStore = Arc::new(Embedded::open(&dir.path().join("s.redb")).unwrap());
         // As an agent starts: its node is in the store before anything reads it.
@@ -1475,7 +1517,12 @@ mod tests {
     }
 
     /// `method path` with a JSON body; the status and the JSON answer.
-    async fn call(router: &Router, method: Method, path: &str, body: &str) -> (StatusCode, Value) {
+    pub(super) async fn call(
+        router: &Router,
+        method: Method,
+        path: &str,
+        body: &str,
+    ) -> (StatusCode, Value) {
         let req = Request::builder()
             .method(method)
             .uri(path)
@@ -1490,7 +1537,7 @@ mod tests {
         (status, serde_json::from_slice(&bytes).unwrap())
     }
 
-    async fn put(router: &Router, path: &str, body: &str) -> (StatusCode, Value) {
+    pub(super) async fn put(router: &Router, path: &str, body: &str) -> (StatusCode, Value) {
         call(router, Method::PUT, path, body).await
     }
 
@@ -1939,7 +1986,7 @@ mod tests {
         let (_, d) = call(
             &router,
             Method::GET,
-            &format!("/v2/deployments/{created}"),
+            &format!("/v1/deployments/{created}"),
             "",
         )
         .await;
@@ -1971,7 +2018,7 @@ mod tests {
         let (_, d) = call(
             &router,
             Method::GET,
-            &format!("/v2/deployments/{update}"),
+            &format!("/v1/deployments/{update}"),
             "",
         )
         .await;

@@ -15,9 +15,9 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
 use crate::model::{
-    App, Deployment, DeploymentKind, DeploymentStatus, Goal, KillReason, Task, TaskState,
-    now_rfc3339,
+    App, Deployment, DeploymentStatus, Goal, KillReason, Task, TaskState, now_rfc3339,
 };
+use crate::plans::Plan;
 use crate::state::ClusterState;
 
 /// Batches (one per state change) one subscriber may have queued before it is dropped.
@@ -64,22 +64,15 @@ fn condition(t: &Task) -> &'static str {
     }
 }
 
-fn action(kind: DeploymentKind) -> &'static str {
-    match kind {
-        DeploymentKind::Create => "StartApplication",
-        DeploymentKind::Update | DeploymentKind::Restart => "RestartApplication",
-        DeploymentKind::Scale => "ScaleApplication",
-        DeploymentKind::Delete => "StopApplication",
-    }
-}
-
-/// A deployment as a Marathon plan of one step (dcnet deploys one app per deployment).
-fn plan(d: &Deployment) -> (Value, Value) {
-    let step = json!({"actions": [{"action": action(d.kind), "app": d.app_id}]});
-    (
-        json!({"id": d.id, "version": d.version, "steps": [step.clone()]}),
-        step,
-    )
+/// The step of `plan` that `d` is in, as Marathon writes it: `{"actions": [..]}`.
+fn plan_step(plan: &Plan<'_>, d: &Deployment) -> Value {
+    let steps = plan.marathon()["steps"].clone();
+    let index = plan
+        .steps()
+        .iter()
+        .position(|s| s.iter().any(|m| m.id == d.id))
+        .unwrap_or(0);
+    steps.get(index).cloned().unwrap_or(Value::Null)
 }
 
 /// Mesos's task state as Marathon reports it: a running task being killed is KILLING.
@@ -144,12 +137,18 @@ pub fn events_between(before: &ClusterState, after: &ClusterState, at: &str) -> 
         .diff(&after.deployments)
         .filter_map(added_or_updated)
         .collect();
+    // One `deployment_info` per plan that started (a group change writes all of its
+    // deployments at once).
+    let mut started = std::collections::BTreeSet::new();
     for (old, new) in &deployments {
-        if old.is_none() {
-            let (plan, step) = plan(new);
+        if old.is_none()
+            && started.insert(new.plan_id())
+            && let Some(plan) = Plan::of(after, new.plan_id())
+        {
+            let step = plan_step(&plan, new);
             out.push(Event::new(
                 "deployment_info",
-                json!({"plan": plan, "currentStep": step}),
+                json!({"plan": plan.marathon(), "currentStep": step}),
                 at,
             ));
         }
@@ -185,37 +184,43 @@ pub fn events_between(before: &ClusterState, after: &ClusterState, at: &str) -> 
         }
     }
     out.extend(health);
+    let mut ended = std::collections::BTreeSet::new();
     for (old, new) in deployments {
         if old.is_some_and(|o| o.status == new.status) {
             continue;
         }
-        let (plan, step) = plan(new);
-        match new.status {
-            DeploymentStatus::Succeeded => {
-                out.push(Event::new(
-                    "deployment_step_success",
-                    json!({"plan": plan, "currentStep": step}),
-                    at,
-                ));
-                out.push(Event::new(
+        let Some(plan) = Plan::of(after, new.plan_id()) else {
+            continue;
+        };
+        let step = plan_step(&plan, new);
+        let event = match new.status {
+            DeploymentStatus::Succeeded => "deployment_step_success",
+            DeploymentStatus::Failed => "deployment_step_failure",
+            DeploymentStatus::Running | DeploymentStatus::Superseded => continue,
+        };
+        out.push(Event::new(
+            event,
+            json!({"plan": plan.marathon(), "currentStep": step}),
+            at,
+        ));
+        // The plan's end, once its last deployment ended.
+        if plan.status().is_done() && ended.insert(plan.id.clone()) {
+            match plan.status() {
+                DeploymentStatus::Succeeded => out.push(Event::new(
                     "deployment_success",
-                    json!({"id": new.id, "plan": plan}),
+                    json!({"id": plan.id, "plan": plan.marathon()}),
                     at,
-                ));
+                )),
+                DeploymentStatus::Failed => {
+                    let reason = plan.members.iter().find_map(|d| d.reason.clone());
+                    out.push(Event::new(
+                        "deployment_failed",
+                        json!({"id": plan.id, "plan": plan.marathon(), "reason": reason}),
+                        at,
+                    ));
+                }
+                DeploymentStatus::Running | DeploymentStatus::Superseded => {}
             }
-            DeploymentStatus::Failed => {
-                out.push(Event::new(
-                    "deployment_step_failure",
-                    json!({"plan": plan, "currentStep": step}),
-                    at,
-                ));
-                out.push(Event::new(
-                    "deployment_failed",
-                    json!({"id": new.id, "plan": plan, "reason": new.reason}),
-                    at,
-                ));
-            }
-            DeploymentStatus::Running | DeploymentStatus::Superseded => {}
         }
     }
     for item in before.apps.diff(&after.apps) {
@@ -397,7 +402,7 @@ pub async fn run(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::{AppId, DeploymentId};
+    use crate::model::{AppId, DeploymentId, DeploymentKind};
     use crate::test_util::task;
 
     fn with_task(mut st: ClusterState, t: Task) -> ClusterState {
@@ -475,6 +480,8 @@ mod tests {
             healthy_new: 0,
             old_remaining: 0,
             failed_new: 0,
+            plan: None,
+            after: Vec::new(),
         };
         let mut s4 = s3.clone();
         s4.deployments.insert(dep.id.clone(), Arc::new(dep.clone()));

@@ -33,6 +33,36 @@ pub const ABDICATED: &str = "/dcnet/abdicated";
 /// and a rollback).
 pub const APP_VERSIONS: &str = "/dcnet-versions/apps/";
 
+/// Groups created explicitly (`/v2/groups`: their dependencies, and empty groups), by id;
+/// read on demand, like the versions.
+pub const GROUPS: &str = "/dcnet-groups/";
+/// Every kept definition of each group (its subtree as it was deployed), by group and version.
+pub const GROUP_VERSIONS: &str = "/dcnet-versions/groups/";
+
+/// A group's key: its id as [`AppId::key`] writes it, `-` for the root group.
+pub fn group(id: &str) -> String {
+    format!("{GROUPS}{}", group_key(id))
+}
+/// The prefix of the groups below `id` (not `id` itself).
+pub fn groups_below(id: &str) -> String {
+    match group_key(id).as_str() {
+        "-" => GROUPS.to_string(),
+        key => format!("{GROUPS}{key}_"),
+    }
+}
+pub fn group_versions(id: &str) -> String {
+    format!("{GROUP_VERSIONS}{}/", group_key(id))
+}
+pub fn group_version(id: &str, version: &str) -> String {
+    format!("{}{version}", group_versions(id))
+}
+fn group_key(id: &str) -> String {
+    match id.trim_matches('/') {
+        "" => "-".into(),
+        path => path.replace('/', "_"),
+    }
+}
+
 pub fn app(id: &AppId) -> String {
     format!("{APPS}{}", id.key())
 }

@@ -19,6 +19,7 @@ mod manager;
 mod marathon;
 mod metrics;
 pub mod model;
+mod plans;
 pub mod runtime;
 pub mod scheduler;
 pub mod slots;

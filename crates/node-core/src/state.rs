@@ -192,6 +192,15 @@ impl ClusterState {
                     for state in [self, before] {
                         if let Some(d) = state.deployments.get(id) {
                             apps.insert(d.app_id.clone());
+                            // A step of a group change that ends lets the next ones go.
+                            if let Some(plan) = &d.plan {
+                                apps.extend(
+                                    self.deployments
+                                        .values()
+                                        .filter(|o| o.plan.as_ref() == Some(plan))
+                                        .map(|o| o.app_id.clone()),
+                                );
+                            }
                         }
                     }
                 }

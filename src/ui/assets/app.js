@@ -442,7 +442,7 @@ async function nodesPage() {
 }
 
 async function deploymentsPage() {
-  const [deps, { apps }] = await Promise.all([api("/v2/deployments?all=true"), api("/v1/apps")]);
+  const [deps, { apps }] = await Promise.all([api("/v1/deployments?all=true"), api("/v1/apps")]);
   const waits = Object.fromEntries(apps.map((a) => [a.id, a.waiting]));
   deps.reverse();
   const rows = deps.map((d) => {

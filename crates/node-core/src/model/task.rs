@@ -479,4 +479,20 @@ pub struct Deployment {
     /// New-version tasks that failed during the deployment.
     #[serde(default)]
     pub failed_new: u32,
+    /// The group change this app's step belongs to (`/v2/groups`): its deployments are one
+    /// Marathon deployment under this id. None for a change of one app, whose deployment
+    /// is its own.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub plan: Option<DeploymentId>,
+    /// Apps of the same plan whose steps come first (the dependencies this app has among
+    /// them): its own waits until their deployments have ended.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub after: Vec<AppId>,
+}
+
+impl Deployment {
+    /// The id of the Marathon deployment this is part of: its plan's, or its own.
+    pub fn plan_id(&self) -> &DeploymentId {
+        self.plan.as_ref().unwrap_or(&self.id)
+    }
 }

@@ -339,10 +339,14 @@ impl Orchestrator {
             self.maybe_reset_backoff(app, &tasks, &status).await?;
             // Dependencies gate the app's first start only (its create deployment), as in
             // Marathon: a replacement never waits for them.
-            let is_first_start = snap
-                .deployment_of(&app.id)
-                .is_some_and(|d| d.kind == DeploymentKind::Create);
-            let waiting = if is_first_start {
+            let deployment = snap.deployment_of(&app.id);
+            let is_first_start = deployment.is_some_and(|d| d.kind == DeploymentKind::Create);
+            // A step of a group change waits for the steps before it, whatever its kind: the
+            // app stays as it is (no launch, no kill) until they have ended.
+            let held = deployment.and_then(|d| step_waiting(d, snap));
+            let waiting = if held.is_some() {
+                held.clone()
+            } else if is_first_start {
                 deps_waiting(app, snap)
             } else {
                 None
@@ -362,7 +366,11 @@ impl Orchestrator {
                 self.wrote_update(result)?;
             }
             let may_launch = is_past_backoff(&status, now) && waiting.is_none();
-            let plan = plan(app, &tasks, may_launch);
+            let plan = if held.is_some() {
+                Plan::default()
+            } else {
+                plan(app, &tasks, may_launch)
+            };
             for (id, reason) in &plan.kill {
                 self.kill(id, *reason).await?;
             }
@@ -1020,6 +1028,17 @@ fn deps_ready(app: &App, snap: &ClusterState) -> bool {
 
 /// Why the app cannot start yet for its dependencies: the first that does not exist or does
 /// not yet run all its instances, serving. Pure.
+/// Why a deployment that is a step of a group change waits: an app of its `after` is still
+/// deploying in the same change. Pure.
+fn step_waiting(dep: &Deployment, snap: &ClusterState) -> Option<String> {
+    let plan = dep.plan.as_ref()?;
+    dep.after.iter().find_map(|first| {
+        snap.deployment_of(first)
+            .filter(|d| d.plan.as_ref() == Some(plan))
+            .map(|_| format!("its dependency {first} deploys first (deployment {plan})"))
+    })
+}
+
 fn deps_waiting(app: &App, snap: &ClusterState) -> Option<String> {
     app.dependencies.iter().find_map(|dep| {
         let Some(dep_app) = snap.apps.get(dep) else {
@@ -1113,6 +1132,8 @@ mod tests {
             healthy_new: 0,
             old_remaining: 0,
             failed_new: 0,
+            plan: None,
+            after: Vec::new(),
         }
     }
 
@@ -1753,6 +1774,82 @@ mod tests {
             snap.app_status[&web.id].waiting, None,
             "and says it no longer waits"
         );
+    }
+
+    /// The steps of a group change go in order: /web, updated after /db in the same plan,
+    /// neither launches nor kills until /db's deployment has ended, and says why; then it
+    /// rolls as any update does.
+    #[tokio::test]
+    async fn a_step_of_a_group_change_waits_for_the_steps_before_it() {
+        let (_dir, store) = embedded();
+        let node = test_node(8.0, 8192.0);
+        let db = app(r#"{"id": "/db", "cmd": "x", "cpus": 0.1}"#, "v2");
+        let web = app(
+            r#"{"id": "/web", "cmd": "x", "cpus": 0.1, "dependencies": ["/db"],
+                "upgradeStrategy": {"minimumHealthCapacity": 0, "maximumOverCapacity": 0}}"#,
+            "v2",
+        );
+        let plan = DeploymentId("plan".into());
+        let step = |a: &App, after: &[&AppId]| {
+            let mut d = test_deployment(
+                &format!("d{}", a.id.key()),
+                &a.id,
+                DeploymentKind::Update,
+                DeploymentStatus::Running,
+                "2026-01-01T00:00:00Z",
+            );
+            d.plan = Some(plan.clone());
+            d.after = after.iter().map(|a| (*a).clone()).collect();
+            d
+        };
+        let mut puts = vec![(keys::node(&node.id), keys::to_json(&node))];
+        for (a, d) in [(&db, step(&db, &[])), (&web, step(&web, &[&db.id]))] {
+            // One task of the old version each.
+            let mut t = crate::test_util::task(&format!("{}-old", a.id.key()), &a.id, "n");
+            t.version = "v1".into();
+            puts.push((keys::task(&t.id), keys::to_json(&t)));
+            puts.push((keys::app(&a.id), keys::to_json(a)));
+            puts.push((keys::deployment(&d.id), keys::to_json(&d)));
+        }
+        put_all(&store, puts).await;
+        let clock = Clock::new();
+        let mut orch = orchestrator(&store, clock);
+        orch.pass(&snapshot(&store).await, clock.now())
+            .await
+            .unwrap();
+        let snap = snapshot(&store).await;
+        let web_tasks: Vec<&Arc<Task>> = snap.tasks_of(&web.id).collect();
+        assert_eq!(web_tasks.len(), 1, "/web launched nothing");
+        assert_eq!(web_tasks[0].goal, Goal::Run, "/web killed nothing");
+        assert_eq!(
+            snap.app_status[&web.id].waiting.as_deref(),
+            Some("its dependency /db deploys first (deployment plan)")
+        );
+        assert!(
+            snap.tasks_of(&db.id).any(|t| t.version == "v2"),
+            "/db, the first step, rolls"
+        );
+        // /db's step ends: /web goes.
+        let mut done = step(&db, &[]);
+        done.status = DeploymentStatus::Succeeded;
+        store
+            .put(
+                &keys::deployment(&done.id),
+                keys::to_json(&done),
+                Precondition::Any,
+            )
+            .await
+            .unwrap();
+        orch.pass(&snapshot(&store).await, clock.now())
+            .await
+            .unwrap();
+        let snap = snapshot(&store).await;
+        assert!(
+            snap.tasks_of(&web.id)
+                .any(|t| t.version == "v2" || t.goal == Goal::Kill),
+            "/web rolls once /db is done"
+        );
+        assert_eq!(snap.app_status[&web.id].waiting, None);
     }
 
     /// Finished deployments (and the app versions in them) are kept per app up to the

@@ -51,6 +51,18 @@ pub struct AgentConfig {
     /// Images, their registries, and the artifacts tasks fetch.
     #[serde(default)]
     pub images: ImagesSection,
+    /// Where secret env variables (`{"secret": "name"}`) are read from.
+    #[serde(default)]
+    pub secrets: SecretsSection,
+}
+
+/// The agent's secret store: a directory of files, one per secret, each readable by its
+/// owner only (mode 0600); an app's `secrets.NAME.source` is a path below it.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SecretsSection {
+    #[serde(default)]
+    pub dir: Option<std::path::PathBuf>,
 }
 
 #[derive(Clone, Debug, Deserialize)]

@@ -308,6 +308,7 @@ async fn bench_node(
             event_streams: dcnet_node_core::events::MAX_SUBSCRIBERS,
             event_queue: dcnet_node_core::events::SUBSCRIBER_QUEUE,
             api_port: 0,
+            secrets_dir: None,
         },
         store.clone(),
         Arc::new(runtime),

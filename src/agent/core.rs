@@ -128,6 +128,7 @@ pub(super) async fn start(
         event_streams: cfg.api.event_streams,
         event_queue: cfg.api.event_queue,
         api_port: cfg.api.listen.port(),
+        secrets_dir: cfg.secrets.dir.clone(),
     };
     NodeCore::start(core_cfg, store, runtime, registry, supervisor)
         .await

@@ -112,7 +112,6 @@ fn deploy(
         app_path(id)
     };
     let answer = client.call("PUT", &path, Some(&body))?;
-    print_warnings(&answer);
     let deployment = answer
         .get("deploymentId")
         .or_else(|| answer.pointer("/deployments/0/id"))
@@ -177,7 +176,7 @@ fn wait_for(
         // What a new task waits for (its image's pull: layers and bytes; its artifacts).
         let waiting = if status == "running" && !app.is_empty() {
             client
-                .call("GET", &format!("/v2/apps{app}/tasks"), None)
+                .call("GET", &format!("/v1/tasks?app={app}"), None)
                 .ok()
                 .and_then(|v| {
                     v["tasks"]
@@ -325,8 +324,9 @@ fn app_show(client: &Client, id: &str, as_json: bool) -> anyhow::Result<()> {
     }
     t.print();
     println!();
+    let tasks = client.call("GET", &format!("/v1/tasks?app={id}"), None)?;
     super::task::print_tasks(
-        app["tasks"]
+        tasks["tasks"]
             .as_array()
             .map(Vec::as_slice)
             .unwrap_or_default(),
@@ -345,7 +345,6 @@ fn app_change(
 ) -> anyhow::Result<()> {
     let body = body.map(|b| b.to_string());
     let answer = client.call(method, &path, body.as_deref().map(str::as_bytes))?;
-    print_warnings(&answer);
     let deployment = answer["deploymentId"]
         .as_str()
         .unwrap_or_default()

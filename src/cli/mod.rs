@@ -75,6 +75,10 @@ impl Client {
             )
         })?;
         let status = resp.status();
+        // What the agent ignored of the request comes in headers, one each.
+        for w in resp.headers().get_all("Dcnet-Warning") {
+            eprintln!("warning: {}", w.to_str().unwrap_or_default());
+        }
         let text = resp
             .body_mut()
             .read_to_string()
@@ -129,17 +133,6 @@ fn get_for_table(client: &Client, path: &str, as_json: bool) -> anyhow::Result<O
 
 fn print_json(v: &Value) {
     println!("{}", serde_json::to_string_pretty(v).unwrap_or_default());
-}
-
-fn print_warnings(v: &Value) {
-    for w in v
-        .get("warnings")
-        .and_then(Value::as_array)
-        .into_iter()
-        .flatten()
-    {
-        eprintln!("warning: {}", w.as_str().unwrap_or_default());
-    }
 }
 
 /// A JSON value as a table cell.

@@ -54,8 +54,8 @@ fn task_kill(client: &Client, task: &str, scale: bool, as_json: bool) -> anyhow:
 
 fn task_list(client: &Client, app: Option<&str>, as_json: bool) -> anyhow::Result<()> {
     let v = match app {
-        Some(id) => client.call("GET", &format!("{}/tasks", app_path(id)), None)?,
-        None => client.call("GET", "/v2/tasks", None)?,
+        Some(id) => client.call("GET", &format!("/v1/tasks?app={id}"), None)?,
+        None => client.call("GET", "/v1/tasks", None)?,
     };
     if as_json {
         print_json(&v);

@@ -480,14 +480,20 @@ fn invalid_app_json_is_refused_naming_the_field_and_changes_nothing() {
     assert_eq!(before["apps"][0]["version"], after["apps"][0]["version"]);
     assert_eq!(after["apps"].as_array().unwrap().len(), 1);
 
-    // Unsupported Marathon fields are warned about, not dropped silently.
-    let (status, v) = agent
-        .http("POST", "/v2/apps", Some(&json!({"id": "/warn/app", "cmd": "sleep 600", "cpus": 0.1, "mem": 32, "container": {"type": "DOCKER", "linuxInfo": {}}}).to_string()))
-        .unwrap();
-    assert_eq!(status, 201, "{v}");
-    assert_eq!(
-        v["warnings"][0],
-        "/container/linuxInfo: not known to dcnet; ignored"
+    // Unsupported Marathon fields are warned about (in a header, which the CLI prints; the
+    // body stays Marathon's), not dropped silently.
+    let file = agent.dir.path().join("warn.json");
+    std::fs::write(&file, json!({"id": "/warn/app", "cmd": "sleep 600", "cpus": 0.1, "mem": 32, "container": {"type": "DOCKER", "linuxInfo": {}}}).to_string()).unwrap();
+    let (ok, out, err) = agent.cli(&["app", "deploy", file.to_str().unwrap()]);
+    assert!(ok, "{out}{err}");
+    assert!(
+        err.contains("warning: /container/linuxInfo: not known to dcnet; ignored"),
+        "{err}"
+    );
+    assert!(
+        agent.get("/v2/apps/warn/app")["app"]
+            .get("warnings")
+            .is_none()
     );
 
     // The CLI says what is wrong in one line and exits non-zero.
@@ -886,4 +892,101 @@ fn a_group_deploys_in_dependency_order_and_is_removed_in_one() {
         "the group's tasks stopped"
     );
     assert_eq!(agent.get("/v2/apps")["apps"], json!([]));
+}
+
+/// A secret env variable gets its value from the agent's secret store (a 0600 file), and the
+/// value appears in no answer of any route and in no log line; a secret file others may read
+/// fails the launch, naming the file and its mode, not the value; a reference to a secret the
+/// app does not define is refused.
+#[test]
+fn a_secret_reaches_its_task_and_no_route_or_log() {
+    use std::os::unix::fs::PermissionsExt;
+    require_root();
+    let ns = NetNs::new("secret");
+    ns.enter();
+    let store = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(store.path().join("db")).unwrap();
+    let value = "s3cr3t-4fd2e1";
+    for (name, mode) in [("db/password", 0o600), ("open", 0o644)] {
+        let path = store.path().join(name);
+        std::fs::write(&path, format!("{value}\n")).unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).unwrap();
+    }
+    let agent = Agent::start_with(
+        &ns,
+        "127.0.0.1",
+        &format!("[secrets]\ndir = \"{}\"\n", store.path().display()),
+    );
+    let def = |id: &str, source: &str| {
+        json!({"id": id, "cmd": "printf %s \"$PASSWORD\" > seen && exec sleep 600",
+               "cpus": 0.01, "mem": 8, "portDefinitions": [],
+               "env": {"PASSWORD": {"secret": "pw"}, "PLAIN": "x"},
+               "secrets": {"pw": {"source": source}}})
+    };
+    agent.put_and_wait("/sec/ok", &def("/sec/ok", "/db/password"));
+    let task = agent.running("/sec/ok")[0]["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let seen = agent
+        .dir
+        .path()
+        .join("state/sandboxes")
+        .join(&task)
+        .join("seen");
+    assert_eq!(std::fs::read_to_string(&seen).unwrap(), value);
+    let app = agent.get("/v2/apps/sec/ok")["app"].clone();
+    assert_eq!(app["env"]["PASSWORD"], json!({"secret": "pw"}), "{app}");
+    assert_eq!(app["secrets"]["pw"]["source"], "/db/password", "{app}");
+
+    // Others may read this one: the launch fails and says why.
+    let (status, v) = agent
+        .http(
+            "POST",
+            "/v2/apps",
+            Some(&def("/sec/open", "/open").to_string()),
+        )
+        .unwrap();
+    assert_eq!(status, 201, "{v}");
+    let mut why = String::new();
+    assert!(
+        wait_until(Duration::from_secs(20), || {
+            why = agent.get("/v2/apps/sec/open")["app"]["lastTaskFailure"]["message"]
+                .as_str()
+                .unwrap_or_default()
+                .to_string();
+            !why.is_empty()
+        }),
+        "no failure reported"
+    );
+    assert!(
+        why.contains("open") && why.contains("0600") && why.contains("644"),
+        "{why}"
+    );
+
+    // An undefined secret is refused before anything is stored.
+    let mut bad = def("/sec/bad", "/db/password");
+    bad["env"]["PASSWORD"] = json!({"secret": "nope"});
+    let (status, v) = agent
+        .http("POST", "/v2/apps", Some(&bad.to_string()))
+        .unwrap();
+    assert_eq!(status, 422, "{v}");
+    assert_eq!(v["details"][0]["path"], "/env/PASSWORD", "{v}");
+
+    for path in [
+        "/v2/apps?embed=apps.tasks",
+        "/v2/tasks",
+        "/v1/tasks",
+        "/v1/apps",
+        "/v1/state",
+        "/v2/groups",
+        "/v2/queue",
+    ] {
+        let answer = agent.get(path).to_string();
+        assert!(!answer.contains(value), "{path} shows the secret: {answer}");
+    }
+    assert!(
+        !agent.log().contains(value),
+        "the agent's log shows the secret"
+    );
 }

@@ -413,7 +413,7 @@ cgroup_parent = "{cgroup_parent}"
     }
 
     pub fn tasks(&self, app: &str) -> Vec<Value> {
-        let v = self.get(&format!("/v2/apps/{}/tasks", app.trim_matches('/')));
+        let v = self.get(&format!("/v1/tasks?app=/{}", app.trim_matches('/')));
         v["tasks"].as_array().cloned().unwrap_or_default()
     }
 

@@ -206,12 +206,44 @@ impl IntoResponse for ApiError {
 
 type ApiResult<T = Response> = Result<T, ApiError>;
 
+/// What a request gave that dcnet does not act on, one `Dcnet-Warning` header each (never
+/// in the body, where a Marathon client does not expect it); anything but printable ASCII
+/// is written as `?`.
+fn with_warnings(mut response: Response, warnings: &[String]) -> Response {
+    for w in warnings {
+        let text: String = w
+            .chars()
+            .map(|c| {
+                if c.is_ascii() && !c.is_ascii_control() {
+                    c
+                } else {
+                    '?'
+                }
+            })
+            .collect();
+        if let Ok(v) = axum::http::HeaderValue::from_str(&text) {
+            response.headers_mut().append("Dcnet-Warning", v);
+        }
+    }
+    response
+}
+
+#[cfg(test)]
+mod examples;
 mod groups;
+#[cfg(test)]
+mod strict;
 
 pub(crate) fn router(api: Api) -> Router {
     Router::new()
         .route("/ping", get(|| async { "pong\n" }))
-        .route("/v2/apps", get(list_apps).post(create_app))
+        .route(
+            "/v2/apps",
+            get(list_apps)
+                .post(create_app)
+                .put(groups::put_apps)
+                .patch(groups::put_apps),
+        )
         .route(
             "/v2/apps/{*path}",
             get(app_get)
@@ -243,6 +275,7 @@ pub(crate) fn router(api: Api) -> Router {
                 .delete(groups::delete_group),
         )
         .route("/v1/deployments", get(list_deployment_records))
+        .route("/v1/tasks", get(list_task_records))
         .route("/v1/deployments/{id}", get(get_deployment))
         .route("/v1/apps", get(list_app_overviews))
         .route("/v1/nodes", get(list_nodes))
@@ -294,6 +327,10 @@ fn app_view(app: &App, state: &ClusterState, with_tasks: bool) -> Value {
         obj.insert("lastTaskFailure".into(), json!(failure));
     }
     if with_tasks {
+        let tasks: Vec<Value> = tasks
+            .iter()
+            .map(|t| crate::marathon::task_view(t, state))
+            .collect();
         obj.insert("tasks".into(), json!(tasks));
     }
     v
@@ -547,7 +584,11 @@ async fn app_get(State(api): State<Api>, Path(path): Path<String>) -> ApiResult 
         .ok_or_else(|| ApiError::not_found(id.as_str()))?;
     Ok(match action {
         Some("tasks") => {
-            Json(json!({"tasks": state.tasks_of(&id).collect::<Vec<_>>()})).into_response()
+            let tasks: Vec<Value> = state
+                .tasks_of(&id)
+                .map(|t| crate::marathon::task_view(t, &state))
+                .collect();
+            Json(json!({"tasks": tasks})).into_response()
         }
         _ => Json(json!({"app": app_view(app, &state, true)})).into_response(),
     })
@@ -804,8 +845,10 @@ async fn create_app(State(api): State<Api>, caller: Caller, body: Bytes) -> ApiR
     api.announce(&app, &caller);
     let mut view = app_view(&app, &state, false);
     view["deployments"] = json!([{"id": dep.id}]);
-    view["warnings"] = json!(warnings);
-    Ok((StatusCode::CREATED, Json(view)).into_response())
+    Ok(with_warnings(
+        (StatusCode::CREATED, Json(view)).into_response(),
+        &warnings,
+    ))
 }
 
 async fn app_put(
@@ -898,10 +941,10 @@ async fn write_change(
     ops.extend(api.version_ops(app).await?);
     let rev = api.store.txn(ops).await?;
     api.caught_up(rev).await;
-    Ok(
-        Json(json!({"version": app.version, "deploymentId": dep.id, "warnings": warnings}))
-            .into_response(),
-    )
+    Ok(with_warnings(
+        Json(json!({"version": app.version, "deploymentId": dep.id})).into_response(),
+        &warnings,
+    ))
 }
 
 async fn app_post(State(api): State<Api>, Path(path): Path<String>) -> ApiResult {
@@ -1080,7 +1123,11 @@ async fn kill_task(api: &Api, app: &str, task: &str, q: &KillQuery) -> ApiResult
     let (mut tasks, deployment) = kill_tasks(api, &app, &[id], q.scale).await?;
     Ok(match deployment {
         Some(dep) => Json(dep).into_response(),
-        None => Json(json!({"task": tasks.pop()})).into_response(),
+        None => {
+            let state = api.state.borrow().clone();
+            let task = tasks.pop().map(|t| crate::marathon::task_view(&t, &state));
+            Json(json!({"task": task})).into_response()
+        }
     })
 }
 
@@ -1103,7 +1150,7 @@ async fn kill_app_tasks(api: &Api, app: &str, q: &KillQuery) -> ApiResult {
     let (tasks, deployment) = kill_tasks(api, &app, &ids, q.scale).await?;
     Ok(match deployment {
         Some(dep) => Json(dep).into_response(),
-        None => Json(json!({"tasks": tasks})).into_response(),
+        None => Json(json!({"tasks": task_views(api, &tasks)})).into_response(),
     })
 }
 
@@ -1158,13 +1205,46 @@ async fn delete_tasks(
         }
         killed.extend(tasks);
     }
-    Ok(Json(json!({"tasks": killed})).into_response())
+    Ok(Json(json!({"tasks": task_views(&api, &killed)})).into_response())
+}
+
+/// Tasks as Marathon shows them.
+fn task_views(api: &Api, tasks: &[Task]) -> Vec<Value> {
+    let state = api.state.borrow().clone();
+    tasks
+        .iter()
+        .map(|t| crate::marathon::task_view(t, &state))
+        .collect()
 }
 
 async fn list_tasks(State(api): State<Api>) -> Json<Value> {
     let state = api.state.borrow().clone();
-    let tasks: Vec<&Arc<Task>> = state.tasks.values().collect();
+    let tasks: Vec<Value> = state
+        .tasks
+        .values()
+        .map(|t| crate::marathon::task_view(t, &state))
+        .collect();
     Json(json!({"tasks": tasks}))
+}
+
+#[derive(Deserialize)]
+struct TaskQuery {
+    app: Option<String>,
+}
+
+/// `GET /v1/tasks[?app=ID]`: dcnet's task records (goal, process, resources, what a staging
+/// task waits for), of every app or of one.
+async fn list_task_records(
+    State(api): State<Api>,
+    Query(q): Query<TaskQuery>,
+) -> ApiResult<Json<Value>> {
+    let state = api.state.borrow().clone();
+    let app = q.app.as_deref().map(parse_app_id).transpose()?;
+    let tasks: Vec<&Arc<Task>> = match &app {
+        Some(app) => state.tasks_of(app).collect(),
+        None => state.tasks.values().collect(),
+    };
+    Ok(Json(json!({"tasks": tasks})))
 }
 
 #[derive(Deserialize)]
@@ -1653,7 +1733,7 @@ mod tests {
     }
 
     /// Writes a task as a node's task manager would.
-    async fn put_task(store: &SharedStore, task: &Task) {
+    pub(super) async fn put_task(store: &SharedStore, task: &Task) {
         store
             .put(
                 &keys::task(&task.id),
@@ -1682,8 +1762,10 @@ mod tests {
 
         let (status, v) = call(&router, Method::DELETE, "/v2/apps/web/tasks/web.1", "").await;
         assert_eq!(status, StatusCode::OK, "{v}");
-        assert_eq!(v["task"]["goal"], "kill", "{v}");
-        assert_eq!(v["task"]["killReason"], "user", "{v}");
+        assert_eq!(
+            v["task"]["state"], "TASK_KILLING",
+            "as Marathon says it: {v}"
+        );
         let (stored, rev) = keys::get_json::<Task>(&*store, "/dcnet/tasks/web.1")
             .await
             .unwrap()
@@ -1937,7 +2019,12 @@ mod tests {
         )
         .await;
         assert_eq!(status, StatusCode::OK, "{v}");
-        assert_eq!(v["tasks"][0]["killReason"], "user", "{v}");
+        assert_eq!(v["tasks"][0]["state"], "TASK_KILLING", "{v}");
+        let (killed, _) = keys::get_json::<Task>(&*store, "/dcnet/tasks/web.1")
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(killed.kill_reason, Some(crate::model::KillReason::User));
         // Every task of the app, with scale: what is left of it goes, and so do its instances.
         state
             .wait_for(|s| {

@@ -38,6 +38,8 @@ pub struct Config {
     pub event_queue: usize,
     /// The port this node's API listens on (every node's, in Marathon's `/v2/leader`).
     pub api_port: u16,
+    /// The secret store: secret env variables are read from files here at launch.
+    pub secrets_dir: Option<std::path::PathBuf>,
 }
 
 /// What is kept of what has ended, so that the store and the disk stay bounded.
@@ -155,6 +157,7 @@ impl NodeCore {
             let (store, metrics, state, node) =
                 (store.clone(), metrics.clone(), state.clone(), node.clone());
             let retention = cfg.retention;
+            let secrets_dir = cfg.secrets_dir.clone();
             supervisor.spawn("tasks", move |ready, stop| {
                 let manager = Manager::new(
                     store.clone(),
@@ -162,7 +165,8 @@ impl NodeCore {
                     node.clone(),
                     metrics.clone(),
                 )
-                .with_sandbox_retention(retention.sandboxes);
+                .with_sandbox_retention(retention.sandboxes)
+                .with_secrets_dir(secrets_dir.clone());
                 let run = manager
                     .run(state.clone(), stop)
                     .instrument(info_span!("tasks", node = %node.id));

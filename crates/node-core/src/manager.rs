@@ -85,6 +85,8 @@ pub(crate) struct Manager {
     rx: mpsc::UnboundedReceiver<Local>,
     /// The loop's shutdown: a store write retried through an outage gives up only on it.
     shutdown: CancellationToken,
+    /// Where secret env variables are read from (`secrets.dir`).
+    secrets_dir: Option<std::path::PathBuf>,
     /// How long the sandbox of an ended task is kept.
     sandbox_retention: Duration,
 }
@@ -108,7 +110,15 @@ impl Manager {
             rx,
             shutdown: CancellationToken::new(),
             sandbox_retention: crate::core::Retention::default().sandboxes,
+            secrets_dir: None,
         }
+    }
+
+    /// Where this node's secret store is (`secrets.dir`): the files secret env variables
+    /// are read from at launch.
+    pub(crate) fn with_secrets_dir(mut self, dir: Option<std::path::PathBuf>) -> Self {
+        self.secrets_dir = dir;
+        self
     }
 
     pub(crate) fn with_sandbox_retention(mut self, retention: Duration) -> Self {
@@ -391,6 +401,7 @@ impl Manager {
             ports: task.ports.clone(),
             host: self.node.hostname.clone(),
             host_ip: self.node.ip,
+            secrets: Default::default(),
             staging: {
                 let (tx, task) = (self.tx.clone(), task.id.clone());
                 Staging::new(move |what| {
@@ -404,10 +415,20 @@ impl Manager {
         let runtime = self.runtime.clone();
         let tx = self.tx.clone();
         let span = info_span!("launch", task = %task.id);
+        let secrets_dir = self.secrets_dir.clone();
         tokio::spawn(
             async move {
                 let id = spec.task.clone();
-                match runtime.launch(spec).await {
+                let mut spec = spec;
+                let launched = match crate::runtime::read_secrets(&spec.app, secrets_dir.as_deref())
+                {
+                    Ok(secrets) => {
+                        spec.secrets = secrets;
+                        runtime.launch(spec).await
+                    }
+                    Err(why) => Err(crate::runtime::RuntimeError::Secret(why)),
+                };
+                match launched {
                     Ok(launched) => {
                         let _ = tx.send(Local::Launched {
                             task: id.clone(),
@@ -513,7 +534,7 @@ impl Manager {
         let env: Vec<(String, String)> = app
             .env
             .iter()
-            .map(|(k, v)| (k.clone(), v.clone()))
+            .filter_map(|(k, v)| Some((k.clone(), v.value()?.to_string())))
             .chain(
                 ports
                     .iter()
@@ -545,7 +566,8 @@ impl Manager {
                     let run = due_checks(&mut due, &intervals, now);
                     for i in run {
                         let (check, tracker) = (&checks[i], &mut trackers[i]);
-                        let addr = ports.get(check.port_index).map(|p| SocketAddr::new(ip, *p));
+                        let port = check.port.or_else(|| ports.get(check.port_index).copied());
+                        let addr = port.map(|p| SocketAddr::new(ip, p));
                         let target = health::Target {
                             addr,
                             env: env.clone(),

@@ -53,9 +53,19 @@ async fn info(State(api): State<Api>) -> Json<Value> {
             "ha": state.nodes.len() > 1,
             "hostname": me.map(|n| n.hostname.clone()),
             "task_launch_timeout": 300000,
+            "task_lost_expunge_initial_delay": 300000,
+            "task_lost_expunge_interval": 30000,
         },
-        "zookeeper_config": {},
-        "http_config": {"http_port": api.api_port},
+        // dcnet keeps its state in its own store, not in ZooKeeper: the fields Marathon
+        // requires are there, with no ensemble to name.
+        "zookeeper_config": {
+            "zk": "",
+            "zk_connection_timeout": 10000,
+            "zk_max_versions": api.app_versions,
+            "zk_session_timeout": 10000,
+            "zk_timeout": 10000,
+        },
+        "http_config": {"http_port": api.api_port, "https_port": 0},
     }))
 }
 
@@ -191,4 +201,61 @@ async fn reset_delay(
     })
     .await?;
     Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+/// A task as Marathon's `Task` type has it: its Mesos state, where it runs, its ports and
+/// addresses, and one health result per health check once one answered. dcnet's own
+/// detail (goal, process, resources, staging) is under `/v1/tasks`.
+pub(crate) fn task_view(t: &crate::model::Task, state: &ClusterState) -> Value {
+    use crate::model::TaskState as S;
+    let app = state.apps.get(&t.app_id);
+    let state_name = match (t.state, t.goal) {
+        (S::Running, Goal::Kill) => json!("TASK_KILLING"),
+        (S::Lost, _) => json!("TASK_UNREACHABLE"),
+        (s, _) => json!(s),
+    };
+    let service_ports: Vec<u16> = app
+        .map(|a| a.port_definitions.iter().map(|p| p.port).collect())
+        .unwrap_or_default();
+    let mut v = json!({
+        "id": t.id,
+        "appId": t.app_id,
+        "host": t.host,
+        "state": state_name,
+        "ports": t.ports,
+        "servicePorts": service_ports,
+        "ipAddresses": t.ip_addresses,
+        "slaveId": t.node_id,
+        "stagedAt": t.staged_at,
+        "version": t.version,
+        "localVolumes": [],
+        "role": "*",
+    });
+    let obj = v.as_object_mut().expect("an object");
+    if let Some(started) = &t.started_at {
+        obj.insert("startedAt".into(), json!(started));
+    }
+    let checks = app.map_or(0, |a| a.health_checks.len());
+    if let Some(alive) = t.health.alive {
+        let h = &t.health;
+        let mut result = json!({
+            "alive": alive,
+            "consecutiveFailures": h.consecutive_failures,
+            "instanceId": t.id,
+        });
+        for (key, value) in [
+            ("lastSuccess", &h.last_success),
+            ("lastFailure", &h.last_failure),
+            ("lastFailureCause", &h.last_failure_cause),
+        ] {
+            if let Some(value) = value {
+                result[key] = json!(value);
+            }
+        }
+        obj.insert(
+            "healthCheckResults".into(),
+            json!(vec![result; checks.max(1)]),
+        );
+    }
+    v
 }

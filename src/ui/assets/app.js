@@ -276,7 +276,7 @@ function exitCell(t) {
 }
 
 async function appPage(id) {
-  const [{ apps }, { tasks }] = await Promise.all([api("/v1/apps"), api(appPath(id) + "/tasks")]);
+  const [{ apps }, { tasks }] = await Promise.all([api("/v1/apps"), api("/v1/tasks?app=" + encodeURIComponent(id))]);
   const a = apps.find((x) => x.id === id);
   if (!a) return [el("h1", {}, id), el("p", { class: "empty" }, "No app " + id)];
   const rows = tasks.map((t) => el("tr", { "data-task": t.id },

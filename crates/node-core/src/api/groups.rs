@@ -317,6 +317,20 @@ fn parse_update(
         }
     };
     let spec = parse_spec(&value, id, "", &mut errors, warnings);
+    // The two modes are for a body that names no apps or groups; beside them (a group as
+    // `GET /v2/groups` wrote it, posted back) `version` and `scaleBy` are what was read.
+    let (version, scale_by) = if spec.apps.is_some() || spec.groups.is_some() {
+        if version.is_some() {
+            warnings.push("/version: read-only beside apps or groups; ignored".into());
+        }
+        if scale_by.is_some() {
+            warnings
+                .push("/scaleBy: only applies to a body without apps or groups; ignored".into());
+        }
+        (None, None)
+    } else {
+        (version, scale_by)
+    };
     if errors.is_empty() {
         Ok(Update {
             spec,
@@ -360,12 +374,13 @@ fn parse_spec(
         }
     }
     if !at.is_empty() {
-        for key in ["scaleBy", "version"] {
-            if fields.contains_key(key) {
-                warnings.push(format!(
-                    "{at}/{key}: only the group the request names may have it; ignored"
-                ));
-            }
+        if fields.contains_key("version") {
+            warnings.push(format!("{at}/version: read-only; ignored"));
+        }
+        if fields.contains_key("scaleBy") {
+            warnings.push(format!(
+                "{at}/scaleBy: only the group the request names may have it; ignored"
+            ));
         }
     }
     if fields.get("enforceRole") == Some(&Value::Bool(true)) {
@@ -1162,7 +1177,7 @@ async fn keep_version(api: &Api, world: &World, id: &str, version: &str) -> ApiR
 }
 
 /// Marathon's `DeploymentResult`, with the id in `Marathon-Deployment-Id` too, and what was
-/// ignored in `Dcnet-Warnings` (never in the body). A change that changes no app still
+/// ignored in `Dcnet-Warning` headers (never in the body). A change that changes no app still
 /// answers with an id, which names no deployment.
 fn answer(
     status: StatusCode,
@@ -1179,23 +1194,7 @@ fn answer(
     if let Ok(v) = HeaderValue::from_str(&id.0) {
         response.headers_mut().insert("Marathon-Deployment-Id", v);
     }
-    if !warnings.is_empty() {
-        let text: String = warnings
-            .join("; ")
-            .chars()
-            .map(|c| {
-                if c.is_ascii() && !c.is_ascii_control() {
-                    c
-                } else {
-                    '?'
-                }
-            })
-            .collect();
-        if let Ok(v) = HeaderValue::from_str(&text) {
-            response.headers_mut().insert("Dcnet-Warnings", v);
-        }
-    }
-    response
+    super::with_warnings(response, warnings)
 }
 
 /// `DELETE /v2/groups/{id}`: removes the group and everything under it, in one plan.
@@ -1225,6 +1224,74 @@ pub(super) async fn delete_group(
         api.store.txn(chunk.to_vec()).await?;
     }
     Ok(answer(StatusCode::OK, plan, &version, &[]))
+}
+
+/// `PUT` and `PATCH /v2/apps` with a list of apps: each is created, or changed in the
+/// fields it gives (the others are kept), all as one deployment whose steps follow their
+/// dependencies. Every app is checked before anything is written; errors name the app's
+/// place in the list.
+pub(super) async fn put_apps(State(api): State<Api>, caller: Caller, body: Bytes) -> ApiResult {
+    let items: Vec<Value> = match serde_json::from_slice::<Value>(&body) {
+        Ok(Value::Array(items)) => items,
+        Ok(_) => {
+            return Err(Invalid::Fields(vec![field(
+                "/",
+                "PUT /v2/apps takes a list of apps; PUT /v2/apps/{id} changes one",
+            )])
+            .into());
+        }
+        Err(e) => return Err(Invalid::Syntax(e.to_string()).into()),
+    };
+    let world = World::read(&api).await?;
+    let mut after = world.clone();
+    let (mut errors, mut warnings) = (Vec::new(), Vec::new());
+    for (i, item) in items.iter().enumerate() {
+        let at = format!("({i})");
+        let id = item
+            .get("id")
+            .and_then(Value::as_str)
+            .map(|raw| AppId::parse(raw).map_err(|e| format!("app id `{raw}` {e}")));
+        let id = match id {
+            Some(Ok(id)) => id,
+            Some(Err(e)) => {
+                errors.push(field(&format!("{at}/id"), e));
+                continue;
+            }
+            None => {
+                errors.push(field(&format!("{at}/id"), "each app needs an id"));
+                continue;
+            }
+        };
+        let bytes = item.to_string();
+        let parsed = match world.apps.get(&id) {
+            Some(current) => crate::model::parse_app_update(current, bytes.as_bytes()),
+            None => parse_app(bytes.as_bytes()),
+        };
+        match parsed {
+            Ok(p) => {
+                warnings.extend(p.warnings.into_iter().map(|w| format!("{at}{w}")));
+                after.apps.insert(id, p.app);
+            }
+            Err(Invalid::Fields(f)) => errors.extend(f.into_iter().map(|mut f| {
+                f.path = format!("{at}{}", f.path);
+                f
+            })),
+            Err(Invalid::Syntax(e)) => errors.push(field(&at, e)),
+        }
+    }
+    if !errors.is_empty() {
+        return Err(Invalid::Fields(errors).into());
+    }
+    let version = now_rfc3339();
+    let changed = changes(&world, &after, &version);
+    check(&after, &changed)?;
+    let order = order(&after, &changed)?;
+    let announced: Vec<App> = changed.iter().map(|c| c.app.clone()).collect();
+    let plan = commit(&api, changed, order, Vec::new(), &version).await?;
+    for app in &announced {
+        api.announce(app, &caller);
+    }
+    Ok(answer(StatusCode::OK, plan, &version, &warnings))
 }
 
 /// The plan that rolls `plan` back: each of its apps as it was before it (a created one

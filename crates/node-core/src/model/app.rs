@@ -10,6 +10,31 @@ use serde::{Deserialize, Deserializer, Serialize, Serializer};
 ///
 /// Marathon accepts relative ids and resolves them against the root group; so do we, and the
 /// stored form is always absolute and without a trailing slash.
+/// One variable of an app's `env`: a value, or a reference to one of its `secrets`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum EnvValue {
+    Value(String),
+    Secret { secret: String },
+}
+
+impl EnvValue {
+    /// The value, for a variable that is not a secret.
+    pub fn value(&self) -> Option<&str> {
+        match self {
+            EnvValue::Value(v) => Some(v),
+            EnvValue::Secret { .. } => None,
+        }
+    }
+}
+
+/// Where a secret's value is: a path in the agent's secret store (`secrets.dir`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SecretSource {
+    pub source: String,
+}
+
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct AppId(String);
 
@@ -98,7 +123,12 @@ pub struct App {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub args: Option<Vec<String>>,
     #[serde(default)]
-    pub env: BTreeMap<String, String>,
+    pub env: BTreeMap<String, EnvValue>,
+    /// Marathon's `secrets`: names the env refers to (`{"secret": "name"}`), each with its
+    /// `source` in the agent's secret store. Only the references are kept; a value is read
+    /// on the node when a task launches.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub secrets: BTreeMap<String, SecretSource>,
     #[serde(default = "default_instances")]
     pub instances: u32,
     #[serde(default = "default_cpus")]
@@ -124,13 +154,22 @@ pub struct App {
     pub readiness_checks: Vec<ReadinessCheck>,
     #[serde(default)]
     pub upgrade_strategy: UpgradeStrategy,
-    #[serde(default = "default_backoff_seconds")]
+    #[serde(
+        default = "default_backoff_seconds",
+        serialize_with = "whole_as_integer"
+    )]
     pub backoff_seconds: f64,
     #[serde(default = "default_backoff_factor")]
     pub backoff_factor: f64,
-    #[serde(default = "default_max_launch_delay_seconds")]
+    #[serde(
+        default = "default_max_launch_delay_seconds",
+        serialize_with = "whole_as_integer"
+    )]
     pub max_launch_delay_seconds: f64,
-    #[serde(default = "default_kill_grace_period_seconds")]
+    #[serde(
+        default = "default_kill_grace_period_seconds",
+        serialize_with = "whole_as_integer"
+    )]
     pub task_kill_grace_period_seconds: f64,
     #[serde(default)]
     pub dependencies: Vec<AppId>,
@@ -172,6 +211,16 @@ fn default_networks() -> Vec<Network> {
         name: None,
     }]
 }
+/// Seconds that Marathon types as integers: a whole number is written as one (`1`, not
+/// `1.0`); a fraction, which dcnet accepts beyond Marathon, stays a fraction.
+fn whole_as_integer<S: serde::Serializer>(v: &f64, s: S) -> Result<S::Ok, S::Error> {
+    if v.fract() == 0.0 && v.abs() < 1e15 {
+        s.serialize_i64(*v as i64)
+    } else {
+        s.serialize_f64(*v)
+    }
+}
+
 fn default_backoff_seconds() -> f64 {
     1.0
 }
@@ -618,6 +667,10 @@ pub struct HealthCheck {
     pub path: Option<String>,
     #[serde(default)]
     pub port_index: usize,
+    /// Marathon's fixed `port` to check (a container's own port on a container network),
+    /// instead of the port at `portIndex`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub port: Option<u16>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub command: Option<HealthCommand>,
     #[serde(default = "default_grace_period")]

@@ -10,10 +10,10 @@ mod task;
 mod vip;
 
 pub use self::app::{
-    App, AppId, Constraint, Container, ContainerType, DockerImage, FetchUri, HealthCheck,
+    App, AppId, Constraint, Container, ContainerType, DockerImage, EnvValue, FetchUri, HealthCheck,
     HealthCommand, HealthProtocol, Network, NetworkMode, Operator, PersistentVolume,
-    PortDefinition, PortMapping, Protocol, ReadinessCheck, UpgradeStrategy, VersionInfo, Volume,
-    VolumeMode,
+    PortDefinition, PortMapping, Protocol, ReadinessCheck, SecretSource, UpgradeStrategy,
+    VersionInfo, Volume, VolumeMode,
 };
 pub use self::names::{clean_label, vip_label};
 pub use self::parse::{FieldError, Invalid, Parsed, parse_app, parse_app_update};

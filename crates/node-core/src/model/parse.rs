@@ -5,6 +5,7 @@
 use serde::Serialize;
 use serde_json::{Map, Value};
 
+use super::EnvValue;
 use super::{App, HealthProtocol};
 
 /// Fields of an app definition that dcnet reads.
@@ -32,6 +33,7 @@ const SUPPORTED: &[&str] = &[
     "dependencies",
     "container",
     "fetch",
+    "secrets",
 ];
 
 /// Fields of Marathon's app format that dcnet accepts but does not act on.
@@ -43,15 +45,13 @@ const UNSUPPORTED: &[&str] = &[
     "acceptedResourceRoles",
     "requirePorts",
     "residency",
-    "secrets",
     "killSelection",
     "unreachableStrategy",
-    "ipAddress",
-    "ports",
     "role",
     "executorResources",
     "tty",
     "networkBandwidth",
+    "check",
 ];
 
 /// Fields that Marathon reports in its answers; sending them back is harmless.
@@ -227,9 +227,69 @@ fn one(path: &str, error: &str) -> Invalid {
     }])
 }
 
+/// Marathon's older forms of an app, as Marathon itself reads them: `ports` (service ports)
+/// as `portDefinitions`, `container.docker.network` and `ipAddress` as `networks`,
+/// `container.docker.portMappings` as `container.portMappings`; and Marathon's default of one
+/// port for a host-networked app that names none. A newer field given beside an older one
+/// wins.
+fn normalize(fields: &mut Map<String, Value>) {
+    let ports = fields.remove("ports");
+    let ip_address = fields.remove("ipAddress");
+    let mut networks = None;
+    if let Some(Value::Object(container)) = fields.get_mut("container") {
+        let mut mappings = None;
+        if let Some(Value::Object(docker)) = container.get_mut("docker") {
+            mappings = docker.remove("portMappings");
+            networks = match docker.remove("network").as_ref().and_then(Value::as_str) {
+                Some("BRIDGE") => Some(serde_json::json!([{"mode": "container/bridge"}])),
+                Some("USER") => Some(serde_json::json!([{"mode": "container"}])),
+                Some("HOST") => Some(serde_json::json!([{"mode": "host"}])),
+                _ => None,
+            };
+        }
+        if let Some(mappings) = mappings
+            && !container.contains_key("portMappings")
+        {
+            container.insert("portMappings".into(), mappings);
+        }
+    }
+    if networks.is_none()
+        && let Some(Value::Object(ip)) = &ip_address
+    {
+        let mut network = serde_json::json!({"mode": "container"});
+        if let Some(name) = ip.get("networkName") {
+            network["name"] = name.clone();
+        }
+        networks = Some(Value::Array(vec![network]));
+    }
+    if let Some(networks) = networks
+        && !fields.contains_key("networks")
+    {
+        fields.insert("networks".into(), networks);
+    }
+    let host_network = match fields.get("networks") {
+        None => true,
+        Some(Value::Array(n)) => n.iter().all(|n| n.get("mode").is_none_or(|m| m == "host")),
+        Some(_) => false,
+    };
+    // `ports` are a host-networked app's service ports; a container's come with its
+    // port mappings.
+    if host_network && !fields.contains_key("portDefinitions") {
+        let defs = match ports {
+            Some(Value::Array(ports)) => ports
+                .iter()
+                .map(|p| serde_json::json!({"port": p, "protocol": "tcp"}))
+                .collect(),
+            _ => vec![serde_json::json!({"port": 0, "protocol": "tcp"})],
+        };
+        fields.insert("portDefinitions".into(), Value::Array(defs));
+    }
+}
+
 fn from_fields(mut fields: Map<String, Value>) -> Result<Parsed, Invalid> {
     let mut warnings = Vec::new();
     let mut errors = Vec::new();
+    normalize(&mut fields);
     let keys: Vec<String> = fields.keys().cloned().collect();
     for key in keys {
         if SUPPORTED.contains(&key.as_str()) {
@@ -296,8 +356,8 @@ fn ignored_fields(given: &Value, read: &Value, at: String, out: &mut Vec<String>
             for (key, value) in g {
                 let here = format!("{at}/{key}");
                 match r.get(key) {
-                    // A null that was left out is no field lost.
-                    None if value.is_null() => {}
+                    // A null or an empty list that was left out is no field lost.
+                    None if value.is_null() || value.as_array().is_some_and(Vec::is_empty) => {}
                     None => out.push(format!("{here}: not known to dcnet; ignored")),
                     Some(read) => ignored_fields(value, read, here, out),
                 }
@@ -370,9 +430,6 @@ fn validate(app: &App) -> Vec<FieldError> {
                 "a volume needs `hostPath` or `persistent` (external and secret volumes are not supported)"
                     .into(),
             ),
-            (Some(host), None) if !host.starts_with('/') => {
-                err(format!("{at}/hostPath"), "must be an absolute path".into())
-            }
             (None, Some(p)) => {
                 if p.size == 0 {
                     err(format!("{at}/persistent/size"), "must be at least 1 (MiB)".into());
@@ -386,6 +443,16 @@ fn validate(app: &App) -> Vec<FieldError> {
                 }
             }
             _ => {}
+        }
+        // A relative host path is in the task's sandbox, as in Mesos: it stays there.
+        if let Some(host) = &v.host_path
+            && !host.starts_with('/')
+            && (host.is_empty() || host.split('/').any(|p| p == ".."))
+        {
+            err(
+                format!("{at}/hostPath"),
+                "must be an absolute path, or one in the sandbox without '..'".into(),
+            );
         }
         if v.container_path.is_empty() || v.container_path.split('/').any(|p| p == "..") {
             err(
@@ -502,6 +569,40 @@ fn validate(app: &App) -> Vec<FieldError> {
             "/disk".into(),
             format!("must be at least 0, not {}", app.disk),
         );
+    }
+    for (key, value) in &app.env {
+        if let EnvValue::Secret { secret } = value
+            && !app.secrets.contains_key(secret)
+        {
+            let defined: Vec<&str> = app.secrets.keys().map(String::as_str).collect();
+            err(
+                format!("/env/{key}"),
+                format!(
+                    "names the secret `{secret}`, which `secrets` does not define (it defines: {})",
+                    if defined.is_empty() {
+                        "none".to_string()
+                    } else {
+                        defined.join(", ")
+                    }
+                ),
+            );
+        }
+    }
+    for (name, s) in &app.secrets {
+        let path = s.source.trim_start_matches('/');
+        if path.is_empty()
+            || path
+                .split('/')
+                .any(|p| p.is_empty() || p == "." || p == "..")
+        {
+            err(
+                format!("/secrets/{name}/source"),
+                format!(
+                    "`{}` is not a path in the secret store (segments without `.` or `..`)",
+                    s.source
+                ),
+            );
+        }
     }
     for key in app.env.keys() {
         let valid = !key.is_empty()
@@ -626,7 +727,7 @@ fn validate(app: &App) -> Vec<FieldError> {
                 } else {
                     app.port_definitions.len()
                 };
-                if check.port_index >= ports {
+                if check.port.is_none() && check.port_index >= ports {
                     err(
                         at("portIndex"),
                         format!("is {} but the app has {ports} port(s)", check.port_index),
@@ -820,7 +921,7 @@ mod tests {
                 "/container/volumes/0/containerPath",
             ),
             (
-                r#"{"id": "/a", "cmd": "x", "container": {"volumes": [{"containerPath": "d", "hostPath": "rel"}]}}"#,
+                r#"{"id": "/a", "cmd": "x", "container": {"volumes": [{"containerPath": "d", "hostPath": "../rel"}]}}"#,
                 "/container/volumes/0/hostPath",
             ),
             (
@@ -998,5 +1099,38 @@ mod scale_tests {
         let plain =
             parse_app(br#"{"id": "/a", "cmd": "x", "portDefinitions": [{"port": 0}]}"#).unwrap();
         assert!(plain.warnings.is_empty(), "{:?}", plain.warnings);
+    }
+
+    /// An env variable may name a secret of the app; one it does not define, and a source
+    /// that leaves the store, are refused naming the field.
+    #[test]
+    fn secret_references_are_checked() {
+        let ok = parse_app(
+            br#"{"id": "/a", "cmd": "x", "env": {"PW": {"secret": "pw"}},
+                 "secrets": {"pw": {"source": "/db/pw"}}}"#,
+        )
+        .unwrap();
+        assert!(ok.warnings.is_empty(), "{:?}", ok.warnings);
+        assert_eq!(
+            ok.app.env["PW"],
+            EnvValue::Secret {
+                secret: "pw".into()
+            }
+        );
+        for (body, path) in [
+            (
+                r#"{"id": "/a", "cmd": "x", "env": {"PW": {"secret": "nope"}}, "secrets": {"pw": {"source": "x"}}}"#,
+                "/env/PW",
+            ),
+            (
+                r#"{"id": "/a", "cmd": "x", "secrets": {"pw": {"source": "../../etc/shadow"}}}"#,
+                "/secrets/pw/source",
+            ),
+        ] {
+            let Err(Invalid::Fields(errors)) = parse_app(body.as_bytes()) else {
+                panic!("{body} was taken");
+            };
+            assert_eq!(errors[0].path, path, "{errors:?}");
+        }
     }
 }

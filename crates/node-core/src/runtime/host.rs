@@ -237,7 +237,8 @@ pub(crate) fn task_env(
         .app
         .env
         .iter()
-        .map(|(k, v)| (k.clone(), v.clone()))
+        .filter_map(|(k, v)| Some((k.clone(), v.value()?.to_string())))
+        .chain(spec.secrets.0.iter().cloned())
         .collect();
     let names = spec.app.port_names();
     for (i, port) in ports.iter().enumerate() {

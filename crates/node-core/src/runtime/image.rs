@@ -239,7 +239,13 @@ impl ImageSupport {
                 format!("{SANDBOX_IN_CONTAINER}/{}", v.container_path)
             };
             let source = match (&v.host_path, &v.persistent) {
-                (Some(host), _) => PathBuf::from(host),
+                (Some(host), _) if host.starts_with('/') => PathBuf::from(host),
+                // Relative: a directory of the task's sandbox, as Mesos has it.
+                (Some(host), _) => {
+                    let dir = sandbox.join(host);
+                    fs::create_dir_all(&dir).map_err(sandbox_err(&dir))?;
+                    dir
+                }
                 (None, Some(_)) => {
                     let slot = slot.expect("a resident app has a slot");
                     let app_dir = self.volumes_dir.join(app_key(&spec.app.id));
@@ -394,7 +400,20 @@ impl ImageSupport {
         })
         .map_err(|e| RuntimeError::Container(format!("{}: {e}", docker.image)))?;
         let config = serde_json::to_vec_pretty(&runtime_spec).expect("a spec serializes");
-        fs::write(bundle.join("config.json"), config).map_err(sandbox_err(&bundle))?;
+        // It holds the task's env, secrets among them: for the agent's eyes only.
+        {
+            use std::io::Write;
+            use std::os::unix::fs::OpenOptionsExt;
+            let path = bundle.join("config.json");
+            fs::OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .mode(0o600)
+                .open(&path)
+                .and_then(|mut f| f.write_all(&config))
+                .map_err(sandbox_err(&bundle))?;
+        }
         let held = HeldImage {
             id: id.clone(),
             layers: image.layers.iter().map(|l| l.digest.clone()).collect(),

@@ -36,6 +36,61 @@ pub struct LaunchSpec {
     pub host_ip: IpAddr,
     /// Hears what the launch waits for.
     pub staging: Staging,
+    /// The values of the app's secret env variables, read from the agent's secret store.
+    pub secrets: SecretEnv,
+}
+
+/// Secret env variables with their values: given to the task's process, never printed
+/// (`Debug` shows the names only).
+#[derive(Clone, Default)]
+pub struct SecretEnv(pub Vec<(String, String)>);
+
+impl std::fmt::Debug for SecretEnv {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_list()
+            .entries(self.0.iter().map(|(k, _)| format!("{k}=<secret>")))
+            .finish()
+    }
+}
+
+/// Reads the secrets `app`'s env refers to from the store at `dir`: each a file there, at
+/// its source path, that only its owner may read (mode 0600 or tighter). An error names the
+/// variable, the secret and the file, never a value.
+pub fn read_secrets(app: &App, dir: Option<&std::path::Path>) -> Result<SecretEnv, String> {
+    use std::os::unix::fs::PermissionsExt;
+    let mut out = Vec::new();
+    for (var, value) in &app.env {
+        let crate::model::EnvValue::Secret { secret } = value else {
+            continue;
+        };
+        let Some(dir) = dir else {
+            return Err(format!(
+                "env {var} names the secret `{secret}`, but this agent has no secret store (`secrets.dir`)"
+            ));
+        };
+        let source = app
+            .secrets
+            .get(secret)
+            .map(|s| s.source.trim_start_matches('/').to_string())
+            .ok_or_else(|| {
+                format!("env {var} names the secret `{secret}`, which the app does not define")
+            })?;
+        let path = dir.join(&source);
+        let meta = std::fs::metadata(&path)
+            .map_err(|e| format!("secret `{secret}` of env {var}: {}: {e}", path.display()))?;
+        if !meta.is_file() || meta.permissions().mode() & 0o077 != 0 {
+            return Err(format!(
+                "secret `{secret}` of env {var}: {} must be a file only its owner may read (mode 0600), not {:o}",
+                path.display(),
+                meta.permissions().mode() & 0o7777
+            ));
+        }
+        let text = std::fs::read_to_string(&path)
+            .map_err(|e| format!("secret `{secret}` of env {var}: {}: {e}", path.display()))?;
+        let text = text.strip_suffix('\n').unwrap_or(&text).to_string();
+        out.push((var.clone(), text));
+    }
+    Ok(SecretEnv(out))
 }
 
 /// Where a launch says what it waits for (`pulling IMAGE: 1 of 3 layers, ...`), for the
@@ -89,6 +144,9 @@ pub enum RuntimeError {
     Fetch(#[from] dcnet_images::FetchError),
     #[error("the container: {0}")]
     Container(String),
+    /// A secret env variable that could not be read; names no value.
+    #[error("{0}")]
+    Secret(String),
 }
 
 /// `RuntimeError::Sandbox` for an I/O error at `path`.
@@ -134,5 +192,49 @@ pub trait Runtime: Send + Sync + 'static {
     fn release_volumes(&self, exists: &dyn Fn(&AppId) -> bool) -> usize {
         let _ = exists;
         0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::PermissionsExt;
+
+    use super::*;
+    use crate::model::parse_app;
+
+    /// A secret is read from its file (without the trailing newline); a file others may read,
+    /// a missing one and an agent without a store are errors that name the file or the store,
+    /// never the value; `Debug` shows names only.
+    #[test]
+    fn secrets_come_from_owner_only_files_and_are_never_printed() {
+        let dir = tempfile::tempdir().unwrap();
+        let app = |source: &str| {
+            parse_app(
+                serde_json::json!({"id": "/a", "cmd": "x", "env": {"PW": {"secret": "pw"}, "P": "1"},
+                                   "secrets": {"pw": {"source": source}}})
+                .to_string()
+                .as_bytes(),
+            )
+            .unwrap()
+            .app
+        };
+        let write = |name: &str, mode: u32| {
+            let path = dir.path().join(name);
+            std::fs::write(&path, "hunter2\n").unwrap();
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).unwrap();
+        };
+        write("ok", 0o600);
+        write("open", 0o640);
+        let read = read_secrets(&app("/ok"), Some(dir.path())).unwrap();
+        assert_eq!(read.0, [("PW".to_string(), "hunter2".to_string())]);
+        assert_eq!(format!("{read:?}"), r#"["PW=<secret>"]"#);
+        for (source, store, want) in [
+            ("/open", Some(dir.path()), "mode 0600"),
+            ("/missing", Some(dir.path()), "missing"),
+            ("/ok", None, "no secret store"),
+        ] {
+            let e = read_secrets(&app(source), store).unwrap_err();
+            assert!(e.contains(want) && !e.contains("hunter2"), "{e}");
+        }
     }
 }

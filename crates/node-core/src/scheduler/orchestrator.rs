@@ -1455,7 +1455,7 @@ mod tests {
         }
         for i in 0..6 {
             apps.push(app(
-                &format!(r#"{{"id": "/zcpus/c{i}", "cmd": "x", "cpus": 1, "mem": 1}}"#),
+                &format!(r#"{{"id": "/zcpus/c{i}", "cmd": "x", "cpus": 1, "mem": 1, "portDefinitions": []}}"#),
                 "v1",
             ));
         }

@@ -734,6 +734,15 @@ pub struct NodeSection {
     /// Attributes for constraints, like `rack = "r1"`.
     #[serde(default)]
     pub attributes: BTreeMap<String, String>,
+    /// The roles this node's resources are for: an app runs here only if its
+    /// `acceptedResourceRoles` (default `["*"]`) names one of them. A DC/OS public agent is
+    /// `["slave_public"]`.
+    #[serde(default = "default_node_roles")]
+    pub roles: Vec<String>,
+}
+
+fn default_node_roles() -> Vec<String> {
+    vec!["*".into()]
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -1030,6 +1039,7 @@ impl AgentConfig {
                 ports,
             },
             attributes: self.node.attributes.clone(),
+            roles: self.node.roles.clone(),
             status: NodeStatus::Active,
             registered_at: String::new(),
             overlay: None,

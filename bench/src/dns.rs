@@ -54,6 +54,7 @@ fn node(id: &str, ip: &str) -> Node {
             }],
         },
         attributes: BTreeMap::new(),
+        roles: vec!["*".into()],
         status: NodeStatus::Active,
         registered_at: String::new(),
         overlay: None,

@@ -41,6 +41,7 @@ fn nodes() -> Vec<Node> {
                 ("rack".to_string(), format!("r{:02}", i % 40)),
                 ("zone".to_string(), format!("z{}", i % 5)),
             ]),
+            roles: vec!["*".into()],
             status: NodeStatus::Active,
             registered_at: String::new(),
             overlay: None,

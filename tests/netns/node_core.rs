@@ -826,7 +826,7 @@ fn a_group_deploys_in_dependency_order_and_is_removed_in_one() {
         "apps": [
             {"id": "web", "cmd": "exec sleep 600", "cpus": 0.01, "mem": 16, "instances": 2,
              "dependencies": ["db"]},
-            {"id": "db", "cpus": 0.01, "mem": 32,
+            {"id": "db", "cpus": 0.2, "mem": 32,
              "cmd": "sleep 2 && exec python3 -m http.server --bind 127.0.0.1 $PORT0",
              "portDefinitions": [{"port": 0}],
              "healthChecks": [{"protocol": "HTTP", "path": "/", "gracePeriodSeconds": 30,

@@ -1217,14 +1217,64 @@ fn task_views(api: &Api, tasks: &[Task]) -> Vec<Value> {
         .collect()
 }
 
-async fn list_tasks(State(api): State<Api>) -> Json<Value> {
+/// `GET /v2/tasks[?status=running|staging]`: every task (of that status), as JSON, or with
+/// `Accept: text/plain` as the lines load-balancer scripts read: an app's key, a service
+/// port, and each task's `host:port` for it, tab-separated.
+async fn list_tasks(
+    State(api): State<Api>,
+    Query(pairs): Query<Vec<(String, String)>>,
+    headers: axum::http::HeaderMap,
+) -> ApiResult {
+    use crate::model::TaskState as S;
+    let mut wanted = Vec::new();
+    for (k, v) in &pairs {
+        if k == "status" || k == "status[]" {
+            match v.as_str() {
+                "running" => wanted.push(S::Running),
+                "staging" => wanted.extend([S::Staging, S::Starting]),
+                other => {
+                    return Err(ApiError::new(
+                        StatusCode::BAD_REQUEST,
+                        format!("status `{other}` is not one of running, staging"),
+                    ));
+                }
+            }
+        }
+    }
     let state = api.state.borrow().clone();
-    let tasks: Vec<Value> = state
+    let tasks: Vec<&Arc<Task>> = state
         .tasks
         .values()
+        .filter(|t| wanted.is_empty() || wanted.contains(&t.state))
+        .collect();
+    let plain = headers
+        .get(axum::http::header::ACCEPT)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|a| a.contains("text/plain") && !a.contains("application/json"));
+    if plain {
+        let mut out = String::new();
+        for app in state.apps.values() {
+            let mine: Vec<&&Arc<Task>> = tasks
+                .iter()
+                .filter(|t| t.app_id == app.id && t.state == S::Running)
+                .collect();
+            for (i, def) in app.port_definitions.iter().enumerate() {
+                out.push_str(&format!("{}\t{}\t", app.id.key(), def.port));
+                for t in &mine {
+                    if let Some(port) = t.ports.get(i) {
+                        out.push_str(&format!("{}:{port}\t", t.host));
+                    }
+                }
+                out.push('\n');
+            }
+        }
+        return Ok(([(axum::http::header::CONTENT_TYPE, "text/plain")], out).into_response());
+    }
+    let tasks: Vec<Value> = tasks
+        .iter()
         .map(|t| crate::marathon::task_view(t, &state))
         .collect();
-    Json(json!({"tasks": tasks}))
+    Ok(Json(json!({"tasks": tasks})).into_response())
 }
 
 #[derive(Deserialize)]
@@ -1742,6 +1792,57 @@ mod tests {
             )
             .await
             .unwrap();
+    }
+
+    /// `/v2/tasks` filters by status, and with `Accept: text/plain` lists each app's service
+    /// port and the `host:port` of its running tasks, as haproxy-marathon-bridge reads it.
+    #[tokio::test]
+    async fn tasks_filter_by_status_and_list_as_text() {
+        let (router, store, shutdown, _dir) = api().await;
+        let (status, v) = post(
+            &router,
+            r#"{"id": "/shop/web", "cmd": "x", "instances": 2, "portDefinitions": [{"port": 10001}]}"#,
+        )
+        .await;
+        assert_eq!(status, StatusCode::CREATED, "{v}");
+        let web = AppId::parse("/shop/web").unwrap();
+        let mut running = crate::test_util::task("shop_web.1", &web, "n1");
+        running.ports = vec![31005];
+        let mut staging = crate::test_util::task("shop_web.2", &web, "n1");
+        staging.state = crate::model::TaskState::Staging;
+        put_task(&store, &running).await;
+        put_task(&store, &staging).await;
+        let mut state = crate::test_util::follow(store.clone(), shutdown.clone()).await;
+        state.wait_for(|s| s.tasks.len() == 2).await.unwrap();
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        let ids = |v: &Value| -> Vec<String> {
+            v["tasks"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|t| t["id"].as_str().unwrap().to_string())
+                .collect()
+        };
+        let (_, v) = call(&router, Method::GET, "/v2/tasks?status=running", "").await;
+        assert_eq!(ids(&v), ["shop_web.1"]);
+        let (_, v) = call(&router, Method::GET, "/v2/tasks?status=staging", "").await;
+        assert_eq!(ids(&v), ["shop_web.2"]);
+        let (status, _) = call(&router, Method::GET, "/v2/tasks?status=lost", "").await;
+        assert_eq!(status, StatusCode::BAD_REQUEST);
+        let req = Request::builder()
+            .uri("/v2/tasks")
+            .header("accept", "text/plain")
+            .body(Body::empty())
+            .unwrap();
+        let resp = router.clone().oneshot(req).await.unwrap();
+        let text = axum::body::to_bytes(resp.into_body(), 1 << 20)
+            .await
+            .unwrap();
+        assert_eq!(
+            std::str::from_utf8(&text).unwrap(),
+            "shop_web\t10001\tn1:31005\t\n"
+        );
+        shutdown.cancel();
     }
 
     #[tokio::test]

@@ -901,6 +901,7 @@ mod tests {
             ip6: None,
             resources: Resources::default(),
             attributes: Default::default(),
+            roles: vec!["*".into()],
             status: NodeStatus::Active,
             registered_at: String::new(),
             overlay: None,

@@ -83,6 +83,7 @@ pub fn node(id: &str, ip: &str) -> Node {
         ip6: None,
         resources: Resources::default(),
         attributes: Default::default(),
+        roles: vec!["*".into()],
         status: NodeStatus::Active,
         registered_at: String::new(),
         overlay: None,

@@ -10,6 +10,16 @@ use serde::{Deserialize, Deserializer, Serialize, Serializer};
 ///
 /// Marathon accepts relative ids and resolves them against the root group; so do we, and the
 /// stored form is always absolute and without a trailing slash.
+/// Marathon's `killSelection`: which instances a scale-down kills first (serving ones are
+/// kept before those that do not serve, either way).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum KillSelection {
+    #[default]
+    YoungestFirst,
+    OldestFirst,
+}
+
 /// One variable of an app's `env`: a value, or a reference to one of its `secrets`.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(untagged)]
@@ -154,6 +164,13 @@ pub struct App {
     pub readiness_checks: Vec<ReadinessCheck>,
     #[serde(default)]
     pub upgrade_strategy: UpgradeStrategy,
+    /// Marathon's `acceptedResourceRoles`: the node roles the app may run on; unset, the
+    /// unreserved `*` only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub accepted_resource_roles: Option<Vec<String>>,
+    /// Which instances go first when the app scales down.
+    #[serde(default)]
+    pub kill_selection: KillSelection,
     #[serde(
         default = "default_backoff_seconds",
         serialize_with = "whole_as_integer"
@@ -262,6 +279,14 @@ impl App {
     }
 
     /// Whether tasks get their own network namespace and address.
+    /// The node roles the app may run on: its `acceptedResourceRoles`, or `*`.
+    pub fn accepted_roles(&self) -> Vec<&str> {
+        match &self.accepted_resource_roles {
+            Some(roles) if !roles.is_empty() => roles.iter().map(String::as_str).collect(),
+            _ => vec!["*"],
+        }
+    }
+
     pub fn is_container_network(&self) -> bool {
         self.networks.iter().any(|n| n.mode != NetworkMode::Host)
     }

@@ -11,7 +11,7 @@ mod vip;
 
 pub use self::app::{
     App, AppId, Constraint, Container, ContainerType, DockerImage, EnvValue, FetchUri, HealthCheck,
-    HealthCommand, HealthProtocol, Network, NetworkMode, Operator, PersistentVolume,
+    HealthCommand, HealthProtocol, KillSelection, Network, NetworkMode, Operator, PersistentVolume,
     PortDefinition, PortMapping, Protocol, ReadinessCheck, SecretSource, UpgradeStrategy,
     VersionInfo, Volume, VolumeMode,
 };

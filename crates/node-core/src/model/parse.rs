@@ -34,6 +34,8 @@ const SUPPORTED: &[&str] = &[
     "container",
     "fetch",
     "secrets",
+    "killSelection",
+    "acceptedResourceRoles",
 ];
 
 /// Fields of Marathon's app format that dcnet accepts but does not act on.
@@ -42,10 +44,8 @@ const UNSUPPORTED: &[&str] = &[
     "storeUrls",
     "user",
     "executor",
-    "acceptedResourceRoles",
     "requirePorts",
     "residency",
-    "killSelection",
     "unreachableStrategy",
     "role",
     "executorResources",

@@ -333,6 +333,10 @@ pub struct Node {
     pub resources: Resources,
     #[serde(default)]
     pub attributes: BTreeMap<String, String>,
+    /// The roles its resources are for (Mesos roles): an app whose `acceptedResourceRoles`
+    /// names none of them is not placed here.
+    #[serde(default = "default_roles")]
+    pub roles: Vec<String>,
     #[serde(default)]
     pub status: NodeStatus,
     #[serde(default)]
@@ -341,6 +345,10 @@ pub struct Node {
     /// endpoint is `ip` and this port). None on a node without the overlay.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub overlay: Option<OverlayEndpoint>,
+}
+
+fn default_roles() -> Vec<String> {
+    vec!["*".into()]
 }
 
 /// A node's WireGuard identity as its peers need it; the private key never leaves the node.

@@ -116,11 +116,14 @@ pub(crate) fn plan(app: &App, tasks: &[&Task], may_launch: bool) -> Plan {
         }
         if new.len() > target {
             let mut victims = new.clone();
-            // Keep the best: serving first, then the oldest.
+            // Keep the best: serving first, then the oldest (the youngest go first) or, with
+            // `OLDEST_FIRST`, the youngest.
+            let oldest_first = app.kill_selection == crate::model::KillSelection::OldestFirst;
             victims.sort_by(|a, b| {
+                let age = a.staged_at.cmp(&b.staged_at);
                 serving(b)
                     .cmp(&serving(a))
-                    .then(a.staged_at.cmp(&b.staged_at))
+                    .then(if oldest_first { age.reverse() } else { age })
             });
             out.kill = victims[target..]
                 .iter()
@@ -1105,6 +1108,7 @@ mod tests {
                 }],
             },
             attributes: Default::default(),
+            roles: vec!["*".into()],
             status: NodeStatus::Active,
             registered_at: String::new(),
             overlay: None,
@@ -1264,6 +1268,34 @@ mod tests {
             p.kill,
             vec![(TaskId("t0".into()), KillReason::Scale)],
             "the task not yet running goes first"
+        );
+    }
+
+    /// A scale-down keeps the serving tasks; among them the youngest go first, or with
+    /// `killSelection: OLDEST_FIRST` the oldest.
+    #[test]
+    fn kill_selection_picks_who_goes_on_a_scale_down() {
+        let mut tasks: Vec<Task> = (0..3)
+            .map(|n| task(n, "v1", TaskState::Running, None))
+            .collect();
+        for (n, t) in tasks.iter_mut().enumerate() {
+            t.staged_at = format!("2026-12-03T00:00:0{n}.000Z");
+        }
+        let refs: Vec<&Task> = tasks.iter().collect();
+        let victims = |json: &str| -> Vec<String> {
+            plan(&app(json, "v1"), &refs, true)
+                .kill
+                .into_iter()
+                .map(|(id, _)| id.0)
+                .collect()
+        };
+        assert_eq!(
+            victims(r#"{"id": "/a", "cmd": "x", "instances": 1}"#),
+            ["t1", "t2"]
+        );
+        assert_eq!(
+            victims(r#"{"id": "/a", "cmd": "x", "instances": 1, "killSelection": "OLDEST_FIRST"}"#),
+            ["t1", "t0"]
         );
     }
 

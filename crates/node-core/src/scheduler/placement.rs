@@ -273,6 +273,19 @@ pub fn place(app: &App, count: u32, nodes: &[&Node], active: &[&Task]) -> Placem
             excluded.insert(&node.id, values);
             continue;
         }
+        let accepted = app.accepted_roles();
+        if !node.roles.iter().any(|r| accepted.contains(&r.as_str())) {
+            first_reason.get_or_insert_with(|| {
+                format!(
+                    "node {} is for the roles {}, and the app accepts {}",
+                    node.id,
+                    node.roles.join(","),
+                    accepted.join(",")
+                )
+            });
+            excluded.insert(&node.id, values);
+            continue;
+        }
         index.insert(&node.id, candidates.len());
         candidates.push(Candidate {
             node,
@@ -446,6 +459,7 @@ mod tests {
                 .iter()
                 .map(|(k, v)| (k.to_string(), v.to_string()))
                 .collect(),
+            roles: vec!["*".into()],
             status: NodeStatus::Active,
             registered_at: String::new(),
             overlay: None,
@@ -527,6 +541,31 @@ mod tests {
 
     fn nodes_of(p: &Placements) -> Vec<&str> {
         p.placed.iter().map(|p| p.node_id.0.as_str()).collect()
+    }
+
+    /// A node for the role `slave_public` (a DC/OS public agent) takes only apps that
+    /// accept it; an app that accepts none of the nodes' roles waits and says why.
+    #[test]
+    fn accepted_resource_roles_pick_the_nodes() {
+        let mut public = node(2, 4.0, &[]);
+        public.roles = vec!["slave_public".into()];
+        let ns = [node(1, 4.0, &[]), public];
+        let refs: Vec<&Node> = ns.iter().collect();
+        let place_of = |json: &str| place(&app(json), 2, &refs, &[]);
+        let private = place_of(r#"{"id": "/a", "cmd": "x", "cpus": 0.1}"#);
+        assert_eq!(nodes_of(&private), ["n1", "n1"]);
+        let edge = place_of(
+            r#"{"id": "/lb", "cmd": "x", "cpus": 0.1, "acceptedResourceRoles": ["slave_public"]}"#,
+        );
+        assert_eq!(nodes_of(&edge), ["n2", "n2"]);
+        let none = place_of(
+            r#"{"id": "/x", "cmd": "x", "cpus": 0.1, "acceptedResourceRoles": ["gpu-team"]}"#,
+        );
+        assert_eq!(none.unplaced, 2);
+        assert!(
+            none.reason.as_deref().unwrap().contains("gpu-team"),
+            "{none:?}"
+        );
     }
 
     #[test]

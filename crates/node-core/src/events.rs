@@ -206,16 +206,28 @@ pub fn events_between(before: &ClusterState, after: &ClusterState, at: &str) -> 
         // The plan's end, once its last deployment ended.
         if plan.status().is_done() && ended.insert(plan.id.clone()) {
             match plan.status() {
-                DeploymentStatus::Succeeded => out.push(Event::new(
-                    "deployment_success",
-                    json!({"id": plan.id, "plan": plan.marathon()}),
-                    at,
-                )),
+                DeploymentStatus::Succeeded => {
+                    out.push(Event::new(
+                        "deployment_success",
+                        json!({"id": plan.id, "plan": plan.marathon()}),
+                        at,
+                    ));
+                    out.push(Event::new(
+                        "group_change_success",
+                        json!({"groupId": plan.group(), "version": plan.version()}),
+                        at,
+                    ));
+                }
                 DeploymentStatus::Failed => {
                     let reason = plan.members.iter().find_map(|d| d.reason.clone());
                     out.push(Event::new(
                         "deployment_failed",
                         json!({"id": plan.id, "plan": plan.marathon(), "reason": reason}),
+                        at,
+                    ));
+                    out.push(Event::new(
+                        "group_change_failed",
+                        json!({"groupId": plan.group(), "version": plan.version(), "reason": reason}),
                         at,
                     ));
                 }
@@ -506,11 +518,13 @@ mod tests {
             [
                 "deployment_step_success",
                 "deployment_success",
+                "group_change_success",
                 "app_terminated_event"
             ]
         );
         assert_eq!(e[1].data["id"], "d1");
-        assert_eq!(e[2].data["appId"], "/web");
+        assert_eq!(e[2].data["groupId"], "/");
+        assert_eq!(e[3].data["appId"], "/web");
     }
 
     #[tokio::test]

@@ -85,6 +85,29 @@ impl<'a> Plan<'a> {
             .unwrap_or_default()
     }
 
+    /// The group the plan changed, as Marathon's `group_change_*` events name it: the
+    /// deepest group that holds every app of the plan.
+    pub fn group(&self) -> String {
+        let mut ids = self.members.iter().map(|d| d.app_id.as_str());
+        let Some(first) = ids.next() else {
+            return "/".into();
+        };
+        let mut common: Vec<&str> = first.split('/').filter(|s| !s.is_empty()).collect();
+        // An app's own name is not a group.
+        common.pop();
+        for id in ids {
+            let parts: Vec<&str> = id.split('/').filter(|s| !s.is_empty()).collect();
+            let groups = &parts[..parts.len().saturating_sub(1)];
+            let same = common
+                .iter()
+                .zip(groups)
+                .take_while(|(a, b)| a == b)
+                .count();
+            common.truncate(same);
+        }
+        format!("/{}", common.join("/"))
+    }
+
     /// The plan's steps: each deployment's step is one past the latest of its `after` in the
     /// plan (dependency cycles are refused before anything is stored; a bound on the depth
     /// keeps a corrupt record from looping).
@@ -320,6 +343,29 @@ mod tests {
         let info = plan.marathon();
         assert_eq!(info["steps"].as_array().unwrap().len(), 3);
         assert_eq!(info["steps"][1]["actions"][0]["action"], "StartApplication");
+    }
+
+    /// The group a plan changed is the deepest that holds all its apps.
+    #[test]
+    fn a_plan_names_the_deepest_group_that_holds_its_apps() {
+        let group = |apps: &[&str]| {
+            let members: Vec<Deployment> = apps
+                .iter()
+                .enumerate()
+                .map(|(i, a)| dep(&i.to_string(), a, Some("p"), &[]))
+                .collect();
+            Plan {
+                id: DeploymentId("p".into()),
+                members: members.iter().collect(),
+            }
+            .group()
+        };
+        assert_eq!(group(&["/shop/web", "/shop/db"]), "/shop");
+        assert_eq!(group(&["/shop/web", "/shop/tools/cli"]), "/shop");
+        assert_eq!(group(&["/a/b/web", "/a/c/db"]), "/a");
+        assert_eq!(group(&["/shop/web", "/shopping/db"]), "/");
+        assert_eq!(group(&["/web"]), "/");
+        assert_eq!(group(&["/a/b/web"]), "/a/b");
     }
 
     /// A plan runs while one of its deployments does; the current step is the first with a

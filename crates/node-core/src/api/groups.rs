@@ -708,9 +708,17 @@ fn check(after: &World, changed: &[Change]) -> Result<(), Invalid> {
     }
 }
 
-/// Each changed app's `after`: the apps of the plan it depends on (removals wait for none).
-/// A cycle among them (through group dependencies) is refused.
-fn order(after: &World, changed: &[Change]) -> Result<BTreeMap<AppId, Vec<AppId>>, Invalid> {
+/// Each changed app's `after`: the apps of the plan that go first. An app that is deployed
+/// waits for the apps it depends on (in `after`); an app that is removed waits for the
+/// removal of the apps that depended on it (in `before`), as Marathon stops dependents
+/// first. A cycle among deployed apps (through group dependencies) is refused; one among
+/// removed apps (only a world stored before cycles were checked could hold it) is removed
+/// at once rather than never.
+fn order(
+    before: &World,
+    after: &World,
+    changed: &[Change],
+) -> Result<BTreeMap<AppId, Vec<AppId>>, Invalid> {
     let deploying: BTreeSet<&AppId> = changed
         .iter()
         .filter(|c| c.kind != DeploymentKind::Delete)
@@ -725,6 +733,41 @@ fn order(after: &World, changed: &[Change]) -> Result<BTreeMap<AppId, Vec<AppId>
             .collect();
         out.insert(c.app.id.clone(), deps);
     }
+    if let Some(cycle) = cycle(&out) {
+        let path: Vec<String> = cycle.iter().map(ToString::to_string).collect();
+        return Err(Invalid::Fields(vec![field(
+            "/dependencies",
+            format!(
+                "the dependencies (with the groups') make a cycle: {}; none of these apps could start",
+                path.join(" -> ")
+            ),
+        )]));
+    }
+    let removing: BTreeSet<&AppId> = changed
+        .iter()
+        .filter(|c| c.kind == DeploymentKind::Delete)
+        .map(|c| &c.app.id)
+        .collect();
+    let mut removal: BTreeMap<AppId, Vec<AppId>> = removing
+        .iter()
+        .map(|id| ((*id).clone(), Vec::new()))
+        .collect();
+    for c in changed.iter().filter(|c| c.kind == DeploymentKind::Delete) {
+        for dep in before.effective_dependencies(&c.app) {
+            if let Some(first) = removal.get_mut(&dep) {
+                first.push(c.app.id.clone());
+            }
+        }
+    }
+    if cycle(&removal).is_none() {
+        out.extend(removal.into_iter().filter(|(_, first)| !first.is_empty()));
+    }
+    Ok(out)
+}
+
+/// A cycle of `graph` (each node's edges name the nodes it waits for), as the path that
+/// closes it, or `None`.
+fn cycle(graph: &BTreeMap<AppId, Vec<AppId>>) -> Option<Vec<AppId>> {
     // Depth first; `on_path` finds a cycle.
     fn visit<'a>(
         at: &'a AppId,
@@ -751,19 +794,9 @@ fn order(after: &World, changed: &[Change]) -> Result<BTreeMap<AppId, Vec<AppId>
         None
     }
     let mut done = BTreeSet::new();
-    for id in out.keys() {
-        if let Some(cycle) = visit(id, &out, &mut Vec::new(), &mut done) {
-            let path: Vec<String> = cycle.iter().map(ToString::to_string).collect();
-            return Err(Invalid::Fields(vec![field(
-                "/dependencies",
-                format!(
-                    "the dependencies (with the groups') make a cycle: {}; none of these apps could start",
-                    path.join(" -> ")
-                ),
-            )]));
-        }
-    }
-    Ok(out)
+    graph
+        .keys()
+        .find_map(|id| visit(id, graph, &mut Vec::new(), &mut done))
 }
 
 /// The deployments of a plan, not yet written: one per change, under `plan` when there is
@@ -1113,7 +1146,7 @@ async fn change_group(
     }
     let changed = changes(&world, &after, &version);
     check(&after, &changed)?;
-    let order = order(&after, &changed)?;
+    let order = order(&world, &after, &changed)?;
     if dry_run {
         let (plan, deployments) = deployments(&changed, &order, &version);
         let plan = Plan {
@@ -1212,8 +1245,9 @@ pub(super) async fn delete_group(
     let mut after = world.clone();
     after.remove_subtree(&id);
     let changed = changes(&world, &after, &version);
+    let order = order(&world, &after, &changed)?;
     let group_ops = group_ops(&world, &after);
-    let plan = commit(&api, changed, BTreeMap::new(), group_ops, &version).await?;
+    let plan = commit(&api, changed, order, group_ops, &version).await?;
     // Its versions go with it.
     let (kept, _) = api.store.list(&keys::group_versions(&id)).await?;
     let ops: Vec<Op> = kept
@@ -1285,7 +1319,7 @@ pub(super) async fn put_apps(State(api): State<Api>, caller: Caller, body: Bytes
     let version = now_rfc3339();
     let changed = changes(&world, &after, &version);
     check(&after, &changed)?;
-    let order = order(&after, &changed)?;
+    let order = order(&world, &after, &changed)?;
     let announced: Vec<App> = changed.iter().map(|c| c.app.clone()).collect();
     let plan = commit(&api, changed, order, Vec::new(), &version).await?;
     for app in &announced {
@@ -1312,7 +1346,7 @@ pub(super) async fn rollback(api: &Api, plan: &Plan<'_>) -> ApiResult<Option<Dep
     }
     let changed = changes(&world, &after, &version);
     check(&after, &changed)?;
-    let order = order(&after, &changed)?;
+    let order = order(&world, &after, &changed)?;
     commit(api, changed, order, Vec::new(), &version).await
 }
 
@@ -1473,6 +1507,11 @@ mod api_tests {
             .map(|d| d["kind"].as_str().unwrap())
             .collect();
         assert_eq!(kinds, ["delete", "delete"]);
+        assert_eq!(
+            detail["steps"],
+            json!([["/shop/web"], ["/shop/db"]]),
+            "dependents are stopped first"
+        );
         let (_, apps) = call(&router, Method::GET, "/v2/apps", "").await;
         assert_eq!(apps["apps"], json!([]));
         let (status, _) = call(&router, Method::GET, "/v2/groups/shop", "").await;

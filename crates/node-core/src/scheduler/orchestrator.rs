@@ -314,10 +314,16 @@ impl Orchestrator {
                 .cloned()
                 .collect(),
         };
+        // A removal that is a step of a group change waits for the removal of the apps
+        // that depended on it.
         for task in orphans {
             if task.state.is_active()
                 && task.goal == Goal::Run
                 && !snap.apps.contains_key(&task.app_id)
+                && snap
+                    .deployment_of(&task.app_id)
+                    .and_then(|d| step_waiting(d, snap))
+                    .is_none()
             {
                 self.kill(&task.id, KillReason::Delete).await?;
             }
@@ -1032,13 +1038,18 @@ fn deps_ready(app: &App, snap: &ClusterState) -> bool {
 /// Why the app cannot start yet for its dependencies: the first that does not exist or does
 /// not yet run all its instances, serving. Pure.
 /// Why a deployment that is a step of a group change waits: an app of its `after` is still
-/// deploying in the same change. Pure.
+/// deploying (or, for a removal, being removed) in the same change. Pure.
 fn step_waiting(dep: &Deployment, snap: &ClusterState) -> Option<String> {
     let plan = dep.plan.as_ref()?;
     dep.after.iter().find_map(|first| {
         snap.deployment_of(first)
             .filter(|d| d.plan.as_ref() == Some(plan))
-            .map(|_| format!("its dependency {first} deploys first (deployment {plan})"))
+            .map(|_| match dep.kind {
+                DeploymentKind::Delete => {
+                    format!("{first}, which depends on it, is removed first (deployment {plan})")
+                }
+                _ => format!("its dependency {first} deploys first (deployment {plan})"),
+            })
     })
 }
 
@@ -1882,6 +1893,67 @@ mod tests {
             "/web rolls once /db is done"
         );
         assert_eq!(snap.app_status[&web.id].waiting, None);
+    }
+
+    /// A group's removal stops dependents first: /db's tasks, whose removal comes after
+    /// /web's in the same plan, keep running until /web's removal has ended; /web's are
+    /// killed at once.
+    #[tokio::test]
+    async fn a_removal_step_waits_for_the_removal_of_its_dependents() {
+        let (_dir, store) = embedded();
+        let node = test_node(8.0, 8192.0);
+        let db = AppId::parse("/db").unwrap();
+        let web = AppId::parse("/web").unwrap();
+        let plan = DeploymentId("plan".into());
+        let step = |a: &AppId, after: &[&AppId]| {
+            let mut d = test_deployment(
+                &format!("d{}", a.key()),
+                a,
+                DeploymentKind::Delete,
+                DeploymentStatus::Running,
+                "2026-01-01T00:00:00Z",
+            );
+            d.plan = Some(plan.clone());
+            d.after = after.iter().map(|a| (*a).clone()).collect();
+            d
+        };
+        let mut puts = vec![(keys::node(&node.id), keys::to_json(&node))];
+        for (a, d) in [(&db, step(&db, &[&web])), (&web, step(&web, &[]))] {
+            let t = crate::test_util::task(&format!("{}-1", a.key()), a, "n");
+            puts.push((keys::task(&t.id), keys::to_json(&t)));
+            puts.push((keys::deployment(&d.id), keys::to_json(&d)));
+        }
+        put_all(&store, puts).await;
+        let clock = Clock::new();
+        let mut orch = orchestrator(&store, clock);
+        orch.pass(&snapshot(&store).await, clock.now())
+            .await
+            .unwrap();
+        let snap = snapshot(&store).await;
+        let goal = |snap: &ClusterState, a: &AppId| snap.tasks_of(a).next().unwrap().goal;
+        assert_eq!(goal(&snap, &web), Goal::Kill, "/web, the first step, stops");
+        assert_eq!(goal(&snap, &db), Goal::Run, "/db waits for /web");
+        assert_eq!(
+            step_waiting(&snap.deployments[&DeploymentId("ddb".into())], &snap).as_deref(),
+            Some("/web, which depends on it, is removed first (deployment plan)")
+        );
+        // /web's last task is gone: its removal ends, and /db's tasks go.
+        store
+            .delete(&keys::task(&TaskId("web-1".into())), Precondition::Any)
+            .await
+            .unwrap();
+        for _ in 0..2 {
+            orch.pass(&snapshot(&store).await, clock.now())
+                .await
+                .unwrap();
+        }
+        let snap = snapshot(&store).await;
+        assert!(
+            snap.deployments[&DeploymentId("dweb".into())]
+                .status
+                .is_done()
+        );
+        assert_eq!(goal(&snap, &db), Goal::Kill, "/db stops once /web is gone");
     }
 
     /// Finished deployments (and the app versions in them) are kept per app up to the

@@ -172,7 +172,8 @@ async fn serve(dir: &Path, port: u16) -> anyhow::Result<()> {
         if !name.ends_with("mesos.") {
             continue;
         }
-        for r in sets.get(RecordType::ANY) {
+        let owner = Name::from_ascii(name)?;
+        for r in sets.records(&owner, zone.ttl, RecordType::ANY) {
             if r.record_type() == RecordType::SOA {
                 continue;
             }

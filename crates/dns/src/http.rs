@@ -12,7 +12,7 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use hickory_proto::op::{Message, Query as DnsQuery};
-use hickory_proto::rr::{Name, RData, RecordType};
+use hickory_proto::rr::{Name, RecordType};
 use hickory_proto::serialize::binary::{BinDecodable, BinEncodable};
 use serde::Deserialize;
 use serde_json::{Value, json};
@@ -74,16 +74,12 @@ async fn hosts(State(api): State<Api>, Path(host): Path<String>) -> Json<Value> 
     let zone = api.zone.load();
     let out: Vec<Value> = zone
         .names
-        .get(&name)
+        .get(name.as_str())
         .map(|sets| {
             sets.a
                 .iter()
-                .chain(&sets.aaaa)
-                .filter_map(|r| match &r.data {
-                    RData::A(a) => Some(a.0.to_string()),
-                    RData::AAAA(a) => Some(a.0.to_string()),
-                    _ => None,
-                })
+                .map(ToString::to_string)
+                .chain(sets.aaaa.iter().map(ToString::to_string))
                 .map(|ip| json!({"host": name, "ip": ip}))
                 .collect()
         })
@@ -96,17 +92,17 @@ async fn services(State(api): State<Api>, Path(service): Path<String>) -> Json<V
     let name = fqdn(&service);
     let zone = api.zone.load();
     let mut out = Vec::new();
-    if let Some(sets) = zone.names.get(&name) {
-        for r in &sets.srv {
-            if let RData::SRV(srv) = &r.data {
-                let target = srv.target.to_string().to_ascii_lowercase();
-                let ip = zone
-                    .names
-                    .get(&target)
-                    .and_then(|t| t.get(RecordType::A).first().map(|a| a.data.to_string()))
-                    .unwrap_or_default();
-                out.push(json!({"service": name, "host": target, "ip": ip, "port": srv.port.to_string()}));
-            }
+    if let Some(sets) = zone.names.get(name.as_str()) {
+        for srv in &sets.srv {
+            let target = srv.target.to_string();
+            let ip = zone
+                .names
+                .get(target.as_str())
+                .and_then(|t| t.a.first().map(ToString::to_string))
+                .unwrap_or_default();
+            out.push(
+                json!({"service": name, "host": target, "ip": ip, "port": srv.port.to_string()}),
+            );
         }
     }
     if out.is_empty() {

@@ -5,16 +5,20 @@
 //! the one before. [`records_from`](crate::records_from) stays as the oracle the tests hold
 //! this to.
 
-use std::collections::{BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
 
 use dcnet_node_core::Changed;
 use dcnet_node_core::ClusterState;
+use smallvec::SmallVec;
 
 use crate::records::{
     Labels, Part, RecordConfig, Source, ancestors, in_part, merge, part_of, sources,
 };
 use crate::zone::{RrSets, Zone};
+
+/// A name, kept once: the zone, the parts and the contributors share it.
+type Key = Arc<str>;
 
 pub(crate) struct Incremental {
     cfg: RecordConfig,
@@ -22,14 +26,12 @@ pub(crate) struct Incremental {
     apex_names: Vec<String>,
     /// The snapshot applied last (0: none yet).
     revision: u64,
-    parts: HashMap<Source, Part>,
-    /// Which sources contribute to each name, in merge order (most names have one: a
-    /// sorted `Vec`, not a tree node per name).
-    contributors: HashMap<String, Vec<Source>>,
-    /// Names with records of their own.
-    real: HashSet<String>,
-    /// For each ancestor name, how many real names below it make it exist.
-    ancestor_refs: HashMap<String, usize>,
+    parts: HashMap<Arc<Source>, Part>,
+    /// Which sources contribute to each name, in merge order: most names have one, kept
+    /// inline; the sources are the parts' own.
+    contributors: HashMap<Key, SmallVec<[Arc<Source>; 1]>>,
+    /// For each ancestor name, how many names with records below it make it exist.
+    ancestor_refs: HashMap<Key, usize>,
     zone: Zone,
 }
 
@@ -46,6 +48,10 @@ impl Incremental {
     pub(crate) fn new(cfg: RecordConfig) -> Self {
         let labels = Labels::of(&cfg);
         let apex_names = labels.apex_names().to_vec();
+        let zone = Zone {
+            ttl: cfg.ttl,
+            ..Zone::default()
+        };
         Self {
             cfg,
             labels,
@@ -53,9 +59,8 @@ impl Incremental {
             revision: 0,
             parts: HashMap::new(),
             contributors: HashMap::new(),
-            real: HashSet::new(),
             ancestor_refs: HashMap::new(),
-            zone: Zone::default(),
+            zone,
         }
     }
 
@@ -131,8 +136,8 @@ impl Incremental {
         let stale: Vec<Source> = self
             .parts
             .keys()
-            .filter(|s| !wanted.contains(s))
-            .cloned()
+            .filter(|s| !wanted.contains(&***s))
+            .map(|s| (**s).clone())
             .collect();
         for source in stale.into_iter().chain(wanted) {
             self.replace(snap, source);
@@ -142,33 +147,42 @@ impl Incremental {
     /// Puts `source`'s records in `snap` in place of those it had, and rebuilds the names
     /// either touches.
     fn replace(&mut self, snap: &ClusterState, source: Source) {
-        let (new, apexes) = part_of(snap, &self.cfg, &self.labels, &source);
+        let (mut new, apexes) = part_of(snap, &self.cfg, &self.labels, &source);
         if source == Source::Apex {
             self.zone.apexes = apexes;
         }
-        let old = self.parts.remove(&source).unwrap_or_default();
-        let mut touched: Vec<String> = Vec::with_capacity(old.len() + new.len());
+        let (source, old) = match self.parts.remove_entry(&source) {
+            Some((shared, old)) => (shared, old),
+            None => (Arc::new(source), Part::new()),
+        };
+        let mut touched: Vec<Key> = Vec::with_capacity(old.len() + new.len());
         for (name, _) in &old {
             if in_part(&new, name).is_none() {
                 if let Some(c) = self.contributors.get_mut(name) {
-                    c.retain(|s| s != &source);
+                    c.retain(|s| **s != *source);
                     if c.is_empty() {
                         self.contributors.remove(name);
                     }
                 }
-                touched.push(name.clone());
+                touched.push(Arc::clone(name));
             }
         }
-        for (name, sets) in &new {
+        for (name, sets) in &mut new {
+            // The name as the zone keeps it already, if it does: one copy of each name.
+            if let Some((kept, _)) = self.contributors.get_key_value(&**name) {
+                *name = Arc::clone(kept);
+            } else if let Some((kept, _)) = self.ancestor_refs.get_key_value(&**name) {
+                *name = Arc::clone(kept);
+            }
             // A name whose records from this source did not change needs no rebuild.
             if in_part(&old, name).is_some_and(|o| same(o, sets)) {
                 continue;
             }
-            let c = self.contributors.entry(name.clone()).or_default();
-            if let Err(at) = c.binary_search(&source) {
-                c.insert(at, source.clone());
+            let c = self.contributors.entry(Arc::clone(name)).or_default();
+            if let Err(at) = c.binary_search_by(|s| (**s).cmp(&*source)) {
+                c.insert(at, Arc::clone(&source));
             }
-            touched.push(name.clone());
+            touched.push(Arc::clone(name));
         }
         if !new.is_empty() {
             self.parts.insert(source, new);
@@ -179,7 +193,7 @@ impl Incremental {
     }
 
     /// Rebuilds one name from its contributors, and keeps the ancestors it makes exist.
-    fn remerge(&mut self, name: &str) {
+    fn remerge(&mut self, name: &Key) {
         let sets: Vec<&Arc<RrSets>> = self
             .contributors
             .get(name)
@@ -199,26 +213,26 @@ impl Incremental {
                 Arc::new(merged)
             }
         };
-        let old_len = self.zone.names.get(name).map_or(0, |s| s.len());
-        let was_real = self.real.contains(name);
+        let old = self.zone.names.get(&**name);
+        let old_len = old.map_or(0, |s| s.len());
+        // A name has records of its own (rather than only standing for the names below it)
+        // when its sets are not empty.
+        let was_real = old.is_some_and(|s| !s.is_empty());
         let is_real = !merged.is_empty();
         self.zone.records = self.zone.records + merged.len() - old_len;
         if is_real {
-            self.zone.names.insert(name.to_string(), merged);
+            self.zone.names.insert(Arc::clone(name), merged);
             if !was_real {
-                self.real.insert(name.to_string());
                 for parent in ancestors(name, &self.apex_names) {
-                    *self.ancestor_refs.entry(parent.to_string()).or_default() += 1;
+                    let key = self.key_of(parent);
+                    *self.ancestor_refs.entry(Arc::clone(&key)).or_default() += 1;
                     if !self.zone.names.contains_key(parent) {
-                        self.zone
-                            .names
-                            .insert(parent.to_string(), Arc::new(RrSets::default()));
+                        self.zone.names.insert(key, Arc::new(RrSets::default()));
                     }
                 }
             }
         } else {
             if was_real {
-                self.real.remove(name);
                 for parent in ancestors(name, &self.apex_names) {
                     let gone = match self.ancestor_refs.get_mut(parent) {
                         Some(n) => {
@@ -229,20 +243,31 @@ impl Incremental {
                     };
                     if gone {
                         self.ancestor_refs.remove(parent);
-                        if !self.real.contains(parent) {
+                        if self.zone.names.get(parent).is_some_and(|s| s.is_empty()) {
                             self.zone.names.remove(parent);
                         }
                     }
                 }
             }
-            if self.ancestor_refs.contains_key(name) {
+            if self.ancestor_refs.contains_key(&**name) {
                 self.zone
                     .names
-                    .insert(name.to_string(), Arc::new(RrSets::default()));
+                    .insert(Arc::clone(name), Arc::new(RrSets::default()));
             } else {
-                self.zone.names.remove(name);
+                self.zone.names.remove(&**name);
             }
         }
+    }
+
+    /// `name` as already kept (by the zone or an ancestor's count), or a new key.
+    fn key_of(&self, name: &str) -> Key {
+        if let Some((kept, _)) = self.ancestor_refs.get_key_value(name) {
+            return Arc::clone(kept);
+        }
+        if let Some((kept, _)) = self.contributors.get_key_value(name) {
+            return Arc::clone(kept);
+        }
+        Arc::from(name)
     }
 }
 

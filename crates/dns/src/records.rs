@@ -11,10 +11,10 @@ use std::sync::Arc;
 
 use dcnet_node_core::ClusterState;
 use dcnet_node_core::model::{App, Node, NodeId, Protocol, Task, TaskId, clean_label, vip_label};
-use hickory_proto::rr::rdata::{A, AAAA, NS, PTR, SOA, SRV};
+use hickory_proto::rr::rdata::{NS, SOA};
 use hickory_proto::rr::{Name, RData, Record, RecordType};
 
-use crate::zone::{RrSets, Zone};
+use crate::zone::{RrSets, Srv, Zone};
 
 /// What the records depend on besides the state.
 #[derive(Clone, Debug)]
@@ -80,56 +80,52 @@ impl Builder<'_> {
     }
 
     fn addr(&mut self, name: &str, ip: IpAddr) {
-        let (rdata, v4) = match ip {
-            IpAddr::V4(v4) => (RData::A(A(v4)), true),
-            IpAddr::V6(v6) => (RData::AAAA(AAAA(v6)), false),
-        };
-        let Some(rec) = self.record(name, rdata) else {
+        if Name::from_ascii(fqdn(name)).is_err() {
             return;
-        };
+        }
         let set = self.set(name);
-        let list = if v4 { &mut set.a } else { &mut set.aaaa };
-        if !list.contains(&rec) {
-            list.push(rec);
+        match ip {
+            IpAddr::V4(v4) if !set.a.contains(&v4) => set.a.push(v4),
+            IpAddr::V6(v6) if !set.aaaa.contains(&v6) => set.aaaa.push(v6),
+            _ => {}
         }
     }
 
     fn ptr(&mut self, ip: IpAddr, target: &str) {
         let reverse = Name::from(ip).to_ascii();
-        let Ok(target) = Name::from_ascii(fqdn(target)) else {
+        let target = fqdn(target);
+        if Name::from_ascii(&target).is_err() {
             return;
-        };
-        let Some(rec) = self.record(&reverse, RData::PTR(PTR(target))) else {
-            return;
-        };
+        }
         let set = self.set(&reverse);
-        if !set.ptr.contains(&rec) {
-            set.ptr.push(rec);
+        if !set.ptr.iter().any(|t| **t == *target) {
+            set.ptr.push(target.into());
         }
     }
 
     /// An SRV record, with the target's addresses for the additional section.
     fn srv(&mut self, name: &str, port: u16, target: &str, target_ips: &[IpAddr]) {
-        let Ok(target_name) = Name::from_ascii(fqdn(target)) else {
+        let target = fqdn(target);
+        if Name::from_ascii(&target).is_err() || Name::from_ascii(fqdn(name)).is_err() {
             return;
+        }
+        let rec = Srv {
+            priority: 0,
+            weight: 1,
+            port,
+            target: target.as_str().into(),
         };
-        let Some(rec) = self.record(name, RData::SRV(SRV::new(0, 1, port, target_name))) else {
-            return;
-        };
-        let extras: Vec<Record> = target_ips
-            .iter()
-            .filter_map(|ip| match *ip {
-                IpAddr::V4(v4) => self.record(target, RData::A(A(v4))),
-                IpAddr::V6(v6) => self.record(target, RData::AAAA(AAAA(v6))),
-            })
-            .collect();
         let set = self.set(name);
         if !set.srv.contains(&rec) {
             set.srv.push(rec);
         }
-        for extra in extras {
-            if !set.additional.contains(&extra) {
-                set.additional.push(extra);
+        for ip in target_ips {
+            if !set
+                .additional
+                .iter()
+                .any(|(t, a)| **t == *target && a == ip)
+            {
+                set.additional.push((target.as_str().into(), *ip));
             }
         }
     }
@@ -160,11 +156,11 @@ pub(crate) enum Source {
 /// The records of one source, by name, sorted by name: a few names per source, so a sorted
 /// slice (no spare buckets), and each name's sets behind an `Arc` that the zone shares when
 /// the name has no other contributor (most names: a task's own).
-pub(crate) type Part = Vec<(String, Arc<RrSets>)>;
+pub(crate) type Part = Vec<(Arc<str>, Arc<RrSets>)>;
 
 /// The sets of `name` in `part`.
 pub(crate) fn in_part<'a>(part: &'a Part, name: &str) -> Option<&'a Arc<RrSets>> {
-    part.binary_search_by(|(n, _)| n.as_str().cmp(name))
+    part.binary_search_by(|(n, _)| (**n).cmp(name))
         .ok()
         .map(|i| &part[i].1)
 }
@@ -419,14 +415,14 @@ pub(crate) fn part_of(
         names: HashMap::new(),
     };
     let apexes = add_source(&mut b, state, l, source);
-    // A part lives as long as its source: no spare capacity (a one-record Vec keeps room for
-    // four, and records are a few hundred bytes each).
+    // A part lives as long as its source: no spare capacity (a one-address Vec keeps room
+    // for four).
     let mut part: Part = b
         .names
         .into_iter()
         .map(|(name, mut sets)| {
             sets.shrink_to_fit();
-            (name, Arc::new(sets))
+            (Arc::from(name), Arc::new(sets))
         })
         .collect();
     part.sort_by(|a, b| a.0.cmp(&b.0));
@@ -436,19 +432,18 @@ pub(crate) fn part_of(
 /// Merges `from` (one contributor's records of a name) into `into`, keeping the first of
 /// equal records, as the full build does.
 pub(crate) fn merge(into: &mut RrSets, from: &RrSets) {
-    for (dst, src) in [
-        (&mut into.a, &from.a),
-        (&mut into.aaaa, &from.aaaa),
-        (&mut into.ptr, &from.ptr),
-        (&mut into.srv, &from.srv),
-        (&mut into.additional, &from.additional),
-    ] {
-        for rec in src {
-            if !dst.contains(rec) {
-                dst.push(rec.clone());
+    fn add<T: PartialEq + Clone>(dst: &mut Vec<T>, src: &[T]) {
+        for item in src {
+            if !dst.contains(item) {
+                dst.push(item.clone());
             }
         }
     }
+    add(&mut into.a, &from.a);
+    add(&mut into.aaaa, &from.aaaa);
+    add(&mut into.ptr, &from.ptr);
+    add(&mut into.srv, &from.srv);
+    add(&mut into.additional, &from.additional);
     if !from.soa.is_empty() {
         into.soa = from.soa.clone();
     }
@@ -489,7 +484,12 @@ pub fn records_from(state: &ClusterState, cfg: &RecordConfig) -> Zone {
     let records = b.names.values().map(RrSets::len).sum();
     Zone {
         revision: state.revision,
-        names: b.names.into_iter().map(|(k, v)| (k, Arc::new(v))).collect(),
+        ttl: cfg.ttl,
+        names: b
+            .names
+            .into_iter()
+            .map(|(k, v)| (Arc::from(k), Arc::new(v)))
+            .collect(),
         apexes,
         records,
     }
@@ -500,16 +500,19 @@ pub fn listing(zone: &Zone, filter: Option<&str>) -> BTreeMap<String, Vec<String
     let filter = filter.map(fqdn);
     let mut out: BTreeMap<String, Vec<String>> = BTreeMap::new();
     for (name, sets) in &zone.names {
-        if filter.as_ref().is_some_and(|f| f != name) {
+        if filter.as_ref().is_some_and(|f| **f != **name) {
             continue;
         }
+        let Ok(owner) = Name::from_ascii(name) else {
+            continue;
+        };
         let lines: Vec<String> = sets
-            .get(RecordType::ANY)
+            .records(&owner, zone.ttl, RecordType::ANY)
             .iter()
             .map(|r| format!("{} {}", r.record_type(), r.data))
             .collect();
         if !lines.is_empty() {
-            out.insert(name.clone(), lines);
+            out.insert(name.to_string(), lines);
         }
     }
     out
@@ -595,8 +598,8 @@ pub(crate) mod tests {
         let mut v: Vec<String> = sets
             .a
             .iter()
-            .chain(&sets.aaaa)
-            .map(|r| r.data.to_string())
+            .map(ToString::to_string)
+            .chain(sets.aaaa.iter().map(ToString::to_string))
             .collect();
         v.sort();
         v
@@ -659,7 +662,7 @@ pub(crate) mod tests {
             ["192.0.2.1", "2001:db8::2"],
             "AAAA for an IPv6 node"
         );
-        let canon: Vec<&String> = zone
+        let canon: Vec<&std::sync::Arc<str>> = zone
             .names
             .keys()
             .filter(|k| k.starts_with("web-group-") && k.ends_with(".marathon.mesos."))
@@ -668,15 +671,10 @@ pub(crate) mod tests {
         assert!(canon[0].ends_with("-node-1.marathon.mesos."), "{canon:?}");
         let srv = &zone.names["_web-group._tcp.marathon.mesos."];
         assert_eq!(srv.srv.len(), 1);
-        assert!(
-            srv.srv[0].data.to_string().contains("31000"),
-            "{}",
-            srv.srv[0].data
-        );
+        assert!(srv.srv[0].to_string().contains("31000"), "{}", srv.srv[0]);
         assert_eq!(srv.additional.len(), 1, "the target's address comes along");
         assert!(
             zone.names["_web-group._udp.marathon.mesos."].srv[0]
-                .data
                 .to_string()
                 .contains("31001")
         );
@@ -692,7 +690,6 @@ pub(crate) mod tests {
         // Node PTR.
         assert!(
             zone.names["1.2.0.192.in-addr.arpa."].ptr[0]
-                .data
                 .to_string()
                 .starts_with("node-1.agentip")
         );
@@ -721,15 +718,18 @@ pub(crate) mod tests {
             assert_eq!(addrs(&zone, name), ["192.0.2.1", "2001:db8::1"], "{name}");
         }
         let srv = &zone.names["_web._tcp.marathon.mesos."];
-        let extra: Vec<String> = srv.additional.iter().map(|r| r.data.to_string()).collect();
+        let extra: Vec<String> = srv
+            .additional
+            .iter()
+            .map(|(_, ip)| ip.to_string())
+            .collect();
         assert_eq!(extra, ["192.0.2.1", "2001:db8::1"]);
         let reverse = Name::from(IpAddr::from(
             "2001:db8::1".parse::<std::net::Ipv6Addr>().unwrap(),
         ))
         .to_ascii();
         assert!(
-            zone.names[&reverse].ptr[0]
-                .data
+            zone.names[reverse.as_str()].ptr[0]
                 .to_string()
                 .starts_with("node-1.agentip"),
             "PTR for the IPv6 address"
@@ -763,12 +763,11 @@ pub(crate) mod tests {
         );
         assert!(
             zone.names["_web._tcp.marathon.mesos."].srv[0]
-                .data
                 .to_string()
                 .contains(" 80 ")
         );
         let ptr = &zone.names["2.0.128.10.in-addr.arpa."].ptr[0];
-        assert!(ptr.data.to_string().starts_with("web-"), "{}", ptr.data);
+        assert!(ptr.to_string().starts_with("web-"), "{}", ptr);
     }
 
     #[test]
@@ -850,7 +849,6 @@ pub(crate) mod tests {
         );
         assert!(
             zone.names["7.0.18.198.in-addr.arpa."].ptr[0]
-                .data
                 .to_string()
                 .starts_with("mygroupmyapp.marathon.l4lb")
         );

@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use arc_swap::ArcSwap;
 use hickory_proto::op::{Edns, MessageType, Metadata, OpCode, ResponseCode};
-use hickory_proto::rr::{Record, RecordType};
+use hickory_proto::rr::{Name, Record, RecordType};
 use hickory_server::net::runtime::Time;
 use hickory_server::server::{Request, RequestHandler, ResponseHandler, ResponseInfo};
 use hickory_server::zone_handler::MessageResponseBuilder;
@@ -83,7 +83,7 @@ impl Handler {
         }
         let qname = info.query.name().to_string();
         let zone = self.zone.load();
-        zone.names.contains_key(&qname) || zone.apex_of(&qname).is_some()
+        zone.names.contains_key(qname.as_str()) || zone.apex_of(&qname).is_some()
     }
 }
 
@@ -155,17 +155,22 @@ impl RequestHandler for Handler {
 
         let authoritative = zone
             .names
-            .get(&qname)
+            .get(qname.as_str())
             .map(|sets| (sets, zone.apex_of(&qname)));
         let result = match authoritative {
             Some((sets, apex)) => {
                 metadata.authoritative = true;
-                let answers = rotated(sets.get(qtype), usize::from(request.metadata.id));
-                let additionals: Vec<&Record> = if qtype == RecordType::SRV {
-                    sets.additional.iter().collect()
+                let owned = match Name::from_ascii(&qname) {
+                    Ok(owner) => sets.records(&owner, zone.ttl, qtype),
+                    Err(_) => Vec::new(),
+                };
+                let answers = rotated(owned.iter().collect(), usize::from(request.metadata.id));
+                let extra = if qtype == RecordType::SRV {
+                    sets.additional_records(zone.ttl)
                 } else {
                     Vec::new()
                 };
+                let additionals: Vec<&Record> = extra.iter().collect();
                 let soa: Vec<&Record> = if answers.is_empty() {
                     apex.map(|(_, s)| s).into_iter().collect()
                 } else {

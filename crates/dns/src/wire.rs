@@ -9,7 +9,7 @@
 //! zone apex, a suffix of the question's name, so a pointer into it too.
 
 use hickory_proto::op::ResponseCode;
-use hickory_proto::rr::{Record, RecordType};
+use hickory_proto::rr::{Name, Record, RecordType};
 use hickory_proto::serialize::binary::{BinEncodable, BinEncoder, NameEncoding};
 
 use crate::zone::{RrSets, WireSets, Zone};
@@ -22,22 +22,33 @@ const TYPE_OPT: u16 = 41;
 const CLASS_IN: u16 = 1;
 
 impl WireSets {
-    pub(crate) fn new(sets: &RrSets) -> Self {
-        let rest = |records: &[Record]| {
-            records
+    /// `sets` encoded, every record with `ttl` but the SOA and NS, which carry their own.
+    pub(crate) fn new(sets: &RrSets, ttl: u32) -> Self {
+        // Without their owner: the root stands in for it while encoding.
+        let root = Name::root();
+        let rest = |rtype: RecordType| {
+            sets.records(&root, ttl, rtype)
                 .iter()
                 .filter_map(|r| encode_record(r, false))
                 .collect()
         };
         Self {
-            a: rest(&sets.a),
-            aaaa: rest(&sets.aaaa),
-            srv: rest(&sets.srv),
-            ptr: rest(&sets.ptr),
-            soa: rest(&sets.soa),
-            ns: rest(&sets.ns),
+            a: rest(RecordType::A),
+            aaaa: rest(RecordType::AAAA),
+            srv: rest(RecordType::SRV),
+            ptr: rest(RecordType::PTR),
+            soa: sets
+                .soa
+                .iter()
+                .filter_map(|r| encode_record(r, false))
+                .collect(),
+            ns: sets
+                .ns
+                .iter()
+                .filter_map(|r| encode_record(r, false))
+                .collect(),
             additional: sets
-                .additional
+                .additional_records(ttl)
                 .iter()
                 .filter_map(|r| encode_record(r, true))
                 .collect(),
@@ -181,8 +192,8 @@ impl<'a> Query<'a> {
     }
 }
 
-fn wire_of(sets: &RrSets) -> &WireSets {
-    sets.wire.get_or_init(|| Box::new(WireSets::new(sets)))
+fn wire_of(sets: &RrSets, ttl: u32) -> &WireSets {
+    sets.wire.get_or_init(|| Box::new(WireSets::new(sets, ttl)))
 }
 
 /// Writes the answer to `q` from `zone` into `out` and returns its response code, or `None`
@@ -200,13 +211,13 @@ pub(crate) fn answer(
     // A name is encoded when it is first asked for in this zone: names nobody asks for cost
     // nothing, and a new zone is served the moment it is built.
     let (answers, rcode): (&[Box<[u8]>], ResponseCode) = match sets {
-        Some(sets) => (wire_of(sets).get(q.qtype)?, ResponseCode::NoError),
+        Some(sets) => (wire_of(sets, zone.ttl).get(q.qtype)?, ResponseCode::NoError),
         None if apex.is_some() => (&[], ResponseCode::NXDomain),
         None => return None,
     };
     let apex_soa = match apex {
         Some((apex_name, _)) => {
-            let wire = wire_of(zone.names.get(apex_name)?);
+            let wire = wire_of(zone.names.get(apex_name.as_str())?, zone.ttl);
             Some((apex_name, wire.soa.first()?))
         }
         None => None,
@@ -255,7 +266,7 @@ pub(crate) fn answer(
         if RecordType::from(q.qtype) == RecordType::SRV
             && let Some(sets) = sets
         {
-            for record in &wire_of(sets).additional {
+            for record in &wire_of(sets, zone.ttl).additional {
                 if out.len() + record.len() > max {
                     break;
                 }
@@ -389,17 +400,13 @@ mod tests {
                     assert_eq!(msg.metadata.id, id);
                     assert!(msg.metadata.authoritative && msg.metadata.recursion_desired);
                     assert_eq!(msg.queries[0].name().to_ascii(), asked);
-                    let want = sets.get(rtype);
+                    let want = sets.records(&Name::from_ascii(name).unwrap(), zone.ttl, rtype);
                     let start = if want.is_empty() {
                         0
                     } else {
                         usize::from(id) % want.len()
                     };
-                    let want: Vec<&Record> = want[start..]
-                        .iter()
-                        .chain(&want[..start])
-                        .copied()
-                        .collect();
+                    let want: Vec<&Record> = want[start..].iter().chain(&want[..start]).collect();
                     let got: Vec<&Record> = msg.answers.iter().collect();
                     assert_eq!(got, want, "{name} {rtype}");
                     let soa: Vec<&Record> = match zone.apex_of(name) {
@@ -412,7 +419,7 @@ mod tests {
                         "{name} {rtype}"
                     );
                     if rtype == RecordType::SRV {
-                        assert_eq!(msg.additionals, sets.additional, "{name}");
+                        assert_eq!(msg.additionals, sets.additional_records(zone.ttl), "{name}");
                     } else {
                         assert!(msg.additionals.is_empty());
                     }

@@ -1,43 +1,102 @@
 //! The zone a DNS plane serves: every name's record sets, and their wire encoding once a name
 //! is first asked for. Plain data: `records` builds it, `wire` and `server` answer from it.
 
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::sync::{Arc, OnceLock};
 
-use hickory_proto::rr::{Record, RecordType};
+use hickory_proto::rr::rdata::{A, AAAA, PTR, SRV};
+use hickory_proto::rr::{Name, RData, Record, RecordType};
 
-/// The record sets of one name.
+/// An SRV record's data; its target a lower-case FQDN.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Srv {
+    pub priority: u16,
+    pub weight: u16,
+    pub port: u16,
+    pub target: Box<str>,
+}
+
+impl std::fmt::Display for Srv {
+    /// As an SRV record's data reads: `0 1 8080 web.marathon.mesos.`.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} {} {} {}",
+            self.priority, self.weight, self.port, self.target
+        )
+    }
+}
+
+/// The record sets of one name, kept as their data alone: the owner is the name they are
+/// kept under and the TTL the zone's, so a task's A record is 4 bytes, not a `Record` of
+/// 272 with a copy of its owner. [`RrSets::records`] makes the `Record`s when they are asked
+/// for. The apexes' SOA and NS (a few in a zone) stay whole records.
 #[derive(Clone, Debug, Default)]
 pub struct RrSets {
-    pub a: Vec<Record>,
-    pub aaaa: Vec<Record>,
-    pub srv: Vec<Record>,
-    pub ptr: Vec<Record>,
+    pub a: Vec<Ipv4Addr>,
+    pub aaaa: Vec<Ipv6Addr>,
+    pub srv: Vec<Srv>,
+    /// PTR targets, lower-case FQDNs.
+    pub ptr: Vec<Box<str>>,
     pub soa: Vec<Record>,
     pub ns: Vec<Record>,
-    /// Address records of SRV targets, for the additional section.
-    pub additional: Vec<Record>,
+    /// Addresses of SRV targets (the target and one address each), for the additional
+    /// section.
+    pub additional: Vec<(Box<str>, IpAddr)>,
     /// All of the above, encoded for the UDP fast path when the name is first asked for.
     /// Boxed: most names are never asked for, and a set stays small until one is.
     pub(crate) wire: OnceLock<Box<WireSets>>,
 }
 
 impl RrSets {
-    pub fn get(&self, rtype: RecordType) -> Vec<&Record> {
-        match rtype {
-            RecordType::A => self.a.iter().collect(),
-            RecordType::AAAA => self.aaaa.iter().collect(),
-            RecordType::SRV => self.srv.iter().collect(),
-            RecordType::PTR => self.ptr.iter().collect(),
-            RecordType::SOA => self.soa.iter().collect(),
-            RecordType::NS => self.ns.iter().collect(),
-            RecordType::ANY => [
-                &self.a, &self.aaaa, &self.srv, &self.ptr, &self.soa, &self.ns,
-            ]
-            .into_iter()
-            .flatten()
-            .collect(),
-            _ => Vec::new(),
+    /// The records of `rtype` (every type for ANY), owned by `owner`.
+    pub fn records(&self, owner: &Name, ttl: u32, rtype: RecordType) -> Vec<Record> {
+        let rec = |data: RData| Record::from_rdata(owner.clone(), ttl, data);
+        let mut out = Vec::new();
+        let all = rtype == RecordType::ANY;
+        if all || rtype == RecordType::A {
+            out.extend(self.a.iter().map(|ip| rec(RData::A(A(*ip)))));
         }
+        if all || rtype == RecordType::AAAA {
+            out.extend(self.aaaa.iter().map(|ip| rec(RData::AAAA(AAAA(*ip)))));
+        }
+        if all || rtype == RecordType::SRV {
+            out.extend(self.srv.iter().filter_map(|s| {
+                let target = Name::from_ascii(&*s.target).ok()?;
+                Some(rec(RData::SRV(SRV::new(
+                    s.priority, s.weight, s.port, target,
+                ))))
+            }));
+        }
+        if all || rtype == RecordType::PTR {
+            out.extend(
+                self.ptr
+                    .iter()
+                    .filter_map(|t| Some(rec(RData::PTR(PTR(Name::from_ascii(&**t).ok()?))))),
+            );
+        }
+        if all || rtype == RecordType::SOA {
+            out.extend(self.soa.iter().cloned());
+        }
+        if all || rtype == RecordType::NS {
+            out.extend(self.ns.iter().cloned());
+        }
+        out
+    }
+
+    /// The additional section of an SRV answer: each target's address records.
+    pub fn additional_records(&self, ttl: u32) -> Vec<Record> {
+        self.additional
+            .iter()
+            .filter_map(|(target, ip)| {
+                let owner = Name::from_ascii(&**target).ok()?;
+                let data = match *ip {
+                    IpAddr::V4(v4) => RData::A(A(v4)),
+                    IpAddr::V6(v6) => RData::AAAA(AAAA(v6)),
+                };
+                Some(Record::from_rdata(owner, ttl, data))
+            })
+            .collect()
     }
 
     pub fn is_empty(&self) -> bool {
@@ -51,17 +110,13 @@ impl RrSets {
 
     /// Drops spare capacity: a zone keeps its record sets for as long as nothing changes.
     pub(crate) fn shrink_to_fit(&mut self) {
-        for list in [
-            &mut self.a,
-            &mut self.aaaa,
-            &mut self.srv,
-            &mut self.ptr,
-            &mut self.soa,
-            &mut self.ns,
-            &mut self.additional,
-        ] {
-            list.shrink_to_fit();
-        }
+        self.a.shrink_to_fit();
+        self.aaaa.shrink_to_fit();
+        self.srv.shrink_to_fit();
+        self.ptr.shrink_to_fit();
+        self.soa.shrink_to_fit();
+        self.ns.shrink_to_fit();
+        self.additional.shrink_to_fit();
     }
 
     pub(crate) fn len(&self) -> usize {
@@ -80,7 +135,9 @@ impl RrSets {
 #[derive(Clone, Debug, Default)]
 pub struct Zone {
     pub revision: u64,
-    pub names: imbl::HashMap<String, Arc<RrSets>>,
+    /// Every record's TTL but the apexes' SOA and NS (which carry their own).
+    pub ttl: u32,
+    pub names: imbl::HashMap<Arc<str>, Arc<RrSets>>,
     /// The zones dcnet is authoritative for, with their SOA records.
     pub apexes: Vec<(String, Record)>,
     pub records: usize,

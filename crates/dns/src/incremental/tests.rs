@@ -14,8 +14,8 @@ use crate::records::tests::{app, cfg, node, task};
 
 /// Equal names, records (in order), apexes and counts.
 fn assert_same(got: &Zone, want: &Zone, step: &str) {
-    let got_names: BTreeSet<&String> = got.names.keys().collect();
-    let want_names: BTreeSet<&String> = want.names.keys().collect();
+    let got_names: BTreeSet<&Arc<str>> = got.names.keys().collect();
+    let want_names: BTreeSet<&Arc<str>> = want.names.keys().collect();
     assert_eq!(got_names, want_names, "names after {step}");
     for (name, w) in want.names.iter() {
         let g = &got.names[name];

@@ -531,8 +531,11 @@ async fn follow(
 ) -> Result<(), StoreError> {
     let (kvs, revision) = store.list(keys::ROOT).await?;
     let mut state = ClusterState::from_list(&kvs, revision);
-    tx.send_replace(Arc::new(state.clone()));
     debug!(revision, keys = kvs.len(), "cluster state listed");
+    // The listed bytes are in the state now: not kept beside it while the watch runs (at
+    // 30,000 apps they were 28 MiB).
+    drop(kvs);
+    tx.send_replace(Arc::new(state.clone()));
     let mut events = store.watch(keys::ROOT, revision + 1).await?;
     loop {
         let first = tokio::select! {

@@ -175,7 +175,7 @@ impl Incremental {
                 *name = Arc::clone(kept);
             }
             // A name whose records from this source did not change needs no rebuild.
-            if in_part(&old, name).is_some_and(|o| same(o, sets)) {
+            if in_part(&old, name).is_some_and(|o| o.same_records(sets)) {
                 continue;
             }
             let c = self.contributors.entry(Arc::clone(name)).or_default();
@@ -269,16 +269,6 @@ impl Incremental {
         }
         Arc::from(name)
     }
-}
-
-fn same(a: &RrSets, b: &RrSets) -> bool {
-    a.a == b.a
-        && a.aaaa == b.aaaa
-        && a.srv == b.srv
-        && a.ptr == b.ptr
-        && a.soa == b.soa
-        && a.ns == b.ns
-        && a.additional == b.additional
 }
 
 #[cfg(test)]

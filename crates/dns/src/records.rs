@@ -416,13 +416,24 @@ pub(crate) fn part_of(
     };
     let apexes = add_source(&mut b, state, l, source);
     // A part lives as long as its source: no spare capacity (a one-address Vec keeps room
-    // for four).
+    // for four). Its names share equal sets: a task's seven address names hold two (its
+    // container's address and its node's), its two SRV names one. The wire encoding leaves
+    // the owner out, so one encoding serves every name that shares it.
+    let mut distinct: Vec<Arc<RrSets>> = Vec::new();
     let mut part: Part = b
         .names
         .into_iter()
         .map(|(name, mut sets)| {
-            sets.shrink_to_fit();
-            (Arc::from(name), Arc::new(sets))
+            let shared = match distinct.iter().find(|d| d.same_records(&sets)) {
+                Some(d) => Arc::clone(d),
+                None => {
+                    sets.shrink_to_fit();
+                    let new = Arc::new(sets);
+                    distinct.push(Arc::clone(&new));
+                    new
+                }
+            };
+            (Arc::from(name), shared)
         })
         .collect();
     part.sort_by(|a, b| a.0.cmp(&b.0));

@@ -296,7 +296,7 @@ pub(crate) fn answer(
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use std::sync::Arc;
 
     use hickory_proto::op::{Edns, Message, MessageType, OpCode, Query as HQuery};
@@ -350,7 +350,7 @@ mod tests {
         records_from(&st, &cfg())
     }
 
-    fn query(name: &str, rtype: RecordType, id: u16, edns: Option<u16>) -> Vec<u8> {
+    pub(crate) fn query(name: &str, rtype: RecordType, id: u16, edns: Option<u16>) -> Vec<u8> {
         let mut msg = Message::new(id, MessageType::Query, OpCode::Query);
         msg.metadata.recursion_desired = true;
         msg.add_query(HQuery::query(Name::from_ascii(name).unwrap(), rtype));
@@ -362,7 +362,7 @@ mod tests {
         msg.to_vec().unwrap()
     }
 
-    fn ask(zone: &Zone, datagram: &[u8]) -> Option<(ResponseCode, Message, usize)> {
+    pub(crate) fn ask(zone: &Zone, datagram: &[u8]) -> Option<(ResponseCode, Message, usize)> {
         let q = Query::parse(datagram)?;
         let mut out = Vec::new();
         let rcode = answer(zone, &q, true, usize::MAX, &mut out)?;

@@ -99,6 +99,17 @@ impl RrSets {
             .collect()
     }
 
+    /// Whether the two hold the same records (whatever either has encoded).
+    pub fn same_records(&self, other: &Self) -> bool {
+        self.a == other.a
+            && self.aaaa == other.aaaa
+            && self.srv == other.srv
+            && self.ptr == other.ptr
+            && self.soa == other.soa
+            && self.ns == other.ns
+            && self.additional == other.additional
+    }
+
     pub fn is_empty(&self) -> bool {
         self.a.is_empty()
             && self.aaaa.is_empty()

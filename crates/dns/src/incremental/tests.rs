@@ -5,6 +5,7 @@ use std::collections::BTreeSet;
 use dcnet_node_core::keys;
 use dcnet_node_core::model::{App, Task, TaskState, VipAllocation, VipReadiness};
 use dcnet_node_core::test_util::Snapshots;
+use hickory_proto::rr::RecordType;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
@@ -19,7 +20,10 @@ fn assert_same(got: &Zone, want: &Zone, step: &str) {
     assert_eq!(got_names, want_names, "names after {step}");
     for (name, w) in want.names.iter() {
         let g = &got.names[name];
-        assert!(same(g, w), "{name} after {step}:\n got {g:?}\nwant {w:?}");
+        assert!(
+            g.same_records(w),
+            "{name} after {step}:\n got {g:?}\nwant {w:?}"
+        );
     }
     assert_eq!(got.apexes, want.apexes, "apexes after {step}");
     assert_eq!(got.records, want.records, "record count after {step}");
@@ -252,4 +256,58 @@ fn the_first_snapshot_or_one_without_a_log_is_rebuilt_and_the_next_follows_chang
     let (zone, how) = inc.update(&by_hand);
     assert_eq!(how, Update::Rebuild);
     assert_same(&zone, &records_from(&by_hand, &cfg()), "by hand");
+}
+
+/// A task's names that hold the same records share one set, and so its encoding: asking for
+/// one name encodes them all, and a change of the task gives each its new records.
+#[test]
+fn a_task_s_names_with_the_same_records_share_one_set() {
+    let mut log = Snapshots::default();
+    let mut inc = Incremental::new(cfg());
+    let n2 = node("node-2", "192.0.2.2");
+    log.put(&keys::node(&n2.id), &n2);
+    let app = container_app(7);
+    log.put(&keys::app(&app.id), &app);
+    let c = task("c7", &app, "node-2", &[], Some("10.128.0.7"));
+    let (zone, _) = inc.update(&log.put(&keys::task(&c.id), &c));
+    let own = "c7.marathon.containerip.dcos.thisdcos.directory.";
+    let same_as_own = [
+        "c7.marathon.mesos.",
+        "c7.marathon.autoip.dcos.thisdcos.directory.",
+    ];
+    let node_ip = "c7.marathon.agentip.dcos.thisdcos.directory.";
+    assert_eq!(
+        zone.names[own].a,
+        ["10.128.0.7".parse::<std::net::Ipv4Addr>().unwrap()]
+    );
+    for name in same_as_own {
+        assert!(Arc::ptr_eq(&zone.names[own], &zone.names[name]), "{name}");
+    }
+    assert!(!Arc::ptr_eq(&zone.names[own], &zone.names[node_ip]));
+    assert!(
+        Arc::ptr_eq(
+            &zone.names["_c7._tcp.marathon.mesos."],
+            &zone.names["_web._c7._tcp.marathon.mesos."]
+        ),
+        "the app's two SRV names"
+    );
+    // One encoding for all of them.
+    assert!(zone.names[same_as_own[0]].wire.get().is_none());
+    crate::wire::tests::ask(
+        &zone,
+        &crate::wire::tests::query(own, RecordType::A, 1, None),
+    )
+    .unwrap();
+    assert!(zone.names[same_as_own[0]].wire.get().is_some());
+    // The task moves to another address: every name follows, still the zone built whole.
+    let mut moved = c.clone();
+    moved.ip_addresses = vec![dcnet_node_core::model::IpAddress::new(
+        "10.128.0.8".parse().unwrap(),
+    )];
+    let snap = log.put(&keys::task(&moved.id), &moved);
+    let (zone, _) = inc.update(&snap);
+    assert_same(&zone, &records_from(&snap, &cfg()), "the task moved");
+    for name in same_as_own {
+        assert!(Arc::ptr_eq(&zone.names[own], &zone.names[name]), "{name}");
+    }
 }

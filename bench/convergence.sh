@@ -34,3 +34,20 @@ base=""; vbase=""
 for n in $SIZES; do row "embedded, 1" "$n"; done
 base=""; vbase=""
 for n in $ETCD_SIZES; do row "etcd, 3" "$n" --nodes 3 --etcd; done
+# Bursts: with N apps and N - B of their tasks served, B tasks written back to back, 50 a
+# transaction (a big deployment, a node's return); each change's time to answering and to
+# being served while the planes fold the burst into a few snapshots.
+BURST=${BURST:-1000}
+BURST_SIZES=${BURST_SIZES:-"1000 10000 30000"}
+echo
+printf '%-16s %8s %7s %9s %9s %9s %9s %9s %9s %10s %15s\n' "burst" "tasks" "burst" "written" "DNS p50" \
+    "DNS p99" "VIP p50" "VIP p99" "all in" "snapshots" "CPU us/change"
+for n in $BURST_SIZES; do
+    line=$("$BIN" burst "$n" "$BURST" | tail -1)
+    field() { sed -E "s/.*[ ;]$1 ([0-9.]+).*/\\1/" <<<"$line"; }
+    written=$(sed -E 's/.*written in ([0-9.]+) ms.*/\1/' <<<"$line")
+    served=$(sed -E 's/.*all served after ([0-9.]+) ms.*/\1/' <<<"$line")
+    snaps=$(sed -E 's/.*applied it in ([0-9]+) snapshots.*/\1/' <<<"$line")
+    printf '%-16s %8s %7s %9s %9s %9s %9s %9s %9s %10s %15s\n' "embedded, 1" "$n" "$BURST" "$written" \
+        "$(field p50)" "$(field p99)" "$(field vip-p50)" "$(field vip-p99)" "$served" "$snaps" "$(field CPU)"
+done

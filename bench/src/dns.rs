@@ -8,6 +8,10 @@
 //!   planes (on the embedded store, or each with its own connection to an etcd member started
 //!   for the run); writes N tasks as RUNNING into the store one by one and times how long
 //!   each takes to answer and be served on every node.
+//! - `dns burst N B [PER_TXN]`: one node-core with its planes on the embedded store, N apps and N - B
+//!   of their tasks RUNNING; then B tasks written back to back, PER_TXN (50) a transaction, and for
+//!   each the time from its write to its name answering and its VIP backend being served,
+//!   with how many snapshots the DNS plane applied the burst in.
 //! - `dns scale NODES TASKS`: one etcd and NODES simulated nodes (each registers under a
 //!   lease, follows the state and builds its DNS zone and VIP table as an agent does, without
 //!   running tasks); the same timing on every node, and etcd's CPU and bytes sent per change.
@@ -275,6 +279,7 @@ fn cpu_time() -> anyhow::Result<Duration> {
 /// One node of the convergence run: its node-core, DNS server and eBPF VIP table.
 struct BenchNode {
     dns: SocketAddr,
+    registry: prometheus::Registry,
     vips: dcnet_l4lb::ViewSlot,
     _bpf: BpfScratch,
 }
@@ -347,6 +352,7 @@ async fn bench_node(
     }
     Ok(BenchNode {
         dns: server,
+        registry,
         vips,
         _bpf: bpf,
     })
@@ -568,6 +574,179 @@ async fn converge(n: usize, nodes: usize, on_etcd: bool) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `burst N B`: N apps, N - B of their tasks written and served first; then B tasks written
+/// back to back, as a big deployment or a node's return writes them. The planes fold what
+/// is queued into one snapshot, so a burst is applied in a few batches: the per-change p99
+/// during the burst and the number of DNS snapshots it took.
+async fn burst(n: usize, b: usize, per_txn: usize) -> anyhow::Result<()> {
+    use dcnet_node_core::keys;
+    use dcnet_node_core::store::{Embedded, Op, Precondition, Store};
+
+    anyhow::ensure!(b > 0 && b <= n, "a burst of 1 to N tasks");
+    let per_txn = per_txn.clamp(1, dcnet_node_core::store::MAX_TXN_OPS);
+    let dir = tempfile::tempdir()?;
+    let store: Arc<dyn Store> = Arc::new(Embedded::open(&dir.path().join("store.redb"))?);
+    let apps = write_apps(&*store, n).await?;
+    let shutdown = CancellationToken::new();
+    let mut supervisor = dcnet_node_core::Supervisor::new(shutdown.clone(), Default::default());
+    let member = bench_node(1, dir.path(), store.clone(), &mut supervisor, &shutdown).await?;
+    let ip_of = |i: usize| Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 130, 0, 2)) + i as u32);
+    let name_of =
+        |i: usize| Name::from_ascii(format!("app-{i}-bench.marathon.mesos.")).expect("a name");
+    let client = UdpSocket::bind("127.0.0.1:0")?;
+    client.connect(member.dns)?;
+    client.set_read_timeout(Some(Duration::from_millis(200)))?;
+    // The tasks before the burst, a transaction of 100 at a time, untimed.
+    let before = n - b;
+    for chunk in (0..before).collect::<Vec<_>>().chunks(100) {
+        let ops = chunk
+            .iter()
+            .map(|&i| {
+                let t = task(&apps[i], 0, "bench-node-x", ip_of(i));
+                Op::put(keys::task(&t.id), keys::to_json(&t), Precondition::Absent)
+            })
+            .collect();
+        store.txn(ops).await?;
+    }
+    if before > 0 {
+        let deadline = Instant::now() + Duration::from_secs(120);
+        let last = SocketAddr::new(IpAddr::V4(ip_of(before - 1)), 80);
+        while !(ask(&client, &name_of(before - 1)) && member.vips.serves_backend(last)) {
+            anyhow::ensure!(Instant::now() < deadline, "the first tasks were not served");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+    let snapshots = |reg: &prometheus::Registry| {
+        reg.gather()
+            .iter()
+            .find(|f| f.name() == "dcnet_dns_state_lag_seconds")
+            .and_then(|f| {
+                f.get_metric()
+                    .first()
+                    .map(|m| m.get_histogram().get_sample_count())
+            })
+            .unwrap_or(0)
+    };
+    let snapshots_before = snapshots(&member.registry);
+    let cpu_before = cpu_time()?;
+
+    // The burst: transactions of `per_txn` tasks, back to back (one write a task costs the
+    // embedded store a commit, about a millisecond: no burst), each task's commit time kept.
+    let written = Arc::new(std::sync::Mutex::new(Vec::with_capacity(b)));
+    let writer = {
+        let (store, written) = (store.clone(), written.clone());
+        let tasks: Vec<Task> = (before..n)
+            .map(|i| task(&apps[i], 0, "bench-node-x", ip_of(i)))
+            .collect();
+        tokio::spawn(async move {
+            for chunk in tasks.chunks(per_txn) {
+                let ops = chunk
+                    .iter()
+                    .map(|t| Op::put(keys::task(&t.id), keys::to_json(t), Precondition::Absent))
+                    .collect();
+                store.txn(ops).await.expect("write");
+                let at = Instant::now();
+                written
+                    .lock()
+                    .expect("lock")
+                    .extend(chunk.iter().map(|_| at));
+            }
+        })
+    };
+    // A snapshot holds every write before it, so the first time task k is seen, every task
+    // before it is in too: each probe finds the furthest task in (galloping, then halving)
+    // and dates every task up to it.
+    let vips = member.vips.clone();
+    let (dns_seen, vip_seen) = tokio::task::spawn_blocking(move || {
+        let backend = |i: usize| SocketAddr::new(IpAddr::V4(ip_of(i)), 80);
+        let mut dns_seen: Vec<Instant> = Vec::with_capacity(b);
+        let mut vip_seen: Vec<Instant> = Vec::with_capacity(b);
+        let deadline = Instant::now() + Duration::from_secs(120);
+        let furthest = |from: usize, is_in: &dyn Fn(usize) -> bool| -> usize {
+            // The count of tasks in, from `from` on, of the b (0 if the next is not in).
+            if !is_in(before + from) {
+                return from;
+            }
+            let (mut lo, mut step) = (from, 1);
+            while lo + step < b && is_in(before + lo + step) {
+                lo += step;
+                step *= 2;
+            }
+            let mut hi = (lo + step).min(b);
+            // lo is in, hi is not (or is past the end).
+            while hi - lo > 1 {
+                let mid = (lo + hi) / 2;
+                if is_in(before + mid) {
+                    lo = mid;
+                } else {
+                    hi = mid;
+                }
+            }
+            lo + 1
+        };
+        while (dns_seen.len() < b || vip_seen.len() < b) && Instant::now() < deadline {
+            let dns_in = |i: usize| ask(&client, &name_of(i));
+            let vip_in = |i: usize| vips.serves_backend(backend(i));
+            if dns_seen.len() < b {
+                let upto = furthest(dns_seen.len(), &dns_in);
+                let now = Instant::now();
+                dns_seen.resize(upto, now);
+            }
+            if vip_seen.len() < b {
+                let upto = furthest(vip_seen.len(), &vip_in);
+                let now = Instant::now();
+                vip_seen.resize(upto, now);
+            }
+        }
+        (dns_seen, vip_seen)
+    })
+    .await?;
+    writer.await?;
+    let cpu = cpu_time()? - cpu_before;
+    let applied_in = snapshots(&member.registry) - snapshots_before;
+    shutdown.cancel();
+    let written = written.lock().expect("lock").clone();
+    anyhow::ensure!(
+        dns_seen.len() == b && vip_seen.len() == b,
+        "of the burst's {b} tasks {} answered and {} were served within 120 s",
+        dns_seen.len(),
+        vip_seen.len()
+    );
+    let lat = |seen: &[Instant]| {
+        let mut v: Vec<Duration> = seen
+            .iter()
+            .zip(&written)
+            .map(|(s, w)| s.saturating_duration_since(*w))
+            .collect();
+        v.sort();
+        v
+    };
+    let (d, v) = (lat(&dns_seen), lat(&vip_seen));
+    let span = |seen: &[Instant]| {
+        seen.last()
+            .map(|l| l.duration_since(written[0]).as_secs_f64() * 1000.0)
+            .unwrap_or_default()
+    };
+    println!(
+        "burst of {b} tasks on {n} apps ({per_txn} per transaction), one node, embedded store: written in {:.1} ms; p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms; vip-p50 {:.2} ms, vip-p99 {:.2} ms, vip-max {:.2} ms; all answered after {:.1} ms, all served after {:.1} ms; DNS applied it in {applied_in} snapshots; CPU {:.0} us per change",
+        written
+            .last()
+            .map(|l| l.duration_since(written[0]).as_secs_f64() * 1000.0)
+            .unwrap_or_default(),
+        quantile_ms(&d, 0.5),
+        quantile_ms(&d, 0.99),
+        quantile_ms(&d, 1.0),
+        quantile_ms(&v, 0.5),
+        quantile_ms(&v, 0.99),
+        quantile_ms(&v, 1.0),
+        span(&dns_seen),
+        span(&vip_seen),
+        cpu.as_secs_f64() * 1e6 / b as f64,
+    );
+    drop(member);
+    Ok(())
+}
+
 /// The VIP table a simulated node's L4LB plane hands it: what an agent's data plane would
 /// be told to serve, kept in memory instead of a kernel.
 #[derive(Clone, Default)]
@@ -778,6 +957,17 @@ fn main() -> ExitCode {
                 .expect("runtime");
             rt.block_on(converge(n, nodes, on_etcd))
         }
+        Some("burst") => {
+            let n = args.get(2).and_then(|n| n.parse().ok()).unwrap_or(10_000);
+            let b = args.get(3).and_then(|n| n.parse().ok()).unwrap_or(1000);
+            let per_txn = args.get(4).and_then(|n| n.parse().ok()).unwrap_or(50);
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()
+                .expect("runtime");
+            rt.block_on(burst(n, b, per_txn))
+        }
         Some("scale") => {
             let nodes = args.get(2).and_then(|n| n.parse().ok()).unwrap_or(10);
             let n = args.get(3).and_then(|n| n.parse().ok()).unwrap_or(1000);
@@ -790,7 +980,7 @@ fn main() -> ExitCode {
         }
         _ => {
             eprintln!(
-                "usage: dns serve DIR PORT | dns converge [N] [--nodes K] [--etcd] | dns scale [NODES] [TASKS]"
+                "usage: dns serve DIR PORT | dns converge [N] [--nodes K] [--etcd] | dns burst [N] [B] [PER_TXN] | dns scale [NODES] [TASKS]"
             );
             return ExitCode::from(64);
         }

@@ -72,6 +72,11 @@ impl IncrementalTable {
         for app in apps {
             self.replace(snap, app, &mut touched.keys);
         }
+        // Each VIP once, after every app's part is in: a VIP many changed apps share (a
+        // burst, a rebuild) is merged once, not once per app.
+        for key in &touched.keys {
+            self.remerge(*key);
+        }
         self.last = Some(snap.clone());
         touched
     }
@@ -87,7 +92,8 @@ impl IncrementalTable {
             .collect()
     }
 
-    /// Puts `app`'s contribution in `snap` in place of the one it had.
+    /// Puts `app`'s contribution in `snap` in place of the one it had, and adds the VIPs
+    /// whose merge it changes to `touched` (merged by the caller).
     fn replace(&mut self, snap: &ClusterState, app: AppId, touched: &mut BTreeSet<VipKey>) {
         let new = snap
             .apps
@@ -124,10 +130,7 @@ impl IncrementalTable {
         if !new.is_empty() {
             self.contributions.insert(app, new);
         }
-        for key in keys {
-            self.remerge(key);
-            touched.insert(key);
-        }
+        touched.extend(keys);
     }
 
     /// Which named VIPs `app` asks for, whether or not they have an address yet: a change of
@@ -177,7 +180,7 @@ impl IncrementalTable {
         }
         match merged {
             Some(entry) => {
-                self.table.insert(key, entry);
+                self.table.insert(key, Arc::new(entry));
             }
             None => {
                 self.table.remove(&key);

@@ -13,9 +13,9 @@ use crate::view::VipView;
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct TableDiff {
     /// VIPs to start serving.
-    pub added: Vec<(VipKey, Entry)>,
+    pub added: Vec<(VipKey, Arc<Entry>)>,
     /// VIPs whose backends, weights or balancing changed.
-    pub changed: Vec<(VipKey, Entry)>,
+    pub changed: Vec<(VipKey, Arc<Entry>)>,
     /// VIPs to stop serving (connections already open finish).
     pub removed: Vec<VipKey>,
 }
@@ -89,8 +89,8 @@ mod tests {
         }
     }
 
-    fn entry(backends: &[(u16, u32)]) -> Entry {
-        Entry {
+    fn entry(backends: &[(u16, u32)]) -> Arc<Entry> {
+        Arc::new(Entry {
             name: Some("/web".into()),
             lb: Lb::P2c,
             backends: backends
@@ -102,7 +102,7 @@ mod tests {
                     weight: *weight,
                 })
                 .collect(),
-        }
+        })
     }
 
     #[test]

@@ -517,7 +517,7 @@ mod tests {
         };
         let served = proxy
             .apply(&TableDiff {
-                added: vec![(key, entry)],
+                added: vec![(key, Arc::new(entry))],
                 ..Default::default()
             })
             .await;

@@ -192,7 +192,7 @@ impl SockPlane {
             for b in &entry.backends {
                 *self.refs.entry(b.addr).or_default() += 1;
             }
-            if let Some(old) = self.table.insert(*key, Arc::new(entry.clone())) {
+            if let Some(old) = self.table.insert(*key, Arc::clone(entry)) {
                 released.extend(old.backends.iter().map(|b| b.addr));
             }
         }

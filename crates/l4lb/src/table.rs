@@ -71,7 +71,10 @@ pub struct Entry {
     pub backends: Vec<Backend>,
 }
 
-pub type VipTable = BTreeMap<VipKey, Entry>;
+/// Each VIP's entry behind an `Arc`: the served table, the diffs and the data planes share
+/// one copy of a VIP's backends instead of each cloning them (hundreds, for a VIP many apps
+/// share) on every change.
+pub type VipTable = BTreeMap<VipKey, std::sync::Arc<Entry>>;
 
 /// What one app contributes to the VIP table: each of its VIP ports with the name and
 /// balancing the app asks for, and its tasks as backends.
@@ -158,9 +161,9 @@ pub fn vip_table_from(state: &ClusterState) -> VipTable {
     let mut table = VipTable::new();
     for app in state.apps.values() {
         for (key, entry) in contribution_of(state, app) {
-            let mut slot = table.remove(&key);
+            let mut slot = table.remove(&key).map(std::sync::Arc::unwrap_or_clone);
             merge_entry(&mut slot, &entry);
-            table.insert(key, slot.expect("merged"));
+            table.insert(key, std::sync::Arc::new(slot.expect("merged")));
         }
     }
     table

@@ -89,6 +89,13 @@ impl Browser {
 
     /// A WebDriver command; its `value`.
     fn call(&self, method: &str, path: &str, body: Option<Value>) -> Value {
+        let (status, v) = self.try_call(method, path, body);
+        assert_eq!(status, 200, "{method} {path}: {v}");
+        v["value"].clone()
+    }
+
+    /// A WebDriver command; its status and whole answer.
+    fn try_call(&self, method: &str, path: &str, body: Option<Value>) -> (u16, Value) {
         let url = format!("{DRIVER}{path}");
         let resp = match method {
             "GET" => self.http.get(&url).call(),
@@ -97,9 +104,7 @@ impl Browser {
         };
         let mut resp = resp.unwrap_or_else(|e| panic!("{method} {path}: {e}"));
         let status = resp.status().as_u16();
-        let v: Value = resp.body_mut().read_json().unwrap_or(Value::Null);
-        assert_eq!(status, 200, "{method} {path}: {v}");
-        v["value"].clone()
+        (status, resp.body_mut().read_json().unwrap_or(Value::Null))
     }
 
     fn session_call(&self, method: &str, path: &str, body: Option<Value>) -> Value {
@@ -155,10 +160,23 @@ impl Browser {
             .to_string()
     }
 
-    /// A real click (through the browser's input, as a user's).
+    /// A real click (through the browser's input, as a user's). The page redraws its rows
+    /// as the state changes: an element redrawn between finding and clicking it is found
+    /// again, as a user would click the row they see.
     fn click(&self, css: &str) {
-        let id = self.element(css);
-        self.session_call("POST", &format!("/element/{id}/click"), None);
+        for _ in 0..5 {
+            let id = self.element(css);
+            let path = format!("/session/{}/element/{id}/click", self.session);
+            let (status, v) = self.try_call("POST", &path, None);
+            if status == 200 {
+                return;
+            }
+            assert_eq!(
+                v["value"]["error"], "stale element reference",
+                "POST {path}: {v}"
+            );
+        }
+        panic!("{css} was redrawn before each of 5 clicks");
     }
 
     /// Clears the input at `css` and types `text` into it.

@@ -276,6 +276,14 @@ fn cpu_time() -> anyhow::Result<Duration> {
     Ok(secs(usage.user_time()) + secs(usage.system_time()))
 }
 
+/// The CPU time the calling thread has used: what the measuring client spends polling, so
+/// that it is not counted as the planes'.
+fn thread_cpu() -> Duration {
+    nix::time::clock_gettime(nix::time::ClockId::CLOCK_THREAD_CPUTIME_ID)
+        .map(Duration::from)
+        .unwrap_or_default()
+}
+
 /// One node of the convergence run: its node-core, DNS server and eBPF VIP table.
 struct BenchNode {
     dns: SocketAddr,
@@ -406,10 +414,13 @@ async fn time_tasks(
     targets: Targets,
     read_timeout: Duration,
     limit: Duration,
-) -> anyhow::Result<(Vec<Duration>, Vec<Duration>)> {
+) -> anyhow::Result<(Vec<Duration>, Vec<Duration>, Duration)> {
     use dcnet_node_core::keys;
     use dcnet_node_core::store::Precondition;
     let n = apps.len();
+    // The client's own CPU while it waits (it polls without sleeping, for the resolution).
+    let polling = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let polled = polling.clone();
     let (tx, mut rx) = tokio::sync::mpsc::channel::<(Duration, Duration)>(1);
     let writer = tokio::spawn(async move {
         let clients: Vec<UdpSocket> = targets
@@ -438,6 +449,7 @@ async fn time_tasks(
             let mut dns_at = vec![None; clients.len()];
             let mut vip_at = vec![None; clients.len()];
             tokio::task::block_in_place(|| {
+                let cpu0 = thread_cpu();
                 while Instant::now() < deadline
                     && (dns_at.iter().any(Option::is_none) || vip_at.iter().any(Option::is_none))
                 {
@@ -450,6 +462,10 @@ async fn time_tasks(
                         }
                     }
                 }
+                polled.fetch_add(
+                    (thread_cpu() - cpu0).as_nanos() as u64,
+                    std::sync::atomic::Ordering::Relaxed,
+                );
             });
             let last = |v: &[Option<Duration>]| {
                 v.iter()
@@ -487,7 +503,8 @@ async fn time_tasks(
     }
     times.sort();
     vip_times.sort();
-    Ok((times, vip_times))
+    let polling = Duration::from_nanos(polling.load(std::sync::atomic::Ordering::Relaxed));
+    Ok((times, vip_times, polling))
 }
 
 /// The `p` quantile of sorted times, in milliseconds.
@@ -551,12 +568,13 @@ async fn converge(n: usize, nodes: usize, on_etcd: bool) -> anyhow::Result<()> {
     )
     .await;
     shutdown.cancel();
-    let (times, vip_times) = timed?;
+    let (times, vip_times, polling) = timed?;
     let pct = |p: f64| quantile_ms(&times, p);
     let vip = |p: f64| quantile_ms(&vip_times, p);
     // The whole process is the nodes' node-cores and planes: its peak memory per node, and
-    // the CPU it spent per task written (every plane's share of one change, on every node).
-    let cpu = cpu_time()?;
+    // the CPU it spent per task written (every plane's share of one change, on every node),
+    // without the measuring client's.
+    let cpu = cpu_time()?.saturating_sub(polling);
     let store_name = if on_etcd { "etcd" } else { "embedded" };
     println!(
         "convergence on {nodes} node(s), {store_name} store (task RUNNING in the store -> its name answers; -> its VIP backend is in the eBPF maps, on every node), {n} tasks: p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms; vip-p50 {:.2} ms, vip-p99 {:.2} ms, vip-max {:.2} ms; peak RSS {} MiB, CPU {:.0} us per change",
@@ -657,11 +675,12 @@ async fn burst(n: usize, b: usize, per_txn: usize) -> anyhow::Result<()> {
     // before it is in too: each probe finds the furthest task in (galloping, then halving)
     // and dates every task up to it.
     let vips = member.vips.clone();
-    let (dns_seen, vip_seen) = tokio::task::spawn_blocking(move || {
+    let (dns_seen, vip_seen, polling) = tokio::task::spawn_blocking(move || {
         let backend = |i: usize| SocketAddr::new(IpAddr::V4(ip_of(i)), 80);
         let mut dns_seen: Vec<Instant> = Vec::with_capacity(b);
         let mut vip_seen: Vec<Instant> = Vec::with_capacity(b);
         let deadline = Instant::now() + Duration::from_secs(120);
+        let cpu0 = thread_cpu();
         let furthest = |from: usize, is_in: &dyn Fn(usize) -> bool| -> usize {
             // The count of tasks in, from `from` on, of the b (0 if the next is not in).
             if !is_in(before + from) {
@@ -698,11 +717,12 @@ async fn burst(n: usize, b: usize, per_txn: usize) -> anyhow::Result<()> {
                 vip_seen.resize(upto, now);
             }
         }
-        (dns_seen, vip_seen)
+        (dns_seen, vip_seen, thread_cpu() - cpu0)
     })
     .await?;
     writer.await?;
-    let cpu = cpu_time()? - cpu_before;
+    // Without the measuring client's.
+    let cpu = (cpu_time()? - cpu_before).saturating_sub(polling);
     let applied_in = snapshots(&member.registry) - snapshots_before;
     shutdown.cancel();
     let written = written.lock().expect("lock").clone();
@@ -908,9 +928,9 @@ async fn scale(nodes: usize, n: usize) -> anyhow::Result<()> {
     .await;
     let etcd_cpu = dcnet_node_core::test_util::process_cpu_secs(etcd.pid()) - etcd_cpu0;
     let sent = etcd_metric(&etcd.url, "etcd_network_client_grpc_sent_bytes_total") - sent0;
-    let cpu = cpu_time()?.as_secs_f64() - cpu0.as_secs_f64();
     shutdown.cancel();
-    let (times, vip_times) = timed?;
+    let (times, vip_times, polling) = timed?;
+    let cpu = cpu_time()?.saturating_sub(polling).as_secs_f64() - cpu0.as_secs_f64();
     println!(
         "scale: {nodes} simulated nodes on one etcd, {n} tasks: joined in {:.1} s; p50 {:.2} ms, p99 {:.2} ms; vip-p50 {:.2} ms, vip-p99 {:.2} ms; etcd CPU {:.0} us per change, etcd sent {:.0} KiB per change; nodes' CPU {:.0} us per change per node; peak RSS {} MiB per node",
         joined.as_secs_f64(),

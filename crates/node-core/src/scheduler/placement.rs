@@ -298,6 +298,16 @@ pub fn place(app: &App, count: u32, nodes: &[&Node], active: &[&Task]) -> Placem
             values,
         });
     }
+    // No node can take the app, whatever runs on them (its constraints, roles or the nodes'
+    // states rule each out): the cluster's tasks need not be counted. A pass over thousands
+    // of such apps would otherwise walk every task once per app.
+    if candidates.is_empty() {
+        if count > 0 {
+            out.unplaced = count;
+            out.reason = Some(unplaced_reason(first_reason, nodes.len()));
+        }
+        return out;
+    }
     let mut counts: Vec<Vec<u32>> = interned.iter().map(|m| vec![0; m.len()]).collect();
     for task in active {
         let values = match index.get(&task.node_id) {
@@ -373,11 +383,7 @@ pub fn place(app: &App, count: u32, nodes: &[&Node], active: &[&Task]) -> Placem
         }
         let Some((i, _)) = best else {
             out.unplaced = count - out.placed.len() as u32;
-            out.reason = Some(match first_reason {
-                Some(r) if nodes.len() == 1 => r,
-                Some(r) => format!("no node fits (first: {r})"),
-                None => "there are no nodes".into(),
-            });
+            out.reason = Some(unplaced_reason(first_reason, nodes.len()));
             break;
         };
         let c = &mut candidates[i];
@@ -397,6 +403,15 @@ pub fn place(app: &App, count: u32, nodes: &[&Node], active: &[&Task]) -> Placem
         });
     }
     out
+}
+
+/// Why instances wait, from the first node's reason (of `nodes` nodes).
+fn unplaced_reason(first_reason: Option<String>, nodes: usize) -> String {
+    match first_reason {
+        Some(r) if nodes == 1 => r,
+        Some(r) => format!("no node fits (first: {r})"),
+        None => "there are no nodes".into(),
+    }
 }
 
 /// What the node lacks for one instance, if anything.
@@ -498,6 +513,36 @@ mod tests {
                 ports: vec![],
             },
         }
+    }
+
+    /// An app that no node can take waits with the first node's reason, whatever runs: one
+    /// node gives its own reason, several say none fits, none says so.
+    #[test]
+    fn an_app_no_node_can_take_waits_with_the_first_reason() {
+        let web = app(r#"{"id": "/web", "cmd": "x", "cpus": 0.1, "instances": 2,
+                "constraints": [["hostname", "CLUSTER", "nowhere"]]}"#);
+        let (n1, n2) = (node(1, 4.0, &[]), node(2, 4.0, &[]));
+        let running = [task("/db", 1, &[31000], 1.0), task("/web", 2, &[], 0.1)];
+        let active: Vec<&Task> = running.iter().collect();
+        let one = place(&web, 2, &[&n1], &active);
+        assert!(one.placed.is_empty());
+        assert_eq!(one.unplaced, 2);
+        assert_eq!(
+            one.reason.as_deref(),
+            Some("constraint hostname:CLUSTER:nowhere rules out node n1")
+        );
+        let two = place(&web, 2, &[&n2, &n1], &active);
+        assert_eq!(
+            two.reason.as_deref(),
+            Some("no node fits (first: constraint hostname:CLUSTER:nowhere rules out node n1)")
+        );
+        let none = place(&web, 1, &[], &active);
+        assert_eq!(
+            (none.unplaced, none.reason.as_deref()),
+            (1, Some("there are no nodes"))
+        );
+        let nothing_asked = place(&web, 0, &[&n1], &active);
+        assert_eq!((nothing_asked.unplaced, nothing_asked.reason), (0, None));
     }
 
     #[test]

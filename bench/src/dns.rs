@@ -749,10 +749,7 @@ async fn burst(n: usize, b: usize, per_txn: usize) -> anyhow::Result<()> {
     };
     println!(
         "burst of {b} tasks on {n} apps ({per_txn} per transaction), one node, embedded store: written in {:.1} ms; p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms; vip-p50 {:.2} ms, vip-p99 {:.2} ms, vip-max {:.2} ms; all answered after {:.1} ms, all served after {:.1} ms; DNS applied it in {applied_in} snapshots; CPU {:.0} us per change",
-        written
-            .last()
-            .map(|l| l.duration_since(written[0]).as_secs_f64() * 1000.0)
-            .unwrap_or_default(),
+        span(&written),
         quantile_ms(&d, 0.5),
         quantile_ms(&d, 0.99),
         quantile_ms(&d, 1.0),
@@ -946,6 +943,15 @@ async fn scale(nodes: usize, n: usize) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The runtime every subcommand runs on, with `workers` threads.
+fn runtime(workers: usize) -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(workers)
+        .enable_all()
+        .build()
+        .expect("runtime")
+}
+
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().collect();
     let result = match args.get(1).map(String::as_str) {
@@ -955,11 +961,7 @@ fn main() -> ExitCode {
                 eprintln!("usage: dns serve DIR PORT");
                 return ExitCode::from(64);
             };
-            let rt = tokio::runtime::Builder::new_multi_thread()
-                .worker_threads(1)
-                .enable_all()
-                .build()
-                .expect("runtime");
+            let rt = runtime(1);
             rt.block_on(serve(Path::new(dir), port))
         }
         Some("converge") => {
@@ -970,32 +972,20 @@ fn main() -> ExitCode {
                 .and_then(|i| args.get(i + 1)?.parse().ok())
                 .unwrap_or(1);
             let on_etcd = args.iter().any(|a| a == "--etcd");
-            let rt = tokio::runtime::Builder::new_multi_thread()
-                .worker_threads(2)
-                .enable_all()
-                .build()
-                .expect("runtime");
+            let rt = runtime(2);
             rt.block_on(converge(n, nodes, on_etcd))
         }
         Some("burst") => {
             let n = args.get(2).and_then(|n| n.parse().ok()).unwrap_or(10_000);
             let b = args.get(3).and_then(|n| n.parse().ok()).unwrap_or(1000);
             let per_txn = args.get(4).and_then(|n| n.parse().ok()).unwrap_or(50);
-            let rt = tokio::runtime::Builder::new_multi_thread()
-                .worker_threads(2)
-                .enable_all()
-                .build()
-                .expect("runtime");
+            let rt = runtime(2);
             rt.block_on(burst(n, b, per_txn))
         }
         Some("scale") => {
             let nodes = args.get(2).and_then(|n| n.parse().ok()).unwrap_or(10);
             let n = args.get(3).and_then(|n| n.parse().ok()).unwrap_or(1000);
-            let rt = tokio::runtime::Builder::new_multi_thread()
-                .worker_threads(2)
-                .enable_all()
-                .build()
-                .expect("runtime");
+            let rt = runtime(2);
             rt.block_on(scale(nodes, n))
         }
         _ => {

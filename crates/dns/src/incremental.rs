@@ -169,10 +169,8 @@ impl Incremental {
         }
         for (name, sets) in &mut new {
             // The name as the zone keeps it already, if it does: one copy of each name.
-            if let Some((kept, _)) = self.contributors.get_key_value(&**name) {
-                *name = Arc::clone(kept);
-            } else if let Some((kept, _)) = self.ancestor_refs.get_key_value(&**name) {
-                *name = Arc::clone(kept);
+            if let Some(kept) = self.kept(name) {
+                *name = kept;
             }
             // A name whose records from this source did not change needs no rebuild.
             if in_part(&old, name).is_some_and(|o| o.same_records(sets)) {
@@ -259,15 +257,18 @@ impl Incremental {
         }
     }
 
-    /// `name` as already kept (by the zone or an ancestor's count), or a new key.
+    /// `name` as already kept (by a contributor or an ancestor's count), if it is.
+    fn kept(&self, name: &str) -> Option<Key> {
+        self.contributors
+            .get_key_value(name)
+            .map(|(k, _)| k)
+            .or_else(|| self.ancestor_refs.get_key_value(name).map(|(k, _)| k))
+            .cloned()
+    }
+
+    /// `name` as already kept, or a new key.
     fn key_of(&self, name: &str) -> Key {
-        if let Some((kept, _)) = self.ancestor_refs.get_key_value(name) {
-            return Arc::clone(kept);
-        }
-        if let Some((kept, _)) = self.contributors.get_key_value(name) {
-            return Arc::clone(kept);
-        }
-        Arc::from(name)
+        self.kept(name).unwrap_or_else(|| Arc::from(name))
     }
 }
 

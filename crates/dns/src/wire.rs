@@ -26,27 +26,20 @@ impl WireSets {
     pub(crate) fn new(sets: &RrSets, ttl: u32) -> Self {
         // Without their owner: the root stands in for it while encoding.
         let root = Name::root();
-        let rest = |rtype: RecordType| {
-            sets.records(&root, ttl, rtype)
+        let encode = |records: &[Record]| {
+            records
                 .iter()
                 .filter_map(|r| encode_record(r, false))
                 .collect()
         };
+        let rest = |rtype: RecordType| encode(&sets.records(&root, ttl, rtype));
         Self {
             a: rest(RecordType::A),
             aaaa: rest(RecordType::AAAA),
             srv: rest(RecordType::SRV),
             ptr: rest(RecordType::PTR),
-            soa: sets
-                .soa
-                .iter()
-                .filter_map(|r| encode_record(r, false))
-                .collect(),
-            ns: sets
-                .ns
-                .iter()
-                .filter_map(|r| encode_record(r, false))
-                .collect(),
+            soa: encode(&sets.soa),
+            ns: encode(&sets.ns),
             additional: sets
                 .additional_records(ttl)
                 .iter()

@@ -108,7 +108,6 @@ impl IncrementalTable {
             }
             return;
         }
-        let mut keys: BTreeSet<VipKey> = BTreeSet::new();
         for (key, _) in &old {
             if !new.iter().any(|(k, _)| k == key)
                 && let Some(c) = self.contributors.get_mut(key)
@@ -118,19 +117,18 @@ impl IncrementalTable {
                     self.contributors.remove(key);
                 }
             }
-            keys.insert(*key);
+            touched.insert(*key);
         }
         for (key, _) in &new {
             self.contributors
                 .entry(*key)
                 .or_default()
                 .insert(app.clone());
-            keys.insert(*key);
+            touched.insert(*key);
         }
         if !new.is_empty() {
             self.contributions.insert(app, new);
         }
-        touched.extend(keys);
     }
 
     /// Which named VIPs `app` asks for, whether or not they have an address yet: a change of

@@ -1819,6 +1819,25 @@ mod tests {
         );
     }
 
+    /// A running deployment `d<app>` of `kind`, a step of `plan` after the apps `after`.
+    fn plan_step(
+        plan: &DeploymentId,
+        app: &AppId,
+        kind: DeploymentKind,
+        after: &[&AppId],
+    ) -> Deployment {
+        let mut d = test_deployment(
+            &format!("d{}", app.key()),
+            app,
+            kind,
+            DeploymentStatus::Running,
+            "2026-01-01T00:00:00Z",
+        );
+        d.plan = Some(plan.clone());
+        d.after = after.iter().map(|a| (*a).clone()).collect();
+        d
+    }
+
     /// The steps of a group change go in order: /web, updated after /db in the same plan,
     /// neither launches nor kills until /db's deployment has ended, and says why; then it
     /// rolls as any update does.
@@ -1833,18 +1852,8 @@ mod tests {
             "v2",
         );
         let plan = DeploymentId("plan".into());
-        let step = |a: &App, after: &[&AppId]| {
-            let mut d = test_deployment(
-                &format!("d{}", a.id.key()),
-                &a.id,
-                DeploymentKind::Update,
-                DeploymentStatus::Running,
-                "2026-01-01T00:00:00Z",
-            );
-            d.plan = Some(plan.clone());
-            d.after = after.iter().map(|a| (*a).clone()).collect();
-            d
-        };
+        let step =
+            |a: &App, after: &[&AppId]| plan_step(&plan, &a.id, DeploymentKind::Update, after);
         let mut puts = vec![(keys::node(&node.id), keys::to_json(&node))];
         for (a, d) in [(&db, step(&db, &[])), (&web, step(&web, &[&db.id]))] {
             // One task of the old version each.
@@ -1905,18 +1914,7 @@ mod tests {
         let db = AppId::parse("/db").unwrap();
         let web = AppId::parse("/web").unwrap();
         let plan = DeploymentId("plan".into());
-        let step = |a: &AppId, after: &[&AppId]| {
-            let mut d = test_deployment(
-                &format!("d{}", a.key()),
-                a,
-                DeploymentKind::Delete,
-                DeploymentStatus::Running,
-                "2026-01-01T00:00:00Z",
-            );
-            d.plan = Some(plan.clone());
-            d.after = after.iter().map(|a| (*a).clone()).collect();
-            d
-        };
+        let step = |a: &AppId, after: &[&AppId]| plan_step(&plan, a, DeploymentKind::Delete, after);
         let mut puts = vec![(keys::node(&node.id), keys::to_json(&node))];
         for (a, d) in [(&db, step(&db, &[&web])), (&web, step(&web, &[]))] {
             let t = crate::test_util::task(&format!("{}-1", a.key()), a, "n");

@@ -252,7 +252,6 @@ impl ClusterState {
         counts
     }
 
-    /// The tasks on one node, in id order.
     /// The active tasks of nodes that are gone from the store (their lease expired): LOST
     /// with their node, but not yet marked so.
     pub fn tasks_of_lost_nodes(&self) -> Vec<&Arc<Task>> {
@@ -270,6 +269,7 @@ impl ClusterState {
         }
     }
 
+    /// The tasks on one node, in id order.
     pub fn tasks_on<'a>(
         &'a self,
         node: &'a NodeId,

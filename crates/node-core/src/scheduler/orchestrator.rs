@@ -37,14 +37,32 @@ pub(crate) struct Orchestrator {
     /// Our own last write: a snapshot older than it would make us act twice.
     written: Revision,
     unplaced: BTreeMap<AppId, Unplaced>,
+    /// The status notes (why an app waits, why its instances are not placed) this pass has
+    /// decided and not yet written: [`Orchestrator::flush_notes`] writes them a transaction of
+    /// up to [`MAX_TXN_OPS`] at a time, so that a pass that finds thousands of apps waiting
+    /// costs a few commits, not one per app.
+    notes: Vec<(AppId, Note)>,
+    /// The apps that time alone may move (a backoff to expire, a task to turn stable, a
+    /// dependency or an earlier step to wait for, a deployment under way, a removal held
+    /// back): each tick looks at them and at the apps that did not fit, once resources were
+    /// freed. The apps that are not here wait for a change of their own.
+    timed: BTreeSet<AppId>,
     /// How long a node's record must stay gone before its tasks are LOST (see `mark_lost`).
     lost_grace: Duration,
     /// When this term first saw each node that holds active tasks without its record.
     absent_since: BTreeMap<NodeId, Now>,
 }
 
-/// How often a pass looks at everything, whatever changed.
-const FULL_PASS: Duration = Duration::from_millis(500);
+/// How often a pass looks at the apps time may move ([`Orchestrator::due`]), whatever
+/// changed.
+const TICK: Duration = Duration::from_millis(500);
+/// How often, at least, a pass looks at everything: it catches what a change of the app's own
+/// does not bring. It is also every [`FULL_PASS_SHARE`] times as long as the last such pass
+/// took (up to [`FULL_PASS_MAX`]), so that at tens of thousands of apps it stays a small
+/// share of the leader's CPU.
+const FULL_PASS: Duration = Duration::from_secs(5);
+const FULL_PASS_SHARE: u32 = 20;
+const FULL_PASS_MAX: Duration = Duration::from_secs(30);
 
 /// What a pass over changes looks at: the apps they touch, the tasks that changed, whether a
 /// deployment did.
@@ -88,6 +106,29 @@ struct Unplaced {
     version: String,
     /// How many it still wanted.
     launch: u32,
+}
+
+/// A note of an app's status that only tells operators something: writing it late (at the
+/// end of its pass) changes no decision.
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum Note {
+    /// Why the app's start waits (`None`: it does not).
+    Waiting(Option<String>),
+    /// Why its instances wait to be placed (`None`: they do not).
+    Unplaced(Option<String>),
+}
+
+impl Note {
+    /// Writes the note into `status`; whether that changed it.
+    fn apply(&self, status: &mut AppStatus) -> bool {
+        let (field, value) = match self {
+            Note::Waiting(why) => (&mut status.waiting, why),
+            Note::Unplaced(why) => (&mut status.unplaced, why),
+        };
+        let changed = field != value;
+        field.clone_from(value);
+        changed
+    }
 }
 
 /// What one app needs now.
@@ -187,6 +228,8 @@ impl Orchestrator {
             clock,
             written: 0,
             unplaced: BTreeMap::new(),
+            notes: Vec::new(),
+            timed: BTreeSet::new(),
             lost_grace: Duration::ZERO,
             absent_since: BTreeMap::new(),
         }
@@ -203,9 +246,11 @@ impl Orchestrator {
     }
 
     /// Decides on every snapshot. A snapshot whose changes the last one's log covers gets a
-    /// pass over the apps those changes touch; every [`FULL_PASS`] (and after a failed pass,
-    /// a leadership change or a node change) a pass over everything, which also catches what
-    /// time alone moves (backoffs, stability timers, dependencies of other apps).
+    /// pass over the apps those changes touch and, every [`TICK`], over those time may move
+    /// ([`Orchestrator::due`]). Every [`FULL_PASS`] or more (and after a failed pass, a
+    /// leadership change or a node change, or while a node is gone) a pass looks at
+    /// everything. A cluster of settled apps thus costs a pass per change of the change's
+    /// size, not one over every app twice a second.
     pub(crate) async fn run(
         mut self,
         mut state: watch::Receiver<Arc<ClusterState>>,
@@ -213,6 +258,8 @@ impl Orchestrator {
         shutdown: CancellationToken,
     ) {
         let mut last: Option<(Arc<ClusterState>, tokio::time::Instant)> = None;
+        let mut full_every = FULL_PASS;
+        let mut ticked = tokio::time::Instant::now();
         loop {
             let snap = state.borrow_and_update().clone();
             let fence = *term.borrow();
@@ -228,12 +275,23 @@ impl Orchestrator {
             } else if snap.revision >= self.written {
                 let started = tokio::time::Instant::now();
                 let now = self.clock.now();
+                let is_tick = started.duration_since(ticked) >= TICK;
                 let scope = match &last {
-                    Some((before, full_at)) if started.duration_since(*full_at) < FULL_PASS => {
-                        Scope::of(&snap, before)
+                    // A node that went is LOST once its grace is over: time moves that.
+                    Some(_) if is_tick && !self.absent_since.is_empty() => None,
+                    Some((before, full_at)) if started.duration_since(*full_at) < full_every => {
+                        Scope::of(&snap, before).map(|mut scope| {
+                            if is_tick {
+                                scope.apps.extend(self.due(&snap));
+                            }
+                            scope
+                        })
                     }
                     _ => None,
                 };
+                if is_tick {
+                    ticked = started;
+                }
                 let is_full = scope.is_none();
                 match self.pass_in(&snap, now, scope.as_ref()).await {
                     Ok(()) => {
@@ -248,12 +306,16 @@ impl Orchestrator {
                         last = None;
                     }
                 }
-                self.metrics.observe_pass(started.elapsed());
+                let took = started.elapsed();
+                if is_full {
+                    full_every = (took * FULL_PASS_SHARE).clamp(FULL_PASS, FULL_PASS_MAX);
+                }
+                self.metrics.observe_pass(took);
             }
             tokio::select! {
                 res = state.changed() => if res.is_err() { return },
                 // Backoff delays and stability timers expire without any store change.
-                () = tokio::time::sleep(Duration::from_millis(500)) => {}
+                () = tokio::time::sleep(TICK) => {}
                 () = shutdown.cancelled() => return,
             }
         }
@@ -295,6 +357,8 @@ impl Orchestrator {
         scope: Option<&Scope>,
     ) -> Result<(), keys::UpdateError> {
         self.now = now;
+        // Notes a failed pass left are decided again.
+        self.notes.clear();
         // Node changes always get a full pass: that is when a node's tasks are found LOST.
         if scope.is_none() && self.mark_lost(snap).await? {
             return Ok(());
@@ -302,6 +366,18 @@ impl Orchestrator {
         if self.reap(snap, scope).await? {
             // Failures changed backoff and deployments: decide on the snapshot that shows it.
             return Ok(());
+        }
+        // What this pass looks at is timed again only if it still waits on time.
+        match scope {
+            None => {
+                self.timed.clear();
+                self.unplaced.retain(|id, _| snap.apps.contains_key(id));
+            }
+            Some(scope) => {
+                for app in &scope.apps {
+                    self.timed.remove(app);
+                }
+            }
         }
         // Tasks whose app is gone.
         let orphans: Vec<Arc<Task>> = match scope {
@@ -320,12 +396,15 @@ impl Orchestrator {
             if task.state.is_active()
                 && task.goal == Goal::Run
                 && !snap.apps.contains_key(&task.app_id)
-                && snap
-                    .deployment_of(&task.app_id)
-                    .and_then(|d| step_waiting(d, snap))
-                    .is_none()
             {
-                self.kill(&task.id, KillReason::Delete).await?;
+                let held = snap
+                    .deployment_of(&task.app_id)
+                    .is_some_and(|d| step_waiting(d, snap).is_some());
+                if held {
+                    self.timed.insert(task.app_id.clone());
+                } else {
+                    self.kill(&task.id, KillReason::Delete).await?;
+                }
             }
         }
         let nodes: Vec<_> = snap.nodes.values().map(|n| &**n).collect();
@@ -364,15 +443,7 @@ impl Orchestrator {
                 if let Some(why) = &waiting {
                     warn!(app = %app.id, %why, "the app's start waits");
                 }
-                let waiting = waiting.clone();
-                let result =
-                    keys::update::<AppStatus, _>(&*self.store, &keys::app_status(&app.id), |s| {
-                        let mut s = s.unwrap_or_default();
-                        s.waiting = waiting.clone();
-                        Some(s)
-                    })
-                    .await;
-                self.wrote_update(result)?;
+                self.note(&app.id, Note::Waiting(waiting.clone())).await?;
             }
             let may_launch = is_past_backoff(&status, now) && waiting.is_none();
             let plan = if held.is_some() {
@@ -435,25 +506,35 @@ impl Orchestrator {
                             warn!(app = %app.id, unplaced = placed.unplaced, reason = %unplaced.reason, "instances wait for resources");
                         }
                         if status.unplaced.as_ref() != Some(&unplaced.reason) {
-                            self.set_unplaced(&app.id, Some(unplaced.reason.clone()))
-                                .await?;
+                            let why = Some(unplaced.reason.clone());
+                            self.note(&app.id, Note::Unplaced(why)).await?;
                         }
                         self.unplaced.insert(app.id.clone(), unplaced);
                     }
                     None => {
                         self.unplaced.remove(&app.id);
                         if status.unplaced.is_some() {
-                            self.set_unplaced(&app.id, None).await?;
+                            self.note(&app.id, Note::Unplaced(None)).await?;
                         }
                     }
                 }
             }
             if plan.launch == 0 && status.unplaced.is_some() {
                 self.unplaced.remove(&app.id);
-                self.set_unplaced(&app.id, None).await?;
+                self.note(&app.id, Note::Unplaced(None)).await?;
             }
             self.progress(app, &tasks, snap).await?;
+            // An app that did not fit waits for resources to be freed (`due`), not for time.
+            let is_unfit = self.unplaced.contains_key(&app.id);
+            let is_settled = plan.kill.is_empty()
+                && waiting.is_none()
+                && status.consecutive_failures == 0
+                && (is_unfit || (plan.launch == 0 && deployment.is_none()));
+            if !is_settled {
+                self.timed.insert(app.id.clone());
+            }
         }
+        self.flush_notes().await?;
         if scope.is_none_or(|s| s.deployments) {
             self.prune_deployments(snap).await?;
         }
@@ -716,19 +797,70 @@ impl Orchestrator {
         Ok(marked)
     }
 
-    /// Says in the app's status why its instances wait to be placed (`None`: they do not),
-    /// so that operators see it (`/v1/apps`, the dashboard), not only the leader's log.
-    async fn set_unplaced(
-        &mut self,
-        app: &AppId,
-        why: Option<String>,
-    ) -> Result<(), keys::UpdateError> {
-        self.update_status(app, |s| {
-            let changed = s.unplaced != why;
-            s.unplaced = why.clone();
-            changed
-        })
-        .await
+    /// The apps a tick looks at: those time may move, and those that did not fit when less
+    /// was free than now.
+    fn due(&self, snap: &ClusterState) -> Vec<AppId> {
+        let freed = snap.freed();
+        let unfit = self
+            .unplaced
+            .iter()
+            .filter(|(_, u)| freed == 0 || u.freed != freed)
+            .map(|(id, _)| id);
+        self.timed.iter().chain(unfit).cloned().collect()
+    }
+
+    /// Says in the app's status why it waits, so that operators see it (`/v1/apps`, the
+    /// dashboard), not only the leader's log. Kept until the pass ends or a transaction's
+    /// worth is due.
+    async fn note(&mut self, app: &AppId, note: Note) -> Result<(), keys::UpdateError> {
+        self.notes.push((app.clone(), note));
+        if self.notes.len() >= MAX_TXN_OPS {
+            self.flush_notes().await?;
+        }
+        Ok(())
+    }
+
+    /// Writes the pass's notes, one transaction for up to [`MAX_TXN_OPS`] apps. Each status is
+    /// read and written with compare-and-swap; when another writer got in between, the
+    /// transaction writes nothing and each note is written on its own instead.
+    async fn flush_notes(&mut self) -> Result<(), keys::UpdateError> {
+        let mut by_app: BTreeMap<AppId, Vec<Note>> = BTreeMap::new();
+        for (app, note) in std::mem::take(&mut self.notes) {
+            by_app.entry(app).or_default().push(note);
+        }
+        let by_app: Vec<(AppId, Vec<Note>)> = by_app.into_iter().collect();
+        for batch in by_app.chunks(MAX_TXN_OPS) {
+            let mut ops = Vec::with_capacity(batch.len());
+            for (app, notes) in batch {
+                let key = keys::app_status(app);
+                let current = keys::get_json::<AppStatus>(&*self.store, &key).await?;
+                let when = current.as_ref().map_or(Precondition::Absent, |(_, rev)| {
+                    Precondition::Revision(*rev)
+                });
+                let mut status = current.map(|(s, _)| s).unwrap_or_default();
+                // Every note is applied: `|` does not stop at the first that changes.
+                let changed = notes.iter().fold(false, |c, n| n.apply(&mut status) | c);
+                if changed {
+                    ops.push(Op::put(key, keys::to_json(&status), when));
+                }
+            }
+            if ops.is_empty() {
+                continue;
+            }
+            match self.store.txn(ops).await {
+                Ok(rev) => self.wrote(rev),
+                Err(StoreError::Conflict { .. }) => {
+                    for (app, notes) in batch {
+                        self.update_status(app, |s| {
+                            notes.iter().fold(false, |c, n| n.apply(s) | c)
+                        })
+                        .await?;
+                    }
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Ok(())
     }
 
     /// Records which nodes hold a resident app's persistent volumes, before its tasks are
@@ -1455,6 +1587,93 @@ mod tests {
         assert_eq!(staged(&snapshot().await).len(), 1);
     }
 
+    /// Between full passes a tick looks only at the apps time may move: one in its launch
+    /// backoff is looked at (and launched once the backoff is over, with no store change), a
+    /// settled one is not, and one that did not fit only once resources were freed.
+    #[tokio::test(start_paused = true)]
+    async fn a_tick_looks_only_at_the_apps_that_time_or_freed_resources_may_move() {
+        let (_dir, store) = embedded();
+        let node = test_node(4.0, 4096.0);
+        let settled = app(r#"{"id": "/s", "cmd": "x", "cpus": 0.1, "mem": 1}"#, "v1");
+        let backoff = app(
+            r#"{"id": "/b", "cmd": "x", "cpus": 0.1, "mem": 1, "backoffSeconds": 60}"#,
+            "v1",
+        );
+        let unfit = app(
+            r#"{"id": "/u", "cmd": "x", "cpus": 0.1, "mem": 1, "constraints": [["hostname", "CLUSTER", "nowhere"]]}"#,
+            "v1",
+        );
+        let mut running = task(1, "v1", TaskState::Running, None);
+        running.app_id = settled.id.clone();
+        let mut failed = task(2, "v1", TaskState::Failed, None);
+        failed.app_id = backoff.id.clone();
+        failed.finished_at = Some("2026-01-01T00:00:01Z".into());
+        put_all(
+            &store,
+            vec![
+                (keys::node(&node.id), keys::to_json(&node)),
+                (keys::app(&settled.id), keys::to_json(&settled)),
+                (keys::app(&backoff.id), keys::to_json(&backoff)),
+                (keys::app(&unfit.id), keys::to_json(&unfit)),
+                (keys::task(&running.id), keys::to_json(&running)),
+                (keys::task(&failed.id), keys::to_json(&failed)),
+            ],
+        )
+        .await;
+        let clock = Clock::new();
+        let mut orch = orchestrator(&store, clock);
+        // The first pass reaps the failure, the second decides on the snapshot that shows it.
+        orch.pass(&snapshot(&store).await, clock.now())
+            .await
+            .unwrap();
+        let snap = snapshot(&store).await;
+        orch.pass(&snap, clock.now()).await.unwrap();
+        assert!(
+            snapshot(&store).await.app_status[&unfit.id]
+                .unplaced
+                .is_some()
+        );
+        assert_eq!(orch.timed, [backoff.id.clone()].into());
+        assert_eq!(
+            orch.due(&snap),
+            vec![backoff.id.clone()],
+            "nothing was freed"
+        );
+
+        // The backoff ends without any store change: a tick's pass over what is due
+        // launches it.
+        tokio::time::advance(Duration::from_secs(60)).await;
+        let tick = Scope {
+            apps: orch.due(&snap).into_iter().collect(),
+            ..Scope::default()
+        };
+        orch.pass_in(&snap, clock.now(), Some(&tick)).await.unwrap();
+        let after = snapshot(&store).await;
+        let staged: Vec<&AppId> = after
+            .tasks
+            .values()
+            .filter(|t| t.state == TaskState::Staging)
+            .map(|t| &t.app_id)
+            .collect();
+        assert_eq!(staged, [&backoff.id]);
+
+        // /s's task ends: resources were freed, so the app that did not fit is due again.
+        let mut ended = running.clone();
+        ended.state = TaskState::Finished;
+        store
+            .put(
+                &keys::task(&ended.id),
+                keys::to_json(&ended),
+                Precondition::Any,
+            )
+            .await
+            .unwrap();
+        let freed = snapshot(&store).await;
+        assert!(freed.freed() > snap.freed());
+        assert!(orch.due(&freed).contains(&unfit.id));
+        assert!(!orch.due(&freed).contains(&settled.id));
+    }
+
     #[test]
     fn a_task_that_runs_long_enough_is_stable() {
         let a = app(r#"{"id": "/a", "cmd": "x"}"#, "v1");
@@ -1547,6 +1766,79 @@ mod tests {
         let later = snapshot(&store).await;
         assert_eq!(why(&later, 1), None);
         assert!(why(&later, 2).is_some());
+    }
+
+    /// 300 apps that no node can take: one pass notes why in each app's status, in a
+    /// transaction per [`MAX_TXN_OPS`] apps rather than a commit per app; the next pass over
+    /// the same snapshot writes nothing, and a status that was there keeps its other fields.
+    #[tokio::test]
+    async fn a_pass_writes_its_apps_notes_a_transaction_at_a_time() {
+        let (_dir, store) = embedded();
+        let node = test_node(2.0, 65536.0);
+        store
+            .put(
+                &keys::node(&node.id),
+                keys::to_json(&node),
+                Precondition::Absent,
+            )
+            .await
+            .unwrap();
+        let mut ops = Vec::new();
+        for i in 0..300 {
+            let a = app(
+                &format!(
+                    r#"{{"id": "/many/a{i:03}", "cmd": "x", "cpus": 0.01, "mem": 1, "constraints": [["hostname", "CLUSTER", "nowhere"]]}}"#
+                ),
+                "v1",
+            );
+            ops.push(Op::put(
+                keys::app(&a.id),
+                keys::to_json(&a),
+                Precondition::Absent,
+            ));
+            if ops.len() == MAX_TXN_OPS {
+                store.txn(std::mem::take(&mut ops)).await.unwrap();
+            }
+        }
+        store.txn(ops).await.unwrap();
+        // One app already has a status, with a failure count the notes must keep.
+        let kept = AppId::parse("/many/a007").unwrap();
+        let failed = AppStatus {
+            consecutive_failures: 2,
+            ..AppStatus::default()
+        };
+        store
+            .put(
+                &keys::app_status(&kept),
+                keys::to_json(&failed),
+                Precondition::Absent,
+            )
+            .await
+            .unwrap();
+        let snap = snapshot(&store).await;
+        let clock = Clock::new();
+        let mut orch = orchestrator(&store, clock);
+        orch.pass(&snap, clock.now()).await.unwrap();
+
+        let after = snapshot(&store).await;
+        let noted = after
+            .app_status
+            .values()
+            .filter(|s| s.unplaced.as_deref().is_some_and(|r| r.contains("nowhere")))
+            .count();
+        assert_eq!(noted, 300, "every app's status says why it waits");
+        assert_eq!(after.app_status[&kept].consecutive_failures, 2);
+        assert_eq!(
+            after.revision - snap.revision,
+            300_usize.div_ceil(MAX_TXN_OPS) as u64,
+            "one commit per {MAX_TXN_OPS} apps"
+        );
+        orch.pass(&after, clock.now()).await.unwrap();
+        assert_eq!(
+            store.revision().await.unwrap(),
+            after.revision,
+            "nothing new to note"
+        );
     }
 
     /// Nodes a and b, each running one of /web's two tasks; returns (a, b, on_b).

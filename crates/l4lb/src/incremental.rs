@@ -15,9 +15,11 @@ use crate::table::{Contribution, Entry, VipKey, VipTable, contribution_of, merge
 pub(crate) struct IncrementalTable {
     /// The snapshot applied last.
     last: Option<Arc<ClusterState>>,
-    contributions: HashMap<AppId, Contribution>,
-    /// The apps that contribute to each VIP, in app order.
-    contributors: BTreeMap<VipKey, BTreeSet<AppId>>,
+    /// The VIPs each app contributes to, in the order of its contribution.
+    contributions: HashMap<AppId, Vec<VipKey>>,
+    /// What each app contributes to each VIP, in app order: a VIP's merge reads its parts
+    /// in a row, not one lookup per app (a VIP many apps share has hundreds).
+    contributors: BTreeMap<VipKey, Vec<(AppId, Entry)>>,
     /// The apps that ask for each named VIP, by its label, and the labels of each app.
     by_label: HashMap<String, BTreeSet<AppId>>,
     labels_of: HashMap<AppId, Vec<String>>,
@@ -95,40 +97,53 @@ impl IncrementalTable {
     /// Puts `app`'s contribution in `snap` in place of the one it had, and adds the VIPs
     /// whose merge it changes to `touched` (merged by the caller).
     fn replace(&mut self, snap: &ClusterState, app: AppId, touched: &mut BTreeSet<VipKey>) {
-        let new = snap
+        let new: Contribution = snap
             .apps
             .get(&app)
             .map(|a| contribution_of(snap, a))
             .unwrap_or_default();
-        let old = self.contributions.remove(&app).unwrap_or_default();
         self.index_labels(snap, &app);
-        if old == new {
-            if !new.is_empty() {
-                self.contributions.insert(app, new);
+        let old = self.contributions.remove(&app).unwrap_or_default();
+        let is_same = old.len() == new.len()
+            && old.iter().zip(&new).all(|(old_key, (key, entry))| {
+                old_key == key && self.part(key, &app) == Some(entry)
+            });
+        if is_same {
+            if !old.is_empty() {
+                self.contributions.insert(app, old);
             }
             return;
         }
-        for (key, _) in &old {
-            if !new.iter().any(|(k, _)| k == key)
-                && let Some(c) = self.contributors.get_mut(key)
-            {
-                c.remove(&app);
-                if c.is_empty() {
+        for key in &old {
+            if let Some(parts) = self.contributors.get_mut(key) {
+                if let Ok(i) = parts.binary_search_by(|(a, _)| a.cmp(&app)) {
+                    parts.remove(i);
+                }
+                if parts.is_empty() {
                     self.contributors.remove(key);
                 }
             }
             touched.insert(*key);
         }
-        for (key, _) in &new {
-            self.contributors
-                .entry(*key)
-                .or_default()
-                .insert(app.clone());
-            touched.insert(*key);
+        let keys: Vec<VipKey> = new.iter().map(|(key, _)| *key).collect();
+        for (key, entry) in new {
+            let parts = self.contributors.entry(key).or_default();
+            match parts.binary_search_by(|(a, _)| a.cmp(&app)) {
+                Ok(i) => parts[i].1 = entry,
+                Err(i) => parts.insert(i, (app.clone(), entry)),
+            }
+            touched.insert(key);
         }
-        if !new.is_empty() {
-            self.contributions.insert(app, new);
+        if !keys.is_empty() {
+            self.contributions.insert(app, keys);
         }
+    }
+
+    /// What `app` contributes to the VIP `key`.
+    fn part(&self, key: &VipKey, app: &AppId) -> Option<&Entry> {
+        let parts = self.contributors.get(key)?;
+        let i = parts.binary_search_by(|(a, _)| a.cmp(app)).ok()?;
+        Some(&parts[i].1)
     }
 
     /// Which named VIPs `app` asks for, whether or not they have an address yet: a change of
@@ -167,14 +182,8 @@ impl IncrementalTable {
 
     fn remerge(&mut self, key: VipKey) {
         let mut merged: Option<Entry> = None;
-        for app in self.contributors.get(&key).into_iter().flatten() {
-            if let Some((_, entry)) = self
-                .contributions
-                .get(app)
-                .and_then(|c| c.iter().find(|(k, _)| *k == key))
-            {
-                merge_entry(&mut merged, entry);
-            }
+        for (_, entry) in self.contributors.get(&key).into_iter().flatten() {
+            merge_entry(&mut merged, entry);
         }
         match merged {
             Some(entry) => {

@@ -101,6 +101,7 @@ mod tests {
                     task: TaskId(format!("web.{port}")),
                     weight: *weight,
                 })
+                .map(Arc::new)
                 .collect(),
         })
     }

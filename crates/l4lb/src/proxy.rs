@@ -508,12 +508,12 @@ mod tests {
         let entry = Entry {
             name: Some("/dns".into()),
             lb: Lb::P2c,
-            backends: vec![Backend {
+            backends: vec![Arc::new(Backend {
                 addr: backend,
                 node: NodeId("n1".into()),
                 task: TaskId("dns.1".into()),
                 weight: 1,
-            }],
+            })],
         };
         let served = proxy
             .apply(&TableDiff {

@@ -21,7 +21,7 @@ pub const EJECT_FOR: Duration = Duration::from_secs(10);
 const MAGLEV_SIZE: usize = 65_537;
 
 pub struct BackendState {
-    pub backend: Backend,
+    pub backend: Arc<Backend>,
     pub active: AtomicUsize,
     pub total: AtomicU64,
     pub failures: AtomicU64,
@@ -29,7 +29,7 @@ pub struct BackendState {
 }
 
 impl BackendState {
-    fn new(backend: Backend) -> Self {
+    fn new(backend: Arc<Backend>) -> Self {
         Self {
             backend,
             active: AtomicUsize::new(0),
@@ -252,6 +252,7 @@ mod tests {
                     task: TaskId(format!("t{i}")),
                     weight: 1,
                 })
+                .map(Arc::new)
                 .collect(),
         }
     }
@@ -263,7 +264,7 @@ mod tests {
     #[test]
     fn p2c_prefers_the_less_busy_and_skips_ejected_and_draining() {
         let mut e = entry(Lb::P2c, 3);
-        e.backends[2].weight = 0;
+        Arc::make_mut(&mut e.backends[2]).weight = 0;
         let s = Selector::new(&e, None);
         s.backends[0].active.store(100, Ordering::Relaxed);
         for i in 0..50 {

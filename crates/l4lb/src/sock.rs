@@ -18,7 +18,7 @@ use tracing::{info, warn};
 
 use crate::plane::{DataPlane, TableDiff};
 use crate::select::maglev_slots;
-use crate::table::{Entry, Lb, VipKey};
+use crate::table::{Backend, Entry, Lb, VipKey};
 use crate::view::{BackendHealth, ServedBackend, ServedVip, VipView};
 
 pub const NAME: &str = "ebpf";
@@ -74,6 +74,11 @@ pub struct SockPlane {
     cgroups: Vec<PathBuf>,
     /// Backend address -> its id in the maps (persistent: the view takes a copy per change).
     ids: imbl::OrdMap<SocketAddr, u32>,
+    /// The same, for the lookups of writing a VIP's slots.
+    id_of: HashMap<SocketAddr, u32>,
+    /// A backend could not be added to the maps: the next write tries every backend again,
+    /// not only the changed ones.
+    is_missing_backend: bool,
     /// Ids free for new backends (below `next_id`), so a new backend costs no scan.
     free_ids: Vec<u32>,
     next_id: u32,
@@ -135,6 +140,8 @@ impl SockPlane {
             }),
             lb,
             cgroups,
+            id_of: ids.iter().map(|(a, id)| (*a, *id)).collect(),
+            is_missing_backend: false,
             ids,
             free_ids,
             next_id,
@@ -152,14 +159,33 @@ impl SockPlane {
     }
 
     /// Writes the maps for `diff` (backends first, then VIPs, then what went) and returns
-    /// the backends that left. Costs what the diff holds, not what the table holds.
+    /// the backends that left. Costs what the diff holds, not what the table holds; and for a
+    /// VIP that changed, its slots plus the backends that changed, not all of its backends.
     fn write(&mut self, diff: &TableDiff) -> BTreeSet<SocketAddr> {
         let lb = self.lb.clone();
         let mut lb = lb.lock().expect("sock lb lock");
+        // What changed in each VIP's backends: all of a new one, the changed part of one the
+        // maps hold.
+        // What changed in each VIP's backends: all of a new one; of one the maps hold, the
+        // addresses that left its part that changed, and the backends that came.
+        let parts: Vec<(Vec<SocketAddr>, Vec<Arc<Backend>>)> = diff
+            .added
+            .iter()
+            .chain(&diff.changed)
+            .map(|(key, entry)| match self.table.get(key) {
+                Some(old) => {
+                    let (gone, came) = changed_part(&old.backends, &entry.backends);
+                    (gone.iter().map(|b| b.addr).collect(), came.to_vec())
+                }
+                None => (Vec::new(), entry.backends.clone()),
+            })
+            .collect();
         // 1. New backends first, so no service ever names an id that is not there.
-        for (_, entry) in diff.added.iter().chain(&diff.changed) {
-            for b in &entry.backends {
-                if self.ids.contains_key(&b.addr) {
+        let retry = std::mem::take(&mut self.is_missing_backend);
+        for (i, (_, entry)) in diff.added.iter().chain(&diff.changed).enumerate() {
+            let came = if retry { &entry.backends } else { &parts[i].1 };
+            for b in came {
+                if self.id_of.contains_key(&b.addr) {
                     continue;
                 }
                 if b.addr.ip().is_loopback() {
@@ -169,32 +195,33 @@ impl SockPlane {
                 match lb.set_backend(id, b.addr, true) {
                     Ok(()) => {
                         self.ids.insert(b.addr, id);
+                        self.id_of.insert(b.addr, id);
                     }
                     Err(e) => {
                         self.free_ids.push(id);
+                        self.is_missing_backend = true;
                         warn!(backend = %b.addr, error = %e, "could not add a backend to the eBPF maps");
                     }
                 }
             }
         }
-        // 2. Each new or changed VIP's slots, whole; the references of what it names.
+        // 2. Each new or changed VIP's slots, whole; the references of what changed in it.
         let mut released: Vec<SocketAddr> = Vec::new();
-        for (key, entry) in diff.added.iter().chain(&diff.changed) {
+        for ((key, entry), (gone, came)) in diff.added.iter().chain(&diff.changed).zip(parts) {
             let skey = service_key(key);
             if let Some(stale) = self.stale.as_mut() {
                 stale.remove(&skey);
             }
-            if let Err(e) = lb.set_service(skey, &slots_of(entry, |a| self.ids.get(a).copied())) {
+            if let Err(e) = lb.set_service(skey, &slots_of(entry, |a| self.id_of.get(a).copied())) {
                 // The maps keep what they had for it (if anything): so does the table.
                 warn!(vip = %key, error = %e, "could not write a VIP to the eBPF maps");
                 continue;
             }
-            for b in &entry.backends {
+            for b in &came {
                 *self.refs.entry(b.addr).or_default() += 1;
             }
-            if let Some(old) = self.table.insert(*key, Arc::clone(entry)) {
-                released.extend(old.backends.iter().map(|b| b.addr));
-            }
+            released.extend(gone);
+            self.table.insert(*key, Arc::clone(entry));
         }
         // 3. VIPs that went, and pinned ones no agent wants any more.
         for key in &diff.removed {
@@ -235,6 +262,7 @@ impl SockPlane {
                 continue;
             }
             if let Some(id) = self.ids.remove(&addr) {
+                self.id_of.remove(&addr);
                 if let Err(e) = lb.remove_backend(id) {
                     warn!(backend = %addr, error = %e, "could not remove a backend from the eBPF maps");
                 }
@@ -246,6 +274,25 @@ impl SockPlane {
         *self.view.table.write().expect("view lock") = (self.table.clone(), self.ids.clone());
         gone
     }
+}
+
+/// The backends `old` has and `new` has not, and those `new` has and `old` has not, as the
+/// parts between their common start and end. A VIP's entry is remade from the same backends
+/// (the same `Arc`s) for every app a change did not touch, so this costs what changed.
+fn changed_part<'a>(
+    old: &'a [Arc<Backend>],
+    new: &'a [Arc<Backend>],
+) -> (&'a [Arc<Backend>], &'a [Arc<Backend>]) {
+    let same = |(a, b): &(&Arc<Backend>, &Arc<Backend>)| Arc::ptr_eq(a, b) || a == b;
+    let start = old.iter().zip(new).take_while(same).count();
+    let (old, new) = (&old[start..], &new[start..]);
+    let end = old
+        .iter()
+        .rev()
+        .zip(new.iter().rev())
+        .take_while(same)
+        .count();
+    (&old[..old.len() - end], &new[..new.len() - end])
 }
 
 impl DataPlane for SockPlane {
@@ -336,12 +383,12 @@ mod tests {
             .map(|(i, w)| {
                 let addr = SocketAddr::from(([10, 128, 0, 2 + i as u8], 8080));
                 ids.insert(addr, 100 + i as u32);
-                Backend {
+                Arc::new(Backend {
                     addr,
                     node: NodeId("n1".into()),
                     task: TaskId(format!("web.{i}")),
                     weight: *w,
-                }
+                })
             })
             .collect();
         (
@@ -352,6 +399,178 @@ mod tests {
             },
             ids,
         )
+    }
+
+    /// Backend 10.128.0.`n`:8080.
+    fn backend(n: u8, weight: u32) -> Arc<Backend> {
+        Arc::new(Backend {
+            addr: SocketAddr::from(([10, 128, 0, n], 8080)),
+            node: NodeId("n1".into()),
+            task: TaskId(format!("t{n}")),
+            weight,
+        })
+    }
+
+    #[test]
+    fn the_changed_part_of_a_remade_entry_is_what_changed() {
+        let [x, y, z, w] = [1, 2, 3, 4].map(|n| backend(n, 1));
+        let old = vec![x.clone(), y.clone(), z.clone()];
+        let of = |old: &[Arc<Backend>], new: &[Arc<Backend>]| {
+            let (gone, came) = changed_part(old, new);
+            let last = |v: &[Arc<Backend>]| -> Vec<u8> {
+                v.iter()
+                    .map(|b| match b.addr.ip() {
+                        std::net::IpAddr::V4(ip) => ip.octets()[3],
+                        std::net::IpAddr::V6(_) => unreachable!(),
+                    })
+                    .collect()
+            };
+            (last(gone), last(came))
+        };
+        assert_eq!(of(&old, &old), (vec![], vec![]));
+        assert_eq!(
+            of(&old, &[x.clone(), w.clone(), z.clone()]),
+            (vec![2], vec![4])
+        );
+        assert_eq!(of(&old, &[x.clone(), z.clone()]), (vec![2], vec![]));
+        assert_eq!(
+            of(&old, &[x.clone(), y.clone(), z.clone(), w.clone()]),
+            (vec![], vec![4])
+        );
+        assert_eq!(of(&[], &old), (vec![], vec![1, 2, 3]));
+        // An equal backend in a new `Arc` is the same backend.
+        let y2 = Arc::new((*y).clone());
+        assert_eq!(of(&old, &[x.clone(), y2, z.clone()]), (vec![], vec![]));
+        // The same backend twice: one of them left.
+        assert_eq!(
+            of(&[x.clone(), x.clone()], std::slice::from_ref(&x)),
+            (vec![1], vec![])
+        );
+    }
+
+    /// A real eBPF load balancer on a cgroup and bpffs of this test run's own (no process in
+    /// it: nothing is balanced), removed on drop.
+    struct Scratch {
+        cgroup: PathBuf,
+        pins: tempfile::TempDir,
+    }
+
+    impl Scratch {
+        fn new() -> Self {
+            let v2 = dcnet_node_core::runtime::cgroup::Hierarchies::detect()
+                .unwrap()
+                .v2
+                .expect("a cgroup2 mount");
+            let cgroup = v2.join(format!("dcnet-test-{}-sock", std::process::id()));
+            std::fs::create_dir_all(&cgroup).unwrap();
+            Self {
+                cgroup,
+                pins: tempfile::tempdir().unwrap(),
+            }
+        }
+
+        fn open(&self) -> SockLb {
+            SockLb::open(&dcnet_ebpf::Options {
+                pin_dir: self.pins.path().join("bpf"),
+                cgroups: vec![self.cgroup.clone()],
+                limits: Default::default(),
+            })
+            .unwrap()
+        }
+    }
+
+    impl Drop for Scratch {
+        fn drop(&mut self) {
+            let _ = dcnet_ebpf::cleanup(&self.pins.path().join("bpf"));
+            let _ = std::fs::remove_dir(&self.cgroup);
+        }
+    }
+
+    /// 300 random changes to 12 apps' backends on 3 VIPs (some addresses on several VIPs,
+    /// some apps' backends remade as equal copies): after each write the maps hold exactly
+    /// the backends the table names, each VIP's slots name its live backends, and every
+    /// backend's reference count is how often the table names it.
+    #[test]
+    fn the_maps_follow_random_changes_exactly() {
+        use rand::{Rng, SeedableRng};
+        let scratch = Scratch::new();
+        let mut plane = SockPlane::new(scratch.open(), vec![scratch.cgroup.clone()]);
+        let mut rng = rand::rngs::StdRng::seed_from_u64(15);
+        let vip = |i: usize| VipKey {
+            ip: std::net::IpAddr::from([198, 18, 0, 1 + i as u8]),
+            port: 80,
+            protocol: Protocol::Tcp,
+        };
+        // Each app: its VIP and its backends, kept (the same `Arc`s) until it changes.
+        let mut apps: Vec<(usize, Vec<Arc<Backend>>)> = (0..12).map(|i| (i % 3, vec![])).collect();
+        let mut served = crate::table::VipTable::new();
+        for step in 0..300 {
+            let app = rng.random_range(0..apps.len());
+            let n = rng.random_range(0..4);
+            apps[app].1 = match rng.random_range(0..3) {
+                0 => (0..n)
+                    .map(|_| backend(rng.random_range(2..40), rng.random_range(0..3)))
+                    .collect(),
+                1 => apps[app]
+                    .1
+                    .iter()
+                    .map(|b| Arc::new((**b).clone()))
+                    .collect(),
+                _ => {
+                    let mut v = apps[app].1.clone();
+                    v.push(backend(rng.random_range(2..40), 1));
+                    v
+                }
+            };
+            let mut desired = crate::table::VipTable::new();
+            for (v, backends) in &apps {
+                if backends.is_empty() {
+                    continue;
+                }
+                let e = desired.entry(vip(*v)).or_insert_with(|| {
+                    Arc::new(Entry {
+                        name: None,
+                        lb: Lb::P2c,
+                        backends: vec![],
+                    })
+                });
+                Arc::make_mut(e).backends.extend(backends.iter().cloned());
+            }
+            plane.write(&crate::plane::diff(&served, &desired));
+            served = desired;
+
+            let lb = plane.lb.lock().unwrap();
+            let in_maps: BTreeMap<u32, SocketAddr> = lb.backends().unwrap().into_iter().collect();
+            let named: BTreeSet<SocketAddr> = served
+                .values()
+                .flat_map(|e| e.backends.iter().map(|b| b.addr))
+                .collect();
+            let mapped: BTreeSet<SocketAddr> = in_maps.values().copied().collect();
+            assert_eq!(mapped, named, "step {step}: the maps' backends");
+            let mut counts: HashMap<SocketAddr, usize> = HashMap::new();
+            for e in served.values() {
+                for b in &e.backends {
+                    *counts.entry(b.addr).or_default() += 1;
+                }
+            }
+            assert_eq!(plane.refs, counts, "step {step}: references");
+            let services: BTreeMap<ServiceKey, Service> =
+                lb.services().unwrap().into_iter().collect();
+            assert_eq!(services.len(), served.len(), "step {step}: services");
+            for (key, e) in &served {
+                let slots: Vec<SocketAddr> = services[&service_key(key)]
+                    .used()
+                    .iter()
+                    .map(|id| in_maps[id])
+                    .collect();
+                let live: Vec<SocketAddr> = e
+                    .backends
+                    .iter()
+                    .flat_map(|b| std::iter::repeat_n(b.addr, b.weight as usize))
+                    .collect();
+                assert_eq!(slots, live, "step {step}: the slots of {key}");
+            }
+        }
     }
 
     #[test]

@@ -68,7 +68,8 @@ pub struct Entry {
     /// The VIP's name (`/web`) for named VIPs.
     pub name: Option<String>,
     pub lb: Lb,
-    pub backends: Vec<Backend>,
+    /// Each behind an `Arc`: merging a VIP that many apps share copies pointers.
+    pub backends: Vec<std::sync::Arc<Backend>>,
 }
 
 /// Each VIP's entry behind an `Arc`: the served table, the diffs and the data planes share
@@ -130,12 +131,12 @@ pub(crate) fn contribution_of(
                 };
                 SocketAddr::new(node.ip, *port)
             };
-            backends.push(Backend {
+            backends.push(std::sync::Arc::new(Backend {
                 addr,
                 node: node.id.clone(),
                 task: task.id.clone(),
                 weight,
-            });
+            }));
         }
         // Two ports of one app on one VIP key: one entry, as the whole build makes it.
         match out.iter_mut().find(|(k, _)| *k == key) {

@@ -44,7 +44,7 @@ impl BackendHealth {
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct ServedBackend {
-    pub backend: Backend,
+    pub backend: Arc<Backend>,
     pub health: BackendHealth,
     /// Open connections (UDP: sessions), where the data plane counts them (the proxy does;
     /// the eBPF plane hands sockets to the kernel and does not).

@@ -401,6 +401,28 @@ async fn write_apps(
     Ok(apps)
 }
 
+/// Waits until the nodes have taken in what was written before them: their first looks at
+/// every app (the scheduler's notes of why each waits, the VIPs' addresses and readiness)
+/// are in once the store has had no write for a second. What is timed after it is a change
+/// to a cluster at rest, not the start-up.
+async fn settle(store: &dyn dcnet_node_core::store::Store) -> anyhow::Result<()> {
+    let started = Instant::now();
+    let mut rev = store.revision().await?;
+    loop {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let now = store.revision().await?;
+        if now == rev {
+            eprintln!("settled after {:.1} s", started.elapsed().as_secs_f64());
+            return Ok(());
+        }
+        anyhow::ensure!(
+            started.elapsed() < Duration::from_secs(300),
+            "the store still changes after 300 s"
+        );
+        rev = now;
+    }
+}
+
 /// Each node's DNS server and VIP view.
 type Targets = Vec<(SocketAddr, dcnet_l4lb::ViewSlot)>;
 
@@ -556,6 +578,7 @@ async fn converge(n: usize, nodes: usize, on_etcd: bool) -> anyhow::Result<()> {
     for k in 1..=nodes {
         members.push(bench_node(k, dir.path(), connect().await, &mut supervisor, &shutdown).await?);
     }
+    settle(&*store).await?;
 
     let setup_cpu = cpu_time()?;
     let targets: Targets = members.iter().map(|m| (m.dns, m.vips.clone())).collect();
@@ -608,6 +631,7 @@ async fn burst(n: usize, b: usize, per_txn: usize) -> anyhow::Result<()> {
     let shutdown = CancellationToken::new();
     let mut supervisor = dcnet_node_core::Supervisor::new(shutdown.clone(), Default::default());
     let member = bench_node(1, dir.path(), store.clone(), &mut supervisor, &shutdown).await?;
+    settle(&*store).await?;
     let ip_of = |i: usize| Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 130, 0, 2)) + i as u32);
     let name_of =
         |i: usize| Name::from_ascii(format!("app-{i}-bench.marathon.mesos.")).expect("a name");

@@ -412,7 +412,6 @@ async fn settle(store: &dyn dcnet_node_core::store::Store) -> anyhow::Result<()>
         tokio::time::sleep(Duration::from_secs(1)).await;
         let now = store.revision().await?;
         if now == rev {
-            eprintln!("settled after {:.1} s", started.elapsed().as_secs_f64());
             return Ok(());
         }
         anyhow::ensure!(

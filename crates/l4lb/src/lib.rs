@@ -230,7 +230,10 @@ impl L4lb {
             } else {
                 plane::diff_keys(&served, desired, &touched.keys)
             };
+            // Readiness is which VIPs are served: a change of backends alone leaves it.
+            let mut is_served_changed = false;
             if !change.is_empty() {
+                let before = served.len();
                 let started = plane.apply(&change).await;
                 for (key, entry) in change.added.iter().chain(&change.changed) {
                     if started.contains(key) {
@@ -244,8 +247,11 @@ impl L4lb {
                 }
                 served.retain(|k, _| started.contains(k));
                 self.metrics.vips(served.len());
+                is_served_changed = !change.added.is_empty()
+                    || !change.removed.is_empty()
+                    || served.len() != before;
             }
-            if !change.is_empty() || touched.apps_or_vips || is_readiness_due {
+            if is_served_changed || touched.apps_or_vips || is_readiness_due {
                 is_readiness_due = !self.mark_ready(&snap, &served).await;
             }
             if let Some(serving) = serving.take() {

@@ -1775,14 +1775,7 @@ mod tests {
     async fn a_pass_writes_its_apps_notes_a_transaction_at_a_time() {
         let (_dir, store) = embedded();
         let node = test_node(2.0, 65536.0);
-        store
-            .put(
-                &keys::node(&node.id),
-                keys::to_json(&node),
-                Precondition::Absent,
-            )
-            .await
-            .unwrap();
+        put_all(&store, vec![(keys::node(&node.id), keys::to_json(&node))]).await;
         let mut ops = Vec::new();
         for i in 0..300 {
             let a = app(

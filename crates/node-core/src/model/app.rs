@@ -497,7 +497,50 @@ pub struct PortDefinition {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub name: Option<String>,
     #[serde(default)]
-    pub labels: BTreeMap<String, String>,
+    pub labels: PortLabels,
+}
+
+/// A port's labels (most ports have none or one, `VIP_0`): a sorted list, read and written as
+/// the JSON object Marathon has. A `BTreeMap` would take a 560-byte node for a single label,
+/// for each port of each app the agent holds.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct PortLabels(Box<[(String, String)]>);
+
+impl PortLabels {
+    pub fn iter(&self) -> impl Iterator<Item = (&String, &String)> {
+        self.0.iter().map(|(k, v)| (k, v))
+    }
+
+    pub fn get(&self, key: &str) -> Option<&String> {
+        let i = self.0.binary_search_by(|(k, _)| k.as_str().cmp(key)).ok()?;
+        Some(&self.0[i].1)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+impl FromIterator<(String, String)> for PortLabels {
+    /// Sorted by key; of equal keys the last one stays, as in a map.
+    fn from_iter<I: IntoIterator<Item = (String, String)>>(iter: I) -> Self {
+        let map: BTreeMap<String, String> = iter.into_iter().collect();
+        Self(map.into_iter().collect())
+    }
+}
+
+impl Serialize for PortLabels {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_map(self.iter())
+    }
+}
+
+impl<'de> Deserialize<'de> for PortLabels {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        Ok(BTreeMap::<String, String>::deserialize(deserializer)?
+            .into_iter()
+            .collect())
+    }
 }
 
 /// The part of Marathon's `container` that dcnet acts on.
@@ -595,7 +638,7 @@ pub struct PortMapping {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub name: Option<String>,
     #[serde(default)]
-    pub labels: BTreeMap<String, String>,
+    pub labels: PortLabels,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -754,5 +797,28 @@ impl Default for UpgradeStrategy {
             minimum_health_capacity: 1.0,
             maximum_over_capacity: 1.0,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Port labels read and write the JSON object Marathon has, in key order; of a key given
+    /// twice the last one stays, as serde's maps do; none is `{}`.
+    #[test]
+    fn port_labels_are_a_json_object() {
+        let labels: PortLabels =
+            serde_json::from_str(r#"{"VIP_0": "/web:80", "A": "1", "VIP_0": "/api:80"}"#).unwrap();
+        assert_eq!(labels.get("VIP_0").map(String::as_str), Some("/api:80"));
+        assert_eq!(labels.get("B"), None);
+        let keys: Vec<&String> = labels.iter().map(|(k, _)| k).collect();
+        assert_eq!(keys, ["A", "VIP_0"]);
+        assert_eq!(
+            serde_json::to_string(&labels).unwrap(),
+            r#"{"A":"1","VIP_0":"/api:80"}"#
+        );
+        assert_eq!(serde_json::to_string(&PortLabels::default()).unwrap(), "{}");
+        assert!(serde_json::from_str::<PortLabels>(r#"{"A": 1}"#).is_err());
     }
 }

@@ -12,8 +12,8 @@ mod vip;
 pub use self::app::{
     App, AppId, Constraint, Container, ContainerType, DockerImage, EnvValue, FetchUri, HealthCheck,
     HealthCommand, HealthProtocol, KillSelection, Network, NetworkMode, Operator, PersistentVolume,
-    PortDefinition, PortMapping, Protocol, ReadinessCheck, SecretSource, UpgradeStrategy,
-    VersionInfo, Volume, VolumeMode,
+    PortDefinition, PortLabels, PortMapping, Protocol, ReadinessCheck, SecretSource,
+    UpgradeStrategy, VersionInfo, Volume, VolumeMode,
 };
 pub use self::names::{clean_label, vip_label};
 pub use self::parse::{FieldError, Invalid, Parsed, parse_app, parse_app_update};

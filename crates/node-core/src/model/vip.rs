@@ -99,11 +99,8 @@ impl App {
     pub fn vips(&self) -> (Vec<VipSpec>, Vec<(String, String)>) {
         let mut specs = Vec::new();
         let mut errors = Vec::new();
-        let ports: Vec<(
-            String,
-            &std::collections::BTreeMap<String, String>,
-            Protocol,
-        )> = if self.is_container_network() {
+        let ports: Vec<(String, &super::app::PortLabels, Protocol)> = if self.is_container_network()
+        {
             self.port_mappings()
                 .iter()
                 .enumerate()

@@ -164,8 +164,6 @@ impl SockPlane {
     fn write(&mut self, diff: &TableDiff) -> BTreeSet<SocketAddr> {
         let lb = self.lb.clone();
         let mut lb = lb.lock().expect("sock lb lock");
-        // What changed in each VIP's backends: all of a new one, the changed part of one the
-        // maps hold.
         // What changed in each VIP's backends: all of a new one; of one the maps hold, the
         // addresses that left its part that changed, and the backends that came.
         let parts: Vec<(Vec<SocketAddr>, Vec<Arc<Backend>>)> = diff

@@ -129,6 +129,14 @@ impl Note {
         field.clone_from(value);
         changed
     }
+
+    /// Writes every note into `status`, in order; whether any changed it.
+    fn apply_all(notes: &[Note], status: &mut AppStatus) -> bool {
+        // `|`, not `||`: every note is applied, not only up to the first that changes.
+        notes
+            .iter()
+            .fold(false, |changed, n| n.apply(status) | changed)
+    }
 }
 
 /// What one app needs now.
@@ -678,17 +686,8 @@ impl Orchestrator {
                 Precondition::Revision(stored.mod_revision),
             )];
             if let Some(app) = app {
-                let key = keys::app_status(&app.id);
-                let current = keys::get_json::<AppStatus>(&*self.store, &key).await?;
-                let when = current.as_ref().map_or(Precondition::Absent, |(_, rev)| {
-                    Precondition::Revision(*rev)
-                });
-                let status = after_failure(
-                    app,
-                    current.map(|(s, _)| s).unwrap_or_default(),
-                    &failure,
-                    self.now,
-                );
+                let (key, status, when) = self.status_to_write(&app.id).await?;
+                let status = after_failure(app, status, &failure, self.now);
                 ops.push(Op::put(key, keys::to_json(&status), when));
             }
             if let Some(dep) = deployment {
@@ -832,15 +831,8 @@ impl Orchestrator {
         for batch in by_app.chunks(MAX_TXN_OPS) {
             let mut ops = Vec::with_capacity(batch.len());
             for (app, notes) in batch {
-                let key = keys::app_status(app);
-                let current = keys::get_json::<AppStatus>(&*self.store, &key).await?;
-                let when = current.as_ref().map_or(Precondition::Absent, |(_, rev)| {
-                    Precondition::Revision(*rev)
-                });
-                let mut status = current.map(|(s, _)| s).unwrap_or_default();
-                // Every note is applied: `|` does not stop at the first that changes.
-                let changed = notes.iter().fold(false, |c, n| n.apply(&mut status) | c);
-                if changed {
+                let (key, mut status, when) = self.status_to_write(app).await?;
+                if Note::apply_all(notes, &mut status) {
                     ops.push(Op::put(key, keys::to_json(&status), when));
                 }
             }
@@ -851,16 +843,29 @@ impl Orchestrator {
                 Ok(rev) => self.wrote(rev),
                 Err(StoreError::Conflict { .. }) => {
                     for (app, notes) in batch {
-                        self.update_status(app, |s| {
-                            notes.iter().fold(false, |c, n| n.apply(s) | c)
-                        })
-                        .await?;
+                        self.update_status(app, |s| Note::apply_all(notes, s))
+                            .await?;
                     }
                 }
                 Err(e) => return Err(e.into()),
             }
         }
         Ok(())
+    }
+
+    /// An app's status key, its status (the default if it has none) and the precondition that
+    /// writes it back only over what was read: for a write in a transaction of several keys.
+    async fn status_to_write(
+        &self,
+        app: &AppId,
+    ) -> Result<(String, AppStatus, Precondition), keys::UpdateError> {
+        let key = keys::app_status(app);
+        let current = keys::get_json::<AppStatus>(&*self.store, &key).await?;
+        let when = current.as_ref().map_or(Precondition::Absent, |(_, rev)| {
+            Precondition::Revision(*rev)
+        });
+        let status = current.map(|(s, _)| s).unwrap_or_default();
+        Ok((key, status, when))
     }
 
     /// Records which nodes hold a resident app's persistent volumes, before its tasks are

@@ -537,9 +537,9 @@ impl Serialize for PortLabels {
 
 impl<'de> Deserialize<'de> for PortLabels {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        Ok(BTreeMap::<String, String>::deserialize(deserializer)?
-            .into_iter()
-            .collect())
+        // A map is already sorted by key and holds each key once.
+        let map = BTreeMap::<String, String>::deserialize(deserializer)?;
+        Ok(Self(map.into_iter().collect()))
     }
 }
 

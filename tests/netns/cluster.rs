@@ -1025,6 +1025,90 @@ fn wg_peers(c: &Cluster, host: usize) -> usize {
     String::from_utf8_lossy(&out.stdout).lines().count()
 }
 
+/// A link's kernel counters in the namespace `ns`: (packets received, packets sent). For a
+/// TUN device, one write or one read of it is one packet here, whatever it carries.
+fn link_packets(ns: &str, dev: &str) -> (u64, u64) {
+    let out = run_in_ns(ns, &["ip", "-s", "-j", "link", "show", "dev", dev]);
+    let link: Value = serde_json::from_str(&out).unwrap();
+    let stats = &link[0]["stats64"];
+    (
+        stats["rx"]["packets"].as_u64().unwrap(),
+        stats["tx"]["packets"].as_u64().unwrap(),
+    )
+}
+
+#[test]
+fn a_bulk_stream_crosses_the_overlay_intact_in_segments_of_many_packets() {
+    let c = Cluster::start(2, 1);
+    c.hosts[0].agent.put_and_wait(
+        "/blob",
+        &json!({
+            "id": "/blob", "cpus": 0.1, "mem": 64,
+            "cmd": "head -c 33554432 /dev/urandom > blob && sha256sum blob | cut -d' ' -f1 > blob.sha && exec python3 -m http.server --bind 0.0.0.0 8080",
+            "networks": [{"mode": "container"}], "constraints": [["hostname", "CLUSTER", "node-2"]]
+        }),
+    );
+    c.hosts[0].agent.put_and_wait(
+        "/fetch",
+        &json!({"id": "/fetch", "cmd": "exec sleep 3600", "cpus": 0.1, "mem": 64,
+                "networks": [{"mode": "container"}], "constraints": [["hostname", "CLUSTER", "node-1"]]}),
+    );
+    let server = c.hosts[0].agent.running("/blob")[0]["ipAddresses"][0]["ipAddress"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let client = c.hosts[0].agent.running("/fetch")[0]["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let sh = |script: &str| {
+        let out = c.hosts[0].agent.in_task(&client, &["sh", "-c", script]);
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    };
+    let mut sum = String::new();
+    let up = wait_until(Duration::from_secs(20), || {
+        sum = sh(&format!(
+            "curl -sS --max-time 2 http://{server}:8080/blob.sha"
+        ));
+        sum.len() == 64
+    });
+    assert!(up, "the blob's checksum over the overlay: {sum:?}");
+
+    // node-1's device writes the stream (decrypted), node-2's reads it (to encrypt).
+    let (rx_ns, tx_ns) = (c.hosts[0].ns.path(), c.hosts[1].ns.path());
+    let (rx_dev, tx_dev) = (&c.hosts[0].device, &c.hosts[1].device);
+    let written = "dcnet_overlay_tun_packets_total{direction=\"write\"}";
+    let read = "dcnet_overlay_tun_packets_total{direction=\"read\"}";
+    let before = (
+        c.hosts[0].agent.metric(written),
+        link_packets(&rx_ns, rx_dev).0,
+        c.hosts[1].agent.metric(read),
+        link_packets(&tx_ns, tx_dev).1,
+    );
+    let got = sh(&format!(
+        "curl -sS --max-time 60 http://{server}:8080/blob | sha256sum | cut -d' ' -f1"
+    ));
+    assert_eq!(got, sum, "32 MiB over the overlay arrive intact");
+    let packets_written = c.hosts[0].agent.metric(written) - before.0;
+    let writes = link_packets(&rx_ns, rx_dev).0 - before.1;
+    let packets_read = c.hosts[1].agent.metric(read) - before.2;
+    let reads = link_packets(&tx_ns, tx_dev).1 - before.3;
+    println!(
+        "32 MiB: {packets_written} packets in {writes} TUN writes, {packets_read} packets in {reads} TUN reads"
+    );
+    // 32 MiB are at least 23,000 packets of the 1420-byte MTU; one system call moves many
+    // of them at both ends (a device without the offloads moves one per call).
+    assert!(packets_read > 23_000.0, "{packets_read} packets read");
+    assert!(
+        packets_written >= 3.0 * writes as f64,
+        "the receiving device coalesces: {packets_written} packets in {writes} writes"
+    );
+    assert!(
+        packets_read >= 3.0 * reads as f64,
+        "the sending device reads whole segments: {packets_read} packets in {reads} reads"
+    );
+}
+
 #[test]
 fn overlay_peers_follow_the_nodes_and_an_agent_restart_is_a_short_gap() {
     let mut c = Cluster::start(3, 1);

@@ -205,15 +205,6 @@ fn in_container(agent: &Agent, task: &str, args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
-fn metric(agent: &Agent, name: &str) -> f64 {
-    let text = agent.http("GET", "/metrics", None).unwrap().1;
-    let text = text.as_str().unwrap_or_default().to_string();
-    text.lines()
-        .find(|l| l.starts_with(name))
-        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
-        .unwrap_or(0.0)
-}
-
 fn web(id: &str, image: &str, instances: u32) -> Value {
     json!({
         "id": id, "instances": instances, "cpus": 0.1, "mem": 64,
@@ -235,7 +226,7 @@ fn an_app_from_an_image_runs_its_entrypoint_resolves_its_vip_and_is_reached_thro
     let tasks = agent.running("/img/web");
     assert_eq!(tasks.len(), 2);
     // Two tasks, one pull: the second waited for the first's.
-    assert_eq!(metric(&agent, "images_pulls_total{result=\"pulled\"}"), 1.0);
+    assert_eq!(agent.metric("images_pulls_total{result=\"pulled\"}"), 1.0);
     let id = tasks[0]["id"].as_str().unwrap();
     // The image's entrypoint runs with the image's env under the task's.
     let page = in_container(&agent, id, &["cat", "/www/index.html"]);

@@ -303,6 +303,18 @@ cgroup_parent = "{cgroup_parent}"
         self.spawn();
     }
 
+    /// The value of one series of the agent's `/metrics` (`name{labels}` as printed), 0 if
+    /// it is absent.
+    pub fn metric(&self, series: &str) -> f64 {
+        let text = self.http("GET", "/metrics", None).unwrap().1;
+        text.as_str()
+            .unwrap_or_default()
+            .lines()
+            .find(|l| l.starts_with(series))
+            .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+            .unwrap_or(0.0)
+    }
+
     /// Sends an HTTP request to the agent, from a thread in the agent's namespace (so that a
     /// test can talk to the agents of several hosts).
     pub fn http(

@@ -345,6 +345,21 @@ impl Netlink {
             .map_err(netlink_io)
     }
 
+    /// Sets the most segments a GSO packet handed to the link `name` may carry (the kernel
+    /// segments larger ones before they reach it).
+    pub async fn set_gso_max_segs(&self, name: &str, segs: u32) -> io::Result<()> {
+        use rtnetlink::packet_route::link::LinkAttribute;
+        let index = self.index_of_existing(name).await?;
+        let mut msg = LinkUnspec::new_with_index(index).build();
+        msg.attributes.push(LinkAttribute::GsoMaxSegs(segs));
+        self.handle
+            .link()
+            .set(msg)
+            .execute()
+            .await
+            .map_err(netlink_io)
+    }
+
     /// Routes `network/prefix` out of the link `name` (replacing a route that was there).
     pub async fn replace_route(&self, network: Ipv4Addr, prefix: u8, name: &str) -> io::Result<()> {
         let index = self.index_of_existing(name).await?;

@@ -16,6 +16,8 @@
 pub mod keys;
 mod metrics;
 mod peers;
+mod tun;
+mod udp;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -26,7 +28,8 @@ use axum::{Json, Router};
 use dcnet_node_core::ClusterState;
 use dcnet_node_core::model::NodeId;
 use gotatun::device::uapi::UapiServer;
-use gotatun::device::{DefaultDeviceTransports, Device, DeviceBuilder, Peer};
+use gotatun::device::{Device, DeviceBuilder, Peer};
+use gotatun::udp::socket::UdpSocketFactory;
 use serde_json::{Value, json};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
@@ -42,6 +45,10 @@ const KEEPALIVE_SECS: u16 = 25;
 const SAMPLE_EVERY: std::time::Duration = std::time::Duration::from_secs(5);
 /// The WireGuard UDP socket's buffers.
 const UDP_BUFFER: usize = 4 << 20;
+
+/// The device's transports: gotatun's UDP socket (recvmmsg with GRO) sending with GSO
+/// ([`udp`]), and the offloading TUN device of [`tun`].
+type Transports = (udp::GsoUdpFactory, tun::TunWriter, tun::TunReader);
 
 #[derive(Clone, Debug)]
 pub struct Config {
@@ -66,6 +73,11 @@ pub enum Error {
     },
     #[error("the WireGuard UAPI socket for `{device}`: {error}")]
     Uapi { device: String, error: String },
+    #[error("creating the TUN device `{device}`: {error}")]
+    Tun {
+        device: String,
+        error: std::io::Error,
+    },
     #[error("configuring the link `{device}`: {error}")]
     Link {
         device: String,
@@ -77,7 +89,7 @@ pub enum Error {
 /// so that a restarted loop removes what it no longer wants).
 pub struct Overlay {
     cfg: Config,
-    device: Arc<Device<DefaultDeviceTransports>>,
+    device: Arc<Device<Transports>>,
     netlink: dcnet_netns::Netlink,
     applied: tokio::sync::Mutex<Peers>,
     metrics: Metrics,
@@ -96,15 +108,21 @@ impl Overlay {
                 device: cfg.device.clone(),
                 error: e.to_string(),
             })?;
+        let mtu = u16::try_from(cfg.mtu).unwrap_or(u16::MAX);
+        let (tun_tx, tun_rx) =
+            tun::open(&cfg.device, mtu, &metrics).map_err(|error| Error::Tun {
+                device: cfg.device.clone(),
+                error,
+            })?;
         let device = DeviceBuilder::new()
-            .with_default_udp()
             // A bulk stream fills the default buffers between two reads (the kernel caps
             // these at net.core.{r,w}mem_max).
-            .udp_recv_buffer_size(UDP_BUFFER)
-            .udp_send_buffer_size(UDP_BUFFER)
+            .with_udp(udp::GsoUdpFactory(UdpSocketFactory {
+                recv_buffer_size: Some(UDP_BUFFER),
+                send_buffer_size: Some(UDP_BUFFER),
+            }))
             .with_listen_port(cfg.port)
-            .create_tun(&cfg.device)
-            .map_err(device_err)?
+            .with_ip_pair(tun_tx, tun_rx)
             .with_uapi(uapi)
             .build()
             .await
@@ -123,6 +141,10 @@ impl Overlay {
         let netlink = dcnet_netns::Netlink::connect().map_err(link_err)?;
         netlink
             .set_mtu_up(&cfg.device, cfg.mtu)
+            .await
+            .map_err(link_err)?;
+        netlink
+            .set_gso_max_segs(&cfg.device, tun::BATCH as u32)
             .await
             .map_err(link_err)?;
         info!(device = %cfg.device, port = cfg.port, public_key = %cfg.private_key.public_base64(), "overlay device up");
@@ -274,7 +296,7 @@ impl Overlay {
 /// What the device shows of itself, for the API.
 #[derive(Clone)]
 pub struct StatusSource {
-    device: Arc<Device<DefaultDeviceTransports>>,
+    device: Arc<Device<Transports>>,
     name: String,
     port: u16,
     public_key: String,

@@ -1,7 +1,7 @@
 //! The overlay's Prometheus series: one label set per peer, by node id (peers come and go with
 //! nodes, so the label set is bounded by the cluster), removed with the peer.
 
-use prometheus::{IntGauge, IntGaugeVec, Opts, Registry};
+use prometheus::{IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry};
 
 #[derive(Clone)]
 pub struct Metrics {
@@ -9,6 +9,28 @@ pub struct Metrics {
     rx: IntGaugeVec,
     tx: IntGaugeVec,
     handshake_age: IntGaugeVec,
+    /// Packets through the TUN device, by `direction` (`read`: to encrypt, `write`:
+    /// decrypted). The device's own link counters count its segments: fewer, where the
+    /// offloads work.
+    pub(crate) tun_packets: Tun,
+}
+
+/// A counter's `read` and `write` series.
+#[derive(Clone)]
+pub(crate) struct Tun {
+    pub(crate) read: IntCounter,
+    pub(crate) write: IntCounter,
+}
+
+impl Tun {
+    fn new(reg: &Registry, name: &str, help: &str) -> prometheus::Result<Self> {
+        let vec = IntCounterVec::new(Opts::new(name, help), &["direction"])?;
+        reg.register(Box::new(vec.clone()))?;
+        Ok(Self {
+            read: vec.with_label_values(&["read"]),
+            write: vec.with_label_values(&["write"]),
+        })
+    }
 }
 
 impl Metrics {
@@ -31,11 +53,17 @@ impl Metrics {
             reg.register(Box::new(m.clone()))?;
         }
         reg.register(Box::new(peers.clone()))?;
+        let tun_packets = Tun::new(
+            reg,
+            "dcnet_overlay_tun_packets_total",
+            "Packets read from (to encrypt) and written to (decrypted) the overlay's TUN device",
+        )?;
         Ok(Self {
             peers,
             rx,
             tx,
             handshake_age,
+            tun_packets,
         })
     }
 

@@ -1349,6 +1349,29 @@ fn overlay_bench() {
     }
 }
 
+/// The public key of a WireGuard private key (base64), as `wg pubkey` prints it.
+fn wg_public(private: &str) -> String {
+    let mut pubkey = Command::new("wg")
+        .arg("pubkey")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("wg from wireguard-tools");
+    {
+        use std::io::Write;
+        pubkey
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(private.as_bytes())
+            .unwrap();
+    }
+    String::from_utf8(pubkey.wait_with_output().unwrap().stdout)
+        .unwrap()
+        .trim()
+        .to_string()
+}
+
 /// A WireGuard device of Debian's wireguard-go in the namespace `ns`, with a new key; its
 /// public key. The process is added to `started`.
 fn wireguard_go(ns: &str, dev: &str, port: u16, started: &mut Started, dir: &Path) -> String {
@@ -1364,17 +1387,7 @@ fn wireguard_go(ns: &str, dev: &str, port: u16, started: &mut Started, dir: &Pat
     let key = Command::new("wg").arg("genkey").output().unwrap().stdout;
     let path = dir.join(format!("{dev}.key"));
     fs::write(&path, &key).unwrap();
-    let mut pubkey = Command::new("wg")
-        .arg("pubkey")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    {
-        use std::io::Write;
-        pubkey.stdin.take().unwrap().write_all(&key).unwrap();
-    }
-    let public = String::from_utf8(pubkey.wait_with_output().unwrap().stdout).unwrap();
+    let public = wg_public(&String::from_utf8(key).unwrap());
     let sock = format!("/var/run/wireguard/{dev}.sock");
     assert!(
         wait_until(Duration::from_secs(5), || Path::new(&sock).exists()),
@@ -1396,7 +1409,7 @@ fn wireguard_go(ns: &str, dev: &str, port: u16, started: &mut Started, dir: &Pat
 }
 
 #[test]
-fn a_host_whose_key_is_not_in_the_store_reaches_no_container() {
+fn a_host_whose_key_is_not_in_the_store_and_a_forged_key_reach_no_container() {
     let c = Cluster::start(2, 1);
     c.hosts[0]
         .agent
@@ -1469,6 +1482,77 @@ fn a_host_whose_key_is_not_in_the_store_reaches_no_container() {
     );
     drop(started);
     let _ = fs::remove_file(format!("/var/run/wireguard/{dev}.sock"));
+
+    // node-2's record forged in the store with a key node-2 does not hold (its lease kept):
+    // node-1 replaces node-2's peer with it, and nothing gets through either way until the
+    // true record is back.
+    let key = "/dcnet/nodes/node-2";
+    let got: Value = serde_json::from_slice(&c.etcdctl(&["get", key, "-w", "json"]).stdout)
+        .expect("etcdctl get -w json");
+    let kv = &got["kvs"][0];
+    let lease = format!(
+        "{:x}",
+        kv["lease"].as_u64().expect("node-2's record has a lease")
+    );
+    use base64::Engine;
+    let true_record = String::from_utf8(
+        base64::engine::general_purpose::STANDARD
+            .decode(kv["value"].as_str().unwrap())
+            .unwrap(),
+    )
+    .unwrap();
+    let mut forged: Value = serde_json::from_str(&true_record).unwrap();
+    let wrong = wg_public(
+        &String::from_utf8(Command::new("wg").arg("genkey").output().unwrap().stdout).unwrap(),
+    );
+    forged["overlay"]["publicKey"] = json!(wrong);
+    let put = |value: &str| {
+        let out = c.etcdctl(&["put", &format!("--lease={lease}"), key, value]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    put(&forged.to_string());
+    let node1_dev = &c.hosts[0].device;
+    let peers = || {
+        String::from_utf8_lossy(
+            &Command::new("wg")
+                .args(["show", node1_dev, "peers"])
+                .output()
+                .unwrap()
+                .stdout,
+        )
+        .into_owned()
+    };
+    assert!(
+        wait_until(Duration::from_secs(10), || peers().trim() == wrong),
+        "node-1 holds the forged key as node-2's only peer: {}",
+        peers()
+    );
+    let url2 = format!(
+        "http://{}:8080/",
+        t2["ipAddresses"][0]["ipAddress"].as_str().unwrap()
+    );
+    let t1_id = t1["id"].as_str().unwrap();
+    // 12 s: longer than a handshake's retry (5 s), so that both ends have tried again.
+    for _ in 0..2 {
+        assert!(
+            curl_from(&c, 0, t1_id, &url2).is_err(),
+            "node-1's container reached node-2's through a forged key"
+        );
+        assert!(
+            curl_from(&c, 1, t2_id, &url).is_err(),
+            "node-2's container reached node-1's, whose peer entry for it is forged"
+        );
+    }
+    put(&true_record);
+    assert!(
+        wait_until(Duration::from_secs(15), || curl_from(&c, 0, t1_id, &url2)
+            .is_ok()),
+        "with the true record back, node-1's container reaches node-2's"
+    );
 }
 
 /// The interface index of host `host`'s overlay device: the same index means the same device

@@ -80,10 +80,13 @@ impl GsoSend {
                 .await;
             match sent {
                 Ok(_) => return Ok(()),
-                Err(e) => {
+                Err(e) if refuses_gso(&e) => {
                     warn!(error = %e, "the kernel refused a UDP GSO send; the overlay sends its packets one by one from now on");
                     self.gso.store(false, Ordering::Relaxed);
                 }
+                // Anything else (a full buffer, an unreachable network) drops the train, as
+                // it would drop each of its packets.
+                Err(e) => return Err(e),
             }
         }
         for (packet, _) in packets {
@@ -138,6 +141,15 @@ impl UdpSend for GsoSend {
     fn local_addr(&self) -> io::Result<Option<SocketAddr>> {
         self.udp.local_addr().map(Some)
     }
+}
+
+/// The errors of a kernel or a route that cannot segment UDP (no UDP_SEGMENT, no checksum
+/// offload on the way out), as opposed to a send that failed for its own reasons.
+fn refuses_gso(e: &io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EIO | libc::EINVAL | libc::ENOPROTOOPT | libc::EOPNOTSUPP)
+    )
 }
 
 /// How many of `packets`, from the first, can go as one train: the same destination,

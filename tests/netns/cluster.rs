@@ -1037,30 +1037,42 @@ fn link_packets(ns: &str, dev: &str) -> (u64, u64) {
     )
 }
 
+/// A container app `id` running `cmd` on node-2, and a container `/client` (asleep) on
+/// node-1, each with `(cpus, mem)`: the server's address and the client's task id.
+fn server_and_client(
+    c: &Cluster,
+    id: &str,
+    cmd: &str,
+    (cpus, mem): (f64, u32),
+) -> (String, String) {
+    let on = |id: &str, cmd: &str, node: &str| {
+        c.hosts[0].agent.put_and_wait(
+            id,
+            &json!({"id": id, "cmd": cmd, "cpus": cpus, "mem": mem,
+                    "networks": [{"mode": "container"}], "constraints": [["hostname", "CLUSTER", node]]}),
+        );
+        c.hosts[0].agent.running(id)[0].clone()
+    };
+    let server = on(id, cmd, "node-2")["ipAddresses"][0]["ipAddress"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let client = on("/client", "exec sleep 3600", "node-1")["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    (server, client)
+}
+
 #[test]
 fn a_bulk_stream_crosses_the_overlay_intact_in_segments_of_many_packets() {
     let c = Cluster::start(2, 1);
-    c.hosts[0].agent.put_and_wait(
+    let (server, client) = server_and_client(
+        &c,
         "/blob",
-        &json!({
-            "id": "/blob", "cpus": 0.1, "mem": 64,
-            "cmd": "head -c 33554432 /dev/urandom > blob && sha256sum blob | cut -d' ' -f1 > blob.sha && exec python3 -m http.server --bind 0.0.0.0 8080",
-            "networks": [{"mode": "container"}], "constraints": [["hostname", "CLUSTER", "node-2"]]
-        }),
+        "head -c 33554432 /dev/urandom > blob && sha256sum blob | cut -d' ' -f1 > blob.sha && exec python3 -m http.server --bind 0.0.0.0 8080",
+        (0.1, 64),
     );
-    c.hosts[0].agent.put_and_wait(
-        "/fetch",
-        &json!({"id": "/fetch", "cmd": "exec sleep 3600", "cpus": 0.1, "mem": 64,
-                "networks": [{"mode": "container"}], "constraints": [["hostname", "CLUSTER", "node-1"]]}),
-    );
-    let server = c.hosts[0].agent.running("/blob")[0]["ipAddresses"][0]["ipAddress"]
-        .as_str()
-        .unwrap()
-        .to_string();
-    let client = c.hosts[0].agent.running("/fetch")[0]["id"]
-        .as_str()
-        .unwrap()
-        .to_string();
     let sh = |script: &str| {
         let out = c.hosts[0].agent.in_task(&client, &["sh", "-c", script]);
         String::from_utf8_lossy(&out.stdout).trim().to_string()
@@ -1246,24 +1258,7 @@ fn overlay_bench() {
     let c = Cluster::start(2, 1);
     let mut started = Started::default();
     let (h1, h2) = (c.hosts[0].ns.path(), c.hosts[1].ns.path());
-    c.hosts[0].agent.put_and_wait(
-        "/iperf",
-        &json!({"id": "/iperf", "cmd": "exec iperf3 -s -p 5201", "cpus": 0.5, "mem": 256,
-                "networks": [{"mode": "container"}], "constraints": [["hostname", "CLUSTER", "node-2"]]}),
-    );
-    c.hosts[0].agent.put_and_wait(
-        "/client",
-        &json!({"id": "/client", "cmd": "exec sleep 3600", "cpus": 0.5, "mem": 256,
-                "networks": [{"mode": "container"}], "constraints": [["hostname", "CLUSTER", "node-1"]]}),
-    );
-    let server = c.hosts[0].agent.running("/iperf")[0]["ipAddresses"][0]["ipAddress"]
-        .as_str()
-        .unwrap()
-        .to_string();
-    let client = c.hosts[0].agent.running("/client")[0]["id"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let (server, client) = server_and_client(&c, "/iperf", "exec iperf3 -s -p 5201", (0.5, 256));
     let client_ns = c.hosts[0].agent.task_netns(&client).display().to_string();
 
     // The bare underlay: an iperf3 server in host 2's namespace.

@@ -14,8 +14,13 @@ use tracing::{info, warn};
 use crate::keys::{self, SharedStore};
 use crate::model::NodeId;
 use crate::store::{
-    Action, KeyValue, LeaseId, Op, Precondition, Revision, Store, StoreError, WatchStream,
+    Action, KeyValue, LeaseId, MAX_TXN_OPS, Op, Precondition, Revision, Store, StoreError,
+    WatchStream,
 };
+
+/// The most ops a transaction through [`Fenced`] may hold: the fence takes one of the
+/// [`MAX_TXN_OPS`] a store takes.
+pub(crate) const FENCED_TXN_OPS: usize = MAX_TXN_OPS - 1;
 
 /// While this node leads: the revision at which it wrote the leader key (its fence).
 pub(crate) type Term = Option<Revision>;
@@ -144,6 +149,12 @@ impl Store for Fenced {
         let Some(fence) = *self.term.borrow() else {
             return Err(StoreError::NotLeader);
         };
+        if ops.len() > FENCED_TXN_OPS {
+            return Err(StoreError::TooLarge {
+                ops: ops.len(),
+                max: FENCED_TXN_OPS,
+            });
+        }
         ops.push(Op::check(keys::LEADER, Precondition::Revision(fence)));
         match self.inner.txn(ops).await {
             Err(StoreError::Conflict { key, .. }) if key == keys::LEADER => {
@@ -246,5 +257,44 @@ mod tests {
             matches!(err, StoreError::NotLeader),
             "after stepping down: {err}"
         );
+    }
+
+    /// The fence is one of the store's ops: a transaction through it holds at most
+    /// [`FENCED_TXN_OPS`], and a larger one is refused whole, naming that bound.
+    #[tokio::test]
+    async fn a_fenced_transaction_leaves_room_for_its_fence() {
+        let dir = tempfile::tempdir().unwrap();
+        let store: SharedStore = Arc::new(Embedded::open(&dir.path().join("s.redb")).unwrap());
+        let fence = store
+            .put(keys::LEADER, b"a".to_vec(), Precondition::Absent)
+            .await
+            .unwrap();
+        let (_tx, term) = watch::channel(Some(fence));
+        let fenced = Fenced::new(store.clone(), term);
+        let ops = |n: usize, tag: &str| -> Vec<Op> {
+            (0..n)
+                .map(|i| {
+                    Op::put(
+                        format!("/dcnet/tasks/{tag}{i}"),
+                        b"x".to_vec(),
+                        Precondition::Any,
+                    )
+                })
+                .collect()
+        };
+        fenced
+            .txn(ops(FENCED_TXN_OPS, "fits"))
+            .await
+            .expect("a full fenced transaction");
+        let err = fenced
+            .txn(ops(FENCED_TXN_OPS + 1, "over"))
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(err, StoreError::TooLarge { ops, max } if ops == FENCED_TXN_OPS + 1 && max == FENCED_TXN_OPS),
+            "{err}"
+        );
+        assert!(store.get("/dcnet/tasks/over0").await.unwrap().is_none());
+        assert!(store.get("/dcnet/tasks/fits0").await.unwrap().is_some());
     }
 }

@@ -13,13 +13,14 @@ use tracing::{debug, info, warn};
 use super::{place, place_resident};
 use crate::clock::{Clock, Now};
 use crate::keys::{self, SharedStore};
+use crate::leader::FENCED_TXN_OPS;
 use crate::metrics::Metrics;
 use crate::model::{
     App, AppId, AppStatus, Deployment, DeploymentKind, DeploymentStatus, Exit, Goal, Health,
     KillReason, NodeId, Resources, Task, TaskFailure, TaskId, TaskState,
 };
 use crate::state::{Changed, ClusterState};
-use crate::store::{MAX_TXN_OPS, Op, Precondition, Revision, StoreError};
+use crate::store::{Op, Precondition, Revision, StoreError};
 
 /// New-version tasks that may fail before a deployment is given up (and rolled back).
 pub const DEPLOYMENT_FAILURE_LIMIT: u32 = 3;
@@ -39,7 +40,7 @@ pub(crate) struct Orchestrator {
     unplaced: BTreeMap<AppId, Unplaced>,
     /// The status notes (why an app waits, why its instances are not placed) this pass has
     /// decided and not yet written: [`Orchestrator::flush_notes`] writes them a transaction of
-    /// up to [`MAX_TXN_OPS`] at a time, so that a pass that finds thousands of apps waiting
+    /// up to [`FENCED_TXN_OPS`] at a time, so that a pass that finds thousands of apps waiting
     /// costs a few commits, not one per app.
     notes: Vec<(AppId, Note)>,
     /// The apps that time alone may move (a backoff to expire, a task to turn stable, a
@@ -616,7 +617,7 @@ impl Orchestrator {
         // Each delete stands alone: a transaction per bounded chunk.
         let mut ops = ops.into_iter().peekable();
         while ops.peek().is_some() {
-            let chunk: Vec<Op> = ops.by_ref().take(MAX_TXN_OPS).collect();
+            let chunk: Vec<Op> = ops.by_ref().take(FENCED_TXN_OPS).collect();
             let rev = self.store.txn(chunk).await?;
             self.wrote(rev);
         }
@@ -813,13 +814,13 @@ impl Orchestrator {
     /// worth is due.
     async fn note(&mut self, app: &AppId, note: Note) -> Result<(), keys::UpdateError> {
         self.notes.push((app.clone(), note));
-        if self.notes.len() >= MAX_TXN_OPS {
+        if self.notes.len() >= FENCED_TXN_OPS {
             self.flush_notes().await?;
         }
         Ok(())
     }
 
-    /// Writes the pass's notes, one transaction for up to [`MAX_TXN_OPS`] apps. Each status is
+    /// Writes the pass's notes, one transaction for up to [`FENCED_TXN_OPS`] apps. Each status is
     /// read and written with compare-and-swap; when another writer got in between, the
     /// transaction writes nothing and each note is written on its own instead.
     async fn flush_notes(&mut self) -> Result<(), keys::UpdateError> {
@@ -828,7 +829,7 @@ impl Orchestrator {
             by_app.entry(app).or_default().push(note);
         }
         let by_app: Vec<(AppId, Vec<Note>)> = by_app.into_iter().collect();
-        for batch in by_app.chunks(MAX_TXN_OPS) {
+        for batch in by_app.chunks(FENCED_TXN_OPS) {
             let mut ops = Vec::with_capacity(batch.len());
             for (app, notes) in batch {
                 let (key, mut status, when) = self.status_to_write(app).await?;
@@ -1774,11 +1775,18 @@ mod tests {
     }
 
     /// 300 apps that no node can take: one pass notes why in each app's status, in a
-    /// transaction per [`MAX_TXN_OPS`] apps rather than a commit per app; the next pass over
-    /// the same snapshot writes nothing, and a status that was there keeps its other fields.
+    /// transaction per [`FENCED_TXN_OPS`] apps rather than a commit per app, through the
+    /// leader's fence as the scheduler writes; the next pass over the same snapshot writes
+    /// nothing, and a status that was there keeps its other fields.
     #[tokio::test]
     async fn a_pass_writes_its_apps_notes_a_transaction_at_a_time() {
         let (_dir, store) = embedded();
+        let leader = store
+            .put(keys::LEADER, b"n".to_vec(), Precondition::Absent)
+            .await
+            .unwrap();
+        let (_term, fence) = tokio::sync::watch::channel(Some(leader));
+        let fenced: SharedStore = crate::leader::Fenced::new(store.clone(), fence);
         let node = test_node(2.0, 65536.0);
         put_all(&store, vec![(keys::node(&node.id), keys::to_json(&node))]).await;
         let mut ops = Vec::new();
@@ -1794,7 +1802,7 @@ mod tests {
                 keys::to_json(&a),
                 Precondition::Absent,
             ));
-            if ops.len() == MAX_TXN_OPS {
+            if ops.len() == crate::store::MAX_TXN_OPS {
                 store.txn(std::mem::take(&mut ops)).await.unwrap();
             }
         }
@@ -1815,7 +1823,7 @@ mod tests {
             .unwrap();
         let snap = snapshot(&store).await;
         let clock = Clock::new();
-        let mut orch = orchestrator(&store, clock);
+        let mut orch = orchestrator(&fenced, clock);
         orch.pass(&snap, clock.now()).await.unwrap();
 
         let after = snapshot(&store).await;
@@ -1828,8 +1836,8 @@ mod tests {
         assert_eq!(after.app_status[&kept].consecutive_failures, 2);
         assert_eq!(
             after.revision - snap.revision,
-            300_usize.div_ceil(MAX_TXN_OPS) as u64,
-            "one commit per {MAX_TXN_OPS} apps"
+            300_usize.div_ceil(FENCED_TXN_OPS) as u64,
+            "one commit per {FENCED_TXN_OPS} apps"
         );
         orch.pass(&after, clock.now()).await.unwrap();
         assert_eq!(

@@ -17,8 +17,11 @@ use crate::records::{
 };
 use crate::zone::{RrSets, Zone};
 
-/// A name, kept once: the zone, the parts and the contributors share it.
+/// A name, kept once: the zone and the parts share it.
 type Key = Arc<str>;
+
+/// The sources of one name's records, in merge order.
+type Contributors = SmallVec<[Arc<Source>; 2]>;
 
 pub(crate) struct Incremental {
     cfg: RecordConfig,
@@ -27,9 +30,11 @@ pub(crate) struct Incremental {
     /// The snapshot applied last (0: none yet).
     revision: u64,
     parts: HashMap<Arc<Source>, Part>,
-    /// Which sources contribute to each name, in merge order: most names have one, kept
-    /// inline; the sources are the parts' own.
-    contributors: HashMap<Key, SmallVec<[Arc<Source>; 1]>>,
+    /// The sources of each name that more than one contributes to, in merge order; the
+    /// sources are the parts' own. A name with one contributor (most: a task's own names)
+    /// is not here: the zone holds that source's set, which names its owner
+    /// ([`RrSets::owner`]), so a second map of every name is not needed.
+    shared: HashMap<Key, Contributors>,
     /// For each ancestor name, how many names with records below it make it exist.
     ancestor_refs: HashMap<Key, usize>,
     zone: Zone,
@@ -58,7 +63,7 @@ impl Incremental {
             apex_names,
             revision: 0,
             parts: HashMap::new(),
-            contributors: HashMap::new(),
+            shared: HashMap::new(),
             ancestor_refs: HashMap::new(),
             zone,
         }
@@ -147,24 +152,22 @@ impl Incremental {
     /// Puts `source`'s records in `snap` in place of those it had, and rebuilds the names
     /// either touches.
     fn replace(&mut self, snap: &ClusterState, source: Source) {
-        let (mut new, apexes) = part_of(snap, &self.cfg, &self.labels, &source);
-        if source == Source::Apex {
-            self.zone.apexes = apexes;
-        }
         let (source, old) = match self.parts.remove_entry(&source) {
             Some((shared, old)) => (shared, old),
             None => (Arc::new(source), Part::new()),
         };
-        let mut touched: Vec<Key> = Vec::with_capacity(old.len() + new.len());
+        let (mut new, apexes) = part_of(snap, &self.cfg, &self.labels, &source);
+        if *source == Source::Apex {
+            self.zone.apexes = apexes;
+        }
+        // Each touched name with its contributors as they will be, worked out while the
+        // zone still holds what every name had before.
+        let mut touched: Vec<(Key, Contributors)> = Vec::with_capacity(old.len() + new.len());
         for (name, _) in &old {
             if in_part(&new, name).is_none() {
-                if let Some(c) = self.contributors.get_mut(name) {
-                    c.retain(|s| **s != *source);
-                    if c.is_empty() {
-                        self.contributors.remove(name);
-                    }
-                }
-                touched.push(Arc::clone(name));
+                let mut c = self.contributors(name);
+                c.retain(|s| !Arc::ptr_eq(s, &source));
+                touched.push((Arc::clone(name), c));
             }
         }
         for (name, sets) in &mut new {
@@ -172,31 +175,50 @@ impl Incremental {
             if let Some(kept) = self.kept(name) {
                 *name = kept;
             }
-            // A name whose records from this source did not change needs no rebuild.
-            if in_part(&old, name).is_some_and(|o| o.same_records(sets)) {
+            // A name whose records from this source did not change needs no rebuild, and
+            // keeps the set the zone already holds rather than a second copy of it.
+            if let Some(o) = in_part(&old, name).filter(|o| o.same_records(sets)) {
+                *sets = Arc::clone(o);
                 continue;
             }
-            let c = self.contributors.entry(Arc::clone(name)).or_default();
+            let mut c = self.contributors(name);
             if let Err(at) = c.binary_search_by(|s| (**s).cmp(&*source)) {
                 c.insert(at, Arc::clone(&source));
             }
-            touched.push(Arc::clone(name));
+            touched.push((Arc::clone(name), c));
         }
         if !new.is_empty() {
             self.parts.insert(source, new);
         }
-        for name in touched {
-            self.remerge(&name);
+        for (name, c) in touched {
+            self.remerge(&name, &c);
+            if c.len() > 1 {
+                self.shared.insert(name, c);
+            } else {
+                self.shared.remove(&name);
+            }
+        }
+    }
+
+    /// The sources of `name`'s records: the shared list, or the owner of the one set the
+    /// zone holds (none for a name that only stands for the names below it).
+    fn contributors(&self, name: &str) -> Contributors {
+        match self.shared.get(name) {
+            Some(c) => c.clone(),
+            None => self
+                .zone
+                .names
+                .get(name)
+                .and_then(|s| s.owner.clone())
+                .into_iter()
+                .collect(),
         }
     }
 
     /// Rebuilds one name from its contributors, and keeps the ancestors it makes exist.
-    fn remerge(&mut self, name: &Key) {
-        let sets: Vec<&Arc<RrSets>> = self
-            .contributors
-            .get(name)
-            .into_iter()
-            .flatten()
+    fn remerge(&mut self, name: &Key, contributors: &[Arc<Source>]) {
+        let sets: Vec<&Arc<RrSets>> = contributors
+            .iter()
             .filter_map(|source| in_part(self.parts.get(source)?, name))
             .collect();
         // One contributor (most names): its sets as they are, shared with its part.
@@ -257,13 +279,10 @@ impl Incremental {
         }
     }
 
-    /// `name` as already kept (by a contributor or an ancestor's count), if it is.
+    /// `name` as already kept (by the zone, which holds every name with records and every
+    /// ancestor of one), if it is.
     fn kept(&self, name: &str) -> Option<Key> {
-        self.contributors
-            .get_key_value(name)
-            .map(|(k, _)| k)
-            .or_else(|| self.ancestor_refs.get_key_value(name).map(|(k, _)| k))
-            .cloned()
+        self.zone.names.get_key_value(name).map(|(k, _)| k.clone())
     }
 
     /// `name` as already kept, or a new key.

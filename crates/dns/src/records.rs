@@ -408,7 +408,7 @@ pub(crate) fn part_of(
     state: &ClusterState,
     cfg: &RecordConfig,
     l: &Labels,
-    source: &Source,
+    source: &Arc<Source>,
 ) -> (Part, Vec<(String, Record)>) {
     let mut b = Builder {
         cfg,
@@ -428,6 +428,7 @@ pub(crate) fn part_of(
                 Some(d) => Arc::clone(d),
                 None => {
                     sets.shrink_to_fit();
+                    sets.owner = Some(Arc::clone(source));
                     let new = Arc::new(sets);
                     distinct.push(Arc::clone(&new));
                     new

@@ -7,6 +7,8 @@ use std::sync::{Arc, OnceLock};
 use hickory_proto::rr::rdata::{A, AAAA, PTR, SRV};
 use hickory_proto::rr::{Name, RData, Record, RecordType};
 
+use crate::records::Source;
+
 /// An SRV record's data; its target a lower-case FQDN.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Srv {
@@ -46,6 +48,10 @@ pub struct RrSets {
     /// All of the above, encoded for the UDP fast path when the name is first asked for.
     /// Boxed: most names are never asked for, and a set stays small until one is.
     pub(crate) wire: OnceLock<Box<WireSets>>,
+    /// The source whose part holds this set (`None`: merged from several sources, or built
+    /// whole). A name with one contributor has that source's set in the zone, so the zone
+    /// says who contributes it.
+    pub(crate) owner: Option<Arc<Source>>,
 }
 
 impl RrSets {

@@ -30,6 +30,36 @@ fn assert_same(got: &Zone, want: &Zone, step: &str) {
     assert_eq!(got.revision, want.revision);
 }
 
+/// Every name's contributors, as the parts say: a name of several is in `shared` with all of
+/// them in merge order, and a name of one holds that source's own set in the zone.
+fn assert_contributors(inc: &Incremental, step: &str) {
+    let mut of: std::collections::BTreeMap<&str, Vec<&Arc<Source>>> = Default::default();
+    for (source, part) in &inc.parts {
+        for (name, _) in part {
+            of.entry(name).or_default().push(source);
+        }
+    }
+    for (name, mut sources) in of.clone() {
+        sources.sort();
+        if let [one] = sources.as_slice() {
+            assert!(!inc.shared.contains_key(name), "{name} after {step}");
+            let held = &inc.zone.names[name];
+            assert!(
+                held.owner.as_ref().is_some_and(|o| Arc::ptr_eq(o, one))
+                    && Arc::ptr_eq(held, in_part(&inc.parts[*one], name).unwrap()),
+                "{name} after {step}: the zone holds its one source's set"
+            );
+        } else {
+            let shared: Vec<&Arc<Source>> = inc.shared[name].iter().collect();
+            assert_eq!(shared, sources, "{name} after {step}");
+        }
+    }
+    assert!(
+        inc.shared.keys().all(|n| of.contains_key(&**n)),
+        "shared names that no part has, after {step}"
+    );
+}
+
 fn host_app(n: usize) -> App {
     app(&format!(
         r#"{{"id": "/g{}/app{n}", "cmd": "x", "portDefinitions": [{{"port": 0, "name": "http"}}]}}"#,
@@ -217,11 +247,9 @@ fn random_changes_applied_one_by_one_or_folded_give_the_zone_built_whole() {
                 let (zone, how) = inc.update(&snap);
                 updates += 1;
                 incremental += usize::from(how != Update::Rebuild);
-                assert_same(
-                    &zone,
-                    &records_from(&snap, &cfg()),
-                    &format!("seed {seed}, step {step}"),
-                );
+                let at = format!("seed {seed}, step {step}");
+                assert_same(&zone, &records_from(&snap, &cfg()), &at);
+                assert_contributors(&inc, &at);
             }
         }
         assert!(updates > 50);

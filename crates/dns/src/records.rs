@@ -373,8 +373,8 @@ fn add_apexes(b: &mut Builder<'_>, state: &ClusterState, l: &Labels) -> Vec<(Str
             b.addr(&ns_name, *ip);
         }
         let set = b.set(&apex);
-        set.soa = vec![soa_rec.clone()];
-        set.ns = vec![ns_rec];
+        set.soa = thin_vec::thin_vec![soa_rec.clone()];
+        set.ns = thin_vec::thin_vec![ns_rec];
         apexes.push((apex, soa_rec));
     }
     apexes
@@ -444,7 +444,7 @@ pub(crate) fn part_of(
 /// Merges `from` (one contributor's records of a name) into `into`, keeping the first of
 /// equal records, as the full build does.
 pub(crate) fn merge(into: &mut RrSets, from: &RrSets) {
-    fn add<T: PartialEq + Clone>(dst: &mut Vec<T>, src: &[T]) {
+    fn add<T: PartialEq + Clone>(dst: &mut thin_vec::ThinVec<T>, src: &[T]) {
         for item in src {
             if !dst.contains(item) {
                 dst.push(item.clone());

@@ -6,6 +6,7 @@ use std::sync::{Arc, OnceLock};
 
 use hickory_proto::rr::rdata::{A, AAAA, PTR, SRV};
 use hickory_proto::rr::{Name, RData, Record, RecordType};
+use thin_vec::ThinVec;
 
 use crate::records::Source;
 
@@ -33,18 +34,22 @@ impl std::fmt::Display for Srv {
 /// kept under and the TTL the zone's, so a task's A record is 4 bytes, not a `Record` of
 /// 272 with a copy of its owner. [`RrSets::records`] makes the `Record`s when they are asked
 /// for. The apexes' SOA and NS (a few in a zone) stay whole records.
+///
+/// Each list is a `ThinVec`, one pointer wide and not allocated while empty: a set holds one
+/// or two kinds of records, and the zone holds a few sets per task (80 bytes a set, not 192
+/// with `Vec`s).
 #[derive(Clone, Debug, Default)]
 pub struct RrSets {
-    pub a: Vec<Ipv4Addr>,
-    pub aaaa: Vec<Ipv6Addr>,
-    pub srv: Vec<Srv>,
+    pub a: ThinVec<Ipv4Addr>,
+    pub aaaa: ThinVec<Ipv6Addr>,
+    pub srv: ThinVec<Srv>,
     /// PTR targets, lower-case FQDNs.
-    pub ptr: Vec<Box<str>>,
-    pub soa: Vec<Record>,
-    pub ns: Vec<Record>,
+    pub ptr: ThinVec<Box<str>>,
+    pub soa: ThinVec<Record>,
+    pub ns: ThinVec<Record>,
     /// Addresses of SRV targets (the target and one address each), for the additional
     /// section.
-    pub additional: Vec<(Box<str>, IpAddr)>,
+    pub additional: ThinVec<(Box<str>, IpAddr)>,
     /// All of the above, encoded for the UDP fast path when the name is first asked for.
     /// Boxed: most names are never asked for, and a set stays small until one is.
     pub(crate) wire: OnceLock<Box<WireSets>>,
@@ -184,4 +189,15 @@ pub(crate) struct WireSets {
     pub(crate) ns: Vec<Box<[u8]>>,
     /// Additional records, owner names included.
     pub(crate) additional: Vec<Box<[u8]>>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A set stays small: the zone holds a few per task, most of one kind of record.
+    #[test]
+    fn a_record_set_is_ten_words() {
+        assert_eq!(std::mem::size_of::<RrSets>(), 80);
+    }
 }

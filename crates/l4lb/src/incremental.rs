@@ -160,15 +160,18 @@ impl IncrementalTable {
         let Some(a) = snap.apps.get(app) else {
             return;
         };
+        // From the specs by reference: collected from their `into_iter`, the labels would
+        // reuse (and keep for as long as the app lives) the specs' larger allocation.
         let labels: Vec<String> = a
             .vips()
             .0
-            .into_iter()
-            .filter_map(|spec| match spec.target {
-                VipTarget::Named(name) => Some(vip_label(&name)),
+            .iter()
+            .filter_map(|spec| match &spec.target {
+                VipTarget::Named(name) => Some(vip_label(name)),
                 VipTarget::Ip(_) => None,
             })
-            .collect();
+            .collect::<Box<[String]>>()
+            .into_vec();
         for label in &labels {
             self.by_label
                 .entry(label.clone())

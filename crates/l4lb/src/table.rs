@@ -138,12 +138,15 @@ pub(crate) fn contribution_of(
                 weight,
             }));
         }
+        // Kept for as long as the app's tasks do not change: no room for three more.
+        backends.shrink_to_fit();
         // Two ports of one app on one VIP key: one entry, as the whole build makes it.
         match out.iter_mut().find(|(k, _)| *k == key) {
             Some((_, entry)) => entry.backends.extend(backends),
             None => out.push((key, Entry { name, lb, backends })),
         }
     }
+    out.shrink_to_fit();
     out
 }
 

@@ -15,6 +15,13 @@ use clap::{Parser, Subcommand};
 use tracing_subscriber::EnvFilter;
 use tracing_subscriber::prelude::*;
 
+/// jemalloc rather than glibc's malloc. The agent's state lives long and much of it is freed
+/// on other threads than the one that made it; glibc's per-thread arenas kept about 20 MiB
+/// more resident at 30,000 tasks (`dns converge 30000`: 280-282 against 261-263 MiB), at the
+/// same CPU per change.
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 /// Service networking for container clusters: tasks, DNS, VIPs and an overlay.
 #[derive(Parser)]
 #[command(name = "dcnet", version, about)]

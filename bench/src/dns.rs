@@ -20,6 +20,11 @@
     reason = "a benchmark measures wall time with std's monotonic clock"
 )]
 
+/// The agent's allocator (see `src/main.rs`): the nodes here are the agent's planes, and
+/// their memory is measured as the agent would hold it.
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, UdpSocket};

@@ -166,7 +166,7 @@ impl Incremental {
         for (name, _) in &old {
             if in_part(&new, name).is_none() {
                 let mut c = self.contributors(name);
-                c.retain(|s| !Arc::ptr_eq(s, &source));
+                c.retain(|s| **s != *source);
                 touched.push((Arc::clone(name), c));
             }
         }

@@ -22,7 +22,7 @@ pub(crate) struct IncrementalTable {
     contributors: BTreeMap<VipKey, Vec<(AppId, Entry)>>,
     /// The apps that ask for each named VIP, by its label, and the labels of each app.
     by_label: HashMap<String, BTreeSet<AppId>>,
-    labels_of: HashMap<AppId, Vec<String>>,
+    labels_of: HashMap<AppId, Box<[String]>>,
     table: VipTable,
 }
 
@@ -160,9 +160,10 @@ impl IncrementalTable {
         let Some(a) = snap.apps.get(app) else {
             return;
         };
-        // From the specs by reference: collected from their `into_iter`, the labels would
-        // reuse (and keep for as long as the app lives) the specs' larger allocation.
-        let labels: Vec<String> = a
+        // From the specs by reference, into a slice of its own size: collected from their
+        // `into_iter`, the labels would reuse (and keep for as long as the app lives) the
+        // specs' larger allocation.
+        let labels: Box<[String]> = a
             .vips()
             .0
             .iter()
@@ -170,8 +171,7 @@ impl IncrementalTable {
                 VipTarget::Named(name) => Some(vip_label(name)),
                 VipTarget::Ip(_) => None,
             })
-            .collect::<Box<[String]>>()
-            .into_vec();
+            .collect();
         for label in &labels {
             self.by_label
                 .entry(label.clone())

@@ -146,7 +146,6 @@ pub(crate) fn contribution_of(
             None => out.push((key, Entry { name, lb, backends })),
         }
     }
-    out.shrink_to_fit();
     out
 }
 

@@ -183,6 +183,8 @@ impl Manager {
     ) {
         self.shutdown = shutdown.clone();
         // Wait for the first snapshot that has seen the store (revision > 0 or our node).
+        // It is let go after the recovery: a snapshot kept for the life of the loop would
+        // keep every app and task as they were at start, however much changed since.
         let first = match state
             .wait_for(|s| s.nodes.contains_key(&self.node.id))
             .await
@@ -191,6 +193,7 @@ impl Manager {
             Err(_) => return,
         };
         self.recover(&first).await;
+        drop(first);
         // Sandboxes are pruned now and then: a minute, or the retention if it is shorter.
         let mut prune = tokio::time::interval(
             self.sandbox_retention
@@ -884,17 +887,9 @@ mod tests {
         assert_eq!(runs, [10, 2]);
     }
 
-    /// A task's end written while the store fails three times in a row is recorded once it
-    /// is back, not dropped.
-    #[tokio::test(start_paused = true)]
-    async fn a_task_s_end_is_retried_through_store_errors() {
-        let dir = tempfile::tempdir().unwrap();
-        let flaky = Arc::new(Flaky {
-            inner: Embedded::open(&dir.path().join("s.redb")).unwrap(),
-            failures: AtomicU32::new(0),
-        });
-        let store: SharedStore = flaky.clone();
-        let node = Arc::new(Node {
+    /// The node `n`, on loopback.
+    fn node_n() -> Arc<Node> {
+        Arc::new(Node {
             id: NodeId("n".into()),
             hostname: "n".into(),
             ip: "127.0.0.1".parse().unwrap(),
@@ -905,7 +900,74 @@ mod tests {
             status: NodeStatus::Active,
             registered_at: String::new(),
             overlay: None,
+        })
+    }
+
+    fn host_runtime(dir: &std::path::Path) -> Arc<dyn Runtime> {
+        Arc::new(HostRuntime::new(HostConfig {
+            sandbox_dir: dir.join("sandboxes"),
+            cgroups: Cgroups::new(Hierarchies::default(), "unused"),
+            path_env: "/usr/bin:/bin".into(),
+            waiter: None,
+        }))
+    }
+
+    /// The snapshot the manager recovers from is let go once a later one comes: held for
+    /// the life of the loop, it kept every app and task as they were at start (30,000
+    /// staged tasks' worth, 37 MB, in `dns converge 30000`).
+    #[tokio::test]
+    async fn the_snapshot_recovered_from_is_not_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let store: SharedStore = Arc::new(Embedded::open(&dir.path().join("s.redb")).unwrap());
+        let node = node_n();
+        let metrics = Metrics::register(&prometheus::Registry::new()).unwrap();
+        let manager = Manager::new(store, host_runtime(dir.path()), node.clone(), metrics);
+        let mut first = ClusterState {
+            revision: 1,
+            ..Default::default()
+        };
+        first.nodes.insert(node.id.clone(), node.clone());
+        let first = Arc::new(first);
+        let kept = Arc::downgrade(&first);
+        let (tx, rx) = watch::channel(first.clone());
+        drop(first);
+        let shutdown = CancellationToken::new();
+        let run = tokio::spawn(manager.run(rx, shutdown.clone()));
+        // Once the manager holds the first snapshot beside the watch, a second replaces it
+        // in the watch; the first then lives only where the manager keeps it.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while kept.strong_count() < 2 {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the manager took no snapshot"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let mut second = (**tx.borrow()).clone();
+        second.revision = 2;
+        tx.send_replace(Arc::new(second));
+        while kept.upgrade().is_some() {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the manager still holds the snapshot it recovered from"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        shutdown.cancel();
+        run.await.unwrap();
+    }
+
+    /// A task's end written while the store fails three times in a row is recorded once it
+    /// is back, not dropped.
+    #[tokio::test(start_paused = true)]
+    async fn a_task_s_end_is_retried_through_store_errors() {
+        let dir = tempfile::tempdir().unwrap();
+        let flaky = Arc::new(Flaky {
+            inner: Embedded::open(&dir.path().join("s.redb")).unwrap(),
+            failures: AtomicU32::new(0),
         });
+        let store: SharedStore = flaky.clone();
+        let node = node_n();
         let task: Task = serde_json::from_value(serde_json::json!({
             "id": "a.1", "appId": "/a", "version": "v1", "nodeId": "n", "host": "n",
             "state": "TASK_RUNNING", "goal": "run", "ports": [], "stagedAt": "2026-01-01T00:00:00Z",
@@ -920,14 +982,8 @@ mod tests {
             )
             .await
             .unwrap();
-        let runtime = HostRuntime::new(HostConfig {
-            sandbox_dir: dir.path().join("sandboxes"),
-            cgroups: Cgroups::new(Hierarchies::default(), "unused"),
-            path_env: "/usr/bin:/bin".into(),
-            waiter: None,
-        });
         let metrics = Metrics::register(&prometheus::Registry::new()).unwrap();
-        let mut manager = Manager::new(store.clone(), Arc::new(runtime), node, metrics);
+        let mut manager = Manager::new(store.clone(), host_runtime(dir.path()), node, metrics);
         flaky.failures.store(3, Ordering::SeqCst);
         manager
             .finish(

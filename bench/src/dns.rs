@@ -6,12 +6,13 @@
 //!   and a dnsperf query file to DIR, prints `ready <records>`, and serves until killed.
 //! - `dns converge N [--nodes K] [--etcd]`: K real node-cores with their DNS and eBPF VIP
 //!   planes (on the embedded store, or each with its own connection to an etcd member started
-//!   for the run); writes N tasks as RUNNING into the store one by one and times how long
-//!   each takes to answer and be served on every node.
-//! - `dns burst N B [PER_TXN]`: one node-core with its planes on the embedded store, N apps and N - B
-//!   of their tasks RUNNING; then B tasks written back to back, PER_TXN (50) a transaction, and for
-//!   each the time from its write to its name answering and its VIP backend being served,
-//!   with how many snapshots the DNS plane applied the burst in.
+//!   for the run); N apps with their tasks STAGING, then writes the N tasks RUNNING one by
+//!   one and times how long each takes to answer and be served on every node.
+//! - `dns burst N B [PER_TXN]`: one node-core with its planes on the embedded store, N apps
+//!   with their tasks STAGING and N - B of them RUNNING; then B tasks written RUNNING back to
+//!   back, PER_TXN (50) a transaction, and for each the time from its write to its name
+//!   answering and its VIP backend being served, with how many snapshots the DNS plane
+//!   applied the burst in.
 //! - `dns scale NODES TASKS`: one etcd and NODES simulated nodes (each registers under a
 //!   lease, follows the state and builds its DNS zone and VIP table as an agent does, without
 //!   running tasks); the same timing on every node, and etcd's CPU and bytes sent per change.
@@ -101,6 +102,9 @@ fn app_with_vip(i: usize, instances: u32, unplaceable: bool, vip: Option<&str>) 
 struct AppRef {
     id: AppId,
     version: String,
+    /// The revision its task was staged at (0 for an app not written by `write_apps`): the
+    /// RUNNING write swaps that task, as a node's task manager does.
+    staged: dcnet_node_core::store::Revision,
 }
 
 impl From<&App> for AppRef {
@@ -108,8 +112,27 @@ impl From<&App> for AppRef {
         Self {
             id: app.id.clone(),
             version: app.version_info.last_config_change_at.clone(),
+            staged: 0,
         }
     }
+}
+
+/// The address of the bench's `i`th task.
+fn task_ip(i: usize) -> Ipv4Addr {
+    Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 130, 0, 2)) + i as u32)
+}
+
+/// The RUNNING write of `app`'s staged task (see `write_apps`): what a node's task manager
+/// writes once the task runs, on the condition that it is still as staged.
+fn running_op(app: &AppRef, i: usize) -> dcnet_node_core::store::Op {
+    use dcnet_node_core::keys;
+    use dcnet_node_core::store::{Op, Precondition};
+    let t = task(app, 0, "bench-node-x", task_ip(i));
+    Op::put(
+        keys::task(&t.id),
+        keys::to_json(&t),
+        Precondition::Revision(app.staged),
+    )
 }
 
 fn task(app: &AppRef, n: usize, node: &str, ip: Ipv4Addr) -> Task {
@@ -379,10 +402,13 @@ async fn bench_node(
     })
 }
 
-/// Writes the node the benchmark's tasks live on (no process of the benchmark runs it) and
-/// `n` apps that cannot be placed, each port behind one of 100 named VIPs, in transactions of
-/// 100; returns only what a task needs of each app (an agent holds the apps, the benchmark
-/// should not hold a second copy in the memory it reports).
+/// Writes the node the benchmark's tasks live on (no process of the benchmark runs it), `n`
+/// apps that no node-core places, each port behind one of 100 named VIPs, and each app's task
+/// STAGING on that node, as a scheduler leaves a task it placed: what is timed after is only
+/// the RUNNING write, not also the scheduler taking in an instance it did not place (a note
+/// to the store per task, racing the next write). In transactions of 100; returns only what
+/// a task needs of each app (an agent holds the apps, the benchmark should not hold a second
+/// copy in the memory it reports).
 async fn write_apps(
     store: &dyn dcnet_node_core::store::Store,
     n: usize,
@@ -409,6 +435,22 @@ async fn write_apps(
         apps.push(AppRef::from(&a));
         if ops.len() == 100 || i + 1 == n {
             store.txn(std::mem::take(&mut ops)).await?;
+        }
+    }
+    for (chunk, at) in apps.chunks_mut(100).zip((0..).step_by(100)) {
+        let ops = chunk
+            .iter()
+            .enumerate()
+            .map(|(k, a)| {
+                let mut t = task(a, 0, "bench-node-x", task_ip(at + k));
+                t.state = TaskState::Staging;
+                t.started_at = None;
+                Op::put(keys::task(&t.id), keys::to_json(&t), Precondition::Absent)
+            })
+            .collect();
+        let revision = store.txn(ops).await?;
+        for a in chunk {
+            a.staged = revision;
         }
     }
     Ok(apps)
@@ -438,24 +480,31 @@ async fn settle(store: &dyn dcnet_node_core::store::Store) -> anyhow::Result<()>
 /// Each node's DNS server and VIP view.
 type Targets = Vec<(SocketAddr, dcnet_l4lb::ViewSlot)>;
 
-/// Writes a RUNNING task of each app, one by one, and times each until its name answers on
-/// every target's DNS server and its VIP backend is in every target's view: the times of the
-/// last node, DNS and VIP, each sorted. A task that is not everywhere within `limit` ends the
-/// run with an error naming how many nodes lacked it.
+/// What `time_tasks` measured: each change's time to its name answering and to its VIP
+/// backend being served on the last node, and to the store's commit returning, each sorted;
+/// and the measuring client's own CPU.
+struct Timed {
+    dns: Vec<Duration>,
+    vip: Vec<Duration>,
+    commit: Vec<Duration>,
+    polling: Duration,
+}
+
+/// Writes each app's task RUNNING, one by one, and times each until its name answers on
+/// every target's DNS server and its VIP backend is in every target's view. A task that is
+/// not everywhere within `limit` ends the run with an error naming how many nodes lacked it.
 async fn time_tasks(
     store: Arc<dyn dcnet_node_core::store::Store>,
     apps: Vec<AppRef>,
     targets: Targets,
     read_timeout: Duration,
     limit: Duration,
-) -> anyhow::Result<(Vec<Duration>, Vec<Duration>, Duration)> {
-    use dcnet_node_core::keys;
-    use dcnet_node_core::store::Precondition;
+) -> anyhow::Result<Timed> {
     let n = apps.len();
     // The client's own CPU while it waits (it polls without sleeping, for the resolution).
     let polling = Arc::new(std::sync::atomic::AtomicU64::new(0));
     let polled = polling.clone();
-    let (tx, mut rx) = tokio::sync::mpsc::channel::<(Duration, Duration)>(1);
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<(Duration, Duration, Duration)>(1);
     let writer = tokio::spawn(async move {
         let clients: Vec<UdpSocket> = targets
             .iter()
@@ -469,14 +518,12 @@ async fn time_tasks(
             })
             .collect();
         for (i, a) in apps.iter().enumerate() {
-            let ip = Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 130, 0, 2)) + i as u32);
-            let t = task(a, 0, "bench-node-x", ip);
+            let ip = task_ip(i);
+            let op = running_op(a, i);
             let name = Name::from_ascii(format!("app-{i}-bench.marathon.mesos.")).expect("a name");
             let started = Instant::now();
-            store
-                .put(&keys::task(&t.id), keys::to_json(&t), Precondition::Absent)
-                .await
-                .expect("write");
+            store.txn(vec![op]).await.expect("write");
+            let committed = started.elapsed();
             let deadline = started + limit;
             let backend = SocketAddr::new(IpAddr::V4(ip), 80);
             // When each node answered, and when each node served the backend.
@@ -517,28 +564,34 @@ async fn time_tasks(
                 );
                 return;
             };
-            if tx.send((d, v)).await.is_err() {
+            if tx.send((d, v, committed)).await.is_err() {
                 return;
             }
         }
     });
-    let mut times = Vec::with_capacity(n);
-    let mut vip_times = Vec::with_capacity(n);
-    while let Some((t, v)) = rx.recv().await {
-        times.push(t);
-        vip_times.push(v);
+    let mut timed = Timed {
+        dns: Vec::with_capacity(n),
+        vip: Vec::with_capacity(n),
+        commit: Vec::with_capacity(n),
+        polling: Duration::ZERO,
+    };
+    while let Some((d, v, c)) = rx.recv().await {
+        timed.dns.push(d);
+        timed.vip.push(v);
+        timed.commit.push(c);
     }
     let _ = writer.await;
-    if times.len() != n {
+    if timed.dns.len() != n {
         anyhow::bail!(
             "only {} of {n} tasks answered and were served on every node within {limit:?}",
-            times.len()
+            timed.dns.len()
         );
     }
-    times.sort();
-    vip_times.sort();
-    let polling = Duration::from_nanos(polling.load(std::sync::atomic::Ordering::Relaxed));
-    Ok((times, vip_times, polling))
+    timed.dns.sort();
+    timed.vip.sort();
+    timed.commit.sort();
+    timed.polling = Duration::from_nanos(polling.load(std::sync::atomic::Ordering::Relaxed));
+    Ok(timed)
 }
 
 /// The `p` quantile of sorted times, in milliseconds.
@@ -603,22 +656,26 @@ async fn converge(n: usize, nodes: usize, on_etcd: bool) -> anyhow::Result<()> {
     )
     .await;
     shutdown.cancel();
-    let (times, vip_times, polling) = timed?;
-    let pct = |p: f64| quantile_ms(&times, p);
-    let vip = |p: f64| quantile_ms(&vip_times, p);
+    let timed = timed?;
+    let pct = |p: f64| quantile_ms(&timed.dns, p);
+    let vip = |p: f64| quantile_ms(&timed.vip, p);
+    let commit = |p: f64| quantile_ms(&timed.commit, p);
     // The whole process is the nodes' node-cores and planes: its peak memory per node, and
     // the CPU it spent per task written (every plane's share of one change, on every node),
     // without the measuring client's.
-    let cpu = cpu_time()?.saturating_sub(polling);
+    let cpu = cpu_time()?.saturating_sub(timed.polling);
     let store_name = if on_etcd { "etcd" } else { "embedded" };
+    // The commit's share: the write returning, durable, before any plane may see it.
     println!(
-        "convergence on {nodes} node(s), {store_name} store (task RUNNING in the store -> its name answers; -> its VIP backend is in the eBPF maps, on every node), {n} tasks: p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms; vip-p50 {:.2} ms, vip-p99 {:.2} ms, vip-max {:.2} ms; peak RSS {} MiB, CPU {:.0} us per change",
+        "convergence on {nodes} node(s), {store_name} store (task RUNNING in the store -> its name answers; -> its VIP backend is in the eBPF maps, on every node), {n} tasks: p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms; vip-p50 {:.2} ms, vip-p99 {:.2} ms, vip-max {:.2} ms; commit-p50 {:.2} ms, commit-p99 {:.2} ms; peak RSS {} MiB, CPU {:.0} us per change",
         pct(0.5),
         pct(0.99),
         pct(1.0),
         vip(0.5),
         vip(0.99),
         vip(1.0),
+        commit(0.5),
+        commit(0.99),
         peak_rss_kib() / 1024 / nodes as u64,
         (cpu.as_secs_f64() - setup_cpu.as_secs_f64()) * 1e6 / n as f64,
     );
@@ -627,13 +684,13 @@ async fn converge(n: usize, nodes: usize, on_etcd: bool) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// `burst N B`: N apps, N - B of their tasks written and served first; then B tasks written
-/// back to back, as a big deployment or a node's return writes them. The planes fold what
+/// `burst N B`: N apps with their tasks STAGING, N - B of them written RUNNING and served
+/// first; then B tasks written RUNNING back to back, as a big deployment or a node's return
+/// writes them. The planes fold what
 /// is queued into one snapshot, so a burst is applied in a few batches: the per-change p99
 /// during the burst and the number of DNS snapshots it took.
 async fn burst(n: usize, b: usize, per_txn: usize) -> anyhow::Result<()> {
-    use dcnet_node_core::keys;
-    use dcnet_node_core::store::{Embedded, Op, Precondition, Store};
+    use dcnet_node_core::store::{Embedded, Op, Store};
 
     anyhow::ensure!(b > 0 && b <= n, "a burst of 1 to N tasks");
     let per_txn = per_txn.clamp(1, dcnet_node_core::store::MAX_TXN_OPS);
@@ -644,7 +701,7 @@ async fn burst(n: usize, b: usize, per_txn: usize) -> anyhow::Result<()> {
     let mut supervisor = dcnet_node_core::Supervisor::new(shutdown.clone(), Default::default());
     let member = bench_node(1, dir.path(), store.clone(), &mut supervisor, &shutdown).await?;
     settle(&*store).await?;
-    let ip_of = |i: usize| Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 130, 0, 2)) + i as u32);
+    let ip_of = task_ip;
     let name_of =
         |i: usize| Name::from_ascii(format!("app-{i}-bench.marathon.mesos.")).expect("a name");
     let client = UdpSocket::bind("127.0.0.1:0")?;
@@ -653,13 +710,7 @@ async fn burst(n: usize, b: usize, per_txn: usize) -> anyhow::Result<()> {
     // The tasks before the burst, a transaction of 100 at a time, untimed.
     let before = n - b;
     for chunk in (0..before).collect::<Vec<_>>().chunks(100) {
-        let ops = chunk
-            .iter()
-            .map(|&i| {
-                let t = task(&apps[i], 0, "bench-node-x", ip_of(i));
-                Op::put(keys::task(&t.id), keys::to_json(&t), Precondition::Absent)
-            })
-            .collect();
+        let ops = chunk.iter().map(|&i| running_op(&apps[i], i)).collect();
         store.txn(ops).await?;
     }
     if before > 0 {
@@ -689,16 +740,10 @@ async fn burst(n: usize, b: usize, per_txn: usize) -> anyhow::Result<()> {
     let written = Arc::new(std::sync::Mutex::new(Vec::with_capacity(b)));
     let writer = {
         let (store, written) = (store.clone(), written.clone());
-        let tasks: Vec<Task> = (before..n)
-            .map(|i| task(&apps[i], 0, "bench-node-x", ip_of(i)))
-            .collect();
+        let tasks: Vec<Op> = (before..n).map(|i| running_op(&apps[i], i)).collect();
         tokio::spawn(async move {
             for chunk in tasks.chunks(per_txn) {
-                let ops = chunk
-                    .iter()
-                    .map(|t| Op::put(keys::task(&t.id), keys::to_json(t), Precondition::Absent))
-                    .collect();
-                store.txn(ops).await.expect("write");
+                store.txn(chunk.to_vec()).await.expect("write");
                 let at = Instant::now();
                 written
                     .lock()
@@ -962,15 +1007,15 @@ async fn scale(nodes: usize, n: usize) -> anyhow::Result<()> {
     let etcd_cpu = dcnet_node_core::test_util::process_cpu_secs(etcd.pid()) - etcd_cpu0;
     let sent = etcd_metric(&etcd.url, "etcd_network_client_grpc_sent_bytes_total") - sent0;
     shutdown.cancel();
-    let (times, vip_times, polling) = timed?;
-    let cpu = cpu_time()?.saturating_sub(polling).as_secs_f64() - cpu0.as_secs_f64();
+    let timed = timed?;
+    let cpu = cpu_time()?.saturating_sub(timed.polling).as_secs_f64() - cpu0.as_secs_f64();
     println!(
         "scale: {nodes} simulated nodes on one etcd, {n} tasks: joined in {:.1} s; p50 {:.2} ms, p99 {:.2} ms; vip-p50 {:.2} ms, vip-p99 {:.2} ms; etcd CPU {:.0} us per change, etcd sent {:.0} KiB per change; nodes' CPU {:.0} us per change per node; peak RSS {} MiB per node",
         joined.as_secs_f64(),
-        quantile_ms(&times, 0.5),
-        quantile_ms(&times, 0.99),
-        quantile_ms(&vip_times, 0.5),
-        quantile_ms(&vip_times, 0.99),
+        quantile_ms(&timed.dns, 0.5),
+        quantile_ms(&timed.dns, 0.99),
+        quantile_ms(&timed.vip, 0.5),
+        quantile_ms(&timed.vip, 0.99),
         etcd_cpu * 1e6 / n as f64,
         sent / 1024.0 / n as f64,
         cpu * 1e6 / n as f64 / nodes as f64,

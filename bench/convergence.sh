@@ -5,8 +5,10 @@
 # their ports behind 100 named VIPs, and each app's task STAGING; the tasks then written
 # RUNNING one by one, and the time from that write to the task's name answering over UDP and
 # to its VIP backend being in the eBPF maps on every node, p50/p99/max; of it, the p99 of the
-# store's durable commit alone; peak RSS per node and CPU time per change. Prints a table with
-# the p99s' growth from the smallest size of each store. Needs root (the BPF maps). The machine is
+# store's durable commit alone; peak RSS per node and CPU time per change. Every size times
+# 10,000 changes or more (a smaller one goes round its tasks again, each replaced by a new
+# one), so that each p99 is of as many changes over as long a stretch of a noisy machine.
+# Prints a table with the p99s' growth from the smallest size of each store. Needs root (the BPF maps). The machine is
 # shared: read the growth and the ratios, not the single times.
 set -euo pipefail
 cd "$(dirname "$0")/.."

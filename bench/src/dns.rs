@@ -4,10 +4,11 @@
 //!   processes), turned into records by the real `records_from` and served by the real DNS
 //!   plane on 127.0.0.1:PORT. Writes the same `mesos.` zone as a master file (for Knot and NSD)
 //!   and a dnsperf query file to DIR, prints `ready <records>`, and serves until killed.
-//! - `dns converge N [--nodes K] [--etcd]`: K real node-cores with their DNS and eBPF VIP
-//!   planes (on the embedded store, or each with its own connection to an etcd member started
-//!   for the run); N apps with their tasks STAGING, then writes the N tasks RUNNING one by
-//!   one and times how long each takes to answer and be served on every node.
+//! - `dns converge N [--changes M] [--nodes K] [--etcd]`: K real node-cores with their DNS
+//!   and eBPF VIP planes (on the embedded store, or each with its own connection to an etcd
+//!   member started for the run); N apps with their tasks STAGING, then writes the tasks
+//!   RUNNING one by one (going round again, each task replaced, until M (10,000) changes are
+//!   timed) and times how long each takes to answer and be served on every node.
 //! - `dns burst N B [PER_TXN]`: one node-core with its planes on the embedded store, N apps
 //!   with their tasks STAGING and N - B of them RUNNING; then B tasks written RUNNING back to
 //!   back, PER_TXN (50) a transaction, and for each the time from its write to its name
@@ -122,12 +123,21 @@ fn task_ip(i: usize) -> Ipv4Addr {
     Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 130, 0, 2)) + i as u32)
 }
 
+/// The `generation`th task of the bench's `i`th app, STAGING on the bench's task node, as a
+/// scheduler leaves a task it placed.
+fn staged_task(app: &AppRef, i: usize, generation: usize) -> Task {
+    let mut t = task(app, generation, "bench-node-x", task_ip(i));
+    t.state = TaskState::Staging;
+    t.started_at = None;
+    t
+}
+
 /// The RUNNING write of `app`'s staged task (see `write_apps`): what a node's task manager
 /// writes once the task runs, on the condition that it is still as staged.
-fn running_op(app: &AppRef, i: usize) -> dcnet_node_core::store::Op {
+fn running_op(app: &AppRef, i: usize, generation: usize) -> dcnet_node_core::store::Op {
     use dcnet_node_core::keys;
     use dcnet_node_core::store::{Op, Precondition};
-    let t = task(app, 0, "bench-node-x", task_ip(i));
+    let t = task(app, generation, "bench-node-x", task_ip(i));
     Op::put(
         keys::task(&t.id),
         keys::to_json(&t),
@@ -442,9 +452,7 @@ async fn write_apps(
             .iter()
             .enumerate()
             .map(|(k, a)| {
-                let mut t = task(a, 0, "bench-node-x", task_ip(at + k));
-                t.state = TaskState::Staging;
-                t.started_at = None;
+                let t = staged_task(a, at + k, 0);
                 Op::put(keys::task(&t.id), keys::to_json(&t), Precondition::Absent)
             })
             .collect();
@@ -480,27 +488,42 @@ async fn settle(store: &dyn dcnet_node_core::store::Store) -> anyhow::Result<()>
 /// Each node's DNS server and VIP view.
 type Targets = Vec<(SocketAddr, dcnet_l4lb::ViewSlot)>;
 
-/// What `time_tasks` measured: each change's time to its name answering and to its VIP
-/// backend being served on the last node, and to the store's commit returning, each sorted;
-/// and the measuring client's own CPU.
+/// What `time_tasks` measured: each timed change's time to its name answering and to its
+/// VIP backend being served on the last node, and to the store's commit returning, each
+/// sorted; how many changes it wrote in all (timed or not); and the measuring client's own
+/// CPU.
 struct Timed {
     dns: Vec<Duration>,
     vip: Vec<Duration>,
     commit: Vec<Duration>,
+    writes: usize,
     polling: Duration,
 }
 
 /// Writes each app's task RUNNING, one by one, and times each until its name answers on
 /// every target's DNS server and its VIP backend is in every target's view. A task that is
 /// not everywhere within `limit` ends the run with an error naming how many nodes lacked it.
+///
+/// With fewer apps than `changes`, it goes round them again until it has timed `changes`:
+/// each app's task ends and the next is staged in one untimed write (as when a task is
+/// replaced), and once no node answers or serves it the new task's RUNNING write is timed.
+/// So every size is timed over as many changes and about as long: the p99 of a thousand
+/// changes, one second of a shared machine, is its 10th-slowest, and whether a noisy
+/// second fell in it moved it between 1.3 and 3.5 ms from one run to the next.
 async fn time_tasks(
     store: Arc<dyn dcnet_node_core::store::Store>,
-    apps: Vec<AppRef>,
+    mut apps: Vec<AppRef>,
+    changes: usize,
     targets: Targets,
     read_timeout: Duration,
     limit: Duration,
 ) -> anyhow::Result<Timed> {
+    use dcnet_node_core::keys;
+    use dcnet_node_core::store::{Op, Precondition};
     let n = apps.len();
+    let changes = changes.max(n);
+    let writes = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let written = writes.clone();
     // The client's own CPU while it waits (it polls without sleeping, for the resolution).
     let polling = Arc::new(std::sync::atomic::AtomicU64::new(0));
     let polled = polling.clone();
@@ -517,15 +540,57 @@ async fn time_tasks(
                 client
             })
             .collect();
-        for (i, a) in apps.iter().enumerate() {
+        for round in 0..changes {
+            let (i, generation) = (round % n, round / n);
             let ip = task_ip(i);
-            let op = running_op(a, i);
             let name = Name::from_ascii(format!("app-{i}-bench.marathon.mesos.")).expect("a name");
+            let backend = SocketAddr::new(IpAddr::V4(ip), 80);
+            let a = &mut apps[i];
+            if generation > 0 {
+                // Untimed: the last task ends and the next is staged; then it is gone from
+                // every node before the next RUNNING write is timed.
+                let ended = task(a, generation - 1, "bench-node-x", ip);
+                let next = staged_task(a, i, generation);
+                a.staged = store
+                    .txn(vec![
+                        Op::delete(keys::task(&ended.id), Precondition::Any),
+                        Op::put(
+                            keys::task(&next.id),
+                            keys::to_json(&next),
+                            Precondition::Absent,
+                        ),
+                    ])
+                    .await
+                    .expect("write");
+                written.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let deadline = Instant::now() + limit;
+                let gone = tokio::task::block_in_place(|| {
+                    let cpu0 = thread_cpu();
+                    let gone = loop {
+                        let is_gone = targets.iter().zip(&clients).all(|((_, vips), client)| {
+                            !vips.serves_backend(backend) && !ask(client, &name)
+                        });
+                        if is_gone || Instant::now() >= deadline {
+                            break is_gone;
+                        }
+                    };
+                    polled.fetch_add(
+                        (thread_cpu() - cpu0).as_nanos() as u64,
+                        std::sync::atomic::Ordering::Relaxed,
+                    );
+                    gone
+                });
+                if !gone {
+                    eprintln!("task {i}: still answered or served {limit:?} after it ended");
+                    return;
+                }
+            }
+            let op = running_op(a, i, generation);
             let started = Instant::now();
             store.txn(vec![op]).await.expect("write");
+            written.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             let committed = started.elapsed();
             let deadline = started + limit;
-            let backend = SocketAddr::new(IpAddr::V4(ip), 80);
             // When each node answered, and when each node served the backend.
             let mut dns_at = vec![None; clients.len()];
             let mut vip_at = vec![None; clients.len()];
@@ -570,9 +635,10 @@ async fn time_tasks(
         }
     });
     let mut timed = Timed {
-        dns: Vec::with_capacity(n),
-        vip: Vec::with_capacity(n),
-        commit: Vec::with_capacity(n),
+        dns: Vec::with_capacity(changes),
+        vip: Vec::with_capacity(changes),
+        commit: Vec::with_capacity(changes),
+        writes: 0,
         polling: Duration::ZERO,
     };
     while let Some((d, v, c)) = rx.recv().await {
@@ -581,12 +647,13 @@ async fn time_tasks(
         timed.commit.push(c);
     }
     let _ = writer.await;
-    if timed.dns.len() != n {
+    if timed.dns.len() != changes {
         anyhow::bail!(
-            "only {} of {n} tasks answered and were served on every node within {limit:?}",
+            "only {} of {changes} tasks answered and were served on every node within {limit:?}",
             timed.dns.len()
         );
     }
+    timed.writes = writes.load(std::sync::atomic::Ordering::Relaxed);
     timed.dns.sort();
     timed.vip.sort();
     timed.commit.sort();
@@ -609,11 +676,16 @@ fn peak_rss_kib() -> u64 {
         .unwrap_or(0)
 }
 
-/// `converge N [--nodes K] [--etcd]`: K nodes (each its own node-core, DNS plane and eBPF
-/// VIP table, and with `--etcd` its own etcd connection) in one process, on the embedded
-/// store or on an etcd member started for the run. N apps and N tasks are written one by one;
-/// each task's time is until its name answers and its VIP backend is served on every node.
-async fn converge(n: usize, nodes: usize, on_etcd: bool) -> anyhow::Result<()> {
+/// Changes `converge` times at the least, whatever the size (see `time_tasks`).
+const MIN_CHANGES: usize = 10_000;
+
+/// `converge N [--changes M] [--nodes K] [--etcd]`: K nodes (each its own node-core, DNS
+/// plane and eBPF VIP table, and with `--etcd` its own etcd connection) in one process, on
+/// the embedded store or on an etcd member started for the run. N apps with their tasks
+/// staged; the tasks written RUNNING one by one, going round again until M changes
+/// (10,000) are timed, each until its name answers and its VIP backend is served on every
+/// node.
+async fn converge(n: usize, changes: usize, nodes: usize, on_etcd: bool) -> anyhow::Result<()> {
     use dcnet_node_core::store::{Embedded, Store};
 
     let dir = tempfile::tempdir()?;
@@ -635,7 +707,7 @@ async fn converge(n: usize, nodes: usize, on_etcd: bool) -> anyhow::Result<()> {
         }
     };
     let store = connect().await;
-    // Nothing but the records follows the task writes: their apps cannot be placed.
+    // Nothing but the records follows the task writes: no node-core places their apps.
     let apps = write_apps(&*store, n).await?;
     let shutdown = CancellationToken::new();
     let mut supervisor = dcnet_node_core::Supervisor::new(shutdown.clone(), Default::default());
@@ -650,6 +722,7 @@ async fn converge(n: usize, nodes: usize, on_etcd: bool) -> anyhow::Result<()> {
     let timed = time_tasks(
         store,
         apps,
+        changes,
         targets,
         Duration::from_millis(200),
         Duration::from_secs(10),
@@ -661,13 +734,14 @@ async fn converge(n: usize, nodes: usize, on_etcd: bool) -> anyhow::Result<()> {
     let vip = |p: f64| quantile_ms(&timed.vip, p);
     let commit = |p: f64| quantile_ms(&timed.commit, p);
     // The whole process is the nodes' node-cores and planes: its peak memory per node, and
-    // the CPU it spent per task written (every plane's share of one change, on every node),
-    // without the measuring client's.
+    // the CPU it spent per change written, timed or not (every plane's share of one change,
+    // on every node), without the measuring client's.
     let cpu = cpu_time()?.saturating_sub(timed.polling);
     let store_name = if on_etcd { "etcd" } else { "embedded" };
     // The commit's share: the write returning, durable, before any plane may see it.
     println!(
-        "convergence on {nodes} node(s), {store_name} store (task RUNNING in the store -> its name answers; -> its VIP backend is in the eBPF maps, on every node), {n} tasks: p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms; vip-p50 {:.2} ms, vip-p99 {:.2} ms, vip-max {:.2} ms; commit-p50 {:.2} ms, commit-p99 {:.2} ms; peak RSS {} MiB, CPU {:.0} us per change",
+        "convergence on {nodes} node(s), {store_name} store (task RUNNING in the store -> its name answers; -> its VIP backend is in the eBPF maps, on every node), {n} tasks, {} changes timed: p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms; vip-p50 {:.2} ms, vip-p99 {:.2} ms, vip-max {:.2} ms; commit-p50 {:.2} ms, commit-p99 {:.2} ms; peak RSS {} MiB, CPU {:.0} us per change",
+        timed.dns.len(),
         pct(0.5),
         pct(0.99),
         pct(1.0),
@@ -677,7 +751,7 @@ async fn converge(n: usize, nodes: usize, on_etcd: bool) -> anyhow::Result<()> {
         commit(0.5),
         commit(0.99),
         peak_rss_kib() / 1024 / nodes as u64,
-        (cpu.as_secs_f64() - setup_cpu.as_secs_f64()) * 1e6 / n as f64,
+        (cpu.as_secs_f64() - setup_cpu.as_secs_f64()) * 1e6 / timed.writes as f64,
     );
     drop(members);
     drop(etcd);
@@ -710,7 +784,7 @@ async fn burst(n: usize, b: usize, per_txn: usize) -> anyhow::Result<()> {
     // The tasks before the burst, a transaction of 100 at a time, untimed.
     let before = n - b;
     for chunk in (0..before).collect::<Vec<_>>().chunks(100) {
-        let ops = chunk.iter().map(|&i| running_op(&apps[i], i)).collect();
+        let ops = chunk.iter().map(|&i| running_op(&apps[i], i, 0)).collect();
         store.txn(ops).await?;
     }
     if before > 0 {
@@ -740,7 +814,7 @@ async fn burst(n: usize, b: usize, per_txn: usize) -> anyhow::Result<()> {
     let written = Arc::new(std::sync::Mutex::new(Vec::with_capacity(b)));
     let writer = {
         let (store, written) = (store.clone(), written.clone());
-        let tasks: Vec<Op> = (before..n).map(|i| running_op(&apps[i], i)).collect();
+        let tasks: Vec<Op> = (before..n).map(|i| running_op(&apps[i], i, 0)).collect();
         tokio::spawn(async move {
             for chunk in tasks.chunks(per_txn) {
                 store.txn(chunk.to_vec()).await.expect("write");
@@ -999,6 +1073,7 @@ async fn scale(nodes: usize, n: usize) -> anyhow::Result<()> {
     let timed = time_tasks(
         store,
         apps,
+        0,
         targets,
         Duration::from_millis(20),
         Duration::from_secs(30),
@@ -1052,9 +1127,14 @@ fn main() -> ExitCode {
                 .position(|a| a == "--nodes")
                 .and_then(|i| args.get(i + 1)?.parse().ok())
                 .unwrap_or(1);
+            let changes = args
+                .iter()
+                .position(|a| a == "--changes")
+                .and_then(|i| args.get(i + 1)?.parse().ok())
+                .unwrap_or(MIN_CHANGES);
             let on_etcd = args.iter().any(|a| a == "--etcd");
             let rt = runtime(2);
-            rt.block_on(converge(n, nodes, on_etcd))
+            rt.block_on(converge(n, changes, nodes, on_etcd))
         }
         Some("burst") => {
             let n = args.get(2).and_then(|n| n.parse().ok()).unwrap_or(10_000);

@@ -8,8 +8,8 @@
 # store's durable commit alone; peak RSS per node and CPU time per change. Every size times
 # 10,000 changes or more (a smaller one goes round its tasks again, each replaced by a new
 # one), so that each p99 is of as many changes over as long a stretch of a noisy machine.
-# Prints a table with the p99s' growth from the smallest size of each store. Needs root (the BPF maps). The machine is
-# shared: read the growth and the ratios, not the single times.
+# Prints a table with the p99s' growth from the smallest size of each store. Needs root (the
+# BPF maps). The machine is shared: read the growth and the ratios, not the single times.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$PWD/target}

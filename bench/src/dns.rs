@@ -118,15 +118,27 @@ impl From<&App> for AppRef {
     }
 }
 
+/// The node the bench's timed tasks live on (no process of the bench runs it).
+const TASK_NODE: &str = "bench-node-x";
+
 /// The address of the bench's `i`th task.
 fn task_ip(i: usize) -> Ipv4Addr {
     Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 130, 0, 2)) + i as u32)
 }
 
-/// The `generation`th task of the bench's `i`th app, STAGING on the bench's task node, as a
-/// scheduler leaves a task it placed.
+/// The name the bench's `i`th app answers by.
+fn task_name(i: usize) -> Name {
+    Name::from_ascii(format!("app-{i}-bench.marathon.mesos.")).expect("a name")
+}
+
+/// The `generation`th task of the bench's `i`th app, RUNNING on [`TASK_NODE`].
+fn bench_task(app: &AppRef, i: usize, generation: usize) -> Task {
+    task(app, generation, TASK_NODE, task_ip(i))
+}
+
+/// The same task STAGING, as a scheduler leaves a task it placed.
 fn staged_task(app: &AppRef, i: usize, generation: usize) -> Task {
-    let mut t = task(app, generation, "bench-node-x", task_ip(i));
+    let mut t = bench_task(app, i, generation);
     t.state = TaskState::Staging;
     t.started_at = None;
     t
@@ -137,7 +149,7 @@ fn staged_task(app: &AppRef, i: usize, generation: usize) -> Task {
 fn running_op(app: &AppRef, i: usize, generation: usize) -> dcnet_node_core::store::Op {
     use dcnet_node_core::keys;
     use dcnet_node_core::store::{Op, Precondition};
-    let t = task(app, generation, "bench-node-x", task_ip(i));
+    let t = bench_task(app, i, generation);
     Op::put(
         keys::task(&t.id),
         keys::to_json(&t),
@@ -145,9 +157,14 @@ fn running_op(app: &AppRef, i: usize, generation: usize) -> dcnet_node_core::sto
     )
 }
 
+/// The id of `app`'s `n`th task.
+fn task_id(app: &AppRef, n: usize) -> TaskId {
+    TaskId(format!("{}.{n:08}", app.id.key()))
+}
+
 fn task(app: &AppRef, n: usize, node: &str, ip: Ipv4Addr) -> Task {
     Task {
-        id: TaskId(format!("{}.{n:08}", app.id.key())),
+        id: task_id(app, n),
         app_id: app.id.clone(),
         version: app.version.clone(),
         node_id: NodeId(node.into()),
@@ -425,7 +442,7 @@ async fn write_apps(
 ) -> anyhow::Result<Vec<AppRef>> {
     use dcnet_node_core::keys;
     use dcnet_node_core::store::{Op, Precondition};
-    let other = node("bench-node-x", "192.0.2.2");
+    let other = node(TASK_NODE, "192.0.2.2");
     store
         .put(
             &keys::node(&other.id),
@@ -490,8 +507,8 @@ type Targets = Vec<(SocketAddr, dcnet_l4lb::ViewSlot)>;
 
 /// What `time_tasks` measured: each timed change's time to its name answering and to its
 /// VIP backend being served on the last node, and to the store's commit returning, each
-/// sorted; how many changes it wrote in all (timed or not); and the measuring client's own
-/// CPU.
+/// sorted; how many changes it wrote in all (timed or not: a replacement before each timed
+/// change past the first round); and the measuring client's own CPU.
 struct Timed {
     dns: Vec<Duration>,
     vip: Vec<Duration>,
@@ -522,8 +539,6 @@ async fn time_tasks(
     use dcnet_node_core::store::{Op, Precondition};
     let n = apps.len();
     let changes = changes.max(n);
-    let writes = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    let written = writes.clone();
     // The client's own CPU while it waits (it polls without sleeping, for the resolution).
     let polling = Arc::new(std::sync::atomic::AtomicU64::new(0));
     let polled = polling.clone();
@@ -543,17 +558,16 @@ async fn time_tasks(
         for round in 0..changes {
             let (i, generation) = (round % n, round / n);
             let ip = task_ip(i);
-            let name = Name::from_ascii(format!("app-{i}-bench.marathon.mesos.")).expect("a name");
+            let name = task_name(i);
             let backend = SocketAddr::new(IpAddr::V4(ip), 80);
             let a = &mut apps[i];
             if generation > 0 {
                 // Untimed: the last task ends and the next is staged; then it is gone from
                 // every node before the next RUNNING write is timed.
-                let ended = task(a, generation - 1, "bench-node-x", ip);
                 let next = staged_task(a, i, generation);
                 a.staged = store
                     .txn(vec![
-                        Op::delete(keys::task(&ended.id), Precondition::Any),
+                        Op::delete(keys::task(&task_id(a, generation - 1)), Precondition::Any),
                         Op::put(
                             keys::task(&next.id),
                             keys::to_json(&next),
@@ -562,7 +576,6 @@ async fn time_tasks(
                     ])
                     .await
                     .expect("write");
-                written.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 let deadline = Instant::now() + limit;
                 let gone = tokio::task::block_in_place(|| {
                     let cpu0 = thread_cpu();
@@ -588,7 +601,6 @@ async fn time_tasks(
             let op = running_op(a, i, generation);
             let started = Instant::now();
             store.txn(vec![op]).await.expect("write");
-            written.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             let committed = started.elapsed();
             let deadline = started + limit;
             // When each node answered, and when each node served the backend.
@@ -653,7 +665,8 @@ async fn time_tasks(
             timed.dns.len()
         );
     }
-    timed.writes = writes.load(std::sync::atomic::Ordering::Relaxed);
+    // Every timed change, and a replacement before each past the first round.
+    timed.writes = changes + (changes - n);
     timed.dns.sort();
     timed.vip.sort();
     timed.commit.sort();
@@ -760,9 +773,9 @@ async fn converge(n: usize, changes: usize, nodes: usize, on_etcd: bool) -> anyh
 
 /// `burst N B`: N apps with their tasks STAGING, N - B of them written RUNNING and served
 /// first; then B tasks written RUNNING back to back, as a big deployment or a node's return
-/// writes them. The planes fold what
-/// is queued into one snapshot, so a burst is applied in a few batches: the per-change p99
-/// during the burst and the number of DNS snapshots it took.
+/// writes them. The planes fold what is queued into one snapshot, so a burst is applied in
+/// a few batches: the per-change p99 during the burst and the number of DNS snapshots it
+/// took.
 async fn burst(n: usize, b: usize, per_txn: usize) -> anyhow::Result<()> {
     use dcnet_node_core::store::{Embedded, Op, Store};
 
@@ -775,9 +788,6 @@ async fn burst(n: usize, b: usize, per_txn: usize) -> anyhow::Result<()> {
     let mut supervisor = dcnet_node_core::Supervisor::new(shutdown.clone(), Default::default());
     let member = bench_node(1, dir.path(), store.clone(), &mut supervisor, &shutdown).await?;
     settle(&*store).await?;
-    let ip_of = task_ip;
-    let name_of =
-        |i: usize| Name::from_ascii(format!("app-{i}-bench.marathon.mesos.")).expect("a name");
     let client = UdpSocket::bind("127.0.0.1:0")?;
     client.connect(member.dns)?;
     client.set_read_timeout(Some(Duration::from_millis(200)))?;
@@ -789,8 +799,8 @@ async fn burst(n: usize, b: usize, per_txn: usize) -> anyhow::Result<()> {
     }
     if before > 0 {
         let deadline = Instant::now() + Duration::from_secs(120);
-        let last = SocketAddr::new(IpAddr::V4(ip_of(before - 1)), 80);
-        while !(ask(&client, &name_of(before - 1)) && member.vips.serves_backend(last)) {
+        let last = SocketAddr::new(IpAddr::V4(task_ip(before - 1)), 80);
+        while !(ask(&client, &task_name(before - 1)) && member.vips.serves_backend(last)) {
             anyhow::ensure!(Instant::now() < deadline, "the first tasks were not served");
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
@@ -831,7 +841,7 @@ async fn burst(n: usize, b: usize, per_txn: usize) -> anyhow::Result<()> {
     // and dates every task up to it.
     let vips = member.vips.clone();
     let (dns_seen, vip_seen, polling) = tokio::task::spawn_blocking(move || {
-        let backend = |i: usize| SocketAddr::new(IpAddr::V4(ip_of(i)), 80);
+        let backend = |i: usize| SocketAddr::new(IpAddr::V4(task_ip(i)), 80);
         let mut dns_seen: Vec<Instant> = Vec::with_capacity(b);
         let mut vip_seen: Vec<Instant> = Vec::with_capacity(b);
         let deadline = Instant::now() + Duration::from_secs(120);
@@ -859,7 +869,7 @@ async fn burst(n: usize, b: usize, per_txn: usize) -> anyhow::Result<()> {
             lo + 1
         };
         while (dns_seen.len() < b || vip_seen.len() < b) && Instant::now() < deadline {
-            let dns_in = |i: usize| ask(&client, &name_of(i));
+            let dns_in = |i: usize| ask(&client, &task_name(i));
             let vip_in = |i: usize| vips.serves_backend(backend(i));
             if dns_seen.len() < b {
                 let upto = furthest(dns_seen.len(), &dns_in);
